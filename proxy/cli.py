@@ -1,0 +1,134 @@
+"""Command line: wires config, pipeline and front ends together."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.cache import NoStore
+from proxy.config import (
+    DEFAULT_CONFIG,
+    Config,
+    ConfigError,
+    load_config_file,
+    parse_listen,
+    parse_upstream_flag,
+    validate,
+)
+from proxy.gate import AllowAllGate, Gate
+from proxy.http.app import build_app
+from proxy.metrics import Metrics
+from proxy.pipeline import Pipeline
+
+log = logging.getLogger("pullgate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pullgate", description="Verifying pull-through OCI registry mirror"
+    )
+    parser.add_argument("--version", action="version", version=f"pullgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the mirror")
+    add_common(serve)
+    serve.add_argument("--listen", metavar="HOST:PORT", help="address to serve on")
+    return parser
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE", help="YAML config file")
+    parser.add_argument(
+        "--upstream", action="append", default=[], metavar="NAME=URL",
+        help="route ns=NAME to URL (repeatable); replaces the config's upstreams",
+    )
+    parser.add_argument("--default-upstream", metavar="NAME",
+                        help="upstream for requests without ns= (default: the only --upstream)")
+    parser.add_argument("--docker-config", type=Path, metavar="FILE",
+                        help="docker config.json with node credentials for upstreams")
+    parser.add_argument("--policy", type=Path, metavar="FILE", help="signature policy (YAML)")
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    config = load_config_file(args.config) if args.config else DEFAULT_CONFIG
+    if getattr(args, "listen", None):
+        host, port = parse_listen(args.listen)
+        config = replace(config, listen_host=host, listen_port=port)
+    if args.upstream:
+        upstreams = {u.name: u for u in map(parse_upstream_flag, args.upstream)}
+        default = next(iter(upstreams)) if len(upstreams) == 1 else None
+        config = replace(config, upstreams=upstreams, default_upstream=default)
+    if args.default_upstream:
+        config = replace(config, default_upstream=args.default_upstream)
+    if args.docker_config:
+        config = replace(config, docker_config=args.docker_config)
+    if args.policy:
+        config = replace(config, policy=args.policy)
+    if args.log_level:
+        config = replace(config, log_level=args.log_level)
+    return validate(config)
+
+
+def build_gate(config: Config, metrics: Metrics) -> Gate:
+    return AllowAllGate()
+
+
+def serve(config: Config) -> int:
+    metrics = Metrics()
+    gate = build_gate(config, metrics)
+    pipeline = Pipeline(gate=gate, store=NoStore(), metrics=metrics)
+    app = build_app(config=config, pipeline=pipeline, metrics=metrics)
+    log.info(
+        "pullgate %s listening on %s:%d; upstreams: %s; default: %s",
+        __version__, config.listen_host, config.listen_port,
+        ", ".join(f"{u.name}={u.url}" for u in config.upstreams.values()) or "none",
+        config.default_upstream,
+    )
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        runner = asyncio.run
+    runner(_serve_forever(app, config))
+    return 0
+
+
+async def _serve_forever(app: web.Application, config: Config) -> None:
+    runner = web.AppRunner(app, access_log=None, handle_signals=True)
+    await runner.setup()
+    site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=1024)
+    await site.start()
+    print(f"pullgate: serving on http://{config.listen_host}:{config.listen_port}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = resolve_config(args)
+    except ConfigError as exc:
+        print(f"pullgate: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "serve":
+        try:
+            return serve(config)
+        except KeyboardInterrupt:
+            return 0
+    parser.error(f"unknown command {args.command}")
+    return 2

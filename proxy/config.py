@@ -1,0 +1,190 @@
+"""Configuration: read once, validated, and passed down explicitly.
+
+A YAML file holds everything; the main settings also work as flags. With no file and
+no flags, pullgate starts on ``DEFAULT_CONFIG`` (documented in the README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from proxy.oci.reference import validate_registry
+
+
+class ConfigError(Exception):
+    """A configuration file or flag that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    url: str
+    ca_file: Path | None = None
+    # Token realm hosts (besides the upstream host) that may receive node credentials.
+    token_realm_hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutConfig:
+    connect: float = 10.0
+    read: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    attempts: int = 4
+    backoff: float = 0.2
+    max_backoff: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 5050
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    default_upstream: str | None = None
+    # What to do with ns= registries that have no upstream entry:
+    # "https" routes them to https://<ns>, "deny" refuses them with NAME_UNKNOWN.
+    unlisted_registries: str = "https"
+    docker_config: Path | None = None
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    retries: RetryConfig = field(default_factory=RetryConfig)
+    policy: Path | None = None
+    log_level: str = "info"
+
+
+DEFAULT_CONFIG = Config(
+    upstreams={"docker.io": UpstreamConfig(name="docker.io", url="https://registry-1.docker.io")},
+    default_upstream="docker.io",
+)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"listen address {text!r} must be HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def parse_upstream_flag(text: str) -> UpstreamConfig:
+    name, sep, url = text.partition("=")
+    if not sep or not name or not url:
+        raise ConfigError(f"--upstream {text!r} must be NAME=URL")
+    return make_upstream(name, {"url": url}, where=f"--upstream {text}")
+
+
+def make_upstream(name: str, raw: Any, *, where: str) -> UpstreamConfig:
+    if isinstance(raw, str):
+        raw = {"url": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with 'url'")
+    try:
+        registry = validate_registry(name)
+    except Exception as exc:
+        raise ConfigError(f"{where}: invalid registry name {name!r}") from exc
+    url = raw.get("url")
+    if not isinstance(url, str):
+        raise ConfigError(f"{where}: 'url' is required")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: url {url!r} must be http:// or https:// with a host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{where}: url {url!r} must not carry a path or query")
+    ca_file = raw.get("caFile") or raw.get("ca_file")
+    realms = raw.get("tokenRealmHosts") or raw.get("token_realm_hosts") or []
+    if not isinstance(realms, list) or not all(isinstance(h, str) for h in realms):
+        raise ConfigError(f"{where}: tokenRealmHosts must be a list of host names")
+    return UpstreamConfig(
+        name=registry,
+        url=url.rstrip("/"),
+        ca_file=Path(ca_file) if ca_file else None,
+        token_realm_hosts=tuple(realms),
+    )
+
+
+def load_config_file(path: Path, base: Config = DEFAULT_CONFIG) -> Config:
+    """Read a YAML config file on top of ``base``."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    if doc is None:
+        return base
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    known = {
+        "listen", "upstreams", "defaultUpstream", "unlistedRegistries", "dockerConfig",
+        "timeouts", "retries", "policy", "logLevel",
+    }
+    unknown = set(doc) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    config = base
+    relative = path.parent
+    if "listen" in doc:
+        host, port = parse_listen(str(doc["listen"]))
+        config = replace(config, listen_host=host, listen_port=port)
+    if "upstreams" in doc:
+        raw = doc["upstreams"]
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: upstreams must map registry names to upstreams")
+        upstreams = {
+            u.name: u
+            for u in (
+                make_upstream(str(name), value, where=f"{path}: upstreams.{name}")
+                for name, value in raw.items()
+            )
+        }
+        upstreams = {
+            name: replace(u, ca_file=relative / u.ca_file) if u.ca_file else u
+            for name, u in upstreams.items()
+        }
+        config = replace(config, upstreams=upstreams)
+    if "defaultUpstream" in doc:
+        config = replace(config, default_upstream=str(doc["defaultUpstream"]) or None)
+    if "unlistedRegistries" in doc:
+        config = replace(config, unlisted_registries=str(doc["unlistedRegistries"]))
+    if "dockerConfig" in doc:
+        config = replace(config, docker_config=relative / str(doc["dockerConfig"]))
+    if "policy" in doc:
+        config = replace(config, policy=relative / str(doc["policy"]))
+    if "logLevel" in doc:
+        config = replace(config, log_level=str(doc["logLevel"]))
+    if "timeouts" in doc:
+        config = replace(config, timeouts=_dataclass_from(TimeoutConfig, doc["timeouts"], path))
+    if "retries" in doc:
+        config = replace(config, retries=_dataclass_from(RetryConfig, doc["retries"], path))
+    return validate(config)
+
+
+def _dataclass_from(cls: Any, raw: Any, path: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {cls.__name__} must be a mapping")
+    try:
+        return cls(**{k: type(getattr(cls(), k))(v) for k, v in raw.items()})
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{path}: bad {cls.__name__}: {exc}") from exc
+
+
+def validate(config: Config) -> Config:
+    if config.unlisted_registries not in ("https", "deny"):
+        raise ConfigError("unlistedRegistries must be 'https' or 'deny'")
+    if config.default_upstream and config.default_upstream not in config.upstreams:
+        raise ConfigError(
+            f"defaultUpstream {config.default_upstream!r} is not among the upstreams "
+            f"{sorted(config.upstreams)}"
+        )
+    if config.retries.attempts < 1 or config.retries.attempts > 10:
+        raise ConfigError("retries.attempts must be between 1 and 10")
+    if config.timeouts.connect <= 0 or config.timeouts.read <= 0:
+        raise ConfigError("timeouts must be positive")
+    for upstream in config.upstreams.values():
+        if upstream.ca_file is not None and not upstream.ca_file.is_file():
+            raise ConfigError(f"upstream {upstream.name}: caFile {upstream.ca_file} not found")
+    return config

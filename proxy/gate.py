@@ -1,0 +1,83 @@
+"""The verification seam: one place decides whether a manifest may be served.
+
+The pipeline calls ``Gate.check_manifest`` for every manifest before serving it, and
+``Gate.blob_allowed`` for every blob. The gate records which blobs each verified
+manifest allows, per (registry, repository).
+
+``AllowAllGate`` is the mirror-core default; the signature gate in ``proxy.verify``
+implements the same protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from proxy.oci.digest import Digest
+from proxy.oci.manifest import Manifest
+
+
+@dataclass(frozen=True, slots=True)
+class RepoKey:
+    registry: str
+    repository: str
+
+    def __str__(self) -> str:
+        return f"{self.registry}/{self.repository}"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome of checking one manifest digest."""
+
+    allowed: bool
+    reason: str
+    scope: str = ""
+    mode: str = "enforce"
+    details: tuple[str, ...] = field(default_factory=tuple)
+
+
+class ArtifactSource(Protocol):
+    """What a gate may fetch from the upstream of one repository while verifying.
+
+    All fetches are size-capped by the caller-given limit and never served to clients.
+    """
+
+    async def manifest(self, reference: str, *, max_bytes: int) -> Manifest | None:
+        """The manifest at tag or digest ``reference``, or None if it does not exist."""
+
+    async def blob(self, digest: Digest, *, max_bytes: int) -> bytes:
+        """A small blob (signature payload, bundle), digest-checked."""
+
+    async def referrers(self, digest: Digest, artifact_type: str | None = None) -> Manifest | None:
+        """The referrers index of ``digest`` (API or fallback tag), or None."""
+
+
+class Gate(Protocol):
+    async def check_manifest(
+        self, repo: RepoKey, manifest: Manifest, source: ArtifactSource
+    ) -> Verdict:
+        """Decide whether ``manifest`` may be served from ``repo``.
+
+        On an allowing verdict, the gate records the blobs and child manifests the
+        manifest references, so ``blob_allowed``/``child_allowed`` accept them.
+        """
+
+    def blob_allowed(self, repo: RepoKey, digest: Digest) -> bool:
+        """Whether a verified manifest of ``repo`` references blob ``digest``."""
+
+
+class AllowAllGate:
+    """Serves everything. The mirror core's default until a policy is configured."""
+
+    async def check_manifest(
+        self, repo: RepoKey, manifest: Manifest, source: ArtifactSource
+    ) -> Verdict:
+        return Verdict(allowed=True, reason="no policy configured (allow-all)", mode="allow")
+
+    def blob_allowed(self, repo: RepoKey, digest: Digest) -> bool:
+        return True
+
+
+VerdictHook = Callable[[RepoKey, Manifest, Verdict], Awaitable[None]]

@@ -1,0 +1,242 @@
+"""The HTTP front end: parse, call the pipeline, render. Errors render in one place."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.config import Config
+from proxy.metrics import Metrics
+from proxy.oci.errors import OCIError, RouteUnknown, Unsupported
+from proxy.oci.ranges import parse_range
+from proxy.oci.reference import DistributionPath, Endpoint, parse_distribution_path
+from proxy.pipeline import BlobFile, BlobStream, BlobStreamBroken, Pipeline
+from proxy.upstream.router import Route, UpstreamRouter
+
+log = logging.getLogger("pullgate.http")
+
+PIPELINE_KEY = web.AppKey("pipeline", Pipeline)
+ROUTER_KEY = web.AppKey("router", UpstreamRouter)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+CONFIG_KEY = web.AppKey("config", Config)
+
+API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
+READ_METHODS = frozenset({"GET", "HEAD"})
+MAX_QUERY_LENGTH = 2048
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(error: OCIError, *, head: bool = False) -> web.Response:
+    headers = dict(API_VERSION_HEADER)
+    if isinstance(error, Unsupported):
+        headers["Allow"] = "GET, HEAD"
+    if head:
+        return web.Response(status=error.status, headers=headers)
+    return web.json_response(error.to_json(), status=error.status, headers=headers)
+
+
+@web.middleware
+async def oci_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every refusal as OCI error JSON with the status bound to its class."""
+    metrics = request.app[METRICS_KEY]
+    started = time.perf_counter()
+    endpoint = "other"
+    try:
+        response = await handler(request)
+        endpoint = request.get("endpoint", "other")
+    except OCIError as error:
+        endpoint = request.get("endpoint", "other")
+        log.info("%s %s -> %d %s: %s", request.method, request.path_qs[:200], error.status,
+                 error.code, error.message)
+        response = error_response(error, head=request.method == "HEAD")
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path_qs[:200])
+        from proxy.oci.errors import UpstreamError
+
+        response = error_response(
+            UpstreamError("internal error while handling the request; see pullgate's log"),
+            head=request.method == "HEAD",
+        )
+        response.set_status(502)
+    metrics.requests.labels(endpoint, request.method, str(response.status)).inc()
+    metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+    return response
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    raw_path, _, query = request.raw_path.partition("?")
+    if raw_path in ("/metrics", "/healthz"):
+        return await _admin(request, raw_path)
+    parsed = parse_distribution_path(raw_path)
+    request["endpoint"] = parsed.endpoint.value
+    if request.method not in READ_METHODS:
+        raise Unsupported(
+            f"{request.method} is not supported: pullgate is a read-only mirror"
+        )
+    if len(query) > MAX_QUERY_LENGTH:
+        raise RouteUnknown("query string is too long")
+    if parsed.endpoint is Endpoint.BASE:
+        return web.json_response({}, headers=API_VERSION_HEADER)
+    router = request.app[ROUTER_KEY]
+    ns = request.query.get("ns")
+    route = router.route(ns)
+    headers = dict(API_VERSION_HEADER)
+    if route.explicit_ns:
+        headers["OCI-Namespace"] = route.registry
+    if parsed.endpoint is Endpoint.MANIFEST:
+        return await _manifest(request, parsed, route, headers)
+    if parsed.endpoint is Endpoint.BLOB:
+        return await _blob(request, parsed, route, headers)
+    if parsed.endpoint is Endpoint.TAGS:
+        return await _tags(request, parsed, route, headers)
+    return await _referrers(request, parsed, route, headers)
+
+
+async def _admin(request: web.Request, path: str) -> web.StreamResponse:
+    request["endpoint"] = path.strip("/")
+    if path == "/healthz":
+        return web.Response(text="ok\n")
+    metrics = request.app[METRICS_KEY]
+    body = generate_latest(metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _manifest(
+    request: web.Request, parsed: DistributionPath, route: Route, headers: dict[str, str]
+) -> web.StreamResponse:
+    pipeline = request.app[PIPELINE_KEY]
+    assert parsed.reference is not None
+    served = await pipeline.get_manifest(
+        route, parsed.repository, parsed.reference, accept=request.headers.get("Accept")
+    )
+    manifest = served.manifest
+    headers["Docker-Content-Digest"] = str(manifest.digest)
+    headers["Content-Type"] = manifest.media_type
+    headers["ETag"] = f'"{manifest.digest}"'
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(len(manifest.raw))
+        return web.Response(status=200, headers=headers)
+    return web.Response(body=manifest.raw, status=200, headers=headers)
+
+
+async def _blob(
+    request: web.Request, parsed: DistributionPath, route: Route, headers: dict[str, str]
+) -> web.StreamResponse:
+    pipeline = request.app[PIPELINE_KEY]
+    assert parsed.digest is not None
+    headers["Docker-Content-Digest"] = str(parsed.digest)
+    headers["Accept-Ranges"] = "bytes"
+    if request.method == "HEAD":
+        size = await pipeline.head_blob(route, parsed.repository, parsed.digest)
+        headers["Content-Type"] = "application/octet-stream"
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        return web.Response(status=200, headers=headers)
+    blob = await pipeline.open_blob(
+        route, parsed.repository, parsed.digest, range_header=request.headers.get("Range")
+    )
+    if isinstance(blob, BlobFile):
+        return _serve_file(request, blob, headers)
+    return await _serve_stream(request, blob, headers)
+
+
+def _serve_file(request: web.Request, blob: BlobFile, headers: dict[str, str]) -> web.StreamResponse:
+    # Validate the range here so a bad one gets OCI error JSON, then let FileResponse
+    # (sendfile) serve it.
+    parse_range(request.headers.get("Range"), blob.size)
+    request.app[METRICS_KEY].bytes_served.labels("cache").inc(blob.size)
+    headers["Content-Type"] = "application/octet-stream"
+    return web.FileResponse(blob.path, headers=headers)
+
+
+async def _serve_stream(
+    request: web.Request, blob: BlobStream, headers: dict[str, str]
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=206 if blob.byte_range else 200, headers=headers)
+    response.content_type = "application/octet-stream"
+    if blob.byte_range is not None and blob.size is not None:
+        response.headers["Content-Range"] = blob.byte_range.content_range(blob.size)
+    if blob.content_length is not None:
+        response.content_length = blob.content_length
+    try:
+        await response.prepare(request)
+        async for piece in blob.chunks():
+            await response.write(piece)
+    except BlobStreamBroken:
+        # The body is incomplete by construction (the tail was held back): cut the
+        # connection so the client sees a truncated transfer, never a complete one.
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        log.info("client went away during blob %s", blob.digest)
+        blob.close()
+        raise
+    finally:
+        blob.close()
+    await response.write_eof()
+    return response
+
+
+async def _tags(
+    request: web.Request, parsed: DistributionPath, route: Route, headers: dict[str, str]
+) -> web.StreamResponse:
+    pipeline = request.app[PIPELINE_KEY]
+    query = "&".join(
+        f"{k}={v}" for k, v in request.rel_url.query.items() if k in ("n", "last")
+    )
+    body, link = await pipeline.tags(route, parsed.repository, query)
+    headers["Content-Type"] = "application/json"
+    if link:
+        headers["Link"] = link
+    if request.method == "HEAD":
+        return web.Response(status=200, headers=headers)
+    return web.Response(body=body, headers=headers)
+
+
+async def _referrers(
+    request: web.Request, parsed: DistributionPath, route: Route, headers: dict[str, str]
+) -> web.StreamResponse:
+    pipeline = request.app[PIPELINE_KEY]
+    assert parsed.digest is not None
+    artifact_type = request.query.get("artifactType")
+    body = await pipeline.referrers_index(route, parsed.repository, parsed.digest, artifact_type)
+    headers["Content-Type"] = "application/vnd.oci.image.index.v1+json"
+    if artifact_type:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    if request.method == "HEAD":
+        return web.Response(status=200, headers=headers)
+    return web.Response(body=body, headers=headers)
+
+
+def build_app(*, config: Config, pipeline: Pipeline, metrics: Metrics) -> web.Application:
+    """The aiohttp application. The upstream session lives in a cleanup context."""
+    app = web.Application(middlewares=[oci_errors], client_max_size=1024 * 1024)
+    app[CONFIG_KEY] = config
+    app[PIPELINE_KEY] = pipeline
+    app[METRICS_KEY] = metrics
+
+    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=60)
+        session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            read_bufsize=4 * 1024 * 1024,
+            trust_env=False,
+        )
+        app[ROUTER_KEY] = UpstreamRouter(config=config, session=session, metrics=metrics)
+        yield
+        await session.close()
+        pipeline.close()
+
+    app.cleanup_ctx.append(upstream_session)
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+    return app

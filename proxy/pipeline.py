@@ -1,0 +1,474 @@
+"""The one place that orchestrates a pull.
+
+Manifests: resolve the reference upstream, fetch the exact bytes, check them, ask the
+gate, and serve exactly the bytes that were checked. Blobs: ask the gate, then stream
+from the store or the upstream while hashing, holding the tail back until the digest
+matches. The HTTP front end (and later the CRI one) call this; neither re-implements it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxy.cache import BlobStore, IngestWriter
+from proxy.gate import Gate, RepoKey, Verdict
+from proxy.metrics import Metrics
+from proxy.oci import mediatypes as mt
+from proxy.oci.digest import Digest
+from proxy.oci.errors import (
+    BlobNotAllowed,
+    BlobUnknown,
+    ManifestTooLarge,
+    ManifestUnknown,
+    OCIError,
+    UpstreamError,
+    VerificationFailed,
+)
+from proxy.oci.manifest import MAX_MANIFEST_BYTES, Descriptor, Manifest, build_index, parse_manifest
+from proxy.oci.ranges import ByteRange, parse_range
+from proxy.oci.reference import ManifestRef, upstream_repository
+from proxy.upstream.client import UpstreamResponse, map_client_error
+from proxy.upstream.router import Route
+
+log = logging.getLogger("pullgate.pipeline")
+
+# Upstream reads of up to this many bytes per chunk: big enough that hashing in a
+# worker thread pays for the hand-off, small enough to keep memory flat.
+STREAM_CHUNK = 1024 * 1024
+# Below this, hashing inline costs less than a hand-off to the pool.
+INLINE_HASH_LIMIT = 64 * 1024
+MAX_SMALL_BODY = 4 * 1024 * 1024
+VERIFIED_MANIFEST_ENTRIES = 4096
+
+
+class BlobStreamBroken(Exception):
+    """A blob stream that must be aborted: the client may not get a complete body."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServedManifest:
+    manifest: Manifest
+    verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class BlobFile:
+    """A verified blob on local disk: served with sendfile."""
+
+    digest: Digest
+    path: Path
+    size: int
+
+
+class BlobStream:
+    """A blob streamed from the upstream, hashed inline, tail held back."""
+
+    def __init__(
+        self,
+        *,
+        pipeline: Pipeline,
+        registry: str,
+        digest: Digest,
+        response: UpstreamResponse,
+        size: int | None,
+        byte_range: ByteRange | None,
+        ingest: IngestWriter | None,
+    ) -> None:
+        self._pipeline = pipeline
+        self._registry = registry
+        self.digest = digest
+        self._response = response
+        self.size = size
+        self.byte_range = byte_range
+        self._ingest = ingest
+
+    @property
+    def content_length(self) -> int | None:
+        if self.byte_range is not None:
+            return self.byte_range.length
+        return self.size
+
+    async def chunks(self) -> AsyncIterator[bytes | memoryview]:
+        """Yield the (ranged) body. The last piece is yielded only once the whole
+        blob hashed to its digest; on mismatch or truncation ``BlobStreamBroken``
+        is raised instead, and the caller must abort the client connection."""
+        metrics = self._pipeline.metrics
+        loop = asyncio.get_running_loop()
+        pool = self._pipeline.hash_pool
+        hasher = self.digest.hasher()
+        start = self.byte_range.start if self.byte_range else 0
+        end = self.byte_range.end if self.byte_range else None  # inclusive
+        received = 0
+        held: bytes | memoryview | None = None
+        pending: asyncio.Future[None] | None = None
+        metrics.streams_active.inc()
+        try:
+            try:
+                async for chunk in self._response.iter_body(STREAM_CHUNK):
+                    chunk_start = received
+                    received += len(chunk)
+                    if self.size is not None and received > self.size:
+                        raise self._broken("upstream sent more bytes than announced", truncated=True)
+                    if pending is not None:
+                        await pending
+                        pending = None
+                    if len(chunk) <= INLINE_HASH_LIMIT:
+                        hasher.update(chunk)
+                    else:
+                        pending = loop.run_in_executor(pool, hasher.update, chunk)
+                    if self._ingest is not None:
+                        self._ingest.write(chunk)
+                    piece = _overlap(chunk, chunk_start, start, end)
+                    if piece is not None:
+                        if held is not None:
+                            yield held
+                        held = piece
+                if pending is not None:
+                    await pending
+                    pending = None
+            except OCIError:
+                raise
+            except BlobStreamBroken:
+                raise
+            except Exception as exc:
+                mapped = map_client_error(exc, f"streaming blob {self.digest}")
+                raise self._broken(mapped.message, truncated=True) from exc
+            metrics.upstream_bytes.labels(self._registry).inc(received)
+            if self.size is not None and received != self.size:
+                raise self._broken(
+                    f"upstream body ended after {received} of {self.size} bytes", truncated=True
+                )
+            actual = hasher.hexdigest()
+            if actual != self.digest.hex:
+                raise self._broken(
+                    f"upstream bytes hash to {self.digest.algorithm}:{actual}", truncated=False
+                )
+            if self._ingest is not None:
+                self._ingest.commit()
+                self._ingest = None
+            if held is not None:
+                yield held
+            served = self.byte_range.length if self.byte_range else received
+            metrics.bytes_served.labels("upstream").inc(served)
+        finally:
+            metrics.streams_active.dec()
+            if pending is not None:
+                # A client that went away mid-hash: let the worker finish before the
+                # hasher is dropped.
+                await asyncio.shield(pending)
+            if self._ingest is not None:
+                self._ingest.abort()
+            self._response.close()
+
+    def _broken(self, reason: str, *, truncated: bool) -> BlobStreamBroken:
+        metrics = self._pipeline.metrics
+        if truncated:
+            metrics.upstream_truncated.labels(self._registry).inc()
+        else:
+            metrics.digest_mismatch.labels(self._registry).inc()
+        log.error(
+            "aborting blob %s from %s: %s; the client connection is cut so no complete "
+            "wrong body is delivered",
+            self.digest, self._registry, reason,
+        )
+        return BlobStreamBroken(f"blob {self.digest}: {reason}")
+
+    def close(self) -> None:
+        if self._ingest is not None:
+            self._ingest.abort()
+            self._ingest = None
+        self._response.close()
+
+
+def _overlap(
+    chunk: bytes, chunk_start: int, start: int, end: int | None
+) -> bytes | memoryview | None:
+    """The part of ``chunk`` (at offset ``chunk_start``) inside ``[start, end]``."""
+    chunk_end = chunk_start + len(chunk)  # exclusive
+    if chunk_end <= start or (end is not None and chunk_start > end):
+        return None
+    lo = max(start - chunk_start, 0)
+    hi = len(chunk) if end is None else min(end + 1 - chunk_start, len(chunk))
+    if lo == 0 and hi == len(chunk):
+        return chunk
+    return memoryview(chunk)[lo:hi]
+
+
+class _RepoSource:
+    """``ArtifactSource`` for one repository: what a gate may fetch to verify."""
+
+    def __init__(self, pipeline: Pipeline, route: Route, repository: str) -> None:
+        self._pipeline = pipeline
+        self._route = route
+        self._repository = repository
+
+    async def manifest(self, reference: str, *, max_bytes: int) -> Manifest | None:
+        ref = ManifestRef.parse(reference)
+        try:
+            return await self._pipeline.fetch_manifest(
+                self._route, self._repository, ref, max_bytes=max_bytes
+            )
+        except ManifestUnknown:
+            return None
+
+    async def blob(self, digest: Digest, *, max_bytes: int) -> bytes:
+        return await self._pipeline.fetch_small_blob(
+            self._route, self._repository, digest, max_bytes=max_bytes
+        )
+
+    async def referrers(self, digest: Digest, artifact_type: str | None = None) -> Manifest | None:
+        return await self._pipeline.fetch_referrers(
+            self._route, self._repository, digest, artifact_type
+        )
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        gate: Gate,
+        store: BlobStore,
+        metrics: Metrics,
+        hash_workers: int = 4,
+    ) -> None:
+        self.gate = gate
+        self.store = store
+        self.metrics = metrics
+        self.hash_pool = ThreadPoolExecutor(max_workers=hash_workers, thread_name_prefix="hash")
+        self._verified: OrderedDict[tuple[str, str, Digest], ServedManifest] = OrderedDict()
+
+    def close(self) -> None:
+        self.hash_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- manifests -----------------------------------------------------------------
+
+    async def get_manifest(
+        self, route: Route, repository: str, ref: ManifestRef, *, accept: str | None = None
+    ) -> ServedManifest:
+        """The manifest to serve for ``ref``: fetched once, checked, gated."""
+        repo = RepoKey(route.registry, repository)
+        if ref.digest is not None:
+            cached = self._verified.get((route.registry, repository, ref.digest))
+            if cached is not None:
+                self._verified.move_to_end((route.registry, repository, ref.digest))
+                return cached
+        manifest = await self.fetch_manifest(route, repository, ref, accept=accept)
+        verdict = await self.gate.check_manifest(repo, manifest, _RepoSource(self, route, repository))
+        self.metrics.verdicts.labels("allow" if verdict.allowed else "deny", verdict.mode).inc()
+        if not verdict.allowed:
+            self.metrics.denied.labels("manifest").inc()
+            log.warning("denied %s@%s: %s", repo, manifest.digest, verdict.reason)
+            raise VerificationFailed(
+                f"{repo}@{manifest.digest}: {verdict.reason}",
+                detail={"scope": verdict.scope, "details": list(verdict.details)},
+            )
+        if verdict.mode != "enforce":
+            log.warning("serving %s@%s under mode %s: %s", repo, manifest.digest, verdict.mode, verdict.reason)
+        served = ServedManifest(manifest, verdict)
+        key = (route.registry, repository, manifest.digest)
+        self._verified[key] = served
+        self._verified.move_to_end(key)
+        while len(self._verified) > VERIFIED_MANIFEST_ENTRIES:
+            self._verified.popitem(last=False)
+        return served
+
+    async def fetch_manifest(
+        self,
+        route: Route,
+        repository: str,
+        ref: ManifestRef,
+        *,
+        accept: str | None = None,
+        max_bytes: int = MAX_MANIFEST_BYTES,
+    ) -> Manifest:
+        """Fetch and check a manifest upstream (not gated: the caller gates it)."""
+        urepo = upstream_repository(route.registry, repository)
+        response = await route.client.get(
+            f"/v2/{urepo}/manifests/{ref}",
+            scope=_pull_scope(urepo),
+            headers={"Accept": _manifest_accept(accept)},
+        )
+        async with response:
+            if response.status == 404:
+                raise ManifestUnknown(f"manifest {ref} not found in {route.registry}/{repository}")
+            raw = await response.read_capped(max_bytes, what=f"manifest {ref}")
+            if raw is None:
+                raise ManifestTooLarge(
+                    f"manifest {ref} of {route.registry}/{repository} is larger than "
+                    f"{max_bytes} bytes"
+                )
+            content_type = response.headers.get("Content-Type")
+            header_digest = response.headers.get("Docker-Content-Digest")
+        manifest = parse_manifest(raw, content_type)
+        if ref.digest is not None and manifest.digest != ref.digest:
+            self.metrics.digest_mismatch.labels(route.registry).inc()
+            raise UpstreamError(
+                f"upstream returned manifest bytes hashing to {manifest.digest} "
+                f"for requested digest {ref.digest}"
+            )
+        if header_digest and header_digest != str(manifest.digest):
+            raise UpstreamError(
+                f"upstream Docker-Content-Digest {header_digest[:80]} does not match the "
+                f"bytes it sent ({manifest.digest})"
+            )
+        return manifest
+
+    # -- blobs ---------------------------------------------------------------------
+
+    def check_blob_allowed(self, route: Route, repository: str, digest: Digest) -> None:
+        repo = RepoKey(route.registry, repository)
+        if not self.gate.blob_allowed(repo, digest):
+            self.metrics.denied.labels("blob").inc()
+            raise BlobNotAllowed(
+                f"blob {digest} is not referenced by any verified manifest of {repo}; "
+                "pull a verified manifest that references it first"
+            )
+
+    async def open_blob(
+        self, route: Route, repository: str, digest: Digest, *, range_header: str | None
+    ) -> BlobFile | BlobStream:
+        """Open a blob for serving: a verified local file, or a verifying stream."""
+        self.check_blob_allowed(route, repository, digest)
+        path = self.store.path_of(digest)
+        if path is not None:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                pass
+            else:
+                return BlobFile(digest, path, size)
+        urepo = upstream_repository(route.registry, repository)
+        response = await route.client.get(f"/v2/{urepo}/blobs/{digest}", scope=_pull_scope(urepo))
+        if response.status == 404:
+            response.close()
+            raise BlobUnknown(f"blob {digest} not found in {route.registry}/{repository}")
+        size = response.content_length
+        try:
+            byte_range = parse_range(range_header, size) if size is not None else None
+        except OCIError:
+            response.close()
+            raise
+        ingest = self.store.open_ingest(digest)
+        return BlobStream(
+            pipeline=self,
+            registry=route.registry,
+            digest=digest,
+            response=response,
+            size=size,
+            byte_range=byte_range,
+            ingest=ingest,
+        )
+
+    async def head_blob(self, route: Route, repository: str, digest: Digest) -> int | None:
+        """The size of an allowed blob, as the upstream (or the store) reports it."""
+        self.check_blob_allowed(route, repository, digest)
+        path = self.store.path_of(digest)
+        if path is not None:
+            try:
+                return path.stat().st_size
+            except FileNotFoundError:
+                pass
+        urepo = upstream_repository(route.registry, repository)
+        response = await route.client.get(
+            f"/v2/{urepo}/blobs/{digest}", scope=_pull_scope(urepo), method="HEAD"
+        )
+        async with response:
+            if response.status == 404:
+                raise BlobUnknown(f"blob {digest} not found in {route.registry}/{repository}")
+            return response.content_length
+
+    async def fetch_small_blob(
+        self, route: Route, repository: str, digest: Digest, *, max_bytes: int
+    ) -> bytes:
+        """A size-capped, digest-checked blob for verification material."""
+        urepo = upstream_repository(route.registry, repository)
+        response = await route.client.get(f"/v2/{urepo}/blobs/{digest}", scope=_pull_scope(urepo))
+        async with response:
+            if response.status == 404:
+                raise BlobUnknown(f"blob {digest} not found in {route.registry}/{repository}")
+            data = await response.read_capped(max_bytes, what=f"blob {digest}")
+        if data is None:
+            raise ManifestTooLarge(f"blob {digest} is larger than the {max_bytes}-byte limit")
+        if not digest.matches(data):
+            self.metrics.digest_mismatch.labels(route.registry).inc()
+            raise UpstreamError(f"upstream bytes of blob {digest} do not match its digest")
+        return data
+
+    # -- tags and referrers --------------------------------------------------------
+
+    async def tags(self, route: Route, repository: str, query: str) -> tuple[bytes, str | None]:
+        """The upstream tag list (and its pagination Link header), size-capped."""
+        urepo = upstream_repository(route.registry, repository)
+        path = f"/v2/{urepo}/tags/list" + (f"?{query}" if query else "")
+        response = await route.client.get(path, scope=_pull_scope(urepo))
+        async with response:
+            if response.status == 404:
+                from proxy.oci.errors import NameUnknown
+
+                raise NameUnknown(f"repository {route.registry}/{repository} not found")
+            body = await response.read_capped(MAX_SMALL_BODY, what="tag list")
+            link = response.headers.get("Link")
+        if body is None:
+            raise UpstreamError("upstream tag list is larger than 4 MiB")
+        return body, link
+
+    async def fetch_referrers(
+        self, route: Route, repository: str, digest: Digest, artifact_type: str | None
+    ) -> Manifest | None:
+        """Referrers of ``digest``: the upstream API where it exists, else the
+        ``<alg>-<hex>`` fallback tag. Filtered by ``artifact_type`` if given."""
+        urepo = upstream_repository(route.registry, repository)
+        response = await route.client.get(
+            f"/v2/{urepo}/referrers/{digest}", scope=_pull_scope(urepo),
+            headers={"Accept": mt.OCI_INDEX},
+        )
+        index: Manifest | None = None
+        async with response:
+            content_type = (response.headers.get("Content-Type") or "").split(";")[0].strip()
+            if response.status == 200 and content_type == mt.OCI_INDEX:
+                raw = await response.read_capped(MAX_MANIFEST_BYTES, what="referrers index")
+                if raw is None:
+                    raise ManifestTooLarge("upstream referrers index is larger than 4 MiB")
+                index = parse_manifest(raw, content_type)
+        if index is None:
+            try:
+                index = await self.fetch_manifest(
+                    route, repository, ManifestRef(tag=digest.fallback_tag)
+                )
+            except ManifestUnknown:
+                return None
+            if not index.is_index:
+                return None
+        if artifact_type is None:
+            return index
+        kept = [d for d in index.manifests if d.artifact_type == artifact_type]
+        return parse_manifest(build_index(kept), mt.OCI_INDEX)
+
+    async def referrers_index(
+        self, route: Route, repository: str, digest: Digest, artifact_type: str | None
+    ) -> bytes:
+        index = await self.fetch_referrers(route, repository, digest, artifact_type)
+        descriptors: list[Descriptor] = list(index.manifests) if index is not None else []
+        return build_index(descriptors)
+
+
+def _pull_scope(upstream_repo: str) -> str:
+    return f"repository:{upstream_repo}:pull"
+
+
+def _manifest_accept(client_accept: str | None) -> str:
+    """Forward the manifest types the client accepts; default to all we can check."""
+    if not client_accept:
+        return mt.ACCEPT_MANIFESTS
+    wanted = [
+        part.split(";")[0].strip().lower()
+        for part in client_accept.split(",")
+    ]
+    known = [t for t in wanted if t in mt.MANIFEST_TYPES]
+    return ", ".join(dict.fromkeys(known)) if known else mt.ACCEPT_MANIFESTS

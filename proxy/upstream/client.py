@@ -1,0 +1,360 @@
+"""The upstream side: one aiohttp session, token auth, retries, error mapping.
+
+aiohttp and timeout errors never leave this module: they become
+``UpstreamUnavailable``/``UpstreamTimeout``/``UpstreamError`` at the boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import logging
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import aiohttp
+from multidict import CIMultiDict
+
+from proxy.config import RetryConfig, TimeoutConfig, UpstreamConfig
+from proxy.metrics import Metrics
+from proxy.oci.errors import (
+    OCIError,
+    TooManyRequests,
+    Unauthorized,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from proxy.upstream.auth import (
+    Challenge,
+    Credentials,
+    parse_challenge,
+    realm_is_fetchable,
+    realm_is_trusted,
+)
+
+log = logging.getLogger("pullgate.upstream")
+
+MAX_TOKEN_RESPONSE = 64 * 1024
+MAX_REDIRECTS = 5
+MAX_RETRY_AFTER = 30.0
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    header: str
+    expires_at: float
+
+
+class UpstreamResponse:
+    """An open upstream response. Always close it (``async with``)."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        return CIMultiDict(self._response.headers)
+
+    @property
+    def content_length(self) -> int | None:
+        return self._response.content_length
+
+    async def read_capped(self, limit: int, *, what: str) -> bytes | None:
+        """Read the whole body, or None if it exceeds ``limit`` bytes."""
+        length = self._response.content_length
+        if length is not None and length > limit:
+            return None
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            while True:
+                chunk = await self._response.content.read(256 * 1024)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > limit:
+                    return None
+                chunks.append(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise map_client_error(exc, f"reading {what}") from exc
+        return b"".join(chunks)
+
+    async def iter_body(self, chunk_size: int) -> AsyncIterator[bytes]:
+        """Yield the body in pieces of at most ``chunk_size`` bytes as they arrive."""
+        content = self._response.content
+        while True:
+            chunk = await content.read(chunk_size)
+            if not chunk:
+                return
+            yield chunk
+
+    def close(self) -> None:
+        self._response.release()
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+def map_client_error(exc: BaseException, doing: str) -> OCIError:
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, aiohttp.ServerTimeoutError)):
+        return UpstreamTimeout(f"upstream timed out while {doing}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnavailable(f"cannot connect to upstream while {doing}: {exc.os_error}")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamError(f"upstream body broke off while {doing}: {exc}")
+    return UpstreamError(f"upstream error while {doing}: {type(exc).__name__}: {exc}")
+
+
+class UpstreamClient:
+    """Talks to one upstream registry on behalf of one registry name (``ns=``)."""
+
+    def __init__(
+        self,
+        *,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        credentials: Credentials | None,
+        timeouts: TimeoutConfig,
+        retries: RetryConfig,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self._session = session
+        self._credentials = credentials
+        self._retries = retries
+        self._metrics = metrics
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
+        )
+        self._ssl: ssl.SSLContext | bool = True
+        if config.ca_file is not None:
+            self._ssl = ssl.create_default_context(cafile=str(config.ca_file))
+        self._tokens: dict[str, _Token] = {}
+        self._token_locks: dict[str, asyncio.Lock] = {}
+
+    def url(self, path: str) -> str:
+        return self.config.url + path
+
+    async def get(
+        self,
+        path: str,
+        *,
+        scope: str,
+        headers: dict[str, str] | None = None,
+        method: str = "GET",
+        ok_statuses: frozenset[int] = frozenset({200, 206}),
+        pass_statuses: frozenset[int] = frozenset({404}),
+    ) -> UpstreamResponse:
+        """Send an idempotent request, with auth, redirects and bounded retries.
+
+        Returns responses with a status in ``ok_statuses`` or ``pass_statuses``;
+        anything else is mapped to an ``OCIError`` here.
+        """
+        attempts = self._retries.attempts
+        last_error: OCIError | None = None
+        for attempt in range(1, attempts + 1):
+            delay = 0.0
+            try:
+                response = await self._send_authorized(method, path, scope, headers or {})
+            except OCIError as exc:
+                if not isinstance(exc, (UpstreamUnavailable, UpstreamTimeout)):
+                    raise
+                last_error = exc
+                delay = self._backoff(attempt)
+                self._metrics.upstream_retries.labels(self.name, "connection").inc()
+            else:
+                status = response.status
+                self._metrics.upstream_requests.labels(self.name, str(status)).inc()
+                if status in ok_statuses or status in pass_statuses:
+                    return UpstreamResponse(response)
+                body = await _short_body(response)
+                response.release()
+                if status in RETRYABLE_STATUSES:
+                    last_error = _status_error(status, body, self.name)
+                    delay = _retry_after(response.headers.get("Retry-After"))
+                    if delay is None:
+                        delay = self._backoff(attempt)
+                    self._metrics.upstream_retries.labels(self.name, str(status)).inc()
+                else:
+                    raise _status_error(status, body, self.name)
+            if attempt < attempts:
+                log.info(
+                    "retrying %s %s on %s in %.2fs (attempt %d/%d): %s",
+                    method, path, self.name, delay, attempt + 1, attempts,
+                    last_error.message if last_error else "",
+                )
+                await asyncio.sleep(delay)
+        assert last_error is not None
+        raise last_error
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self._retries.max_backoff, self._retries.backoff * (2 ** (attempt - 1)))
+        return base * (0.5 + random.random() / 2)
+
+    async def _send_authorized(
+        self, method: str, path: str, scope: str, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        auth = self._cached_auth(scope)
+        response = await self._send(method, self.url(path), headers, auth)
+        if response.status != 401:
+            return response
+        challenge = parse_challenge(response.headers.get("WWW-Authenticate"))
+        response.release()
+        if challenge is None:
+            raise Unauthorized(
+                f"upstream {self.name} requires authentication but sent no usable challenge"
+            )
+        auth = await self._authorize(challenge, scope)
+        response = await self._send(method, self.url(path), headers, auth)
+        if response.status == 401:
+            response.release()
+            who = "the node credentials were refused" if self._credentials else (
+                f"no node credentials are configured for {self.name}"
+            )
+            raise Unauthorized(f"upstream {self.name} requires authentication: {who}")
+        return response
+
+    async def _send(
+        self, method: str, url: str, headers: dict[str, str], auth: str | None
+    ) -> aiohttp.ClientResponse:
+        origin = urlsplit(url).netloc
+        for _ in range(MAX_REDIRECTS + 1):
+            send_headers = dict(headers)
+            # Authorization goes only to the upstream itself, never to a redirect target
+            # on another host (blob storage, CDN).
+            if auth is not None and urlsplit(url).netloc == origin:
+                send_headers["Authorization"] = auth
+            try:
+                response = await self._session.request(
+                    method, url, headers=send_headers, allow_redirects=False,
+                    timeout=self._timeout, ssl=self._ssl,
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise map_client_error(exc, f"requesting {method} {urlsplit(url).path}") from exc
+            if response.status in (301, 302, 303, 307, 308):
+                location = response.headers.get("Location")
+                response.release()
+                if not location:
+                    raise UpstreamError(f"upstream {self.name} redirected without a Location")
+                url = urljoin(url, location)
+                if urlsplit(url).scheme not in ("http", "https"):
+                    raise UpstreamError(f"upstream {self.name} redirected to a non-HTTP URL")
+                continue
+            return response
+        raise UpstreamError(f"upstream {self.name} redirected more than {MAX_REDIRECTS} times")
+
+    def _cached_auth(self, scope: str) -> str | None:
+        token = self._tokens.get(scope)
+        if token is not None and token.expires_at > time.monotonic():
+            return token.header
+        return None
+
+    async def _authorize(self, challenge: Challenge, scope: str) -> str | None:
+        if challenge.scheme == "basic":
+            if self._credentials is None:
+                raise Unauthorized(
+                    f"upstream {self.name} requires basic auth: "
+                    f"no node credentials are configured for {self.name}"
+                )
+            header = self._credentials.basic_header()
+            self._tokens[scope] = _Token(header, time.monotonic() + 3600)
+            return header
+        lock = self._token_locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            cached = self._cached_auth(scope)
+            if cached is not None:
+                return cached
+            token = await self._fetch_token(challenge, scope)
+            self._tokens[scope] = token
+            return token.header
+
+    async def _fetch_token(self, challenge: Challenge, scope: str) -> _Token:
+        realm = challenge.realm
+        if not realm or not realm_is_fetchable(realm):
+            raise Unauthorized(f"upstream {self.name} sent a bearer challenge without a usable realm")
+        query = {"service": challenge.params.get("service", "")}
+        query["scope"] = challenge.params.get("scope") or scope
+        headers: dict[str, str] = {}
+        if self._credentials is not None:
+            if realm_is_trusted(realm, self.config.url, self.config.token_realm_hosts):
+                headers["Authorization"] = self._credentials.basic_header()
+            else:
+                log.warning(
+                    "token realm %s is outside the trust boundary of upstream %s; "
+                    "requesting an anonymous token instead of sending node credentials",
+                    realm, self.name,
+                )
+        url = realm + ("&" if "?" in realm else "?") + urlencode(query)
+        try:
+            async with self._session.get(
+                url, headers=headers, allow_redirects=False, timeout=self._timeout, ssl=self._ssl
+            ) as response:
+                if response.status != 200:
+                    raise Unauthorized(
+                        f"token service of {self.name} answered {response.status}"
+                        + (" (node credentials refused)" if headers else "")
+                    )
+                body = await UpstreamResponse(response).read_capped(
+                    MAX_TOKEN_RESPONSE, what="token response"
+                )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise map_client_error(exc, "fetching a token") from exc
+        if body is None:
+            raise UpstreamError(f"token response from {self.name} is over {MAX_TOKEN_RESPONSE} bytes")
+        try:
+            doc = json.loads(body)
+            token = doc.get("token") or doc.get("access_token")
+            expires_in = float(doc.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise UpstreamError(f"token response from {self.name} is not valid JSON") from exc
+        if not isinstance(token, str) or not token:
+            raise UpstreamError(f"token response from {self.name} carries no token")
+        # Renew a little early; never trust absurd lifetimes.
+        lifetime = max(5.0, min(expires_in, 3600.0) - 5.0)
+        return _Token(f"Bearer {token}", time.monotonic() + lifetime)
+
+
+async def _short_body(response: aiohttp.ClientResponse) -> str:
+    with contextlib.suppress(Exception):
+        data = await asyncio.wait_for(response.content.read(2048), timeout=2)
+        return data.decode("utf-8", "replace")
+    return ""
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    with contextlib.suppress(TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, min(when.timestamp() - time.time(), MAX_RETRY_AFTER))
+    return None
+
+
+def _status_error(status: int, body: str, name: str) -> OCIError:
+    detail = body.strip().replace("\n", " ")[:300]
+    if status == 429:
+        return TooManyRequests(f"upstream {name} is rate limiting (429): {detail}")
+    if status == 403:
+        return Unauthorized(f"upstream {name} refused access (403): {detail}")
+    if status >= 500:
+        return UpstreamError(f"upstream {name} answered {status}: {detail}")
+    return UpstreamError(f"upstream {name} answered unexpected status {status}: {detail}")

@@ -1,0 +1,78 @@
+"""Routing ``ns=<registry>`` to the configured upstream."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+
+from proxy.config import Config, UpstreamConfig
+from proxy.metrics import Metrics
+from proxy.oci.errors import NameInvalid, RegistryUnknown
+from proxy.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES, validate_registry
+from proxy.upstream.auth import Credentials, load_docker_config
+from proxy.upstream.client import UpstreamClient
+
+log = logging.getLogger("pullgate.router")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one request goes: the registry name and its upstream client."""
+
+    registry: str
+    client: UpstreamClient
+    explicit_ns: bool
+
+
+class UpstreamRouter:
+    def __init__(self, *, config: Config, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+        self._config = config
+        self._session = session
+        self._metrics = metrics
+        self._credentials: dict[str, Credentials] = {}
+        if config.docker_config is not None:
+            self._credentials = load_docker_config(config.docker_config)
+            log.info(
+                "node credentials loaded for %d registries from %s",
+                len(self._credentials), config.docker_config,
+            )
+        self._clients: dict[str, UpstreamClient] = {}
+
+    def route(self, ns: str | None) -> Route:
+        if ns is None or ns == "":
+            if self._config.default_upstream is None:
+                raise RegistryUnknown(
+                    "request has no ns= parameter and no default upstream is configured"
+                )
+            return Route(self._config.default_upstream, self._client(self._config.default_upstream), False)
+        registry = validate_registry(ns)
+        if registry in DOCKER_HUB_ALIASES:
+            registry = DOCKER_HUB
+        return Route(registry, self._client(registry), True)
+
+    def _client(self, registry: str) -> UpstreamClient:
+        client = self._clients.get(registry)
+        if client is not None:
+            return client
+        upstream = self._config.upstreams.get(registry)
+        if upstream is None:
+            if self._config.unlisted_registries != "https":
+                raise RegistryUnknown(
+                    f"registry {registry!r} has no configured upstream and "
+                    "unlistedRegistries is 'deny'"
+                )
+            if len(self._clients) > 1024:
+                raise NameInvalid("too many distinct registries")
+            upstream = UpstreamConfig(name=registry, url=f"https://{registry}")
+        client = UpstreamClient(
+            config=upstream,
+            session=self._session,
+            credentials=self._credentials.get(registry),
+            timeouts=self._config.timeouts,
+            retries=self._config.retries,
+            metrics=self._metrics,
+        )
+        self._clients[registry] = client
+        return client
