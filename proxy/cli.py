@@ -12,13 +12,15 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy import __version__
-from proxy.cache import NoStore
+from proxy.cache import BlobStore, NoStore
+from proxy.cache.disk import CacheLimits, DiskBlobStore
 from proxy.config import (
     DEFAULT_CONFIG,
     Config,
     ConfigError,
     load_config_file,
     parse_listen,
+    parse_size,
     parse_upstream_flag,
     validate,
 )
@@ -39,19 +41,42 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the mirror")
     add_common(serve)
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to serve on")
+    serve.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="verified blob cache directory (a hostPath on NVMe)",
+    )
+    serve.add_argument("--cache-max-bytes", metavar="SIZE", help="cache budget, e.g. 500G")
+    serve.add_argument(
+        "--complete-on-disconnect",
+        action="store_true",
+        default=None,
+        help="finish cache fills even when every client went away",
+    )
     return parser
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE", help="YAML config file")
     parser.add_argument(
-        "--upstream", action="append", default=[], metavar="NAME=URL",
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
         help="route ns=NAME to URL (repeatable); replaces the config's upstreams",
     )
-    parser.add_argument("--default-upstream", metavar="NAME",
-                        help="upstream for requests without ns= (default: the only --upstream)")
-    parser.add_argument("--docker-config", type=Path, metavar="FILE",
-                        help="docker config.json with node credentials for upstreams")
+    parser.add_argument(
+        "--default-upstream",
+        metavar="NAME",
+        help="upstream for requests without ns= (default: the only --upstream)",
+    )
+    parser.add_argument(
+        "--docker-config",
+        type=Path,
+        metavar="FILE",
+        help="docker config.json with node credentials for upstreams",
+    )
     parser.add_argument("--policy", type=Path, metavar="FILE", help="signature policy (YAML)")
     parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
 
@@ -71,6 +96,14 @@ def resolve_config(args: argparse.Namespace) -> Config:
         config = replace(config, docker_config=args.docker_config)
     if args.policy:
         config = replace(config, policy=args.policy)
+    cache = config.cache
+    if getattr(args, "cache_dir", None):
+        cache = replace(cache, dir=args.cache_dir)
+    if getattr(args, "cache_max_bytes", None):
+        cache = replace(cache, max_bytes=parse_size(args.cache_max_bytes))
+    if getattr(args, "complete_on_disconnect", None):
+        cache = replace(cache, complete_on_disconnect=True)
+    config = replace(config, cache=cache)
     if args.log_level:
         config = replace(config, log_level=args.log_level)
     return validate(config)
@@ -80,24 +113,45 @@ def build_gate(config: Config, metrics: Metrics) -> Gate:
     return AllowAllGate()
 
 
+def build_store(config: Config) -> BlobStore:
+    cache = config.cache
+    if cache.dir is None:
+        return NoStore()
+    store = DiskBlobStore(
+        root=cache.dir,
+        limits=CacheLimits(
+            max_bytes=cache.max_bytes,
+            high_watermark=cache.high_watermark,
+            low_watermark=cache.low_watermark,
+            min_free_bytes=cache.min_free_bytes,
+        ),
+    )
+    store.recover()
+    return store
+
+
 def serve(config: Config) -> int:
     metrics = Metrics()
     gate = build_gate(config, metrics)
-    pipeline = Pipeline(gate=gate, store=NoStore(), metrics=metrics)
+    store = build_store(config)
+    pipeline = Pipeline(
+        gate=gate,
+        store=store,
+        metrics=metrics,
+        complete_on_disconnect=config.cache.complete_on_disconnect,
+    )
     app = build_app(config=config, pipeline=pipeline, metrics=metrics)
     log.info(
         "pullgate %s listening on %s:%d; upstreams: %s; default: %s",
-        __version__, config.listen_host, config.listen_port,
+        __version__,
+        config.listen_host,
+        config.listen_port,
         ", ".join(f"{u.name}={u.url}" for u in config.upstreams.values()) or "none",
         config.default_upstream,
     )
-    try:
-        import uvloop
+    import uvloop
 
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        runner = asyncio.run
-    runner(_serve_forever(app, config))
+    uvloop.run(_serve_forever(app, config))
     return 0
 
 

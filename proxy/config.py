@@ -43,6 +43,21 @@ class RetryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The node-local verified blob cache. No directory means no cache."""
+
+    dir: Path | None = None
+    max_bytes: int = 100 * 1024**3
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
+    min_free_bytes: int = 1024**3
+    complete_on_disconnect: bool = False
+    # Background re-hash of stored blobs, in bytes per second; 0 disables it.
+    scrub_bytes_per_second: int = 64 * 1024**2
+    scrub_interval_seconds: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = 5050
@@ -56,6 +71,7 @@ class Config:
     retries: RetryConfig = field(default_factory=RetryConfig)
     policy: Path | None = None
     log_level: str = "info"
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig())
 
 
 DEFAULT_CONFIG = Config(
@@ -119,8 +135,16 @@ def load_config_file(path: Path, base: Config = DEFAULT_CONFIG) -> Config:
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     known = {
-        "listen", "upstreams", "defaultUpstream", "unlistedRegistries", "dockerConfig",
-        "timeouts", "retries", "policy", "logLevel",
+        "listen",
+        "upstreams",
+        "defaultUpstream",
+        "unlistedRegistries",
+        "dockerConfig",
+        "timeouts",
+        "retries",
+        "policy",
+        "logLevel",
+        "cache",
     }
     unknown = set(doc) - known
     if unknown:
@@ -158,9 +182,40 @@ def load_config_file(path: Path, base: Config = DEFAULT_CONFIG) -> Config:
         config = replace(config, log_level=str(doc["logLevel"]))
     if "timeouts" in doc:
         config = replace(config, timeouts=_dataclass_from(TimeoutConfig, doc["timeouts"], path))
+    if "cache" in doc:
+        raw_cache = doc["cache"]
+        if not isinstance(raw_cache, dict):
+            raise ConfigError(f"{path}: cache must be a mapping")
+        raw_cache = {_snake(k): v for k, v in raw_cache.items()}
+        cache_dir = raw_cache.pop("dir", None)
+        if isinstance(raw_cache.get("max_bytes"), str):
+            raw_cache["max_bytes"] = parse_size(raw_cache["max_bytes"])
+        cache = _dataclass_from(CacheConfig, raw_cache, path)
+        if cache_dir:
+            cache = replace(cache, dir=relative / str(cache_dir))
+        config = replace(config, cache=cache)
     if "retries" in doc:
         config = replace(config, retries=_dataclass_from(RetryConfig, doc["retries"], path))
     return validate(config)
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
+def parse_size(text: str) -> int:
+    """``100G``, ``512M``, ``4096`` -> bytes (binary units)."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    factor = units.get(cleaned[-1:], 1)
+    number = cleaned[:-1] if cleaned[-1:] in units else cleaned
+    try:
+        value = int(float(number) * factor)
+    except ValueError as exc:
+        raise ConfigError(f"size {text!r} is not a number with an optional K/M/G/T unit") from exc
+    if value <= 0:
+        raise ConfigError(f"size {text!r} must be positive")
+    return value
 
 
 def _dataclass_from(cls: Any, raw: Any, path: Path) -> Any:
@@ -182,6 +237,11 @@ def validate(config: Config) -> Config:
         )
     if config.retries.attempts < 1 or config.retries.attempts > 10:
         raise ConfigError("retries.attempts must be between 1 and 10")
+    cache = config.cache
+    if not 0 < cache.low_watermark <= cache.high_watermark <= 1:
+        raise ConfigError("cache watermarks must satisfy 0 < low <= high <= 1")
+    if cache.max_bytes <= 0:
+        raise ConfigError("cache.maxBytes must be positive")
     if config.timeouts.connect <= 0 or config.timeouts.read <= 0:
         raise ConfigError("timeouts must be positive")
     for upstream in config.upstreams.values():

@@ -10,12 +10,16 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "pullgate_requests", "Client requests by endpoint, method and status",
-            ["endpoint", "method", "status"], registry=r,
+            "pullgate_requests",
+            "Client requests by endpoint, method and status",
+            ["endpoint", "method", "status"],
+            registry=r,
         )
         self.request_seconds = Histogram(
-            "pullgate_request_duration_seconds", "Time to response headers, by endpoint",
-            ["endpoint"], registry=r,
+            "pullgate_request_duration_seconds",
+            "Time to response headers, by endpoint",
+            ["endpoint"],
+            registry=r,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
         )
         self.bytes_served = Counter(
@@ -25,33 +29,37 @@ class Metrics:
             "pullgate_upstream_bytes", "Blob bytes read from upstreams", ["registry"], registry=r
         )
         self.upstream_requests = Counter(
-            "pullgate_upstream_requests", "Requests sent upstream",
-            ["registry", "status"], registry=r,
+            "pullgate_upstream_requests",
+            "Requests sent upstream",
+            ["registry", "status"],
+            registry=r,
         )
         self.upstream_retries = Counter(
-            "pullgate_upstream_retries", "Upstream requests retried", ["registry", "reason"],
+            "pullgate_upstream_retries",
+            "Upstream requests retried",
+            ["registry", "reason"],
             registry=r,
         )
         self.digest_mismatch = Counter(
-            "pullgate_blob_digest_mismatch", "Blobs whose bytes did not match their digest",
-            ["registry"], registry=r,
+            "pullgate_blob_digest_mismatch",
+            "Blobs whose bytes did not match their digest",
+            ["registry"],
+            registry=r,
         )
         self.upstream_truncated = Counter(
-            "pullgate_upstream_truncated", "Upstream blob bodies that ended early or broke",
-            ["registry"], registry=r,
+            "pullgate_upstream_truncated",
+            "Upstream blob bodies that ended early or broke",
+            ["registry"],
+            registry=r,
         )
         self.verdicts = Counter(
             "pullgate_verdicts", "Manifest verdicts", ["result", "mode"], registry=r
         )
-        self.denied = Counter(
-            "pullgate_denied", "Requests refused by policy", ["kind"], registry=r
-        )
+        self.denied = Counter("pullgate_denied", "Requests refused by policy", ["kind"], registry=r)
         self.streams_active = Gauge(
             "pullgate_blob_streams_active", "Blob streams in progress", registry=r
         )
         self.policy_reload_failures = Counter(
             "pullgate_policy_reload_failures", "Policy files refused on reload", registry=r
         )
-        self.policy_reloads = Counter(
-            "pullgate_policy_reloads", "Policy files loaded", registry=r
-        )
+        self.policy_reloads = Counter("pullgate_policy_reloads", "Policy files loaded", registry=r)

@@ -9,6 +9,7 @@ matches. The HTTP front end (and later the CRI one) call this; neither re-implem
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -16,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.cache import BlobStore, IngestWriter
+from proxy.cache import BlobStore
+from proxy.cache.fill import FillReader, FillTable
 from proxy.gate import Gate, RepoKey, Verdict
 from proxy.metrics import Metrics
 from proxy.oci import mediatypes as mt
@@ -27,6 +29,7 @@ from proxy.oci.errors import (
     ManifestTooLarge,
     ManifestUnknown,
     OCIError,
+    StreamAborted,
     UpstreamError,
     VerificationFailed,
 )
@@ -38,17 +41,11 @@ from proxy.upstream.router import Route
 
 log = logging.getLogger("pullgate.pipeline")
 
-# Upstream reads of up to this many bytes per chunk: big enough that hashing in a
-# worker thread pays for the hand-off, small enough to keep memory flat.
-STREAM_CHUNK = 1024 * 1024
-# Below this, hashing inline costs less than a hand-off to the pool.
-INLINE_HASH_LIMIT = 64 * 1024
+# Bytes handed to the hashing thread at once: big enough that the hand-off is cheap
+# next to the hashing, small enough to keep memory flat.
+HASH_BATCH = 2 * 1024 * 1024
 MAX_SMALL_BODY = 4 * 1024 * 1024
 VERIFIED_MANIFEST_ENTRIES = 4096
-
-
-class BlobStreamBroken(Exception):
-    """A blob stream that must be aborted: the client may not get a complete body."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +75,6 @@ class BlobStream:
         response: UpstreamResponse,
         size: int | None,
         byte_range: ByteRange | None,
-        ingest: IngestWriter | None,
     ) -> None:
         self._pipeline = pipeline
         self._registry = registry
@@ -86,7 +82,6 @@ class BlobStream:
         self._response = response
         self.size = size
         self.byte_range = byte_range
-        self._ingest = ingest
 
     @property
     def content_length(self) -> int | None:
@@ -96,7 +91,7 @@ class BlobStream:
 
     async def chunks(self) -> AsyncIterator[bytes | memoryview]:
         """Yield the (ranged) body. The last piece is yielded only once the whole
-        blob hashed to its digest; on mismatch or truncation ``BlobStreamBroken``
+        blob hashed to its digest; on mismatch or truncation ``StreamAborted``
         is raised instead, and the caller must abort the client connection."""
         metrics = self._pipeline.metrics
         loop = asyncio.get_running_loop()
@@ -106,24 +101,28 @@ class BlobStream:
         end = self.byte_range.end if self.byte_range else None  # inclusive
         received = 0
         held: bytes | memoryview | None = None
+        # Hash in a worker thread (hashlib drops the GIL), a batch at a time, while the
+        # loop keeps receiving and sending: at most one batch is in flight.
+        batch: list[bytes] = []
+        batch_bytes = 0
         pending: asyncio.Future[None] | None = None
         metrics.streams_active.inc()
         try:
             try:
-                async for chunk in self._response.iter_body(STREAM_CHUNK):
+                async for chunk in self._response.iter_body():
                     chunk_start = received
                     received += len(chunk)
                     if self.size is not None and received > self.size:
-                        raise self._broken("upstream sent more bytes than announced", truncated=True)
-                    if pending is not None:
-                        await pending
-                        pending = None
-                    if len(chunk) <= INLINE_HASH_LIMIT:
-                        hasher.update(chunk)
-                    else:
-                        pending = loop.run_in_executor(pool, hasher.update, chunk)
-                    if self._ingest is not None:
-                        self._ingest.write(chunk)
+                        raise self._broken(
+                            "upstream sent more bytes than announced", truncated=True
+                        )
+                    batch.append(chunk)
+                    batch_bytes += len(chunk)
+                    if batch_bytes >= HASH_BATCH:
+                        if pending is not None:
+                            await pending
+                        pending = loop.run_in_executor(pool, _hash_batch, hasher, batch)
+                        batch, batch_bytes = [], 0
                     piece = _overlap(chunk, chunk_start, start, end)
                     if piece is not None:
                         if held is not None:
@@ -132,9 +131,10 @@ class BlobStream:
                 if pending is not None:
                     await pending
                     pending = None
+                _hash_batch(hasher, batch)
             except OCIError:
                 raise
-            except BlobStreamBroken:
+            except StreamAborted:
                 raise
             except Exception as exc:
                 mapped = map_client_error(exc, f"streaming blob {self.digest}")
@@ -149,9 +149,6 @@ class BlobStream:
                 raise self._broken(
                     f"upstream bytes hash to {self.digest.algorithm}:{actual}", truncated=False
                 )
-            if self._ingest is not None:
-                self._ingest.commit()
-                self._ingest = None
             if held is not None:
                 yield held
             served = self.byte_range.length if self.byte_range else received
@@ -162,11 +159,9 @@ class BlobStream:
                 # A client that went away mid-hash: let the worker finish before the
                 # hasher is dropped.
                 await asyncio.shield(pending)
-            if self._ingest is not None:
-                self._ingest.abort()
             self._response.close()
 
-    def _broken(self, reason: str, *, truncated: bool) -> BlobStreamBroken:
+    def _broken(self, reason: str, *, truncated: bool) -> StreamAborted:
         metrics = self._pipeline.metrics
         if truncated:
             metrics.upstream_truncated.labels(self._registry).inc()
@@ -175,15 +170,19 @@ class BlobStream:
         log.error(
             "aborting blob %s from %s: %s; the client connection is cut so no complete "
             "wrong body is delivered",
-            self.digest, self._registry, reason,
+            self.digest,
+            self._registry,
+            reason,
         )
-        return BlobStreamBroken(f"blob {self.digest}: {reason}")
+        return StreamAborted(f"blob {self.digest}: {reason}")
 
     def close(self) -> None:
-        if self._ingest is not None:
-            self._ingest.abort()
-            self._ingest = None
         self._response.close()
+
+
+def _hash_batch(hasher: hashlib._Hash, batch: list[bytes]) -> None:
+    for chunk in batch:
+        hasher.update(chunk)
 
 
 def _overlap(
@@ -235,15 +234,23 @@ class Pipeline:
         gate: Gate,
         store: BlobStore,
         metrics: Metrics,
-        hash_workers: int = 4,
+        hash_workers: int = 8,
+        complete_on_disconnect: bool = False,
     ) -> None:
         self.gate = gate
         self.store = store
         self.metrics = metrics
         self.hash_pool = ThreadPoolExecutor(max_workers=hash_workers, thread_name_prefix="hash")
+        self.fills = FillTable(
+            store=store,
+            pool=self.hash_pool,
+            metrics=metrics,
+            complete_on_disconnect=complete_on_disconnect,
+        )
         self._verified: OrderedDict[tuple[str, str, Digest], ServedManifest] = OrderedDict()
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        await self.fills.close()
         self.hash_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- manifests -----------------------------------------------------------------
@@ -259,7 +266,9 @@ class Pipeline:
                 self._verified.move_to_end((route.registry, repository, ref.digest))
                 return cached
         manifest = await self.fetch_manifest(route, repository, ref, accept=accept)
-        verdict = await self.gate.check_manifest(repo, manifest, _RepoSource(self, route, repository))
+        verdict = await self.gate.check_manifest(
+            repo, manifest, _RepoSource(self, route, repository)
+        )
         self.metrics.verdicts.labels("allow" if verdict.allowed else "deny", verdict.mode).inc()
         if not verdict.allowed:
             self.metrics.denied.labels("manifest").inc()
@@ -269,7 +278,13 @@ class Pipeline:
                 detail={"scope": verdict.scope, "details": list(verdict.details)},
             )
         if verdict.mode != "enforce":
-            log.warning("serving %s@%s under mode %s: %s", repo, manifest.digest, verdict.mode, verdict.reason)
+            log.warning(
+                "serving %s@%s under mode %s: %s",
+                repo,
+                manifest.digest,
+                verdict.mode,
+                verdict.reason,
+            )
         served = ServedManifest(manifest, verdict)
         key = (route.registry, repository, manifest.digest)
         self._verified[key] = served
@@ -332,29 +347,25 @@ class Pipeline:
 
     async def open_blob(
         self, route: Route, repository: str, digest: Digest, *, range_header: str | None
-    ) -> BlobFile | BlobStream:
-        """Open a blob for serving: a verified local file, or a verifying stream."""
+    ) -> BlobFile | BlobStream | FillReader:
+        """Open a blob for serving: a verified local file, a reader of the shared
+        fill into the cache, or (no cache) a verifying stream."""
         self.check_blob_allowed(route, repository, digest)
         path = self.store.path_of(digest)
         if path is not None:
             try:
-                size = path.stat().st_size
+                return BlobFile(digest, path, path.stat().st_size)
             except FileNotFoundError:
                 pass
-            else:
-                return BlobFile(digest, path, size)
-        urepo = upstream_repository(route.registry, repository)
-        response = await route.client.get(f"/v2/{urepo}/blobs/{digest}", scope=_pull_scope(urepo))
-        if response.status == 404:
-            response.close()
-            raise BlobUnknown(f"blob {digest} not found in {route.registry}/{repository}")
-        size = response.content_length
+        if self.store.caching and not self.fills.degraded:
+            return await self._join_fill(route, repository, digest, range_header)
+        response = await self._open_upstream_blob(route, repository, digest)
+        size: int | None = response.content_length
         try:
             byte_range = parse_range(range_header, size) if size is not None else None
         except OCIError:
             response.close()
             raise
-        ingest = self.store.open_ingest(digest)
         return BlobStream(
             pipeline=self,
             registry=route.registry,
@@ -362,8 +373,46 @@ class Pipeline:
             response=response,
             size=size,
             byte_range=byte_range,
-            ingest=ingest,
         )
+
+    async def _open_upstream_blob(
+        self, route: Route, repository: str, digest: Digest
+    ) -> UpstreamResponse:
+        urepo = upstream_repository(route.registry, repository)
+        response = await route.client.get(f"/v2/{urepo}/blobs/{digest}", scope=_pull_scope(urepo))
+        if response.status == 404:
+            response.close()
+            raise BlobUnknown(f"blob {digest} not found in {route.registry}/{repository}")
+        return response
+
+    async def _join_fill(
+        self, route: Route, repository: str, digest: Digest, range_header: str | None
+    ) -> BlobFile | FillReader:
+        """Join (or start) the single upstream fetch of ``digest`` into the cache."""
+
+        async def open_response() -> UpstreamResponse:
+            return await self._open_upstream_blob(route, repository, digest)
+
+        fill = self.fills.get_or_start(digest, route.registry, open_response)
+        # Count this reader before waiting, so the fill is not abandoned meanwhile.
+        reader = FillReader(fill=fill, table=self.fills, byte_range=None, pool=self.hash_pool)
+        try:
+            await fill.wait_started()
+            if fill.open_error is not None:
+                raise fill.open_error
+            if fill.state == "failed":
+                raise UpstreamError(f"blob {digest}: {fill.error}")
+            if fill.state == "committed" and fill.final_path is not None:
+                reader.close()
+                return BlobFile(digest, fill.final_path, fill.size or 0)
+            reader.size = fill.size
+            reader.byte_range = (
+                parse_range(range_header, fill.size) if fill.size is not None else None
+            )
+        except BaseException:
+            reader.close()
+            raise
+        return reader
 
     async def head_blob(self, route: Route, repository: str, digest: Digest) -> int | None:
         """The size of an allowed blob, as the upstream (or the store) reports it."""
@@ -425,7 +474,8 @@ class Pipeline:
         ``<alg>-<hex>`` fallback tag. Filtered by ``artifact_type`` if given."""
         urepo = upstream_repository(route.registry, repository)
         response = await route.client.get(
-            f"/v2/{urepo}/referrers/{digest}", scope=_pull_scope(urepo),
+            f"/v2/{urepo}/referrers/{digest}",
+            scope=_pull_scope(urepo),
             headers={"Accept": mt.OCI_INDEX},
         )
         index: Manifest | None = None
@@ -466,9 +516,6 @@ def _manifest_accept(client_accept: str | None) -> str:
     """Forward the manifest types the client accepts; default to all we can check."""
     if not client_accept:
         return mt.ACCEPT_MANIFESTS
-    wanted = [
-        part.split(";")[0].strip().lower()
-        for part in client_accept.split(",")
-    ]
+    wanted = [part.split(";")[0].strip().lower() for part in client_accept.split(",")]
     known = [t for t in wanted if t in mt.MANIFEST_TYPES]
     return ", ".join(dict.fromkeys(known)) if known else mt.ACCEPT_MANIFESTS

@@ -9,27 +9,48 @@ from proxy.oci.digest import Digest
 
 
 class BlobStore(Protocol):
+    """What the pipeline needs of a store. ``caching`` False means: stream only."""
+
+    caching: bool
+
     def path_of(self, digest: Digest) -> Path | None:
         """The file holding verified blob ``digest``, or None on a miss."""
 
-    def open_ingest(self, digest: Digest) -> IngestWriter | None:
-        """Start storing ``digest``; None if this store keeps nothing."""
+    def new_ingest(self, digest: Digest) -> Path:
+        """A fresh path in the ingest area for a download of ``digest``."""
 
+    def commit(self, digest: Digest, ingest_path: Path, size: int) -> Path:
+        """Make a verified, fsynced ingest file visible; returns its final path."""
 
-class IngestWriter(Protocol):
-    def write(self, data: bytes) -> None: ...
+    def pin(self, digest: Digest) -> None:
+        """Protect ``digest`` from eviction while it is read or filled."""
 
-    def commit(self) -> None:
-        """Called only after the digest matched: make the blob visible."""
+    def unpin(self, digest: Digest) -> None:
+        """Undo one ``pin``."""
 
-    def abort(self) -> None: ...
+    def has_room_for(self, size: int | None) -> bool:
+        """Whether a fill of ``size`` bytes may start (disk floor respected)."""
 
 
 class NoStore:
     """Keeps nothing: every blob is streamed from upstream."""
 
+    caching = False
+
     def path_of(self, digest: Digest) -> Path | None:
         return None
 
-    def open_ingest(self, digest: Digest) -> IngestWriter | None:
-        return None
+    def new_ingest(self, digest: Digest) -> Path:
+        raise RuntimeError("NoStore keeps nothing")
+
+    def commit(self, digest: Digest, ingest_path: Path, size: int) -> Path:
+        raise RuntimeError("NoStore keeps nothing")
+
+    def pin(self, digest: Digest) -> None:
+        pass
+
+    def unpin(self, digest: Digest) -> None:
+        pass
+
+    def has_room_for(self, size: int | None) -> bool:
+        return False

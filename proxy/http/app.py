@@ -10,12 +10,13 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.cache.fill import FillReader
 from proxy.config import Config
 from proxy.metrics import Metrics
-from proxy.oci.errors import OCIError, RouteUnknown, Unsupported
+from proxy.oci.errors import OCIError, RouteUnknown, StreamAborted, Unsupported
 from proxy.oci.ranges import parse_range
 from proxy.oci.reference import DistributionPath, Endpoint, parse_distribution_path
-from proxy.pipeline import BlobFile, BlobStream, BlobStreamBroken, Pipeline
+from proxy.pipeline import BlobFile, BlobStream, Pipeline
 from proxy.upstream.router import Route, UpstreamRouter
 
 log = logging.getLogger("pullgate.http")
@@ -52,8 +53,14 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         endpoint = request.get("endpoint", "other")
     except OCIError as error:
         endpoint = request.get("endpoint", "other")
-        log.info("%s %s -> %d %s: %s", request.method, request.path_qs[:200], error.status,
-                 error.code, error.message)
+        log.info(
+            "%s %s -> %d %s: %s",
+            request.method,
+            request.path_qs[:200],
+            error.status,
+            error.code,
+            error.message,
+        )
         response = error_response(error, head=request.method == "HEAD")
     except web.HTTPException:
         raise
@@ -78,9 +85,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     parsed = parse_distribution_path(raw_path)
     request["endpoint"] = parsed.endpoint.value
     if request.method not in READ_METHODS:
-        raise Unsupported(
-            f"{request.method} is not supported: pullgate is a read-only mirror"
-        )
+        raise Unsupported(f"{request.method} is not supported: pullgate is a read-only mirror")
     if len(query) > MAX_QUERY_LENGTH:
         raise RouteUnknown("query string is too long")
     if parsed.endpoint is Endpoint.BASE:
@@ -148,7 +153,9 @@ async def _blob(
     return await _serve_stream(request, blob, headers)
 
 
-def _serve_file(request: web.Request, blob: BlobFile, headers: dict[str, str]) -> web.StreamResponse:
+def _serve_file(
+    request: web.Request, blob: BlobFile, headers: dict[str, str]
+) -> web.StreamResponse:
     # Validate the range here so a bad one gets OCI error JSON, then let FileResponse
     # (sendfile) serve it.
     parse_range(request.headers.get("Range"), blob.size)
@@ -158,7 +165,7 @@ def _serve_file(request: web.Request, blob: BlobFile, headers: dict[str, str]) -
 
 
 async def _serve_stream(
-    request: web.Request, blob: BlobStream, headers: dict[str, str]
+    request: web.Request, blob: BlobStream | FillReader, headers: dict[str, str]
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=206 if blob.byte_range else 200, headers=headers)
     response.content_type = "application/octet-stream"
@@ -170,7 +177,7 @@ async def _serve_stream(
         await response.prepare(request)
         async for piece in blob.chunks():
             await response.write(piece)
-    except BlobStreamBroken:
+    except StreamAborted:
         # The body is incomplete by construction (the tail was held back): cut the
         # connection so the client sees a truncated transfer, never a complete one.
         if request.transport is not None:
@@ -178,8 +185,7 @@ async def _serve_stream(
         return response
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         log.info("client went away during blob %s", blob.digest)
-        blob.close()
-        raise
+        return response
     finally:
         blob.close()
     await response.write_eof()
@@ -190,9 +196,7 @@ async def _tags(
     request: web.Request, parsed: DistributionPath, route: Route, headers: dict[str, str]
 ) -> web.StreamResponse:
     pipeline = request.app[PIPELINE_KEY]
-    query = "&".join(
-        f"{k}={v}" for k, v in request.rel_url.query.items() if k in ("n", "last")
-    )
+    query = "&".join(f"{k}={v}" for k, v in request.rel_url.query.items() if k in ("n", "last"))
     body, link = await pipeline.tags(route, parsed.repository, query)
     headers["Content-Type"] = "application/json"
     if link:
@@ -235,7 +239,7 @@ def build_app(*, config: Config, pipeline: Pipeline, metrics: Metrics) -> web.Ap
         app[ROUTER_KEY] = UpstreamRouter(config=config, session=session, metrics=metrics)
         yield
         await session.close()
-        pipeline.close()
+        await pipeline.close()
 
     app.cleanup_ctx.append(upstream_session)
     app.router.add_route("*", "/{tail:.*}", dispatch)

@@ -36,9 +36,7 @@ class Digest:
         if expected is None:
             raise DigestInvalid(f"unsupported digest algorithm {algorithm!r}")
         if len(encoded) != expected or not _is_lower_hex(encoded):
-            raise DigestInvalid(
-                f"{algorithm} digest must be {expected} lowercase hex characters"
-            )
+            raise DigestInvalid(f"{algorithm} digest must be {expected} lowercase hex characters")
         return cls(algorithm, encoded)
 
     @classmethod

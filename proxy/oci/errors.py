@@ -164,5 +164,14 @@ def status_for(cls: type[OCIError]) -> int:
     """The HTTP status bound to an error class (nearest listed ancestor)."""
     for klass in cls.__mro__:
         if klass in ERROR_TABLE:
-            return ERROR_TABLE[klass]  # type: ignore[index]
+            return ERROR_TABLE[klass]
     return 500
+
+
+class StreamAborted(Exception):
+    """A blob transfer that must be cut after headers went out.
+
+    Raised when bytes turn out wrong (digest mismatch) or incomplete (upstream
+    truncation) mid-stream. The front end aborts the connection, so the client never
+    receives a complete body; nothing is cached.
+    """

@@ -14,9 +14,7 @@ MANIFEST_TYPES = IMAGE_MANIFESTS | INDEXES
 
 # What pullgate asks upstreams for. Schema 1 is refused: it has no content digest
 # that a signature could bind to.
-ACCEPT_MANIFESTS = ", ".join(
-    [OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST]
-)
+ACCEPT_MANIFESTS = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST])
 
 COSIGN_SIMPLESIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGSTORE_BUNDLE_V03 = "application/vnd.dev.sigstore.bundle.v0.3+json"

@@ -38,15 +38,21 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
         raise RangeInvalid("multiple byte ranges are not supported; ask for one range")
     match = _RANGE_RE.match(text)
     if match is None:
-        raise RangeInvalid(f"malformed Range header {header[:80]!r}; expected bytes=N- or bytes=a-b")
+        raise RangeInvalid(
+            f"malformed Range header {header[:80]!r}; expected bytes=N- or bytes=a-b"
+        )
     first, last = match.group(1), match.group(2)
     if first == "" and last == "":
         raise RangeInvalid("Range header bytes=- names no bytes")
     if first == "":
         suffix = int(last)
         if suffix == 0:
-            raise RangeNotSatisfiable(f"suffix range of 0 bytes of a {size}-byte blob", detail={"size": size})
-        return ByteRange(max(0, size - suffix), size - 1) if size > 0 else _unsatisfiable(header, size)
+            raise RangeNotSatisfiable(
+                f"suffix range of 0 bytes of a {size}-byte blob", detail={"size": size}
+            )
+        return (
+            ByteRange(max(0, size - suffix), size - 1) if size > 0 else _unsatisfiable(header, size)
+        )
     start = int(first)
     end = size - 1 if last == "" else min(int(last), size - 1)
     if last != "" and int(last) < start:

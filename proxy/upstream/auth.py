@@ -117,8 +117,8 @@ def _entry_credentials(entry: dict[str, object]) -> Credentials | None:
             decoded = base64.b64decode(auth, validate=True).decode()
         except (ValueError, UnicodeDecodeError):
             return None
-        user, sep, password = decoded.partition(":")
-        return Credentials(user, password) if sep else None
+        name, sep, secret = decoded.partition(":")
+        return Credentials(name, secret) if sep else None
     user, password = entry.get("username"), entry.get("password")
     if isinstance(user, str) and isinstance(password, str):
         return Credentials(user, password)

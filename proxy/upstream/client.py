@@ -91,11 +91,11 @@ class UpstreamResponse:
             raise map_client_error(exc, f"reading {what}") from exc
         return b"".join(chunks)
 
-    async def iter_body(self, chunk_size: int) -> AsyncIterator[bytes]:
-        """Yield the body in pieces of at most ``chunk_size`` bytes as they arrive."""
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """Yield the body as it arrives, in the pieces the socket delivered (no joins)."""
         content = self._response.content
         while True:
-            chunk = await content.read(chunk_size)
+            chunk = await content.readany()
             if not chunk:
                 return
             yield chunk
@@ -187,16 +187,20 @@ class UpstreamClient:
                 response.release()
                 if status in RETRYABLE_STATUSES:
                     last_error = _status_error(status, body, self.name)
-                    delay = _retry_after(response.headers.get("Retry-After"))
-                    if delay is None:
-                        delay = self._backoff(attempt)
+                    retry_after = _retry_after(response.headers.get("Retry-After"))
+                    delay = self._backoff(attempt) if retry_after is None else retry_after
                     self._metrics.upstream_retries.labels(self.name, str(status)).inc()
                 else:
                     raise _status_error(status, body, self.name)
             if attempt < attempts:
                 log.info(
                     "retrying %s %s on %s in %.2fs (attempt %d/%d): %s",
-                    method, path, self.name, delay, attempt + 1, attempts,
+                    method,
+                    path,
+                    self.name,
+                    delay,
+                    attempt + 1,
+                    attempts,
                     last_error.message if last_error else "",
                 )
                 await asyncio.sleep(delay)
@@ -204,7 +208,7 @@ class UpstreamClient:
         raise last_error
 
     def _backoff(self, attempt: int) -> float:
-        base = min(self._retries.max_backoff, self._retries.backoff * (2 ** (attempt - 1)))
+        base: float = min(self._retries.max_backoff, self._retries.backoff * 2.0 ** (attempt - 1))
         return base * (0.5 + random.random() / 2)
 
     async def _send_authorized(
@@ -224,8 +228,10 @@ class UpstreamClient:
         response = await self._send(method, self.url(path), headers, auth)
         if response.status == 401:
             response.release()
-            who = "the node credentials were refused" if self._credentials else (
-                f"no node credentials are configured for {self.name}"
+            who = (
+                "the node credentials were refused"
+                if self._credentials
+                else (f"no node credentials are configured for {self.name}")
             )
             raise Unauthorized(f"upstream {self.name} requires authentication: {who}")
         return response
@@ -242,8 +248,12 @@ class UpstreamClient:
                 send_headers["Authorization"] = auth
             try:
                 response = await self._session.request(
-                    method, url, headers=send_headers, allow_redirects=False,
-                    timeout=self._timeout, ssl=self._ssl,
+                    method,
+                    url,
+                    headers=send_headers,
+                    allow_redirects=False,
+                    timeout=self._timeout,
+                    ssl=self._ssl,
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise map_client_error(exc, f"requesting {method} {urlsplit(url).path}") from exc
@@ -287,7 +297,9 @@ class UpstreamClient:
     async def _fetch_token(self, challenge: Challenge, scope: str) -> _Token:
         realm = challenge.realm
         if not realm or not realm_is_fetchable(realm):
-            raise Unauthorized(f"upstream {self.name} sent a bearer challenge without a usable realm")
+            raise Unauthorized(
+                f"upstream {self.name} sent a bearer challenge without a usable realm"
+            )
         query = {"service": challenge.params.get("service", "")}
         query["scope"] = challenge.params.get("scope") or scope
         headers: dict[str, str] = {}
@@ -298,7 +310,8 @@ class UpstreamClient:
                 log.warning(
                     "token realm %s is outside the trust boundary of upstream %s; "
                     "requesting an anonymous token instead of sending node credentials",
-                    realm, self.name,
+                    realm,
+                    self.name,
                 )
         url = realm + ("&" if "?" in realm else "?") + urlencode(query)
         try:
@@ -316,7 +329,9 @@ class UpstreamClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise map_client_error(exc, "fetching a token") from exc
         if body is None:
-            raise UpstreamError(f"token response from {self.name} is over {MAX_TOKEN_RESPONSE} bytes")
+            raise UpstreamError(
+                f"token response from {self.name} is over {MAX_TOKEN_RESPONSE} bytes"
+            )
         try:
             doc = json.loads(body)
             token = doc.get("token") or doc.get("access_token")

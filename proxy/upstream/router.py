@@ -36,7 +36,8 @@ class UpstreamRouter:
             self._credentials = load_docker_config(config.docker_config)
             log.info(
                 "node credentials loaded for %d registries from %s",
-                len(self._credentials), config.docker_config,
+                len(self._credentials),
+                config.docker_config,
             )
         self._clients: dict[str, UpstreamClient] = {}
 
@@ -46,7 +47,9 @@ class UpstreamRouter:
                 raise RegistryUnknown(
                     "request has no ns= parameter and no default upstream is configured"
                 )
-            return Route(self._config.default_upstream, self._client(self._config.default_upstream), False)
+            return Route(
+                self._config.default_upstream, self._client(self._config.default_upstream), False
+            )
         registry = validate_registry(ns)
         if registry in DOCKER_HUB_ALIASES:
             registry = DOCKER_HUB

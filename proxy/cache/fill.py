@@ -1,0 +1,325 @@
+"""Single-flight fills: one upstream fetch per digest, shared by every reader.
+
+A ``Fill`` downloads a blob into the store's ingest area while hashing it, in a task
+of its own. Every request for that digest (the first one included) is a
+``FillReader`` tailing the growing ingest file; readers send everything but their
+last piece at once, and the last piece only after the fill committed (digest matched,
+fsynced, renamed). A failed fill fails every reader, and their connections are cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
+from pathlib import Path
+
+from proxy.cache import BlobStore
+from proxy.metrics import Metrics
+from proxy.oci.digest import Digest
+from proxy.oci.errors import OCIError, StreamAborted
+from proxy.oci.ranges import ByteRange
+from proxy.upstream.client import UpstreamResponse, map_client_error
+
+log = logging.getLogger("pullgate.fill")
+
+WRITE_BATCH = 2 * 1024 * 1024
+READ_CHUNK = 4 * 1024 * 1024
+DISK_FULL_BACKOFF = 60.0
+
+
+class FillFailed(StreamAborted):
+    """A fill that did not produce a verified blob; readers must cut their clients."""
+
+
+class Fill:
+    def __init__(
+        self,
+        *,
+        digest: Digest,
+        registry: str,
+        store: BlobStore,
+        pool: Executor,
+        metrics: Metrics,
+    ) -> None:
+        self.digest = digest
+        self.registry = registry
+        self._store = store
+        self._pool = pool
+        self._metrics = metrics
+        self.path: Path = store.new_ingest(digest)
+        self.final_path: Path | None = None
+        self.size: int | None = None
+        self.written = 0
+        self.state = "starting"  # starting -> running -> committed | failed
+        self.error: str | None = None
+        self.open_error: OCIError | None = None
+        self.disk_full = False
+        self.readers = 0
+        self.task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("committed", "failed")
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    async def wait_change(self) -> None:
+        await self._changed.wait()
+
+    async def wait_started(self) -> None:
+        while self.state == "starting":
+            await self.wait_change()
+
+    async def run(self, open_response: Callable[[], Awaitable[UpstreamResponse]]) -> None:
+        try:
+            response = await open_response()
+        except OCIError as exc:
+            self.open_error = exc
+            self._fail(exc.message, count=False)
+            return
+        except Exception as exc:  # never leave readers waiting on a dead fill
+            self.open_error = map_client_error(exc, f"opening blob {self.digest}")
+            self._fail(self.open_error.message, count=False)
+            return
+        self.size = response.content_length
+        self._store.pin(self.digest)
+        fd = -1
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self.state = "running"
+            self._notify()
+            await self._download(response, fd)
+        except asyncio.CancelledError:
+            self._fail("fill cancelled: every reader went away", count=False)
+            raise
+        except FillFailed as exc:
+            self._fail(str(exc), count=False)
+        except OSError as exc:
+            self.disk_full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            self._fail(f"cache write failed: {exc.strerror}", count=False)
+        except Exception as exc:
+            mapped = map_client_error(exc, f"streaming blob {self.digest}")
+            self._metrics.upstream_truncated.labels(self.registry).inc()
+            self._fail(mapped.message, count=False)
+        finally:
+            response.close()
+            if fd >= 0:
+                os.close(fd)
+            if self.state != "committed":
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+            self._store.unpin(self.digest)
+
+    async def _download(self, response: UpstreamResponse, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        hasher = self.digest.hasher()
+        batch: list[bytes] = []
+        batch_bytes = 0
+        received = 0
+        pending: asyncio.Future[int] | None = None
+        async for chunk in response.iter_body():
+            received += len(chunk)
+            if self.size is not None and received > self.size:
+                self._metrics.upstream_truncated.labels(self.registry).inc()
+                raise FillFailed("upstream sent more bytes than announced")
+            batch.append(chunk)
+            batch_bytes += len(chunk)
+            if batch_bytes >= WRITE_BATCH:
+                if pending is not None:
+                    self.written += await pending
+                    self._notify()
+                pending = loop.run_in_executor(self._pool, _write_and_hash, fd, hasher, batch)
+                batch, batch_bytes = [], 0
+        if pending is not None:
+            self.written += await pending
+        self.written += await loop.run_in_executor(self._pool, _write_and_hash, fd, hasher, batch)
+        self._metrics.upstream_bytes.labels(self.registry).inc(received)
+        if self.size is not None and received != self.size:
+            self._metrics.upstream_truncated.labels(self.registry).inc()
+            raise FillFailed(f"upstream body ended after {received} of {self.size} bytes")
+        actual = hasher.hexdigest()
+        if actual != self.digest.hex:
+            self._metrics.digest_mismatch.labels(self.registry).inc()
+            raise FillFailed(f"upstream bytes hash to {self.digest.algorithm}:{actual}")
+        await loop.run_in_executor(self._pool, os.fsync, fd)
+        self.final_path = self._store.commit(self.digest, self.path, received)
+        self.size = received
+        self.state = "committed"
+        self._notify()
+
+    def _fail(self, reason: str, *, count: bool) -> None:
+        self.state = "failed"
+        self.error = reason
+        if self.open_error is None:
+            log.error(
+                "fill of blob %s from %s failed: %s; every reader's connection is cut",
+                self.digest,
+                self.registry,
+                reason,
+            )
+        self._notify()
+
+
+def _write_and_hash(fd: int, hasher: hashlib._Hash, batch: list[bytes]) -> int:
+    total = 0
+    for chunk in batch:
+        hasher.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        total += len(chunk)
+    return total
+
+
+class FillTable:
+    """The in-flight fills of one app: one per digest, owned by the pipeline."""
+
+    def __init__(
+        self,
+        *,
+        store: BlobStore,
+        pool: Executor,
+        metrics: Metrics,
+        complete_on_disconnect: bool,
+    ) -> None:
+        self._store = store
+        self._pool = pool
+        self._metrics = metrics
+        self.complete_on_disconnect = complete_on_disconnect
+        self._fills: dict[Digest, Fill] = {}
+        self._disk_full_until = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def degraded(self) -> bool:
+        """True for a while after the disk filled up: serve uncached meanwhile."""
+        return time.monotonic() < self._disk_full_until
+
+    def __len__(self) -> int:
+        return len(self._fills)
+
+    def get_or_start(
+        self,
+        digest: Digest,
+        registry: str,
+        open_response: Callable[[], Awaitable[UpstreamResponse]],
+    ) -> Fill:
+        fill = self._fills.get(digest)
+        if fill is not None and not fill.done:
+            return fill
+        fill = Fill(
+            digest=digest,
+            registry=registry,
+            store=self._store,
+            pool=self._pool,
+            metrics=self._metrics,
+        )
+        self._fills[digest] = fill
+        task = asyncio.get_running_loop().create_task(self._run(fill, open_response))
+        fill.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fill
+
+    async def _run(
+        self, fill: Fill, open_response: Callable[[], Awaitable[UpstreamResponse]]
+    ) -> None:
+        try:
+            await fill.run(open_response)
+        finally:
+            if fill.disk_full:
+                self._disk_full_until = time.monotonic() + DISK_FULL_BACKOFF
+                log.error("cache disk is full; serving uncached for %.0fs", DISK_FULL_BACKOFF)
+            if self._fills.get(fill.digest) is fill:
+                del self._fills[fill.digest]
+
+    def reader_left(self, fill: Fill) -> None:
+        fill.readers -= 1
+        abandoned = fill.readers <= 0 and not fill.done and not self.complete_on_disconnect
+        if abandoned and fill.task is not None:
+            fill.task.cancel()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+
+class FillReader:
+    """One client's view of a fill: tails the ingest file, holds back its tail."""
+
+    def __init__(
+        self, *, fill: Fill, table: FillTable, byte_range: ByteRange | None, pool: Executor
+    ) -> None:
+        self.fill = fill
+        self.digest = fill.digest
+        self._table = table
+        self.byte_range = byte_range
+        self._pool = pool
+        self.size = fill.size
+        fill.readers += 1
+        self._closed = False
+
+    @property
+    def content_length(self) -> int | None:
+        if self.byte_range is not None:
+            return self.byte_range.length
+        return self.size
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        fill = self.fill
+        loop = asyncio.get_running_loop()
+        offset = self.byte_range.start if self.byte_range else 0
+        stop = (self.byte_range.end + 1) if self.byte_range else self.size  # exclusive
+        path = fill.final_path if fill.state == "committed" else fill.path
+        assert path is not None
+        fd = os.open(path, os.O_RDONLY)
+        held: bytes | None = None
+        try:
+            while stop is None or offset < stop:
+                available = fill.written if stop is None else min(fill.written, stop)
+                if available > offset:
+                    count = min(available - offset, READ_CHUNK)
+                    data = await loop.run_in_executor(self._pool, os.pread, fd, count, offset)
+                    if not data:
+                        raise FillFailed(f"ingest file of {self.digest} shrank")
+                    offset += len(data)
+                    if held is not None:
+                        yield held
+                    held = data
+                    continue
+                if fill.state == "failed":
+                    raise FillFailed(fill.error or "fill failed")
+                if fill.state == "committed":
+                    break
+                await fill.wait_change()
+            while not fill.done:
+                await fill.wait_change()
+            if fill.state != "committed":
+                raise FillFailed(fill.error or "fill failed")
+            if held is not None:
+                yield held
+            self._table._metrics.bytes_served.labels("fill").inc(
+                self.content_length or fill.size or 0
+            )
+        finally:
+            os.close(fd)
+            self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._table.reader_left(self.fill)
