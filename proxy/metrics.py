@@ -59,6 +59,22 @@ class Metrics:
         self.streams_active = Gauge(
             "pullgate_blob_streams_active", "Blob streams in progress", registry=r
         )
+        self.scrubbed = Counter(
+            "pullgate_cache_scrubbed_blobs", "Stored blobs re-hashed by the scrub", registry=r
+        )
+        self.scrub_corrupt = Counter(
+            "pullgate_cache_corrupt_blobs",
+            "Stored blobs found corrupt and quarantined",
+            registry=r,
+        )
+        self.cache_bytes = Gauge("pullgate_cache_bytes", "Bytes in the blob cache", registry=r)
+        self.cache_blobs = Gauge("pullgate_cache_blobs", "Blobs in the blob cache", registry=r)
+        self.cache_evicted = Gauge(
+            "pullgate_cache_evicted_blobs", "Blobs evicted since start", registry=r
+        )
+        self.fills_active = Gauge(
+            "pullgate_cache_fills_active", "Upstream fills in progress", registry=r
+        )
         self.policy_reload_failures = Counter(
             "pullgate_policy_reload_failures", "Policy files refused on reload", registry=r
         )

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.cache import BlobStore
+from proxy.cache import BlobSink, BlobStore
 from proxy.cache.fill import FillReader, FillTable
 from proxy.gate import Gate, RepoKey, Verdict
 from proxy.metrics import Metrics
@@ -89,10 +89,14 @@ class BlobStream:
             return self.byte_range.length
         return self.size
 
-    async def chunks(self) -> AsyncIterator[bytes | memoryview]:
-        """Yield the (ranged) body. The last piece is yielded only once the whole
+    async def send_to(self, sink: BlobSink) -> None:
+        """Send the (ranged) body. The last piece goes out only once the whole
         blob hashed to its digest; on mismatch or truncation ``StreamAborted``
         is raised instead, and the caller must abort the client connection."""
+        async for piece in self._chunks():
+            await sink.write(piece)
+
+    async def _chunks(self) -> AsyncIterator[bytes | memoryview]:
         metrics = self._pipeline.metrics
         loop = asyncio.get_running_loop()
         pool = self._pipeline.hash_pool

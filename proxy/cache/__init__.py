@@ -32,6 +32,16 @@ class BlobStore(Protocol):
         """Whether a fill of ``size`` bytes may start (disk floor respected)."""
 
 
+class BlobSink(Protocol):
+    """Where a blob body goes: the client connection."""
+
+    async def write(self, data: bytes | memoryview) -> None:
+        """Send bytes held in memory."""
+
+    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+        """Send ``count`` bytes of file ``fd`` from ``offset`` (zero-copy)."""
+
+
 class NoStore:
     """Keeps nothing: every blob is streamed from upstream."""
 

@@ -116,6 +116,12 @@ class DiskBlobStore:
         self._index.move_to_end(digest.hex)
         return self.blob_dir / digest.hex
 
+    def path_of_quiet(self, digest: Digest) -> Path | None:
+        """Like ``path_of`` but without counting as a use (for the scrub)."""
+        if digest.algorithm != "sha256" or digest.hex not in self._index:
+            return None
+        return self.blob_dir / digest.hex
+
     # -- fills ---------------------------------------------------------------------
 
     def new_ingest(self, digest: Digest) -> Path:

@@ -16,11 +16,11 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
-from proxy.cache import BlobStore
+from proxy.cache import BlobSink, BlobStore
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import OCIError, StreamAborted
@@ -30,7 +30,8 @@ from proxy.upstream.client import UpstreamResponse, map_client_error
 log = logging.getLogger("pullgate.fill")
 
 WRITE_BATCH = 2 * 1024 * 1024
-READ_CHUNK = 4 * 1024 * 1024
+# Readers keep this many final bytes back until the fill's digest matched.
+HOLD_BACK = 64 * 1024
 DISK_FULL_BACKOFF = 60.0
 
 
@@ -122,10 +123,13 @@ class Fill:
 
     async def _download(self, response: UpstreamResponse, fd: int) -> None:
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         hasher = self.digest.hasher()
         batch: list[bytes] = []
         batch_bytes = 0
         received = 0
+        # Hashing and writing run in two worker threads at once, a batch at a time,
+        # while the loop keeps receiving: at most one batch is in flight.
         pending: asyncio.Future[int] | None = None
         async for chunk in response.iter_body():
             received += len(chunk)
@@ -138,11 +142,11 @@ class Fill:
                 if pending is not None:
                     self.written += await pending
                     self._notify()
-                pending = loop.run_in_executor(self._pool, _write_and_hash, fd, hasher, batch)
+                pending = self._write_and_hash(fd, hasher, batch)
                 batch, batch_bytes = [], 0
         if pending is not None:
             self.written += await pending
-        self.written += await loop.run_in_executor(self._pool, _write_and_hash, fd, hasher, batch)
+        self.written += await self._write_and_hash(fd, hasher, batch)
         self._metrics.upstream_bytes.labels(self.registry).inc(received)
         if self.size is not None and received != self.size:
             self._metrics.upstream_truncated.labels(self.registry).inc()
@@ -156,6 +160,33 @@ class Fill:
         self.size = received
         self.state = "committed"
         self._notify()
+        elapsed = time.perf_counter() - started
+        log.info(
+            "cached blob %s: %d bytes in %.2fs (%.0f MB/s)",
+            self.digest,
+            received,
+            elapsed,
+            received / max(elapsed, 1e-9) / 1e6,
+        )
+
+    def _write_and_hash(
+        self, fd: int, hasher: hashlib._Hash, batch: list[bytes]
+    ) -> asyncio.Future[int]:
+        loop = asyncio.get_running_loop()
+        hashed = loop.run_in_executor(self._pool, _hash_batch, hasher, batch)
+        written = loop.run_in_executor(self._pool, _write_batch, fd, batch)
+
+        async def both() -> int:
+            # Await both even if one fails, so no worker still uses fd or hasher.
+            results = await asyncio.gather(hashed, written, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            count = results[1]
+            assert isinstance(count, int)
+            return count
+
+        return asyncio.ensure_future(both())
 
     def _fail(self, reason: str, *, count: bool) -> None:
         self.state = "failed"
@@ -170,10 +201,14 @@ class Fill:
         self._notify()
 
 
-def _write_and_hash(fd: int, hasher: hashlib._Hash, batch: list[bytes]) -> int:
-    total = 0
+def _hash_batch(hasher: hashlib._Hash, batch: list[bytes]) -> None:
     for chunk in batch:
         hasher.update(chunk)
+
+
+def _write_batch(fd: int, batch: list[bytes]) -> int:
+    total = 0
+    for chunk in batch:
         view = memoryview(chunk)
         while view:
             written = os.write(fd, view)
@@ -279,39 +314,35 @@ class FillReader:
             return self.byte_range.length
         return self.size
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def send_to(self, sink: BlobSink) -> None:
+        """Send the (ranged) body as the fill writes it, zero-copy from the ingest
+        file; the last ``HOLD_BACK`` bytes go out only after the fill committed."""
         fill = self.fill
-        loop = asyncio.get_running_loop()
         offset = self.byte_range.start if self.byte_range else 0
         stop = (self.byte_range.end + 1) if self.byte_range else self.size  # exclusive
         path = fill.final_path if fill.state == "committed" else fill.path
         assert path is not None
         fd = os.open(path, os.O_RDONLY)
-        held: bytes | None = None
         try:
-            while stop is None or offset < stop:
-                available = fill.written if stop is None else min(fill.written, stop)
-                if available > offset:
-                    count = min(available - offset, READ_CHUNK)
-                    data = await loop.run_in_executor(self._pool, os.pread, fd, count, offset)
-                    if not data:
-                        raise FillFailed(f"ingest file of {self.digest} shrank")
-                    offset += len(data)
-                    if held is not None:
-                        yield held
-                    held = data
-                    continue
+            while True:
                 if fill.state == "failed":
                     raise FillFailed(fill.error or "fill failed")
-                if fill.state == "committed":
+                committed = fill.state == "committed"
+                end = stop if stop is not None else (fill.size if committed else None)
+                if committed:
+                    assert end is not None
+                    safe = end
+                else:
+                    limit = fill.written if end is None else min(fill.written, end)
+                    tail_start = (fill.written if end is None else end) - HOLD_BACK
+                    safe = min(limit, tail_start)
+                if safe > offset:
+                    await sink.sendfile(fd, offset, safe - offset)
+                    offset = safe
+                    continue
+                if committed:
                     break
                 await fill.wait_change()
-            while not fill.done:
-                await fill.wait_change()
-            if fill.state != "committed":
-                raise FillFailed(fill.error or "fill failed")
-            if held is not None:
-                yield held
             self._table._metrics.bytes_served.labels("fill").inc(
                 self.content_length or fill.size or 0
             )

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.cache.disk import DiskBlobStore
 from proxy.cache.fill import FillReader
+from proxy.cache.scrub import scrub_forever
 from proxy.config import Config
+from proxy.http.sendfile import sendfile
 from proxy.metrics import Metrics
 from proxy.oci.errors import OCIError, RouteUnknown, StreamAborted, Unsupported
-from proxy.oci.ranges import parse_range
+from proxy.oci.ranges import ByteRange, parse_range
 from proxy.oci.reference import DistributionPath, Endpoint, parse_distribution_path
 from proxy.pipeline import BlobFile, BlobStream, Pipeline
 from proxy.upstream.router import Route, UpstreamRouter
@@ -110,6 +117,13 @@ async def _admin(request: web.Request, path: str) -> web.StreamResponse:
     if path == "/healthz":
         return web.Response(text="ok\n")
     metrics = request.app[METRICS_KEY]
+    pipeline = request.app[PIPELINE_KEY]
+    store = pipeline.store
+    if isinstance(store, DiskBlobStore):
+        metrics.cache_bytes.set(store.total_bytes)
+        metrics.cache_blobs.set(len(store))
+        metrics.cache_evicted.set(store.evicted)
+    metrics.fills_active.set(len(pipeline.fills))
     body = generate_latest(metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -148,48 +162,85 @@ async def _blob(
     blob = await pipeline.open_blob(
         route, parsed.repository, parsed.digest, range_header=request.headers.get("Range")
     )
+    return await _send_body(request, blob, headers, pipeline)
+
+
+class _ResponseSink:
+    """``BlobSink`` over a prepared aiohttp response."""
+
+    def __init__(self, request: web.Request, response: web.StreamResponse, pool: Executor):
+        self._request = request
+        self._response = response
+        self._pool = pool
+
+    async def write(self, data: bytes | memoryview) -> None:
+        await self._response.write(data)
+
+    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+        await sendfile(self._request, fd, offset, count, pool=self._pool)
+
+
+async def _send_body(
+    request: web.Request,
+    blob: BlobStream | FillReader | BlobFile,
+    headers: dict[str, str],
+    pipeline: Pipeline,
+) -> web.StreamResponse:
+    """Send a blob body; cut the connection if it turns out wrong or incomplete."""
     if isinstance(blob, BlobFile):
-        return _serve_file(request, blob, headers)
-    return await _serve_stream(request, blob, headers)
-
-
-def _serve_file(
-    request: web.Request, blob: BlobFile, headers: dict[str, str]
-) -> web.StreamResponse:
-    # Validate the range here so a bad one gets OCI error JSON, then let FileResponse
-    # (sendfile) serve it.
-    parse_range(request.headers.get("Range"), blob.size)
-    request.app[METRICS_KEY].bytes_served.labels("cache").inc(blob.size)
-    headers["Content-Type"] = "application/octet-stream"
-    return web.FileResponse(blob.path, headers=headers)
-
-
-async def _serve_stream(
-    request: web.Request, blob: BlobStream | FillReader, headers: dict[str, str]
-) -> web.StreamResponse:
-    response = web.StreamResponse(status=206 if blob.byte_range else 200, headers=headers)
+        byte_range = parse_range(request.headers.get("Range"), blob.size)
+        size: int | None = blob.size
+        length: int | None = byte_range.length if byte_range else blob.size
+    else:
+        byte_range, size, length = blob.byte_range, blob.size, blob.content_length
+    response = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
     response.content_type = "application/octet-stream"
-    if blob.byte_range is not None and blob.size is not None:
-        response.headers["Content-Range"] = blob.byte_range.content_range(blob.size)
-    if blob.content_length is not None:
-        response.content_length = blob.content_length
+    if byte_range is not None and size is not None:
+        response.headers["Content-Range"] = byte_range.content_range(size)
+    if length is not None:
+        response.content_length = length
+    sink = _ResponseSink(request, response, pipeline.hash_pool)
     try:
         await response.prepare(request)
-        async for piece in blob.chunks():
-            await response.write(piece)
+        if isinstance(blob, BlobFile):
+            await _send_file(blob, sink, byte_range, pipeline)
+        else:
+            await blob.send_to(sink)
     except StreamAborted:
         # The body is incomplete by construction (the tail was held back): cut the
         # connection so the client sees a truncated transfer, never a complete one.
         if request.transport is not None:
             request.transport.abort()
         return response
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        log.info("client went away during blob %s", blob.digest)
+    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+        log.info("client went away during blob %s: %s", blob.digest, exc)
+        if request.transport is not None:
+            request.transport.abort()
         return response
     finally:
-        blob.close()
+        if not isinstance(blob, BlobFile):
+            blob.close()
     await response.write_eof()
     return response
+
+
+async def _send_file(
+    blob: BlobFile, sink: _ResponseSink, byte_range: ByteRange | None, pipeline: Pipeline
+) -> None:
+    pipeline.store.pin(blob.digest)
+    try:
+        fd = os.open(blob.path, os.O_RDONLY)
+    except FileNotFoundError:
+        pipeline.store.unpin(blob.digest)
+        raise StreamAborted(f"cached blob {blob.digest} vanished") from None
+    try:
+        start = byte_range.start if byte_range else 0
+        count = byte_range.length if byte_range else blob.size
+        await sink.sendfile(fd, start, count)
+        pipeline.metrics.bytes_served.labels("cache").inc(count)
+    finally:
+        os.close(fd)
+        pipeline.store.unpin(blob.digest)
 
 
 async def _tags(
@@ -242,5 +293,27 @@ def build_app(*, config: Config, pipeline: Pipeline, metrics: Metrics) -> web.Ap
         await pipeline.close()
 
     app.cleanup_ctx.append(upstream_session)
+
+    store = pipeline.store
+    if isinstance(store, DiskBlobStore) and config.cache.scrub_bytes_per_second > 0:
+        scrub_rate = config.cache.scrub_bytes_per_second
+        scrub_interval = config.cache.scrub_interval_seconds
+
+        async def background_scrub(app: web.Application) -> AsyncIterator[None]:
+            task = asyncio.create_task(
+                scrub_forever(
+                    store,
+                    metrics=metrics,
+                    pool=pipeline.hash_pool,
+                    bytes_per_second=scrub_rate,
+                    interval=scrub_interval,
+                )
+            )
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        app.cleanup_ctx.append(background_scrub)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
