@@ -25,6 +25,7 @@ from proxy.config import (
     validate,
 )
 from proxy.gate import AllowAllGate, Gate
+from proxy.http.admin import build_admin_app
 from proxy.http.app import build_app
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(serve)
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to serve on")
     serve.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT|off",
+        help="admin listener for prefetch and metrics (default 127.0.0.1:5051)",
+    )
+    serve.add_argument(
         "--cache-dir",
         type=Path,
         metavar="DIR",
@@ -54,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="finish cache fills even when every client went away",
     )
+    warm = sub.add_parser("prefetch", help="warm a running pullgate's cache for references")
+    warm.add_argument("references", nargs="+", metavar="REF", help="registry/repo:tag or @digest")
+    warm.add_argument(
+        "--admin",
+        default="http://127.0.0.1:5051",
+        metavar="URL",
+        help="the node pullgate's admin endpoint (default http://127.0.0.1:5051)",
+    )
+    warm.add_argument("--timeout", type=float, default=3600.0, help="give up after SECONDS")
     return parser
 
 
@@ -96,6 +111,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
         config = replace(config, docker_config=args.docker_config)
     if args.policy:
         config = replace(config, policy=args.policy)
+    admin = getattr(args, "admin_listen", None)
+    if admin:
+        config = replace(config, admin_listen=None if admin == "off" else parse_listen(admin))
     cache = config.cache
     if getattr(args, "cache_dir", None):
         cache = replace(cache, dir=args.cache_dir)
@@ -158,18 +176,31 @@ def serve(config: Config) -> int:
 async def _serve_forever(app: web.Application, config: Config) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=True)
     await runner.setup()
-    site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=1024)
-    await site.start()
-    print(f"pullgate: serving on http://{config.listen_host}:{config.listen_port}", flush=True)
+    admin_runner: web.AppRunner | None = None
     try:
+        site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=1024)
+        await site.start()
+        if config.admin_listen is not None:
+            admin_runner = web.AppRunner(build_admin_app(app), access_log=None)
+            await admin_runner.setup()
+            host, port = config.admin_listen
+            await web.TCPSite(admin_runner, host, port).start()
+            log.info("admin endpoints (prefetch, metrics) on http://%s:%d", host, port)
+        print(f"pullgate: serving on http://{config.listen_host}:{config.listen_port}", flush=True)
         await asyncio.Event().wait()
     finally:
+        if admin_runner is not None:
+            await admin_runner.cleanup()
         await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "prefetch":
+        from proxy.prefetch_cli import run_prefetch
+
+        return run_prefetch(args.admin, args.references, timeout=args.timeout)
     try:
         config = resolve_config(args)
     except ConfigError as exc:

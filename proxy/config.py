@@ -61,6 +61,8 @@ class CacheConfig:
 class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = 5050
+    # The admin listener (prefetch, metrics); None disables it.
+    admin_listen: tuple[str, int] | None = ("127.0.0.1", 5051)
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     default_upstream: str | None = None
     # What to do with ns= registries that have no upstream entry:
@@ -145,6 +147,7 @@ def load_config_file(path: Path, base: Config = DEFAULT_CONFIG) -> Config:
         "policy",
         "logLevel",
         "cache",
+        "adminListen",
     }
     unknown = set(doc) - known
     if unknown:
@@ -154,6 +157,10 @@ def load_config_file(path: Path, base: Config = DEFAULT_CONFIG) -> Config:
     if "listen" in doc:
         host, port = parse_listen(str(doc["listen"]))
         config = replace(config, listen_host=host, listen_port=port)
+    if "adminListen" in doc:
+        raw_admin = doc["adminListen"]
+        admin = None if raw_admin in (None, "", "off") else parse_listen(str(raw_admin))
+        config = replace(config, admin_listen=admin)
     if "upstreams" in doc:
         raw = doc["upstreams"]
         if not isinstance(raw, dict):

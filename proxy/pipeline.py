@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.cache import BlobSink, BlobStore
-from proxy.cache.fill import FillReader, FillTable
+from proxy.cache.fill import Fill, FillReader, FillTable
 from proxy.gate import Gate, RepoKey, Verdict
 from proxy.metrics import Metrics
 from proxy.oci import mediatypes as mt
@@ -388,6 +388,20 @@ class Pipeline:
             response.close()
             raise BlobUnknown(f"blob {digest} not found in {route.registry}/{repository}")
         return response
+
+    async def start_fill(self, route: Route, repository: str, digest: Digest) -> Fill:
+        """Start (or join) a fill of an allowed blob, holding it as one reader.
+
+        The caller must call ``self.fills.reader_left(fill)`` when done waiting.
+        """
+        self.check_blob_allowed(route, repository, digest)
+
+        async def open_response() -> UpstreamResponse:
+            return await self._open_upstream_blob(route, repository, digest)
+
+        fill = self.fills.get_or_start(digest, route.registry, open_response)
+        fill.readers += 1
+        return fill
 
     async def _join_fill(
         self, route: Route, repository: str, digest: Digest, range_header: str | None

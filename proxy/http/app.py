@@ -116,6 +116,11 @@ async def _admin(request: web.Request, path: str) -> web.StreamResponse:
     request["endpoint"] = path.strip("/")
     if path == "/healthz":
         return web.Response(text="ok\n")
+    return await metrics_handler(request)
+
+
+async def metrics_handler(request: web.Request) -> web.StreamResponse:
+    """Prometheus text exposition of this node's metrics."""
     metrics = request.app[METRICS_KEY]
     pipeline = request.app[PIPELINE_KEY]
     store = pipeline.store

@@ -1,0 +1,120 @@
+"""Prefetch: warm the node cache for a reference, through the same verification.
+
+GPU nodes pay for every minute a pod waits on a registry. ``prefetch`` resolves and
+verifies the manifest (every child of an index), then fills each referenced blob
+into the cache exactly as a pull would, reporting progress as it goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from proxy.cache.fill import Fill
+from proxy.oci.digest import Digest
+from proxy.oci.errors import OCIError, Unsupported
+from proxy.oci.manifest import Manifest
+from proxy.oci.reference import ImageReference, ManifestRef
+from proxy.pipeline import Pipeline
+from proxy.upstream.router import UpstreamRouter
+
+MAX_CHILDREN = 64
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchEvent:
+    """One progress line: ``kind`` is manifest, blob, progress, done or error."""
+
+    kind: str
+    reference: str
+    digest: str = ""
+    done_bytes: int = 0
+    total_bytes: int = 0
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in ("", None)}
+
+
+async def prefetch(
+    pipeline: Pipeline,
+    router: UpstreamRouter,
+    reference: str,
+    *,
+    progress_interval: float = 0.5,
+) -> AsyncIterator[PrefetchEvent]:
+    """Verify and cache everything ``reference`` needs; yields progress events."""
+    if not pipeline.store.caching:
+        raise Unsupported("prefetch needs a cache: start pullgate with --cache-dir")
+    ref = ImageReference.parse(reference)
+    route = router.route(ref.registry)
+    served = await pipeline.get_manifest(route, ref.repository, ref.reference)
+    manifests: list[Manifest] = [served.manifest]
+    yield PrefetchEvent(
+        "manifest", reference, str(served.manifest.digest), message=served.verdict.reason
+    )
+    if served.manifest.is_index:
+        for child in served.manifest.manifests[:MAX_CHILDREN]:
+            child_served = await pipeline.get_manifest(
+                route, ref.repository, ManifestRef(digest=child.digest)
+            )
+            manifests.append(child_served.manifest)
+            yield PrefetchEvent("manifest", reference, str(child.digest), message="child verified")
+    wanted: dict[Digest, int] = {}
+    for manifest in manifests:
+        for descriptor in (*manifest.layers, *([manifest.config] if manifest.config else [])):
+            wanted[descriptor.digest] = descriptor.size
+    total = sum(wanted.values())
+    fills: list[Fill] = []
+    cached = 0
+    for digest in wanted:
+        if pipeline.store.path_of(digest) is not None:
+            cached += wanted[digest]
+            continue
+        fills.append(await pipeline.start_fill(route, ref.repository, digest))
+    yield PrefetchEvent(
+        "blob",
+        reference,
+        done_bytes=cached,
+        total_bytes=total,
+        message=f"{len(wanted)} blobs, {len(fills)} to fetch",
+    )
+    waiter = asyncio.ensure_future(asyncio.gather(*(_wait_fill(f) for f in fills)))
+    try:
+        while not waiter.done():
+            await asyncio.wait({waiter}, timeout=progress_interval)
+            done = cached + sum(
+                (f.size or 0) if f.state == "committed" else f.written for f in fills
+            )
+            yield PrefetchEvent("progress", reference, done_bytes=done, total_bytes=total)
+        failures = [f for f in fills if f.state != "committed"]
+        if failures:
+            reasons = "; ".join(f"{f.digest}: {f.error}" for f in failures)
+            yield PrefetchEvent("error", reference, message=reasons, total_bytes=total)
+            return
+        yield PrefetchEvent(
+            "done", reference, str(served.manifest.digest), done_bytes=total, total_bytes=total
+        )
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+        for fill in fills:
+            pipeline.fills.reader_left(fill)
+
+
+async def _wait_fill(fill: Fill) -> None:
+    while not fill.done:
+        await fill.wait_change()
+
+
+async def prefetch_all(
+    pipeline: Pipeline, router: UpstreamRouter, references: list[str]
+) -> AsyncIterator[PrefetchEvent]:
+    for reference in references:
+        try:
+            async for event in prefetch(pipeline, router, reference):
+                yield event
+        except OCIError as exc:
+            yield PrefetchEvent("error", reference, message=f"{exc.code}: {exc.message}")
