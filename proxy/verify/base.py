@@ -9,7 +9,10 @@ not a bug) or returns a failing ``CheckResult`` with the reason.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
+from proxy.gate import ArtifactSource
 from proxy.oci.digest import Digest
 from proxy.oci.manifest import Manifest
 
@@ -45,3 +48,45 @@ class SignatureArtifact:
 class CheckResult:
     ok: bool
     reason: str
+
+
+class PolicyError(ValueError):
+    """A policy file, requirement spec or trust material that cannot be loaded."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Bounds against hostile registries; every one is configurable in the policy."""
+
+    max_signatures: int = 32
+    """Signature artifacts examined per digest (per verifier); more are ignored."""
+    max_signature_manifest_bytes: int = 256 * 1024
+    max_bundle_bytes: int = 1024 * 1024
+    """Size cap on any signature blob: bundle, envelope or simple-signing payload."""
+    deadline_seconds: float = 10.0
+    """Total time for one manifest's verification, fetches included."""
+
+
+class Verifier(Protocol):
+    """One requirement leaf of a policy, e.g. ``cosign: {key: keys/release.pub}``.
+
+    A verifier fetches the signature artifacts it needs through ``source`` (size-capped
+    by ``limits``) and checks them against trust material it was constructed with.
+    CPU-heavy checks run in a thread (``asyncio.to_thread``); nothing reaches the network
+    except through ``source``.
+    """
+
+    def describe(self) -> str:
+        """A short human label used in denials, e.g. ``cosign key keys/release.pub``."""
+
+    async def verify(
+        self, subject: Subject, source: ArtifactSource, limits: Limits
+    ) -> CheckResult:
+        """Whether at least one signature over ``subject`` verifies; the reason if not."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrustConfig:
+    """The policy's shared ``trust:`` section, paths already resolved against the policy dir."""
+
+    sigstore_trusted_root: Path | None = None
