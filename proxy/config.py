@@ -195,8 +195,9 @@ def load_config_file(path: Path, base: Config = DEFAULT_CONFIG) -> Config:
             raise ConfigError(f"{path}: cache must be a mapping")
         raw_cache = {_snake(k): v for k, v in raw_cache.items()}
         cache_dir = raw_cache.pop("dir", None)
-        if isinstance(raw_cache.get("max_bytes"), str):
-            raw_cache["max_bytes"] = parse_size(raw_cache["max_bytes"])
+        for size_key in ("max_bytes", "min_free_bytes", "scrub_bytes_per_second"):
+            if isinstance(raw_cache.get(size_key), str):
+                raw_cache[size_key] = parse_size(raw_cache[size_key])
         cache = _dataclass_from(CacheConfig, raw_cache, path)
         if cache_dir:
             cache = replace(cache, dir=relative / str(cache_dir))
@@ -228,6 +229,7 @@ def parse_size(text: str) -> int:
 def _dataclass_from(cls: Any, raw: Any, path: Path) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: {cls.__name__} must be a mapping")
+    raw = {_snake(str(k)): v for k, v in raw.items()}
     try:
         return cls(**{k: type(getattr(cls(), k))(v) for k, v in raw.items()})
     except (TypeError, ValueError, AttributeError) as exc:
