@@ -1,0 +1,155 @@
+"""CRI ImageService front end: kubelet's image endpoint, in front of containerd.
+
+A thin shell, like ``proxy/http``. ``PullImage`` first resolves and verifies the
+image's manifest through the same pipeline the HTTP mirror uses, so a refusal
+reaches kubelet (and the pod's events) as ``PERMISSION_DENIED`` with the policy's
+reason, before containerd starts. An allowed pull is forwarded to containerd, which
+fetches through pullgate's HTTP mirror (its hosts.toml points there), where every
+manifest and blob is checked again: the CRI check gives the clear early answer, the
+mirror stays the enforcement point. Every other ImageService call is forwarded as is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
+from proxy.oci import errors
+from proxy.oci.reference import ImageReference
+from proxy.pipeline import Pipeline
+from proxy.upstream.router import UpstreamRouter
+
+log = logging.getLogger("pullgate.cri")
+
+# The gRPC side of the one error table: each HTTP status the OCI errors are bound to
+# has one gRPC code. Nothing maps to UNKNOWN.
+GRPC_CODE_FOR_STATUS: dict[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    416: grpc.StatusCode.OUT_OF_RANGE,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def grpc_code_for(error: errors.OCIError) -> grpc.StatusCode:
+    return GRPC_CODE_FOR_STATUS.get(error.status, grpc.StatusCode.INTERNAL)
+
+
+class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
+    """Verifies before pulling; forwards everything else to the runtime's ImageService."""
+
+    def __init__(
+        self,
+        *,
+        pipeline: Pipeline,
+        router: Callable[[], UpstreamRouter],
+        runtime: api_pb2_grpc.ImageServiceStub,
+    ) -> None:
+        self._pipeline = pipeline
+        self._router = router
+        self._runtime = runtime
+
+    async def PullImage(
+        self, request: api_pb2.PullImageRequest, context: aio.ServicerContext[Any, Any]
+    ) -> api_pb2.PullImageResponse:
+        image = request.image.image
+        try:
+            # 1. Parse as kubelet sends it: docker.io names may omit the registry.
+            reference = ImageReference.parse(image)
+            # 2. Resolve and verify through the one pipeline (the same verdict cache).
+            route = self._router().route(reference.registry)
+            served = await self._pipeline.get_manifest(
+                route, reference.repository, reference.reference
+            )
+        except errors.OCIError as exc:
+            log.warning("CRI PullImage %s refused: %s %s", image[:300], exc.code, exc.message)
+            await context.abort(grpc_code_for(exc), f"{exc.code}: {exc.message}")
+        log.info(
+            "CRI PullImage %s verified as %s (%s); pulling through containerd",
+            image[:300],
+            served.manifest.digest,
+            served.verdict.reason,
+        )
+        # 3. containerd pulls through the mirror, which checks every byte again.
+        response: api_pb2.PullImageResponse = await self._forward(
+            self._runtime.PullImage, request, context
+        )
+        return response
+
+    async def ListImages(
+        self, request: api_pb2.ListImagesRequest, context: aio.ServicerContext[Any, Any]
+    ) -> api_pb2.ListImagesResponse:
+        response: api_pb2.ListImagesResponse = await self._forward(
+            self._runtime.ListImages, request, context
+        )
+        return response
+
+    async def ImageStatus(
+        self, request: api_pb2.ImageStatusRequest, context: aio.ServicerContext[Any, Any]
+    ) -> api_pb2.ImageStatusResponse:
+        response: api_pb2.ImageStatusResponse = await self._forward(
+            self._runtime.ImageStatus, request, context
+        )
+        return response
+
+    async def RemoveImage(
+        self, request: api_pb2.RemoveImageRequest, context: aio.ServicerContext[Any, Any]
+    ) -> api_pb2.RemoveImageResponse:
+        response: api_pb2.RemoveImageResponse = await self._forward(
+            self._runtime.RemoveImage, request, context
+        )
+        return response
+
+    async def ImageFsInfo(
+        self, request: api_pb2.ImageFsInfoRequest, context: aio.ServicerContext[Any, Any]
+    ) -> api_pb2.ImageFsInfoResponse:
+        response: api_pb2.ImageFsInfoResponse = await self._forward(
+            self._runtime.ImageFsInfo, request, context
+        )
+        return response
+
+    async def _forward(
+        self, method: Any, request: Any, context: aio.ServicerContext[Any, Any]
+    ) -> Any:
+        try:
+            response: Any = await method(request, timeout=context.time_remaining())
+            return response
+        except aio.AioRpcError as exc:
+            # The runtime's own status and message pass through unchanged.
+            await context.abort(exc.code(), exc.details() or "runtime error")
+
+
+async def start_cri_server(
+    *,
+    listen: str,
+    runtime_endpoint: str,
+    pipeline: Pipeline,
+    router: Callable[[], UpstreamRouter],
+) -> tuple[aio.Server, aio.Channel]:
+    """Start the ImageService on ``listen`` (e.g. ``unix:///run/pullgate/cri.sock``)."""
+    channel = aio.insecure_channel(runtime_endpoint)
+    server = aio.server()
+    api_pb2_grpc.add_ImageServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        ImageServiceProxy(
+            pipeline=pipeline,
+            router=router,
+            runtime=api_pb2_grpc.ImageServiceStub(channel),  # type: ignore[no-untyped-call]
+        ),
+        server,
+    )
+    server.add_insecure_port(listen)
+    await server.start()
+    log.info("CRI ImageService on %s, runtime %s", listen, runtime_endpoint)
+    return server, channel
