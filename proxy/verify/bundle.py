@@ -1,0 +1,389 @@
+"""Sigstore bundles (v0.1-v0.3): the cosign ``--new-bundle-format`` signature over an image.
+
+``verify_bundle`` checks one bundle against one artifact digest:
+
+* certificate bundles go to sigstore-python's ``Verifier`` with the trusted root loaded
+  from the policy's file (offline), with our identity policy (exact or regexp);
+* public-key bundles are checked here: the message digest or the in-toto statement
+  subject must be the artifact digest, the signature must verify with the policy key,
+  and any transparency-log entry must be signed by a trusted log and bound to this
+  signature.
+
+For an image, the artifact is the manifest: ``messageDigest`` is the manifest digest,
+and a DSSE statement must list that digest among its subjects.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from proxy.oci.digest import Digest
+from proxy.verify.base import PolicyError, SignatureError
+from proxy.verify.keys import KeyFormatError, VerificationKey, b64decode_strict
+from proxy.verify.rekor import (
+    InclusionProof,
+    RekorEntry,
+    SignerIdentity,
+    check_dsse_binding,
+    check_hashedrekord_binding,
+    find_log,
+    parse_int,
+    verify_inclusion,
+    verify_set,
+)
+from proxy.verify.sigstore_trust import KeylessIdentity, SigstoreTrustRoot, check_identity
+
+BUNDLE_MEDIA_TYPES = frozenset(
+    {
+        "application/vnd.dev.sigstore.bundle+json;version=0.1",
+        "application/vnd.dev.sigstore.bundle+json;version=0.2",
+        "application/vnd.dev.sigstore.bundle+json;version=0.3",
+        "application/vnd.dev.sigstore.bundle.v0.3+json",
+    }
+)
+IN_TOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
+IN_TOTO_STATEMENT_TYPES = frozenset(
+    {"https://in-toto.io/Statement/v0.1", "https://in-toto.io/Statement/v1"}
+)
+MAX_DSSE_SIGNATURES = 8
+MAX_TLOG_ENTRIES = 8
+MAX_STATEMENT_SUBJECTS = 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CosignPolicy:
+    """What a cosign requirement accepts: a key, or a keyless identity under a root."""
+
+    key: VerificationKey | None = None
+    identity: KeylessIdentity | None = None
+    trust: SigstoreTrustRoot | None = None
+    tlog_required: bool = False
+    predicate_type: str | None = None
+    sigstore_verifier: Any = None
+    """A ``sigstore.verify.Verifier`` over ``trust``, built once when the policy loads."""
+
+    def __post_init__(self) -> None:
+        if (self.key is None) == (self.identity is None):
+            raise PolicyError("a cosign requirement needs exactly one of key or keyless")
+        if self.identity is not None and self.trust is None:
+            raise PolicyError("keyless cosign verification needs trust.sigstoreTrustedRoot")
+        if self.tlog_required and self.trust is None:
+            raise PolicyError("tlog: required needs trust.sigstoreTrustedRoot (the Rekor keys)")
+
+
+def sigstore_verifier_for(trust: SigstoreTrustRoot) -> Any:
+    """Load ``trust.path`` into sigstore-python (offline) and build its ``Verifier``."""
+    from sigstore.models import TrustedRoot
+    from sigstore.verify import Verifier
+
+    try:
+        return Verifier(trusted_root=TrustedRoot.from_file(str(trust.path)))
+    except Exception as exc:  # sigstore raises many types while loading; all mean "bad file"
+        raise PolicyError(f"sigstore cannot load trusted root {trust.path}: {exc}") from exc
+
+
+def _obj(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SignatureError(f"bundle {what} is missing or not an object")
+    return value
+
+
+def _b64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise SignatureError(f"bundle {what} is missing")
+    try:
+        return b64decode_strict(value, what=f"bundle {what}")
+    except KeyFormatError as exc:
+        raise SignatureError(str(exc)) from exc
+
+
+def parse_bundle_json(raw: bytes) -> dict[str, Any]:
+    """Parse the bundle JSON and check its media type (cheap checks before any crypto)."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise SignatureError("bundle is not valid JSON") from exc
+    if not isinstance(doc, dict):
+        raise SignatureError("bundle is not a JSON object")
+    media_type = doc.get("mediaType")
+    if media_type not in BUNDLE_MEDIA_TYPES:
+        raise SignatureError(f"unsupported bundle mediaType {str(media_type)[:80]!r}")
+    return doc
+
+
+def verify_bundle(
+    raw: bytes,
+    *,
+    artifact_digest: Digest,
+    artifact: bytes | None,
+    policy: CosignPolicy,
+) -> str:
+    """Verify one bundle over the artifact with digest ``artifact_digest``.
+
+    ``artifact`` (the manifest bytes) is optional: it is needed only for Ed25519 keys,
+    which cannot verify a prehashed message. Returns a short description of what
+    verified; raises ``SignatureError`` with the reason otherwise.
+    """
+    if artifact_digest.algorithm != "sha256":
+        raise SignatureError("bundles sign sha256 digests only")
+    if artifact is not None and not artifact_digest.matches(artifact):
+        raise SignatureError("artifact bytes do not match the artifact digest")
+    doc = parse_bundle_json(raw)
+    material = _obj(doc.get("verificationMaterial"), "verificationMaterial")
+    has_key = "publicKey" in material
+    has_cert = "certificate" in material or "x509CertificateChain" in material
+    if policy.identity is not None:
+        # 1. Keyless: a bare public key cannot prove an identity (GHSA-fx35-mq7g-6g98).
+        if not has_cert:
+            raise SignatureError("bundle carries a bare public key where a certificate is required")
+        return _verify_certificate_bundle(raw, artifact_digest, artifact, policy)
+    if not has_key:
+        raise SignatureError("bundle carries a certificate, but the policy requires a key")
+    return _verify_key_bundle(doc, material, artifact_digest, artifact, policy)
+
+
+# ---- certificate bundles: sigstore-python ------------------------------------------
+
+
+class _IdentityPolicy:
+    """A sigstore ``VerificationPolicy`` with pullgate's exact-or-regexp matching."""
+
+    def __init__(self, identity: KeylessIdentity) -> None:
+        self._identity = identity
+
+    def verify(self, cert: x509.Certificate) -> None:
+        from sigstore.errors import VerificationError
+
+        try:
+            check_identity(cert, self._identity)
+        except SignatureError as exc:
+            raise VerificationError(str(exc)) from exc
+
+
+def _verify_certificate_bundle(
+    raw: bytes, artifact_digest: Digest, artifact: bytes | None, policy: CosignPolicy
+) -> str:
+    from sigstore.errors import Error as SigstoreError
+    from sigstore.hashes import Hashed
+    from sigstore.models import Bundle
+    from sigstore_models.common.v1 import HashAlgorithm
+
+    assert policy.identity is not None
+    verifier = policy.sigstore_verifier
+    if verifier is None:
+        raise SignatureError("the sigstore trusted root has no transparency logs")
+    identity_policy = _IdentityPolicy(policy.identity)
+    try:
+        bundle = Bundle.from_json(raw)
+        if bundle._dsse_envelope is not None:
+            payload_type, payload = verifier.verify_dsse(bundle, identity_policy)
+            _check_statement(payload_type, payload, artifact_digest, policy.predicate_type)
+            return f"DSSE bundle by {policy.identity.describe()}"
+        hashed: bytes | Hashed = (
+            artifact
+            if artifact is not None
+            else Hashed(algorithm=HashAlgorithm.SHA2_256, digest=bytes.fromhex(artifact_digest.hex))
+        )
+        verifier.verify_artifact(hashed, bundle, identity_policy)
+    except SigstoreError as exc:
+        raise SignatureError(_sigstore_reason(exc)) from exc
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # sigstore-python's models raise these on hostile documents; they are refusals.
+        raise SignatureError(f"bundle is malformed: {_short(exc)}") from exc
+    return f"bundle signature by {policy.identity.describe()}"
+
+
+def _sigstore_reason(exc: Exception) -> str:
+    text = _short(exc)
+    return text if text else type(exc).__name__
+
+
+def _short(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+# ---- public-key bundles: our own code ----------------------------------------------
+
+
+def _verify_key_bundle(
+    doc: dict[str, Any],
+    material: dict[str, Any],
+    artifact_digest: Digest,
+    artifact: bytes | None,
+    policy: CosignPolicy,
+) -> str:
+    key = policy.key
+    assert key is not None
+    digest_bytes = bytes.fromhex(artifact_digest.hex)
+    signer = SignerIdentity(key)
+    if "messageSignature" in doc and "dsseEnvelope" not in doc:
+        # 1. messageSignature: the signed message is the artifact (the manifest).
+        message = _obj(doc["messageSignature"], "messageSignature")
+        message_digest = message.get("messageDigest")
+        if message_digest is not None:
+            md = _obj(message_digest, "messageDigest")
+            if md.get("algorithm") != "SHA2_256":
+                raise SignatureError("bundle message digest is not SHA2_256")
+            if _b64(md.get("digest"), "messageDigest") != digest_bytes:
+                raise SignatureError("bundle message digest does not match the manifest digest")
+        signature = _b64(message.get("signature"), "signature")
+        if artifact is not None:
+            verified = key.verify(signature, artifact)
+        else:
+            verified = key.verify_digest(signature, digest_bytes, hashes.SHA256())
+        if not verified:
+            raise SignatureError(f"bundle signature does not verify with the {key.kind} key")
+        _check_tlog(
+            material,
+            policy,
+            lambda entry: check_hashedrekord_binding(
+                entry, digest_hex=artifact_digest.hex, signature=signature, signer=signer
+            ),
+        )
+        return "bundle message signature"
+    if "dsseEnvelope" in doc and "messageSignature" not in doc:
+        # 2. DSSE: the signature is over PAE(payloadType, payload); the statement names
+        #    the artifact among its subjects.
+        envelope = _obj(doc["dsseEnvelope"], "dsseEnvelope")
+        payload_type = envelope.get("payloadType")
+        if not isinstance(payload_type, str):
+            raise SignatureError("DSSE envelope has no payloadType")
+        payload = _b64(envelope.get("payload"), "DSSE payload")
+        signatures = envelope.get("signatures")
+        if not isinstance(signatures, list) or not signatures:
+            raise SignatureError("DSSE envelope has no signatures")
+        pae = dsse_pae(payload_type, payload)
+        verified_sig: bytes | None = None
+        for entry in signatures[:MAX_DSSE_SIGNATURES]:
+            sig = _b64(_obj(entry, "DSSE signature").get("sig"), "DSSE signature")
+            if key.verify(sig, pae):
+                verified_sig = sig
+                break
+        if verified_sig is None:
+            raise SignatureError(f"DSSE signature does not verify with the {key.kind} key")
+        _check_statement(payload_type, payload, artifact_digest, policy.predicate_type)
+        sig_bytes = verified_sig
+        _check_tlog(
+            material,
+            policy,
+            lambda entry: check_dsse_binding(
+                entry, payload=payload, pae=pae, signature=sig_bytes, signer=signer
+            ),
+        )
+        return "bundle DSSE attestation"
+    raise SignatureError("bundle must have exactly one of messageSignature or dsseEnvelope")
+
+
+def dsse_pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE pre-authentication encoding: what a DSSE signature signs."""
+    encoded_type = payload_type.encode()
+    return b"DSSEv1 %d %b %d %b" % (len(encoded_type), encoded_type, len(payload), payload)
+
+
+def _check_statement(
+    payload_type: str, payload: bytes, artifact_digest: Digest, predicate_type: str | None
+) -> None:
+    """The in-toto statement must be about the artifact (GHSA-w6c6-c85g-mmv6)."""
+    if payload_type != IN_TOTO_PAYLOAD_TYPE:
+        raise SignatureError(f"DSSE payloadType {payload_type[:80]!r} is not in-toto")
+    try:
+        statement = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise SignatureError("in-toto statement is not valid JSON") from exc
+    if not isinstance(statement, dict):
+        raise SignatureError("in-toto statement is not a JSON object")
+    if statement.get("_type") not in IN_TOTO_STATEMENT_TYPES:
+        raise SignatureError("in-toto statement has an unknown _type")
+    subjects = statement.get("subject")
+    if not isinstance(subjects, list) or not subjects:
+        raise SignatureError("in-toto statement has no subject")
+    found = False
+    for item in subjects[:MAX_STATEMENT_SUBJECTS]:
+        digests = item.get("digest") if isinstance(item, dict) else None
+        if isinstance(digests, dict) and digests.get(artifact_digest.algorithm) == (
+            artifact_digest.hex
+        ):
+            found = True
+            break
+    if not found:
+        raise SignatureError(f"in-toto statement is not about {artifact_digest}")
+    if predicate_type is not None and statement.get("predicateType") != predicate_type:
+        got = str(statement.get("predicateType"))[:120]
+        raise SignatureError(f"predicate type {got!r} is not {predicate_type!r}")
+
+
+def _tlog_entry(raw: Any) -> tuple[RekorEntry, InclusionProof | None]:
+    entry = _obj(raw, "tlog entry")
+    log_id = _b64(_obj(entry.get("logId"), "logId").get("keyId"), "logId")
+    body = _b64(entry.get("canonicalizedBody"), "canonicalizedBody")
+    promise = entry.get("inclusionPromise")
+    set_bytes = (
+        _b64(_obj(promise, "inclusionPromise").get("signedEntryTimestamp"), "SET")
+        if promise is not None
+        else None
+    )
+    rekor_entry = RekorEntry(
+        body=body,
+        integrated_time=parse_int(entry.get("integratedTime", "0"), what="integratedTime"),
+        log_index=parse_int(entry.get("logIndex", "0"), what="logIndex"),
+        log_id=log_id,
+        signed_entry_timestamp=set_bytes,
+    )
+    proof_raw = entry.get("inclusionProof")
+    proof = None
+    if proof_raw is not None:
+        p = _obj(proof_raw, "inclusionProof")
+        hashes_raw = p.get("hashes") or []
+        if not isinstance(hashes_raw, list):
+            raise SignatureError("inclusion proof hashes are not a list")
+        checkpoint = _obj(p.get("checkpoint"), "checkpoint").get("envelope")
+        if not isinstance(checkpoint, str):
+            raise SignatureError("inclusion proof has no checkpoint")
+        proof = InclusionProof(
+            log_index=parse_int(p.get("logIndex"), what="inclusion proof logIndex"),
+            tree_size=parse_int(p.get("treeSize"), what="inclusion proof treeSize"),
+            root_hash=_b64(p.get("rootHash"), "rootHash"),
+            hashes=tuple(_b64(h, "proof hash") for h in hashes_raw[:64]),
+            checkpoint=checkpoint,
+        )
+    return rekor_entry, proof
+
+
+def _check_tlog(
+    material: dict[str, Any],
+    policy: CosignPolicy,
+    bind: Callable[[RekorEntry], None],
+) -> None:
+    """Verify the bundle's log entries: signed by a trusted log and bound to this signature.
+
+    With ``tlog: required`` at least one entry must verify. Otherwise entries are checked
+    when a trusted root is configured (a present but bad entry still fails), and ignored
+    without one.
+    """
+    entries = material.get("tlogEntries") or []
+    if not isinstance(entries, list):
+        raise SignatureError("bundle tlogEntries is not a list")
+    if not entries:
+        if policy.tlog_required:
+            raise SignatureError("bundle has no transparency log entry (tlog: required)")
+        return
+    if policy.trust is None:
+        return
+    for raw in entries[:MAX_TLOG_ENTRIES]:
+        entry, proof = _tlog_entry(raw)
+        if entry.signed_entry_timestamp is not None:
+            verify_set(policy.trust, entry)
+        elif proof is not None:
+            verify_inclusion(find_log(policy.trust, entry), entry, proof)
+        else:
+            raise SignatureError("tlog entry has neither an inclusion promise nor a proof")
+        if proof is not None and entry.signed_entry_timestamp is not None:
+            verify_inclusion(find_log(policy.trust, entry), entry, proof)
+        bind(entry)

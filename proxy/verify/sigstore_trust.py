@@ -1,0 +1,435 @@
+"""A sigstore ``trusted_root.json``, loaded once from a file (never fetched).
+
+It carries the Fulcio certificate authorities, the transparency-log (Rekor) keys by log
+ID, the CT log keys and the timestamp authorities, each with its validity window. The
+legacy cosign verifier reads it directly; certificate bundles are handed to
+sigstore-python together with the same file loaded as a ``sigstore.models.TrustedRoot``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from proxy.verify.base import PolicyError, SignatureError
+from proxy.verify.keys import (
+    KeyFormatError,
+    VerificationKey,
+    b64decode_strict,
+    certificate_key,
+    load_public_key_der,
+)
+
+# Fulcio's OIDC issuer extensions: v1 holds the raw string, v2 a DER UTF8String.
+OID_ISSUER_V1 = ObjectIdentifier("1.3.6.1.4.1.57264.1.1")
+OID_ISSUER_V2 = ObjectIdentifier("1.3.6.1.4.1.57264.1.8")
+OID_OTHERNAME_USERNAME = ObjectIdentifier("1.3.6.1.4.1.57264.1.7")
+MAX_REGEXP_LENGTH = 1024
+
+MAX_TRUSTED_ROOT_BYTES = 4 * 1024 * 1024
+TRUSTED_ROOT_MEDIA_TYPES = frozenset(
+    {
+        "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
+        "application/vnd.dev.sigstore.trustedroot.v0.2+json",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A validity window; ``end`` None means open-ended."""
+
+    start: datetime | None
+    end: datetime | None
+
+    def contains(self, when: datetime) -> bool:
+        if self.start is not None and when < self.start:
+            return False
+        return self.end is None or when <= self.end
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateAuthority:
+    """A Fulcio (or TSA) CA: its chain, leaf-most first, root last."""
+
+    uri: str
+    certificates: tuple[x509.Certificate, ...]
+    valid_for: Window
+
+
+@dataclass(frozen=True, slots=True)
+class LogKey:
+    """A transparency (Rekor) or CT log public key."""
+
+    base_url: str
+    log_id: bytes
+    key: VerificationKey
+    valid_for: Window
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SigstoreTrustRoot:
+    """The parsed trusted root; ``path`` lets sigstore-python load the same file."""
+
+    path: Path
+    certificate_authorities: tuple[CertificateAuthority, ...]
+    tlogs: tuple[LogKey, ...]
+    ctlogs: tuple[LogKey, ...]
+    timestamp_authorities: tuple[CertificateAuthority, ...]
+
+    def tlog(self, log_id: bytes) -> LogKey | None:
+        """The Rekor key whose log ID is ``log_id`` (sha256 of its DER SPKI)."""
+        for log in self.tlogs:
+            if log.log_id == log_id:
+                return log
+        return None
+
+    def fulcio_certificates(self) -> list[x509.Certificate]:
+        """Every CA certificate (intermediates and roots), as trust anchors."""
+        return [cert for ca in self.certificate_authorities for cert in ca.certificates]
+
+
+def parse_time(value: Any, *, where: str) -> datetime:
+    """RFC 3339 (``2021-01-12T11:53:27.000Z``) to an aware UTC datetime."""
+    if not isinstance(value, str):
+        raise PolicyError(f"{where}: time must be a string")
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise PolicyError(f"{where}: bad time {value!r}") from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def _window(raw: Any, *, where: str) -> Window:
+    if raw is None:
+        return Window(None, None)
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{where}: validFor must be an object")
+    start = parse_time(raw["start"], where=where) if raw.get("start") is not None else None
+    end = parse_time(raw["end"], where=where) if raw.get("end") is not None else None
+    return Window(start, end)
+
+
+def _b64(raw: Any, *, where: str) -> bytes:
+    if not isinstance(raw, str) or not raw:
+        raise PolicyError(f"{where}: expected base64 text")
+    try:
+        return b64decode_strict(raw, what=where)
+    except KeyFormatError as exc:
+        raise PolicyError(str(exc)) from exc
+
+
+def _log_keys(items: Any, *, where: str) -> tuple[LogKey, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise PolicyError(f"{where} must be a list")
+    out: list[LogKey] = []
+    for i, item in enumerate(items):
+        here = f"{where}[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("publicKey"), dict):
+            raise PolicyError(f"{here}: no publicKey")
+        public_key = item["publicKey"]
+        try:
+            key = load_public_key_der(_b64(public_key.get("rawBytes"), where=f"{here}.rawBytes"))
+        except KeyFormatError as exc:
+            # A root may list key types we do not support; skip them like sigstore does.
+            if "unsupported" in str(exc):
+                continue
+            raise PolicyError(f"{here}: {exc}") from exc
+        log_id_raw = (item.get("logId") or {}).get("keyId")
+        log_id = _b64(log_id_raw, where=f"{here}.logId") if log_id_raw else key.key_id
+        out.append(
+            LogKey(
+                base_url=str(item.get("baseUrl", "")),
+                log_id=log_id,
+                key=key,
+                valid_for=_window(public_key.get("validFor"), where=f"{here}.validFor"),
+            )
+        )
+    return tuple(out)
+
+
+def _authorities(items: Any, *, where: str) -> tuple[CertificateAuthority, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise PolicyError(f"{where} must be a list")
+    out: list[CertificateAuthority] = []
+    for i, item in enumerate(items):
+        here = f"{where}[{i}]"
+        chain = (
+            (item.get("certChain") or {}).get("certificates") if isinstance(item, dict) else None
+        )
+        if not isinstance(chain, list) or not chain:
+            raise PolicyError(f"{here}: certChain has no certificates")
+        certs: list[x509.Certificate] = []
+        for j, entry in enumerate(chain):
+            der = _b64((entry or {}).get("rawBytes"), where=f"{here}.certificates[{j}]")
+            try:
+                certs.append(x509.load_der_x509_certificate(der))
+            except ValueError as exc:
+                raise PolicyError(f"{here}.certificates[{j}]: not a DER certificate") from exc
+        out.append(
+            CertificateAuthority(
+                uri=str(item.get("uri", "")),
+                certificates=tuple(certs),
+                valid_for=_window(item.get("validFor"), where=f"{here}.validFor"),
+            )
+        )
+    return tuple(out)
+
+
+def load_trusted_root(path: Path) -> SigstoreTrustRoot:
+    """Load and check a ``trusted_root.json``; any problem is a ``PolicyError``."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_TRUSTED_ROOT_BYTES + 1)
+    except OSError as exc:
+        raise PolicyError(f"cannot read trusted root {path}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_TRUSTED_ROOT_BYTES:
+        raise PolicyError(f"trusted root {path} is larger than {MAX_TRUSTED_ROOT_BYTES} bytes")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise PolicyError(f"trusted root {path} is not valid JSON") from exc
+    if not isinstance(doc, dict):
+        raise PolicyError(f"trusted root {path} is not a JSON object")
+    media_type = doc.get("mediaType")
+    if media_type not in TRUSTED_ROOT_MEDIA_TYPES:
+        raise PolicyError(f"trusted root {path}: unsupported mediaType {media_type!r}")
+    try:
+        root = SigstoreTrustRoot(
+            path=path,
+            certificate_authorities=_authorities(
+                doc.get("certificateAuthorities"), where="certificateAuthorities"
+            ),
+            tlogs=_log_keys(doc.get("tlogs"), where="tlogs"),
+            ctlogs=_log_keys(doc.get("ctlogs"), where="ctlogs"),
+            timestamp_authorities=_authorities(
+                doc.get("timestampAuthorities"), where="timestampAuthorities"
+            ),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise PolicyError(f"trusted root {path} is malformed: {exc}") from exc
+    if not root.certificate_authorities and not root.tlogs:
+        raise PolicyError(f"trusted root {path} has neither certificate authorities nor tlogs")
+    return root
+
+
+# ---- identities and certificates ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Matcher:
+    """A string matched exactly, or by regular expression when written ``regexp:<re>``.
+
+    Regular expressions search (like Go's ``MatchString``, which cosign uses): anchor
+    them with ``^`` and ``$`` to match a whole value.
+    """
+
+    text: str
+    pattern: re.Pattern[str] | None
+
+    @classmethod
+    def parse(cls, text: Any, *, where: str) -> Matcher:
+        if not isinstance(text, str) or not text:
+            raise PolicyError(f"{where} must be a non-empty string")
+        if not text.startswith("regexp:"):
+            return cls(text, None)
+        expression = text[len("regexp:") :]
+        if not expression or len(expression) > MAX_REGEXP_LENGTH:
+            raise PolicyError(f"{where}: empty or over-long regular expression")
+        try:
+            return cls(text, re.compile(expression))
+        except re.error as exc:
+            raise PolicyError(f"{where}: bad regular expression: {exc}") from exc
+
+    def matches(self, value: str) -> bool:
+        if self.pattern is None:
+            return value == self.text
+        return self.pattern.search(value) is not None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True, slots=True)
+class KeylessIdentity:
+    """Who a keyless certificate must name: its SAN, and the OIDC issuer extension.
+
+    ``issuer`` None (only for private PKI certificates, never from a policy file
+    without saying so) skips the issuer check.
+    """
+
+    subject: Matcher
+    issuer: Matcher | None
+
+    def describe(self) -> str:
+        issuer = f"issuer={self.issuer} " if self.issuer is not None else ""
+        return f"{issuer}subject={self.subject}"
+
+
+def _der_utf8(raw: bytes) -> str | None:
+    # Just enough DER for a single UTF8String (tag 0x0c): Fulcio's v2 extensions.
+    if len(raw) < 2 or raw[0] != 0x0C:
+        return None
+    length, offset = raw[1], 2
+    if length & 0x80:
+        count = length & 0x7F
+        if count == 0 or count > 3 or len(raw) < 2 + count:
+            return None
+        length, offset = int.from_bytes(raw[2 : 2 + count], "big"), 2 + count
+    if len(raw) != offset + length:
+        return None
+    try:
+        return raw[offset:].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def certificate_issuer(cert: x509.Certificate) -> str | None:
+    """The OIDC issuer Fulcio recorded in ``cert`` (v2 extension preferred), if any."""
+    for oid, decode in ((OID_ISSUER_V2, _der_utf8), (OID_ISSUER_V1, _raw_utf8)):
+        try:
+            ext = cert.extensions.get_extension_for_oid(oid)
+        except x509.ExtensionNotFound:
+            continue
+        value = ext.value
+        if isinstance(value, x509.UnrecognizedExtension):
+            decoded = decode(value.value)
+            if decoded is not None:
+                return decoded
+    return None
+
+
+def _raw_utf8(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def certificate_identities(cert: x509.Certificate) -> list[str]:
+    """Every SAN value an identity policy may match: emails, URIs, DNS names, usernames."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    values: list[str] = []
+    values += san.get_values_for_type(x509.RFC822Name)
+    values += san.get_values_for_type(x509.UniformResourceIdentifier)
+    values += san.get_values_for_type(x509.DNSName)
+    for other in san.get_values_for_type(x509.OtherName):
+        if other.type_id == OID_OTHERNAME_USERNAME:
+            decoded = _der_utf8(other.value)
+            if decoded is not None:
+                values.append(decoded)
+    return values
+
+
+def check_identity(cert: x509.Certificate, identity: KeylessIdentity) -> None:
+    """Refuse a certificate whose SAN or OIDC issuer does not match ``identity``."""
+    names = certificate_identities(cert)
+    if not any(identity.subject.matches(name) for name in names):
+        shown = ", ".join(names[:3]) or "none"
+        raise SignatureError(
+            f"certificate identity ({shown[:200]}) does not match {identity.subject}"
+        )
+    if identity.issuer is not None:
+        issuer = certificate_issuer(cert)
+        if issuer is None:
+            raise SignatureError("certificate has no OIDC issuer extension")
+        if not identity.issuer.matches(issuer):
+            raise SignatureError(
+                f"certificate issuer {issuer[:200]!r} does not match {identity.issuer}"
+            )
+
+
+def _ca_key_usage(policy: Any, cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
+    if usage is not None and not usage.key_cert_sign:
+        raise ValueError("CA key usage does not allow certificate signing")
+
+
+def verify_certificate_chain(
+    trust: SigstoreTrustRoot,
+    leaf: x509.Certificate,
+    intermediates: list[x509.Certificate],
+    *,
+    at: datetime,
+) -> VerificationKey:
+    """Chain ``leaf`` to a trusted-root CA, every certificate valid at ``at``.
+
+    The CA certificates of the trusted root (intermediates included) are trust anchors,
+    as in sigstore-python; ``intermediates`` come from the signature and are untrusted.
+    The CA must also be inside its own ``validFor`` window at ``at``. The leaf must allow
+    digital signatures and, if it has an EKU extension, code signing.
+    """
+    anchors = trust.fulcio_certificates()
+    if not anchors:
+        raise SignatureError("the trusted root has no certificate authorities")
+    # Fulcio leaves carry codeSigning, not the clientAuth EKU a client verifier expects.
+    # Private PKI roots often omit keyUsage (Go's x509, which cosign uses, accepts that);
+    # when a CA has one, it must allow certificate signing.
+    ca_policy = (
+        ExtensionPolicy.webpki_defaults_ca()
+        .may_be_present(x509.ExtendedKeyUsage, Criticality.NON_CRITICAL, None)
+        .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _ca_key_usage)
+    )
+    ee_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+        x509.ExtendedKeyUsage, Criticality.NON_CRITICAL, None
+    )
+    verifier = (
+        PolicyBuilder()
+        .store(Store(anchors))
+        .time(at)
+        .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+        .build_client_verifier()
+    )
+    try:
+        chain = verifier.verify(leaf, intermediates).chain
+    except (VerificationError, x509.UnsupportedGeneralNameType, ValueError) as exc:
+        raise SignatureError(
+            f"certificate does not chain to a trusted CA at {at:%Y-%m-%dT%H:%M:%SZ}: {exc}"
+        ) from exc
+    anchor = chain[-1]
+    if not any(
+        anchor in ca.certificates and ca.valid_for.contains(at)
+        for ca in trust.certificate_authorities
+    ):
+        raise SignatureError("the certificate authority was not valid at signing time")
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound as exc:
+        raise SignatureError("certificate has no key usage extension") from exc
+    if not usage.digital_signature:
+        raise SignatureError("certificate is not for digital signatures")
+    try:
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = None
+    if eku is not None and ExtendedKeyUsageOID.CODE_SIGNING not in eku:
+        raise SignatureError("certificate is not for code signing")
+    try:
+        return certificate_key(leaf)
+    except KeyFormatError as exc:
+        raise SignatureError(str(exc)) from exc
