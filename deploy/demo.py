@@ -135,7 +135,8 @@ def push_notation_alpine(registry_url: str, work: Path, policy_dir: Path) -> Cas
     store = policy_dir / "notation" / "truststore" / "x509" / "ca" / "alpine"
     store.mkdir(parents=True)
     shutil.copy(NOTATION / "derived" / "alpine-signer.crt", store / "alpine-signer.crt")
-    trust_policy = json.loads((NOTATION / "derived" / "trustpolicy.oci-layout-alpine.json").read_text())
+    derived_policy = NOTATION / "derived" / "trustpolicy.oci-layout-alpine.json"
+    trust_policy = json.loads(derived_policy.read_text())
     for statement in trust_policy.get("trustPolicies", []):
         statement["registryScopes"] = [f"{REGISTRY}/{case.repository}"]
     (policy_dir / "notation" / "trustpolicy.json").write_text(json.dumps(trust_policy, indent=2))
@@ -241,7 +242,7 @@ def main() -> int:
         step("4. Point containerd at pullgate: pullgate is the server, no fallback")
         subprocess.run(
             [
-                sys.executable, "-m", "proxy.cli", "install-hosts",
+                sys.executable, "-m", "proxy", "install-hosts",
                 "--certs-dir", str(containerd.certs_dir),
                 "--server", pullgate.url, "--registry", REGISTRY,
             ],
@@ -264,11 +265,11 @@ def main() -> int:
                 say(f"            pullgate: {reason}")
 
         step("6. What the upstream registry served (no fallback for refused content)")
-        for case, allowed, _ in results:
+        for case, _, _ in results:
             gets = sum(registry.blob_gets(blob) for blob in case.blobs)
             say(f"   {case.label:<40} blob GETs upstream: {gets}")
         stored = containerd.content_digests()
-        for case, allowed, _ in results:
+        for case, _, _ in results:
             have = case.digest in stored
             say(f"   {case.label:<40} manifest in containerd: {'yes' if have else 'no'}")
 

@@ -33,11 +33,15 @@ def render(server: str) -> str:
         raise HostsTomlError(f"server must be an http(s) URL with no path, got {server!r}")
     url = f"{parts.scheme}://{parts.netloc}"
     # 1. `server` is pullgate: containerd's last resort is the mirror itself.
-    # 2. No [host] tables: there is nothing to fall back to.
+    # 2. The one [host] table is pullgate too (containerd 1.6 refuses a file without a
+    #    host tree), so every host containerd may try is pullgate.
     return (
         "# Written by pullgate. pullgate is the server and the only host, so a refusal\n"
         "# cannot be bypassed by falling back to the upstream registry.\n"
         f'server = "{url}"\n'
+        "\n"
+        f'[host."{url}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
     )
 
 
@@ -52,7 +56,9 @@ def check_no_fallback(text: str, server: str) -> None:
     if got != want:
         raise HostsTomlError(f"server is {got or 'unset'!r}, not pullgate at {want!r}")
     hosts = doc.get("host", {})
-    others = [h for h in hosts if str(h).rstrip("/") != want] if isinstance(hosts, dict) else []
+    if not isinstance(hosts, dict):
+        raise HostsTomlError("host must be a table of host URLs")
+    others = [h for h in hosts if str(h).rstrip("/") != want]
     if others:
         raise HostsTomlError(f"extra hosts let containerd fall back: {', '.join(others)}")
 

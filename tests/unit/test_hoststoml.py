@@ -18,7 +18,7 @@ def test_written_file_makes_pullgate_the_only_host(tmp_path: Path) -> None:
     assert path == tmp_path / "registry.example.test" / "hosts.toml"
     doc = tomllib.loads(path.read_text())
     assert doc["server"] == SERVER
-    assert "host" not in doc
+    assert list(doc["host"]) == [SERVER]
     hoststoml.check_no_fallback(path.read_text(), SERVER)
 
 
