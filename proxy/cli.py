@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy import __version__
+from proxy import __version__, hosts_cli
 from proxy.cache import BlobStore, NoStore
 from proxy.cache.disk import CacheLimits, DiskBlobStore
 from proxy.config import (
@@ -26,9 +26,13 @@ from proxy.config import (
 )
 from proxy.gate import AllowAllGate, Gate
 from proxy.http.admin import build_admin_app
-from proxy.http.app import build_app
+from proxy.http.app import PIPELINE_KEY, ROUTER_KEY, build_app
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
+from proxy.verify.base import PolicyError
+from proxy.verify.gate import SignatureGate
+from proxy.verify.policy import load_policy
+from proxy.verify.reload import PolicyWatcher
 
 log = logging.getLogger("pullgate")
 
@@ -55,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--cache-max-bytes", metavar="SIZE", help="cache budget, e.g. 500G")
     serve.add_argument(
+        "--cri-listen",
+        metavar="ENDPOINT",
+        help="serve the CRI ImageService here (e.g. unix:///run/pullgate/cri.sock)",
+    )
+    serve.add_argument(
+        "--cri-runtime-endpoint",
+        default="unix:///run/containerd/containerd.sock",
+        metavar="ENDPOINT",
+        help="containerd's CRI socket that the ImageService forwards to",
+    )
+    serve.add_argument(
         "--complete-on-disconnect",
         action="store_true",
         default=None,
@@ -69,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the node pullgate's admin endpoint (default http://127.0.0.1:5051)",
     )
     warm.add_argument("--timeout", type=float, default=3600.0, help="give up after SECONDS")
+    verify = sub.add_parser(
+        "verify", help="explain the policy's verdict for one reference (exit 1 if refused)"
+    )
+    add_common(verify)
+    verify.add_argument("reference", metavar="REF", help="registry/repo:tag or @digest")
+    hosts_cli.add_parser(sub)
     return parser
 
 
@@ -128,7 +149,14 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def build_gate(config: Config, metrics: Metrics) -> Gate:
-    return AllowAllGate()
+    """The signature gate for ``config.policy``; allow-all, loudly, without one."""
+    if config.policy is None:
+        log.warning(
+            "no --policy given: serving everything UNVERIFIED (allow-all). "
+            "Give a policy to verify signatures."
+        )
+        return AllowAllGate()
+    return SignatureGate(load_policy(config.policy), metrics=metrics)
 
 
 def build_store(config: Config) -> BlobStore:
@@ -148,15 +176,20 @@ def build_store(config: Config) -> BlobStore:
     return store
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, *, cri: tuple[str, str] | None = None) -> int:
     metrics = Metrics()
-    gate = build_gate(config, metrics)
+    try:
+        gate = build_gate(config, metrics)
+    except PolicyError as exc:
+        print(f"pullgate: policy error: {exc}", file=sys.stderr)
+        return 2
     store = build_store(config)
     pipeline = Pipeline(
         gate=gate,
         store=store,
         metrics=metrics,
         complete_on_disconnect=config.cache.complete_on_disconnect,
+        tag_staleness=config.cache.tag_staleness,
     )
     app = build_app(config=config, pipeline=pipeline, metrics=metrics)
     log.info(
@@ -169,15 +202,36 @@ def serve(config: Config) -> int:
     )
     import uvloop
 
-    uvloop.run(_serve_forever(app, config))
+    uvloop.run(_serve_forever(app, config, gate=gate, metrics=metrics, cri=cri))
     return 0
 
 
-async def _serve_forever(app: web.Application, config: Config) -> None:
+async def _serve_forever(
+    app: web.Application,
+    config: Config,
+    *,
+    gate: Gate,
+    metrics: Metrics,
+    cri: tuple[str, str] | None,
+) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=True)
     await runner.setup()
     admin_runner: web.AppRunner | None = None
+    background: list[asyncio.Task[None]] = []
+    cri_server = None
     try:
+        if isinstance(gate, SignatureGate) and config.policy is not None:
+            watcher = PolicyWatcher(path=config.policy, gate=gate, metrics=metrics)
+            background.append(asyncio.create_task(watcher.run()))
+        if cri is not None:
+            from proxy.cri.server import start_cri_server
+
+            cri_server, _ = await start_cri_server(
+                listen=cri[0],
+                runtime_endpoint=cri[1],
+                pipeline=app[PIPELINE_KEY],
+                router=lambda: app[ROUTER_KEY],
+            )
         site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=1024)
         await site.start()
         if config.admin_listen is not None:
@@ -189,6 +243,10 @@ async def _serve_forever(app: web.Application, config: Config) -> None:
         print(f"pullgate: serving on http://{config.listen_host}:{config.listen_port}", flush=True)
         await asyncio.Event().wait()
     finally:
+        for task in background:
+            task.cancel()
+        if cri_server is not None:
+            await cri_server.stop(grace=2)
         if admin_runner is not None:
             await admin_runner.cleanup()
         await runner.cleanup()
@@ -201,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         from proxy.prefetch_cli import run_prefetch
 
         return run_prefetch(args.admin, args.references, timeout=args.timeout)
+    if args.command == "install-hosts":
+        return hosts_cli.run(args)
     try:
         config = resolve_config(args)
     except ConfigError as exc:
@@ -211,9 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "serve":
+        cri = (args.cri_listen, args.cri_runtime_endpoint) if args.cri_listen else None
         try:
-            return serve(config)
+            return serve(config, cri=cri)
         except KeyboardInterrupt:
             return 0
+    if args.command == "verify":
+        from proxy.verify_cli import verify_reference
+
+        return asyncio.run(verify_reference(config, args.reference))
     parser.error(f"unknown command {args.command}")
     return 2

@@ -55,6 +55,9 @@ class CacheConfig:
     # Background re-hash of stored blobs, in bytes per second; 0 disables it.
     scrub_bytes_per_second: int = 64 * 1024**2
     scrub_interval_seconds: float = 3600.0
+    # Seconds a tag may resolve to its last verified digest while the upstream is
+    # unreachable (cache.tagStaleness); 0 = off: such pulls get 503 with the reason.
+    tag_staleness: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +254,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("cache watermarks must satisfy 0 < low <= high <= 1")
     if cache.max_bytes <= 0:
         raise ConfigError("cache.maxBytes must be positive")
+    if cache.tag_staleness < 0:
+        raise ConfigError("cache.tagStaleness must be 0 (off) or a number of seconds")
     if config.timeouts.connect <= 0 or config.timeouts.read <= 0:
         raise ConfigError("timeouts must be positive")
     for upstream in config.upstreams.values():

@@ -4,6 +4,11 @@ Manifests: resolve the reference upstream, fetch the exact bytes, check them, as
 gate, and serve exactly the bytes that were checked. Blobs: ask the gate, then stream
 from the store or the upstream while hashing, holding the tail back until the digest
 matches. The HTTP front end (and later the CRI one) call this; neither re-implements it.
+
+When the upstream cannot be reached, content verified earlier keeps being served:
+cached blobs never need the upstream, manifests asked for by digest come from the
+store with the verdict they passed (within the verdict TTL), and a tag resolves to
+its last verified digest for at most ``tag_staleness`` seconds (0: never).
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from proxy.cache import BlobSink, BlobStore
 from proxy.cache.fill import Fill, FillReader, FillTable
@@ -31,6 +38,8 @@ from proxy.oci.errors import (
     OCIError,
     StreamAborted,
     UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
     VerificationFailed,
 )
 from proxy.oci.manifest import MAX_MANIFEST_BYTES, Descriptor, Manifest, build_index, parse_manifest
@@ -46,12 +55,19 @@ log = logging.getLogger("pullgate.pipeline")
 HASH_BATCH = 2 * 1024 * 1024
 MAX_SMALL_BODY = 4 * 1024 * 1024
 VERIFIED_MANIFEST_ENTRIES = 4096
+# Blobs allowed by manifests served from the store while the upstream was down.
+OFFLINE_ALLOWED_ENTRIES = 65536
+TAG_STALENESS_OFF = "upstream unavailable and tag staleness is off"
 
 
 @dataclass(frozen=True, slots=True)
 class ServedManifest:
     manifest: Manifest
     verdict: Verdict
+    # Wall-clock time the verdict was reached (for the verdict TTL).
+    verified_at: float = 0.0
+    # True when served from the store because the upstream could not be reached.
+    offline: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +256,8 @@ class Pipeline:
         metrics: Metrics,
         hash_workers: int = 8,
         complete_on_disconnect: bool = False,
+        tag_staleness: float = 0.0,
+        verdict_ttl: float | None = None,
     ) -> None:
         self.gate = gate
         self.store = store
@@ -251,7 +269,12 @@ class Pipeline:
             metrics=metrics,
             complete_on_disconnect=complete_on_disconnect,
         )
+        # How long a tag may resolve to its last verified digest while the upstream is
+        # down (seconds; 0 = off), and how long a verdict stays good (None = forever).
+        self.tag_staleness = tag_staleness
+        self.verdict_ttl = verdict_ttl
         self._verified: OrderedDict[tuple[str, str, Digest], ServedManifest] = OrderedDict()
+        self._offline_allowed: OrderedDict[tuple[str, str, Digest], None] = OrderedDict()
 
     async def close(self) -> None:
         await self.fills.close()
@@ -262,17 +285,35 @@ class Pipeline:
     async def get_manifest(
         self, route: Route, repository: str, ref: ManifestRef, *, accept: str | None = None
     ) -> ServedManifest:
-        """The manifest to serve for ``ref``: fetched once, checked, gated."""
+        """The manifest to serve for ``ref``: fetched once, checked, gated.
+
+        If the upstream cannot be reached, falls back to verified content in the store
+        (see ``_serve_stored``).
+        """
         repo = RepoKey(route.registry, repository)
+        remembered: Manifest | None = None
         if ref.digest is not None:
-            cached = self._verified.get((route.registry, repository, ref.digest))
+            key = (route.registry, repository, ref.digest)
+            cached = self._verified.get(key)
             if cached is not None:
-                self._verified.move_to_end((route.registry, repository, ref.digest))
-                return cached
-        manifest = await self.fetch_manifest(route, repository, ref, accept=accept)
-        verdict = await self.gate.check_manifest(
-            repo, manifest, _RepoSource(self, route, repository)
-        )
+                if self._verdict_fresh(cached.verified_at):
+                    self._verified.move_to_end(key)
+                    remembered = cached.manifest
+                else:
+                    del self._verified[key]
+        try:
+            # Bytes fetched by digest are immutable, so remembered ones need no refetch;
+            # the gate still decides every time (its verdict cache makes that cheap), so
+            # a policy reload applies to them at once and blob allowances stay recorded.
+            manifest = remembered or await self.fetch_manifest(
+                route, repository, ref, accept=accept
+            )
+            verdict = await self.gate.check_manifest(
+                repo, manifest, _RepoSource(self, route, repository)
+            )
+        except (UpstreamUnavailable, UpstreamTimeout) as exc:
+            return await self._serve_stored(repo, ref, exc)
+        verified_at = time.time()
         self.metrics.verdicts.labels("allow" if verdict.allowed else "deny", verdict.mode).inc()
         if not verdict.allowed:
             self.metrics.denied.labels("manifest").inc()
@@ -289,13 +330,109 @@ class Pipeline:
                 verdict.mode,
                 verdict.reason,
             )
-        served = ServedManifest(manifest, verdict)
-        key = (route.registry, repository, manifest.digest)
+        served = ServedManifest(manifest, verdict, verified_at)
+        if remembered is None:
+            self._remember_verified(repo, served)
+            await self._store_verified(repo, ref, served)
+        return served
+
+    def _verdict_fresh(self, verified_at: float) -> bool:
+        return self.verdict_ttl is None or time.time() - verified_at <= self.verdict_ttl
+
+    def _remember_verified(self, repo: RepoKey, served: ServedManifest) -> None:
+        key = (repo.registry, repo.repository, served.manifest.digest)
         self._verified[key] = served
         self._verified.move_to_end(key)
         while len(self._verified) > VERIFIED_MANIFEST_ENTRIES:
             self._verified.popitem(last=False)
-        return served
+
+    async def _store_verified(
+        self, repo: RepoKey, ref: ManifestRef, served: ServedManifest
+    ) -> None:
+        """Keep an allowed manifest (and its tag) on disk for when the upstream is down."""
+        if not self.store.caching:
+            return
+        manifest, verdict = served.manifest, served.verdict
+        record: dict[str, Any] = {
+            "allowed": verdict.allowed,
+            "reason": verdict.reason,
+            "scope": verdict.scope,
+            "mode": verdict.mode,
+            "details": list(verdict.details),
+            "verifiedAt": served.verified_at,
+        }
+
+        def write() -> None:
+            self.store.put_manifest(
+                manifest.digest,
+                manifest.raw,
+                media_type=manifest.media_type,
+                repo=str(repo),
+                verdict=record,
+            )
+            if ref.tag is not None:
+                self.store.put_tag(str(repo), ref.tag, manifest.digest, served.verified_at)
+
+        await asyncio.get_running_loop().run_in_executor(self.hash_pool, write)
+
+    async def _serve_stored(
+        self, repo: RepoKey, ref: ManifestRef, cause: OCIError
+    ) -> ServedManifest:
+        """Serve a manifest verified earlier, because the upstream is unreachable.
+
+        1. A tag resolves to its last verified digest only within ``tag_staleness``.
+        2. The stored bytes are re-checked against the digest (the store does it).
+        3. Only a verdict that allowed it for this very repository counts, and only
+           while it is within the verdict TTL.
+        Anything else re-raises the upstream error (503/504), with the reason.
+        """
+        loop = asyncio.get_running_loop()
+        digest = ref.digest
+        if digest is None:
+            assert ref.tag is not None
+            if self.tag_staleness <= 0:
+                raise UpstreamUnavailable(f"{TAG_STALENESS_OFF} ({cause.message})")
+            tag = await loop.run_in_executor(self.hash_pool, self.store.get_tag, str(repo), ref.tag)
+            if tag is None:
+                raise type(cause)(f"{cause.message}; tag {ref.tag} was never verified here")
+            age = time.time() - tag.resolved_at
+            if age > self.tag_staleness:
+                raise type(cause)(
+                    f"{cause.message}; tag {ref.tag} was last verified {age:.0f}s ago, "
+                    f"beyond the tag staleness of {self.tag_staleness:.0f}s"
+                )
+            digest = tag.digest
+        stored = await loop.run_in_executor(self.hash_pool, self.store.get_manifest, digest)
+        record = stored.verdicts.get(str(repo)) if stored is not None else None
+        if stored is None or record is None or record.get("allowed") is not True:
+            raise type(cause)(f"{cause.message}; {digest} is not a verified manifest in cache")
+        verified_at = record.get("verifiedAt")
+        if not isinstance(verified_at, (int, float)) or not self._verdict_fresh(verified_at):
+            raise type(cause)(f"{cause.message}; the cached verdict for {digest} has expired")
+        manifest = parse_manifest(stored.raw, stored.media_type)
+        details = record.get("details")
+        verdict = Verdict(
+            allowed=True,
+            reason=str(record.get("reason", "")),
+            scope=str(record.get("scope", "")),
+            mode=str(record.get("mode", "enforce")),
+            details=tuple(str(d) for d in details) if isinstance(details, list) else (),
+        )
+        for blob in manifest.blob_digests:
+            key = (repo.registry, repo.repository, blob)
+            self._offline_allowed[key] = None
+            self._offline_allowed.move_to_end(key)
+        while len(self._offline_allowed) > OFFLINE_ALLOWED_ENTRIES:
+            self._offline_allowed.popitem(last=False)
+        log.warning(
+            "upstream of %s unavailable (%s); serving %s@%s verified %.0fs ago from the cache",
+            repo,
+            cause.message,
+            repo,
+            digest,
+            time.time() - verified_at,
+        )
+        return ServedManifest(manifest, verdict, float(verified_at), offline=True)
 
     async def fetch_manifest(
         self,
@@ -342,7 +479,8 @@ class Pipeline:
 
     def check_blob_allowed(self, route: Route, repository: str, digest: Digest) -> None:
         repo = RepoKey(route.registry, repository)
-        if not self.gate.blob_allowed(repo, digest):
+        offline_key = (route.registry, repository, digest)
+        if not self.gate.blob_allowed(repo, digest) and offline_key not in self._offline_allowed:
             self.metrics.denied.labels("blob").inc()
             raise BlobNotAllowed(
                 f"blob {digest} is not referenced by any verified manifest of {repo}; "
@@ -352,8 +490,9 @@ class Pipeline:
     async def open_blob(
         self, route: Route, repository: str, digest: Digest, *, range_header: str | None
     ) -> BlobFile | BlobStream | FillReader:
-        """Open a blob for serving: a verified local file, a reader of the shared
-        fill into the cache, or (no cache) a verifying stream."""
+        """Open a blob for serving: a verified local file (no upstream involved), a
+        reader of the shared fill into the cache, or (no cache, no room, disk full)
+        a verifying stream."""
         self.check_blob_allowed(route, repository, digest)
         path = self.store.path_of(digest)
         if path is not None:
@@ -361,9 +500,18 @@ class Pipeline:
                 return BlobFile(digest, path, path.stat().st_size)
             except FileNotFoundError:
                 pass
-        if self.store.caching and not self.fills.degraded:
+        if self.store.caching and self.store.accepts(digest) and not self.fills.degraded:
             return await self._join_fill(route, repository, digest, range_header)
         response = await self._open_upstream_blob(route, repository, digest)
+        return self._uncached_stream(route, digest, response, range_header)
+
+    def _uncached_stream(
+        self,
+        route: Route,
+        digest: Digest,
+        response: UpstreamResponse,
+        range_header: str | None,
+    ) -> BlobStream:
         size: int | None = response.content_length
         try:
             byte_range = parse_range(range_header, size) if size is not None else None
@@ -405,7 +553,7 @@ class Pipeline:
 
     async def _join_fill(
         self, route: Route, repository: str, digest: Digest, range_header: str | None
-    ) -> BlobFile | FillReader:
+    ) -> BlobFile | FillReader | BlobStream:
         """Join (or start) the single upstream fetch of ``digest`` into the cache."""
 
         async def open_response() -> UpstreamResponse:
@@ -418,6 +566,14 @@ class Pipeline:
             await fill.wait_started()
             if fill.open_error is not None:
                 raise fill.open_error
+            if fill.no_room:
+                # The store cannot keep it: stream uncached, on the fill's own upstream
+                # response if nobody took it yet.
+                response = fill.take_bypass()
+                reader.close()
+                if response is None:
+                    response = await self._open_upstream_blob(route, repository, digest)
+                return self._uncached_stream(route, digest, response, range_header)
             if fill.state == "failed":
                 raise UpstreamError(f"blob {digest}: {fill.error}")
             if fill.state == "committed" and fill.final_path is not None:

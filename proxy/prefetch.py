@@ -70,6 +70,8 @@ async def prefetch(
     fills: list[Fill] = []
     cached = 0
     for digest in wanted:
+        if not pipeline.store.accepts(digest):
+            continue  # not cacheable here (the disk store keeps sha256 only)
         if pipeline.store.path_of(digest) is not None:
             cached += wanted[digest]
             continue

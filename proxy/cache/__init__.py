@@ -1,17 +1,45 @@
-"""The blob store seam: where blobs that passed their digest check are kept."""
+"""The blob store seam: where blobs that passed their digest check are kept.
+
+Verified manifests are kept too, with the verdict that let them through, so that
+content already verified keeps being served while the upstream is down.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.oci.digest import Digest
+
+
+@dataclass(frozen=True, slots=True)
+class StoredManifest:
+    """A verified manifest on disk: its exact bytes and a verdict per repository."""
+
+    digest: Digest
+    raw: bytes
+    media_type: str
+    # "registry/repository" -> verdict metadata (allowed, reason, mode, verified_at, ...)
+    verdicts: Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTag:
+    """The digest a tag last resolved to (and was verified), and when."""
+
+    digest: Digest
+    resolved_at: float
 
 
 class BlobStore(Protocol):
     """What the pipeline needs of a store. ``caching`` False means: stream only."""
 
     caching: bool
+
+    def accepts(self, digest: Digest) -> bool:
+        """Whether this store can keep blob ``digest`` at all."""
 
     def path_of(self, digest: Digest) -> Path | None:
         """The file holding verified blob ``digest``, or None on a miss."""
@@ -28,8 +56,32 @@ class BlobStore(Protocol):
     def unpin(self, digest: Digest) -> None:
         """Undo one ``pin``."""
 
-    def has_room_for(self, size: int | None) -> bool:
-        """Whether a fill of ``size`` bytes may start (disk floor respected)."""
+    def make_room(self, size: int | None) -> bool:
+        """Evict as needed and reserve room for a fill of ``size`` bytes (None:
+        unknown); False if the blob cannot be kept."""
+
+    def release(self, size: int | None) -> None:
+        """Give back a reservation made by a successful ``make_room``."""
+
+    def put_manifest(
+        self,
+        digest: Digest,
+        raw: bytes,
+        *,
+        media_type: str,
+        repo: str,
+        verdict: Mapping[str, Any],
+    ) -> None:
+        """Keep a manifest that passed the gate for ``repo``, with its verdict."""
+
+    def get_manifest(self, digest: Digest) -> StoredManifest | None:
+        """A stored verified manifest (bytes re-checked against ``digest``), or None."""
+
+    def put_tag(self, repo: str, tag: str, digest: Digest, resolved_at: float) -> None:
+        """Remember that ``repo:tag`` resolved to verified ``digest`` at ``resolved_at``."""
+
+    def get_tag(self, repo: str, tag: str) -> StoredTag | None:
+        """The last verified resolution of ``repo:tag``, or None."""
 
 
 class BlobSink(Protocol):
@@ -47,6 +99,9 @@ class NoStore:
 
     caching = False
 
+    def accepts(self, digest: Digest) -> bool:
+        return False
+
     def path_of(self, digest: Digest) -> Path | None:
         return None
 
@@ -62,5 +117,28 @@ class NoStore:
     def unpin(self, digest: Digest) -> None:
         pass
 
-    def has_room_for(self, size: int | None) -> bool:
+    def make_room(self, size: int | None) -> bool:
         return False
+
+    def release(self, size: int | None) -> None:
+        pass
+
+    def put_manifest(
+        self,
+        digest: Digest,
+        raw: bytes,
+        *,
+        media_type: str,
+        repo: str,
+        verdict: Mapping[str, Any],
+    ) -> None:
+        pass
+
+    def get_manifest(self, digest: Digest) -> StoredManifest | None:
+        return None
+
+    def put_tag(self, repo: str, tag: str, digest: Digest, resolved_at: float) -> None:
+        pass
+
+    def get_tag(self, repo: str, tag: str) -> StoredTag | None:
+        return None

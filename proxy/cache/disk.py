@@ -5,15 +5,20 @@ Layout under ``root``::
     blobs/sha256/<hex>       verified blobs (entered only after their digest matched)
     ingest/<hex>.<token>     downloads in progress (removed at startup)
     manifests/sha256/<hex>   verified manifests, with ``<hex>.json`` verdict metadata
+    tags/<sha256(repo:tag)>  the digest each tag last resolved to, and when (JSON)
     quarantine/<hex>.<time>  blobs the scrub found corrupt
 
 The index is in memory: an LRU ordered dict (O(1) touch and evict), rebuilt from one
 directory listing at startup. Blobs being read or filled are pinned and never evicted.
+Fills reserve their announced size first, so concurrent fills cannot overshoot the
+budget together.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -21,11 +26,12 @@ import secrets
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from proxy.cache import StoredManifest, StoredTag
 from proxy.oci.digest import Digest
 
 log = logging.getLogger("pullgate.cache")
@@ -58,19 +64,30 @@ class DiskBlobStore:
         self.blob_dir = root / "blobs" / "sha256"
         self.ingest_dir = root / "ingest"
         self.manifest_dir = root / "manifests" / "sha256"
+        self.tag_dir = root / "tags"
         self.quarantine_dir = root / "quarantine"
         self._index: OrderedDict[str, int] = OrderedDict()  # hex -> size, LRU first
         self._pins: dict[str, int] = {}
         self.total_bytes = 0
+        # Bytes announced by fills in progress (not yet committed or abandoned).
+        self.reserved_bytes = 0
         self.evicted = 0
         self.quarantined = 0
+        # One scrub pass at a time (background loop and admin trigger share the store).
+        self.scrub_lock = asyncio.Lock()
 
     # -- startup -------------------------------------------------------------------
 
     def recover(self) -> RecoveryReport:
         """Create the layout, drop leftover ingest files, rebuild the index."""
         started = time.perf_counter()
-        for directory in (self.blob_dir, self.ingest_dir, self.manifest_dir, self.quarantine_dir):
+        for directory in (
+            self.blob_dir,
+            self.ingest_dir,
+            self.manifest_dir,
+            self.tag_dir,
+            self.quarantine_dir,
+        ):
             directory.mkdir(parents=True, exist_ok=True)
         removed = 0
         with os.scandir(self.ingest_dir) as entries:
@@ -110,6 +127,10 @@ class DiskBlobStore:
 
     # -- BlobStore protocol --------------------------------------------------------
 
+    def accepts(self, digest: Digest) -> bool:
+        """Only sha256 blobs have a place in the layout."""
+        return digest.algorithm == "sha256"
+
     def path_of(self, digest: Digest) -> Path | None:
         if digest.algorithm != "sha256" or digest.hex not in self._index:
             return None
@@ -129,6 +150,8 @@ class DiskBlobStore:
 
     def commit(self, digest: Digest, ingest_path: Path, size: int) -> Path:
         """Move a fully verified (and fsynced) ingest file into the store."""
+        if not self.accepts(digest):
+            raise ValueError(f"the disk store keeps sha256 blobs only, not {digest.algorithm}")
         final = self.blob_dir / digest.hex
         os.replace(ingest_path, final)
         _fsync_dir(self.blob_dir)
@@ -149,28 +172,48 @@ class DiskBlobStore:
         else:
             self._pins[digest.hex] = count
 
+    def make_room(self, size: int | None) -> bool:
+        """Reserve room for a fill of ``size`` bytes, evicting as needed.
+
+        False when the blob cannot be kept: bigger than the high watermark, or the
+        disk would drop under the free-space floor even after eviction. The caller
+        must ``release`` the same size once the fill committed or failed.
+        """
+        needed = size or 0
+        if needed > self.limits.max_bytes * self.limits.high_watermark:
+            return False
+        self.evict_if_needed(reserve=needed)
+        if self._free_bytes() - needed < self.limits.min_free_bytes:
+            return False
+        self.reserved_bytes += needed
+        return True
+
+    def release(self, size: int | None) -> None:
+        """Give back a reservation made by ``make_room``."""
+        self.reserved_bytes = max(0, self.reserved_bytes - (size or 0))
+
     def has_room_for(self, size: int | None) -> bool:
-        """Whether a fill of ``size`` bytes fits above the free-disk floor."""
-        free = shutil.disk_usage(self.root).free
-        return free - (size or 0) >= self.limits.min_free_bytes
+        """Whether a fill of ``size`` bytes fits above the free-disk floor (no eviction)."""
+        return self._free_bytes() - (size or 0) >= self.limits.min_free_bytes
 
     # -- eviction ------------------------------------------------------------------
 
     def evict_if_needed(self, reserve: int = 0) -> int:
         """Evict least recently used, unpinned blobs down to the low watermark
-        once usage passes the high watermark (or free disk drops under the floor)."""
+        once usage (plus ``reserve`` and fills in progress) passes the high
+        watermark, or while free disk minus ``reserve`` is under the floor."""
         high = self.limits.max_bytes * self.limits.high_watermark
         low = self.limits.max_bytes * self.limits.low_watermark
-        over_budget = self.total_bytes + reserve > high
-        under_floor = self._free_bytes() < self.limits.min_free_bytes
+        floor = self.limits.min_free_bytes
+        pending = reserve + self.reserved_bytes
+        over_budget = self.total_bytes + pending > high
+        under_floor = self._free_bytes() - reserve < floor
         if not over_budget and not under_floor:
             return 0
         freed = 0
+        # Walk least recently used first; pinned blobs are skipped, never waited for.
         for name in list(self._index):
-            if (
-                self.total_bytes + reserve <= low
-                and self._free_bytes() >= self.limits.min_free_bytes
-            ):
+            if self.total_bytes + pending <= low and self._free_bytes() - reserve >= floor:
                 break
             if name in self._pins:
                 continue
@@ -200,41 +243,123 @@ class DiskBlobStore:
     def is_pinned(self, digest: Digest) -> bool:
         return digest.hex in self._pins
 
-    def quarantine(self, digest: Digest, reason: str) -> None:
-        """Take a blob out of service: it will never be served again."""
+    def quarantine(self, digest: Digest, reason: str) -> bool:
+        """Take a blob out of service: it is never served again (a later pull
+        fetches and verifies it afresh). False if it was no longer stored."""
         size = self._index.pop(digest.hex, None)
-        if size is not None:
-            self.total_bytes -= size
+        if size is None:
+            return False
+        self.total_bytes -= size
         source = self.blob_dir / digest.hex
-        target = self.quarantine_dir / f"{digest.hex}.{int(time.time())}"
-        with contextlib.suppress(FileNotFoundError):
+        target = self.quarantine_dir / f"{digest.hex}.{time.time_ns()}"
+        try:
             os.replace(source, target)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            # Could not move it aside: delete it rather than leave it servable.
+            log.error("cannot move %s to quarantine (%s); deleting it", source, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(source)
         self.quarantined += 1
         log.error("quarantined blob %s: %s (moved to %s)", digest, reason, target)
+        return True
 
-    # -- manifests -----------------------------------------------------------------
+    # -- manifests and tags --------------------------------------------------------
 
-    def put_manifest(self, digest: Digest, raw: bytes, meta: dict[str, Any]) -> None:
+    def put_manifest(
+        self,
+        digest: Digest,
+        raw: bytes,
+        *,
+        media_type: str,
+        repo: str,
+        verdict: Mapping[str, Any],
+    ) -> None:
+        """Keep a verified manifest and record ``verdict`` for ``repo`` beside it.
+
+        Both files are replaced atomically; reads re-check the bytes against the
+        digest, so a torn write after a crash reads as a miss, never as content.
+        """
+        if not self.accepts(digest):
+            return
         path = self.manifest_dir / digest.hex
-        tmp = self.ingest_dir / f"m-{digest.hex}.{secrets.token_hex(6)}"
+        meta_path = self.manifest_dir / f"{digest.hex}.json"
         try:
-            tmp.write_bytes(raw)
-            os.replace(tmp, path)
-            (self.manifest_dir / f"{digest.hex}.json").write_text(json.dumps(meta))
+            if not path.exists():
+                self._write_atomic(path, raw)
+            meta = self._read_meta(meta_path)
+            verdicts = meta.get("verdicts")
+            if not isinstance(verdicts, dict):
+                verdicts = {}
+            verdicts[repo] = dict(verdict)
+            meta = {"mediaType": media_type, "verdicts": verdicts}
+            self._write_atomic(meta_path, json.dumps(meta, sort_keys=True).encode())
         except OSError as exc:
             log.warning("could not store manifest %s: %s", digest, exc)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
 
-    def get_manifest(self, digest: Digest) -> tuple[bytes, dict[str, Any]] | None:
+    def get_manifest(self, digest: Digest) -> StoredManifest | None:
+        if not self.accepts(digest):
+            return None
         try:
             raw = (self.manifest_dir / digest.hex).read_bytes()
-            meta = json.loads((self.manifest_dir / f"{digest.hex}.json").read_text())
+        except OSError:
+            return None
+        meta = self._read_meta(self.manifest_dir / f"{digest.hex}.json")
+        media_type = meta.get("mediaType")
+        verdicts = meta.get("verdicts")
+        if not digest.matches(raw) or not isinstance(media_type, str):
+            return None
+        if not isinstance(verdicts, dict):
+            return None
+        return StoredManifest(
+            digest=digest,
+            raw=raw,
+            media_type=media_type,
+            verdicts={k: v for k, v in verdicts.items() if isinstance(v, dict)},
+        )
+
+    def put_tag(self, repo: str, tag: str, digest: Digest, resolved_at: float) -> None:
+        record = {"repository": repo, "tag": tag, "digest": str(digest), "resolvedAt": resolved_at}
+        try:
+            self._write_atomic(self._tag_path(repo, tag), json.dumps(record).encode())
+        except OSError as exc:
+            log.warning("could not record tag %s:%s: %s", repo, tag, exc)
+
+    def get_tag(self, repo: str, tag: str) -> StoredTag | None:
+        record = self._read_meta(self._tag_path(repo, tag))
+        # The file name is a hash: check the record really is this tag's.
+        if record.get("repository") != repo or record.get("tag") != tag:
+            return None
+        resolved_at = record.get("resolvedAt")
+        try:
+            digest = Digest.parse(str(record.get("digest")))
+        except Exception:
+            return None
+        if not isinstance(resolved_at, (int, float)):
+            return None
+        return StoredTag(digest=digest, resolved_at=float(resolved_at))
+
+    def _tag_path(self, repo: str, tag: str) -> Path:
+        return self.tag_dir / hashlib.sha256(f"{repo}:{tag}".encode()).hexdigest()
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        tmp = self.ingest_dir / f"m-{path.name}.{secrets.token_hex(6)}"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    @staticmethod
+    def _read_meta(path: Path) -> dict[str, Any]:
+        try:
+            doc = json.loads(path.read_bytes())
         except (OSError, ValueError):
-            return None
-        if not digest.matches(raw) or not isinstance(meta, dict):
-            return None
-        return raw, meta
+            return {}
+        return doc if isinstance(doc, dict) else {}
 
     def __len__(self) -> int:
         return len(self._index)

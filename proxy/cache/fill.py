@@ -5,6 +5,10 @@ of its own. Every request for that digest (the first one included) is a
 ``FillReader`` tailing the growing ingest file; readers send everything but their
 last piece at once, and the last piece only after the fill committed (digest matched,
 fsynced, renamed). A failed fill fails every reader, and their connections are cut.
+
+A blob the store cannot keep (bigger than the budget, disk under its floor) is not
+filled: the fill ends with ``no_room`` and hands its open upstream response to one
+reader, which streams it uncached; the others open their own.
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ class Fill:
         self.error: str | None = None
         self.open_error: OCIError | None = None
         self.disk_full = False
+        self.no_room = False
+        # The open upstream response of a fill that found no room, for one reader to take.
+        self.bypass: UpstreamResponse | None = None
+        self._reserved: int | None = None
         self.readers = 0
         self.task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -93,6 +101,17 @@ class Fill:
             self._fail(self.open_error.message, count=False)
             return
         self.size = response.content_length
+        if not self._store.make_room(self.size):
+            self.no_room = True
+            self.bypass = response
+            log.warning(
+                "no room in the cache for blob %s (%s bytes); serving it uncached",
+                self.digest,
+                self.size if self.size is not None else "unknown",
+            )
+            self._fail("no room in the cache", count=False)
+            return
+        self._reserved = self.size
         self._store.pin(self.digest)
         fd = -1
         try:
@@ -119,7 +138,21 @@ class Fill:
             if self.state != "committed":
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
+                # A commit that failed half-way must not leave the state "running".
+                if not self.done:
+                    self._fail(self.error or "fill ended without a verified blob", count=False)
+            self._release()
             self._store.unpin(self.digest)
+
+    def _release(self) -> None:
+        if self._reserved is not None:
+            self._store.release(self._reserved)
+            self._reserved = None
+
+    def take_bypass(self) -> UpstreamResponse | None:
+        """The open upstream response of a no-room fill, to the first caller only."""
+        response, self.bypass = self.bypass, None
+        return response
 
     async def _download(self, response: UpstreamResponse, fd: int) -> None:
         loop = asyncio.get_running_loop()
@@ -131,22 +164,30 @@ class Fill:
         # Hashing and writing run in two worker threads at once, a batch at a time,
         # while the loop keeps receiving: at most one batch is in flight.
         pending: asyncio.Future[int] | None = None
-        async for chunk in response.iter_body():
-            received += len(chunk)
-            if self.size is not None and received > self.size:
-                self._metrics.upstream_truncated.labels(self.registry).inc()
-                raise FillFailed("upstream sent more bytes than announced")
-            batch.append(chunk)
-            batch_bytes += len(chunk)
-            if batch_bytes >= WRITE_BATCH:
-                if pending is not None:
-                    self.written += await pending
-                    self._notify()
-                pending = self._write_and_hash(fd, hasher, batch)
-                batch, batch_bytes = [], 0
-        if pending is not None:
-            self.written += await pending
-        self.written += await self._write_and_hash(fd, hasher, batch)
+        try:
+            async for chunk in response.iter_body():
+                received += len(chunk)
+                if self.size is not None and received > self.size:
+                    self._metrics.upstream_truncated.labels(self.registry).inc()
+                    raise FillFailed("upstream sent more bytes than announced")
+                batch.append(chunk)
+                batch_bytes += len(chunk)
+                if batch_bytes >= WRITE_BATCH:
+                    if pending is not None:
+                        self.written += await pending
+                        self._notify()
+                    pending = self._write_and_hash(fd, hasher, batch)
+                    batch, batch_bytes = [], 0
+            if pending is not None:
+                self.written += await pending
+                pending = None
+            self.written += await self._write_and_hash(fd, hasher, batch)
+        finally:
+            if pending is not None and not pending.done():
+                # The caller closes ``fd`` next: let the workers finish with it first, or
+                # a reused descriptor number could receive this blob's bytes.
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait({pending})
         self._metrics.upstream_bytes.labels(self.registry).inc(received)
         if self.size is not None and received != self.size:
             self._metrics.upstream_truncated.labels(self.registry).inc()
@@ -156,6 +197,7 @@ class Fill:
             self._metrics.digest_mismatch.labels(self.registry).inc()
             raise FillFailed(f"upstream bytes hash to {self.digest.algorithm}:{actual}")
         await loop.run_in_executor(self._pool, os.fsync, fd)
+        self._release()
         self.final_path = self._store.commit(self.digest, self.path, received)
         self.size = received
         self.state = "committed"
@@ -191,7 +233,7 @@ class Fill:
     def _fail(self, reason: str, *, count: bool) -> None:
         self.state = "failed"
         self.error = reason
-        if self.open_error is None:
+        if self.open_error is None and not self.no_room:
             log.error(
                 "fill of blob %s from %s failed: %s; every reader's connection is cut",
                 self.digest,
@@ -281,11 +323,20 @@ class FillTable:
 
     def reader_left(self, fill: Fill) -> None:
         fill.readers -= 1
+        if fill.readers <= 0:
+            # A no-room hand-off nobody took: free the upstream connection.
+            unclaimed = fill.take_bypass()
+            if unclaimed is not None:
+                unclaimed.close()
         abandoned = fill.readers <= 0 and not fill.done and not self.complete_on_disconnect
         if abandoned and fill.task is not None:
             fill.task.cancel()
 
     async def close(self) -> None:
+        for fill in list(self._fills.values()):
+            unclaimed = fill.take_bypass()
+            if unclaimed is not None:
+                unclaimed.close()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -322,8 +373,15 @@ class FillReader:
         stop = (self.byte_range.end + 1) if self.byte_range else self.size  # exclusive
         path = fill.final_path if fill.state == "committed" else fill.path
         assert path is not None
-        fd = os.open(path, os.O_RDONLY)
+        fd = -1
         try:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                # The fill failed (ingest removed) or the blob left the store meanwhile.
+                raise FillFailed(
+                    f"blob {fill.digest}: {fill.error or 'its cache file vanished'}"
+                ) from None
             while True:
                 if fill.state == "failed":
                     raise FillFailed(fill.error or "fill failed")
@@ -347,7 +405,8 @@ class FillReader:
                 self.content_length or fill.size or 0
             )
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             self.close()
 
     def close(self) -> None:

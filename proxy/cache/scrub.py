@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -31,26 +32,47 @@ class ScrubReport:
     seconds: float
 
 
-def hash_file(path: os.PathLike[str] | str, digest: Digest, bytes_per_second: int) -> bool:
-    """Whether the file hashes to ``digest``, reading at most ``bytes_per_second``."""
+def hash_file(
+    path: os.PathLike[str] | str,
+    digest: Digest,
+    bytes_per_second: int,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool:
+    """Whether the file hashes to ``digest``, reading at most ``bytes_per_second``
+    (0: unlimited). Runs in a worker thread: it sleeps to stay under the rate."""
     hasher = digest.hasher()
-    started = time.monotonic()
+    started = clock()
     done = 0
     with open(path, "rb", buffering=0) as handle:
         while chunk := handle.read(SCRUB_READ):
             hasher.update(chunk)
             done += len(chunk)
             if bytes_per_second > 0:
-                ahead = done / bytes_per_second - (time.monotonic() - started)
+                ahead = done / bytes_per_second - (clock() - started)
                 if ahead > 0:
-                    time.sleep(ahead)
+                    sleep(ahead)
     return hasher.hexdigest() == digest.hex
 
 
 async def scrub_once(
     store: DiskBlobStore, *, metrics: Metrics, pool: Executor, bytes_per_second: int
 ) -> ScrubReport:
-    """One pass over every stored blob; quarantines the ones that fail."""
+    """One pass over every stored blob; quarantines the ones that fail.
+
+    Pinned blobs (being read or filled) are skipped this pass. Passes never overlap:
+    the background loop and an admin trigger take turns.
+    """
+    async with store.scrub_lock:
+        return await _scrub_pass(
+            store, metrics=metrics, pool=pool, bytes_per_second=bytes_per_second
+        )
+
+
+async def _scrub_pass(
+    store: DiskBlobStore, *, metrics: Metrics, pool: Executor, bytes_per_second: int
+) -> ScrubReport:
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     checked = corrupt = total = 0
@@ -59,16 +81,16 @@ async def scrub_once(
         if path is None or store.is_pinned(digest):
             continue
         try:
+            size = path.stat().st_size
             ok = await loop.run_in_executor(pool, hash_file, path, digest, bytes_per_second)
-            total += path.stat().st_size
         except FileNotFoundError:
-            continue
+            continue  # evicted meanwhile
         checked += 1
+        total += size
         metrics.scrubbed.inc()
-        if not ok:
+        if not ok and store.quarantine(digest, "content no longer matches its digest (scrub)"):
             corrupt += 1
             metrics.scrub_corrupt.inc()
-            store.quarantine(digest, "content no longer matches its digest (scrub)")
     report = ScrubReport(checked, corrupt, total, time.perf_counter() - started)
     log.info(
         "scrub: %d blobs checked, %d corrupt, %d bytes in %.1fs",

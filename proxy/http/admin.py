@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from aiohttp import web
 
-from proxy.http.app import METRICS_KEY, PIPELINE_KEY, ROUTER_KEY, metrics_handler, oci_errors
+from proxy.cache.disk import DiskBlobStore
+from proxy.cache.scrub import scrub_once
+from proxy.http.app import (
+    CONFIG_KEY,
+    METRICS_KEY,
+    PIPELINE_KEY,
+    ROUTER_KEY,
+    metrics_handler,
+    oci_errors,
+)
 from proxy.oci.errors import OCIError, PathInvalid, Unsupported
 from proxy.prefetch import prefetch_all
 
@@ -54,6 +64,22 @@ async def prefetch_handler(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def scrub_handler(request: web.Request) -> web.Response:
+    """``POST /admin/scrub``: run one scrub pass now and answer with its report."""
+    main = request.app[MAIN_APP_KEY]
+    pipeline = main[PIPELINE_KEY]
+    store = pipeline.store
+    if not isinstance(store, DiskBlobStore):
+        raise Unsupported("scrub needs a cache: start pullgate with --cache-dir")
+    report = await scrub_once(
+        store,
+        metrics=main[METRICS_KEY],
+        pool=pipeline.hash_pool,
+        bytes_per_second=main[CONFIG_KEY].cache.scrub_bytes_per_second,
+    )
+    return web.json_response(dataclasses.asdict(report))
+
+
 def build_admin_app(main: web.Application) -> web.Application:
     """The admin app shares the main app's pipeline, router and metrics."""
     admin = web.Application(middlewares=[oci_errors])
@@ -61,6 +87,7 @@ def build_admin_app(main: web.Application) -> web.Application:
     admin[METRICS_KEY] = main[METRICS_KEY]
     admin[PIPELINE_KEY] = main[PIPELINE_KEY]
     admin.router.add_route("*", "/admin/prefetch", prefetch_handler)
+    admin.router.add_post("/admin/scrub", scrub_handler)
     admin.router.add_get("/metrics", metrics_handler)
     admin.router.add_get("/healthz", lambda _: _healthz())
     return admin

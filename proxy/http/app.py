@@ -25,6 +25,7 @@ from proxy.oci.ranges import ByteRange, parse_range
 from proxy.oci.reference import DistributionPath, Endpoint, parse_distribution_path
 from proxy.pipeline import BlobFile, BlobStream, Pipeline
 from proxy.upstream.router import Route, UpstreamRouter
+from proxy.upstream.session import new_upstream_session
 
 log = logging.getLogger("pullgate.http")
 
@@ -285,13 +286,7 @@ def build_app(*, config: Config, pipeline: Pipeline, metrics: Metrics) -> web.Ap
     app[METRICS_KEY] = metrics
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=60)
-        session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            read_bufsize=4 * 1024 * 1024,
-            trust_env=False,
-        )
+        session = new_upstream_session()
         app[ROUTER_KEY] = UpstreamRouter(config=config, session=session, metrics=metrics)
         yield
         await session.close()

@@ -1,0 +1,17 @@
+"""The one way pullgate opens its upstream HTTP session."""
+
+from __future__ import annotations
+
+import aiohttp
+
+
+def new_upstream_session() -> aiohttp.ClientSession:
+    """A session that hands containerd the registry's bytes untouched (no decompression),
+    reads in big buffers, and ignores proxy environment variables."""
+    connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=60)
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        read_bufsize=4 * 1024 * 1024,
+        trust_env=False,
+    )
