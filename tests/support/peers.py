@@ -368,6 +368,7 @@ class Nginx(_Process):
         w = self.workdir
         (w / "nginx.conf").write_text(
             f"""daemon off;
+user root;
 worker_processes 1;
 pid {w}/nginx.pid;
 error_log {w}/error.log;

@@ -1,0 +1,414 @@
+"""Side-by-side performance harness: ``python -m bench [--smoke] [--out DIR]``.
+
+Every peer is started here, on loopback, in a temp dir, and measured in the same run:
+
+* ``direct``     : the upstream ``docker-registry``;
+* ``proxy-cold`` : ``docker-registry`` in proxy mode (pull-through cache), empty;
+* ``nginx``      : nginx sending the same blob file with sendfile (warm-serving limit);
+* ``pullgate-cold`` / ``pullgate-warm`` : pullgate with an empty cache, then a hit;
+* ``pullgate-stream`` : pullgate without a cache (stream + inline sha256 only).
+
+Repetitions alternate the peers' order to cancel drift; medians and min-max are
+reported. Outputs ``results.json``, ``results.md`` and ``results.png`` in ``--out``.
+Nothing here asserts a time: it prints figures and ratios against the goals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.ocilayout import push_blob, write_blob_file  # noqa: E402
+from tests.support.peers import Nginx, Pullgate, Registry  # noqa: E402
+
+GIB = 1024**3
+MIB = 1024**2
+REGISTRY = "registry.example.test"
+REPO = "bench/blob"
+
+
+@dataclass
+class Figure:
+    name: str
+    unit: str
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "unit": self.unit,
+            "median": self.median,
+            "min": min(self.samples, default=float("nan")),
+            "max": max(self.samples, default=float("nan")),
+            "samples": self.samples,
+        }
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1024, "M": MIB, "G": GIB}
+    text = text.strip().upper()
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def fetch(url: str, *, headers: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """GET ``url`` into a reused buffer; returns (seconds, time to first byte, sha256)."""
+    parts = url.split("/", 3)
+    host, port = parts[2].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    buffer = bytearray(4 * MIB)
+    view = memoryview(buffer)
+    hasher = hashlib.sha256()
+    started = time.perf_counter()
+    conn.request("GET", "/" + parts[3], headers=headers or {})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"GET {url}: {response.status} {response.read()[:300]!r}")
+    first = None
+    while True:
+        count = response.readinto(view)
+        if not count:
+            break
+        if first is None:
+            first = time.perf_counter() - started
+        hasher.update(view[:count])
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return elapsed, first or elapsed, "sha256:" + hasher.hexdigest()
+
+
+def rss_peak_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def sha256_seconds(size: int) -> float:
+    block = os.urandom(4 * MIB)
+    hasher = hashlib.sha256()
+    started = time.perf_counter()
+    for _ in range(max(1, size // len(block))):
+        hasher.update(block)
+    return time.perf_counter() - started
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem / GIB, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+class Bench:
+    def __init__(self, work: Path, size: int, reps: int) -> None:
+        self.work = work
+        self.size = size
+        self.reps = reps
+        self.figures: dict[str, Figure] = {}
+        self.notes: list[str] = []
+        self.restart_blobs = 100_000
+
+    def figure(self, name: str, unit: str) -> Figure:
+        return self.figures.setdefault(name, Figure(name, unit))
+
+    def run(self, scenarios: set[str]) -> None:
+        blob_file = self.work / "blob.bin"
+        print(f"writing a {self.size / GIB:.2f} GiB blob ...", flush=True)
+        digest = write_blob_file(blob_file, self.size, seed=1)
+        registry = Registry(self.work / "registry").start()
+        try:
+            push_blob(registry.url, REPO, blob_file, digest=digest)
+            nginx_root = self.work / "nginx-root"
+            nginx_root.mkdir()
+            os.link(blob_file, nginx_root / "blob.bin")
+            nginx = Nginx(self.work / "nginx", nginx_root).start()
+            try:
+                if "pull" in scenarios:
+                    self.pulls(registry, nginx, digest)
+                if "fanin" in scenarios:
+                    self.fan_in(registry, digest)
+            finally:
+                nginx.stop()
+            if "restart" in scenarios:
+                self.restart(registry)
+        finally:
+            registry.stop()
+        self.figure("sha256 (hashlib, one core)", "GB/s").samples.append(
+            self.size / sha256_seconds(self.size) / 1e9
+        )
+
+    def pulls(self, registry: Registry, nginx: Nginx, digest: str) -> None:
+        path = f"/v2/{REPO}/blobs/{digest}"
+        peers: list[tuple[str, Callable[[int], float]]] = []
+
+        def direct(rep: int) -> float:
+            seconds, ttfb, got = fetch(registry.url + path)
+            assert got == digest
+            self.figure("TTFB direct", "ms").samples.append(ttfb * 1000)
+            return seconds
+
+        def nginx_warm(rep: int) -> float:
+            seconds, _, got = fetch(nginx.url + "/blob.bin")
+            assert got == digest
+            return seconds
+
+        def proxy_cold(rep: int) -> float:
+            proxy = Registry(self.work / f"proxy{rep}", proxy_remote=registry.url).start()
+            try:
+                seconds, _, got = fetch(proxy.url + path)
+                assert got == digest
+                return seconds
+            finally:
+                proxy.stop()
+                shutil.rmtree(self.work / f"proxy{rep}", ignore_errors=True)
+
+        def pullgate_run(rep: int, *, cache: bool) -> tuple[float, float]:
+            cache_dir = self.work / f"cache{rep}" if cache else None
+            peer = Pullgate(
+                self.work / f"pullgate{rep}{cache}",
+                upstreams={REGISTRY: registry.url},
+                cache_dir=cache_dir,
+            ).start()
+            try:
+                url = f"{peer.url}{path}?ns={REGISTRY}"
+                cpu_before = cpu_seconds(peer.pid)
+                cold, ttfb, got = fetch(url)
+                assert got == digest
+                cpu = cpu_seconds(peer.pid) - cpu_before
+                label = "cold" if cache else "stream"
+                self.figure(f"pullgate-{label} CPU", "s/GiB").samples.append(
+                    cpu / (self.size / GIB)
+                )
+                self.figure(f"TTFB pullgate-{label}", "ms").samples.append(ttfb * 1000)
+                self.figure(f"pullgate-{label} peak RSS", "MiB").samples.append(
+                    rss_peak_kib(peer.pid) / 1024
+                )
+                warm = float("nan")
+                if cache:
+                    warm, _, got = fetch(url)
+                    assert got == digest
+                return cold, warm
+            finally:
+                peer.stop()
+                if cache_dir is not None:
+                    shutil.rmtree(cache_dir, ignore_errors=True)
+
+        def pullgate_cold(rep: int) -> float:
+            cold, warm = pullgate_run(rep, cache=True)
+            self.figure("pullgate-warm", "GB/s").samples.append(self.size / warm / 1e9)
+            return cold
+
+        def pullgate_stream(rep: int) -> float:
+            return pullgate_run(rep, cache=False)[0]
+
+        peers = [
+            ("direct", direct),
+            ("nginx", nginx_warm),
+            ("proxy-cold", proxy_cold),
+            ("pullgate-cold", pullgate_cold),
+            ("pullgate-stream", pullgate_stream),
+        ]
+        for rep in range(self.reps):
+            # Rotate the order each repetition so drift hits every peer alike.
+            order = peers[rep % len(peers) :] + peers[: rep % len(peers)]
+            for name, run in order:
+                seconds = run(rep)
+                self.figure(name, "GB/s").samples.append(self.size / seconds / 1e9)
+                print(f"  rep {rep} {name:<16} {self.size / seconds / 1e9:6.2f} GB/s", flush=True)
+
+    def fan_in(self, registry: Registry, digest: str, clients: int = 32) -> None:
+        path = f"/v2/{REPO}/blobs/{digest}"
+        before = registry.blob_gets(digest)
+        peer = Pullgate(
+            self.work / "pullgate-fanin",
+            upstreams={REGISTRY: registry.url},
+            cache_dir=self.work / "cache-fanin",
+        ).start()
+        try:
+            results: list[str] = []
+            lock = threading.Lock()
+
+            def client() -> None:
+                _, _, got = fetch(f"{peer.url}{path}?ns={REGISTRY}")
+                with lock:
+                    results.append(got)
+
+            threads = [threading.Thread(target=client) for _ in range(clients)]
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = time.perf_counter() - started
+            upstream_bytes = peer.metrics().get("pullgate_upstream_bytes_total", float("nan"))
+        finally:
+            peer.stop()
+            shutil.rmtree(self.work / "cache-fanin", ignore_errors=True)
+        gets = registry.blob_gets(digest) - before
+        correct = sum(1 for r in results if r == digest)
+        self.figure("fan-in upstream GETs", "count").samples.append(gets)
+        self.figure("fan-in upstream bytes / blob", "x").samples.append(upstream_bytes / self.size)
+        self.figure("fan-in aggregate", "GB/s").samples.append(clients * self.size / elapsed / 1e9)
+        self.notes.append(f"fan-in: {correct}/{clients} clients got correct bytes")
+        print(f"  fan-in: {gets} upstream GET(s), {correct}/{clients} correct", flush=True)
+
+    def restart(self, registry: Registry) -> None:
+        blobs = self.restart_blobs
+        cache = self.work / "cache-restart"
+        directory = cache / "blobs" / "sha256"
+        directory.mkdir(parents=True)
+        for number in range(blobs):
+            data = number.to_bytes(8, "big")
+            (directory / hashlib.sha256(data).hexdigest()).write_bytes(data)
+        for rep in range(self.reps):
+            peer = Pullgate(
+                self.work / f"pullgate-restart{rep}",
+                upstreams={REGISTRY: registry.url},
+                cache_dir=cache,
+            )
+            started = time.perf_counter()
+            peer.start(timeout=120)
+            self.figure(f"restart with {blobs} blobs", "s").samples.append(
+                time.perf_counter() - started
+            )
+            peer.stop()
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+GOALS = [
+    ("cold pull vs direct", "pullgate-cold", "direct", 0.90),
+    ("cold pull vs registry proxy cold", "pullgate-cold", "proxy-cold", 1.25),
+    ("warm pull vs nginx", "pullgate-warm", "nginx", 0.90),
+    ("stream (no cache) vs direct", "pullgate-stream", "direct", 0.90),
+]
+
+
+def report(bench: Bench, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {name: f.as_dict() for name, f in bench.figures.items()}
+    ratios = []
+    for label, a, b, goal in GOALS:
+        if a in bench.figures and b in bench.figures:
+            ratio = bench.figures[a].median / bench.figures[b].median
+            ratios.append({"measure": label, "ratio": ratio, "goal": goal, "met": ratio >= goal})
+    result = {
+        "machine": machine(),
+        "blob_bytes": bench.size,
+        "reps": bench.reps,
+        "figures": figures,
+        "ratios": ratios,
+        "notes": bench.notes,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"Machine: {result['machine']}",
+        "",
+        f"Blob {bench.size / GIB:.2f} GiB, {bench.reps} repetitions (median, min-max).",
+        "",
+        "| measure | unit | median | min | max |",
+        "|---|---|---|---|---|",
+    ]
+    for f in figures.values():
+        lines.append(
+            f"| {f['name']} | {f['unit']} | {f['median']:.3f} | {f['min']:.3f} | {f['max']:.3f} |"
+        )
+    lines += ["", "| ratio | measured | goal | met |", "|---|---|---|---|"]
+    for r in ratios:
+        lines.append(
+            f"| {r['measure']} | {r['ratio']:.2f}x | ≥ {r['goal']:.2f}x | "
+            f"{'yes' if r['met'] else 'no'} |"
+        )
+    lines += ["", *bench.notes]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [n for n, f in bench.figures.items() if f.unit == "GB/s"]
+        medians = [bench.figures[n].median for n in names]
+        fig, ax = plt.subplots(figsize=(9, 4))
+        ax.barh(names, medians)
+        ax.set_xlabel("GB/s (median)")
+        ax.set_title(f"pullgate vs peers, {bench.size / GIB:.2f} GiB blob")
+        fig.tight_layout()
+        fig.savefig(out / "results.png")
+        plt.close(fig)
+    except ImportError:
+        bench.notes.append("matplotlib missing: no chart")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny run to keep the harness working")
+    parser.add_argument("--size", default="1G", help="blob size (default 1G)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--only", default="pull,fanin,restart", help="comma list of pull, fanin, restart"
+    )
+    args = parser.parse_args(argv)
+    size = 16 * MIB if args.smoke else parse_size(args.size)
+    reps = 1 if args.smoke else args.reps
+    scenarios = set(args.only.split(","))
+    work = Path(tempfile.mkdtemp(prefix="pullgate-bench-"))
+    try:
+        free = shutil.disk_usage(work).free
+        if free < 4 * size:
+            print(f"not enough disk in {work}: {free / GIB:.1f} GiB free", file=sys.stderr)
+            return 2
+        bench = Bench(work, size, reps)
+        if args.smoke:
+            bench.restart_blobs = 1000
+        bench.run(scenarios)
+        report(bench, args.out)
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The bench harness keeps working: its tiny smoke mode runs every peer and reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_smoke_reports_every_peer(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    figures = result["figures"]
+    for peer in ("direct", "nginx", "proxy-cold", "pullgate-cold", "pullgate-warm"):
+        assert figures[peer]["samples"], peer
+        assert figures[peer]["median"] > 0
+    # Single-flight is a correctness property, so the smoke run checks it exactly.
+    assert figures["fan-in upstream GETs"]["samples"] == [1]
+    assert "32/32 clients got correct bytes" in result["notes"][0]
+    assert (tmp_path / "results.md").read_text().count("|") > 20
+    assert (tmp_path / "results.png").stat().st_size > 1000
