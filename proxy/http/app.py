@@ -90,10 +90,13 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     raw_path, _, query = request.raw_path.partition("?")
     if raw_path in ("/metrics", "/healthz"):
         return await _admin(request, raw_path)
+    # Writes are refused before the path is even parsed: whatever the path, the answer
+    # to a push is that this mirror is read-only.
+    if request.method not in READ_METHODS:
+        request["endpoint"] = "write"
+        raise Unsupported(f"{request.method} is not supported: pullgate is a read-only mirror")
     parsed = parse_distribution_path(raw_path)
     request["endpoint"] = parsed.endpoint.value
-    if request.method not in READ_METHODS:
-        raise Unsupported(f"{request.method} is not supported: pullgate is a read-only mirror")
     if len(query) > MAX_QUERY_LENGTH:
         raise RouteUnknown("query string is too long")
     if parsed.endpoint is Endpoint.BASE:

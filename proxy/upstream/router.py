@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -72,7 +73,10 @@ class UpstreamRouter:
         client = UpstreamClient(
             config=upstream,
             session=self._session,
-            credentials=self._credentials.get(registry),
+            # Node credentials are keyed by the registry name as images spell it; a
+            # key for the upstream's own host:port (a mirror's address) also counts.
+            credentials=self._credentials.get(registry)
+            or self._credentials.get(urlsplit(upstream.url).netloc),
             timeouts=self._config.timeouts,
             retries=self._config.retries,
             metrics=self._metrics,
