@@ -1,0 +1,669 @@
+"""Notation (Notary Project) signatures: JWS and COSE envelopes as OCI referrers.
+
+A signature is a referrer of the image with ``artifactType``
+``application/vnd.cncf.notary.signature`` whose single layer is the envelope
+(``application/jose+json`` or ``application/cose``). Trust material is Notation's own:
+a ``trustpolicy.json`` read as is, and a trust store laid out as
+``x509/{ca,signingAuthority,tsa}/<name>/*.{pem,crt,cer,der}``.
+
+Verification of one envelope, numbered as the checks run:
+
+1. parse the envelope; its signed payload names the target descriptor;
+2. integrity: the signature over the signing input verifies with the leaf key, with the
+   algorithm the envelope declares (PS256/384/512, ES256/384/512);
+3. critical headers: every ``crit`` entry is understood (plugins are not supported);
+4. the target descriptor's digest, size and media type equal the manifest's;
+5. authenticity: the x5c chain reaches a trust anchor of the statement's stores of the
+   signing scheme's type (``ca`` for ``notary.x509``, ``signingAuthority`` for
+   ``notary.x509.signingAuthority``), and the leaf matches ``trustedIdentities``;
+6. authentic timestamp: the chain is valid at the authentic signing time
+   (``signingAuthority``) or, with no timestamp authority, now (``notary.x509``);
+7. expiry: ``io.cncf.notary.expiry`` has not passed.
+
+The statement's level (strict, permissive, audit, skip, with overrides) decides which
+of 5-7 are enforced and which only logged, as Notation defines. Revocation is not
+checked: that needs the network at verify time, which pullgate never uses; it is logged.
+RFC 3161 timestamp countersignatures are not verified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from proxy.gate import ArtifactSource
+from proxy.oci.digest import Digest
+from proxy.oci.errors import (
+    DigestInvalid,
+    OCIError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from proxy.oci.manifest import Manifest
+from proxy.verify import cbor
+from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject
+
+log = logging.getLogger("pullgate.verify.notation")
+
+ARTIFACT_TYPE = "application/vnd.cncf.notary.signature"
+JWS = "application/jose+json"
+COSE = "application/cose"
+PAYLOAD_TYPE = "application/vnd.cncf.notary.payload.v1+json"
+SCHEME_X509 = "notary.x509"
+SCHEME_AUTHORITY = "notary.x509.signingAuthority"
+KNOWN_CRITICAL = {
+    "io.cncf.notary.signingScheme",
+    "io.cncf.notary.expiry",
+    "io.cncf.notary.authenticSigningTime",
+}
+COSE_ALGORITHMS = {
+    -37: "PS256",
+    -38: "PS384",
+    -39: "PS512",
+    -7: "ES256",
+    -35: "ES384",
+    -36: "ES512",
+}
+HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "256": hashes.SHA256,
+    "384": hashes.SHA384,
+    "512": hashes.SHA512,
+}
+CHECKS = ("integrity", "authenticity", "authenticTimestamp", "expiry", "revocation")
+LEVELS: dict[str, dict[str, str]] = {
+    "strict": dict.fromkeys(CHECKS, "enforce"),
+    "permissive": {
+        "integrity": "enforce",
+        "authenticity": "enforce",
+        "authenticTimestamp": "log",
+        "expiry": "log",
+        "revocation": "log",
+    },
+    "audit": {"integrity": "enforce", **dict.fromkeys(CHECKS[1:], "log")},
+    "skip": dict.fromkeys(CHECKS, "skip"),
+}
+STORE_TYPES = ("ca", "signingAuthority", "tsa")
+MAX_STORE_FILES = 256
+MAX_CHAIN = 10
+
+
+# ---- trust policy and store ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TrustStatement:
+    name: str
+    scopes: tuple[str, ...]
+    level: str
+    actions: Mapping[str, str]
+    stores: tuple[tuple[str, str], ...]
+    identities: tuple[str, ...]
+
+
+def load_trust_policy(path: Path) -> tuple[TrustStatement, ...]:
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PolicyError(f"cannot read Notation trust policy {path}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("version") != "1.0":
+        raise PolicyError(f"{path}: expected a Notation trust policy with version 1.0")
+    statements = doc.get("trustPolicies")
+    if not isinstance(statements, list) or not statements:
+        raise PolicyError(f"{path}: trustPolicies must be a non-empty list")
+    out = []
+    for number, raw in enumerate(statements):
+        where = f"{path}: trustPolicies[{number}]"
+        if not isinstance(raw, dict):
+            raise PolicyError(f"{where} must be an object")
+        scopes = raw.get("registryScopes")
+        if (
+            not isinstance(scopes, list)
+            or not scopes
+            or not all(isinstance(s, str) for s in scopes)
+        ):
+            raise PolicyError(f"{where}.registryScopes must be a non-empty list")
+        if "*" in scopes and len(scopes) > 1:
+            raise PolicyError(f"{where}: '*' must be the only registry scope")
+        verification = raw.get("signatureVerification")
+        if not isinstance(verification, dict) or verification.get("level") not in LEVELS:
+            raise PolicyError(f"{where}.signatureVerification.level must be one of {list(LEVELS)}")
+        level = str(verification["level"])
+        actions = dict(LEVELS[level])
+        override = verification.get("override") or {}
+        if not isinstance(override, dict):
+            raise PolicyError(f"{where}.signatureVerification.override must be an object")
+        for check, action in override.items():
+            if check not in CHECKS[1:] or action not in ("enforce", "log", "skip"):
+                raise PolicyError(f"{where}: bad override {check}: {action}")
+            actions[check] = action
+        stores = []
+        for entry in raw.get("trustStores") or []:
+            kind, _, name = str(entry).partition(":")
+            if kind not in STORE_TYPES or not name:
+                raise PolicyError(f"{where}: trust store {entry!r} must be <type>:<name>")
+            stores.append((kind, name))
+        identities = raw.get("trustedIdentities") or []
+        if not isinstance(identities, list):
+            raise PolicyError(f"{where}.trustedIdentities must be a list")
+        if level != "skip" and (not stores or not identities):
+            raise PolicyError(f"{where}: trustStores and trustedIdentities are required")
+        for identity in identities:
+            if identity != "*" and not str(identity).startswith("x509.subject:"):
+                raise PolicyError(f"{where}: identity {identity!r} must be x509.subject:... or *")
+        out.append(
+            TrustStatement(
+                name=str(raw.get("name", number)),
+                scopes=tuple(scopes),
+                level=level,
+                actions=actions,
+                stores=tuple(stores),
+                identities=tuple(map(str, identities)),
+            )
+        )
+    return tuple(out)
+
+
+def select_statement(statements: tuple[TrustStatement, ...], name: str) -> TrustStatement | None:
+    """The statement naming ``registry/repository`` exactly, else the ``*`` one."""
+    for statement in statements:
+        if name in statement.scopes:
+            return statement
+    for statement in statements:
+        if "*" in statement.scopes:
+            return statement
+    return None
+
+
+def load_store(root: Path, kind: str, name: str) -> list[x509.Certificate]:
+    directory = root / "x509" / kind / name
+    if not directory.is_dir():
+        raise PolicyError(f"trust store {kind}:{name} not found at {directory}")
+    certificates: list[x509.Certificate] = []
+    for path in sorted(directory.iterdir())[:MAX_STORE_FILES]:
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        try:
+            if b"-----BEGIN" in data:
+                certificates.extend(x509.load_pem_x509_certificates(data))
+            else:
+                certificates.append(x509.load_der_x509_certificate(data))
+        except ValueError as exc:
+            raise PolicyError(
+                f"trust store {kind}:{name}: {path.name} is not a certificate"
+            ) from exc
+    if not certificates:
+        raise PolicyError(f"trust store {kind}:{name} at {directory} holds no certificates")
+    return certificates
+
+
+# ---- envelopes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    algorithm: str
+    signing_input: bytes
+    signature: bytes
+    payload: Mapping[str, Any]
+    chain: tuple[x509.Certificate, ...]
+    scheme: str
+    critical: tuple[str, ...]
+    signing_time: dt.datetime | None
+    authentic_signing_time: dt.datetime | None
+    expiry: dt.datetime | None
+    extra_critical: tuple[str, ...]
+
+
+def _b64url(text: Any, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise SignatureError(f"{what} is not a base64url string")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise SignatureError(f"{what} is not valid base64url") from exc
+
+
+def _certificates(ders: Any) -> tuple[x509.Certificate, ...]:
+    if not isinstance(ders, list) or not ders or len(ders) > MAX_CHAIN:
+        raise SignatureError("the envelope's certificate chain is missing or too long")
+    try:
+        return tuple(x509.load_der_x509_certificate(bytes(d)) for d in ders)
+    except (ValueError, TypeError) as exc:
+        raise SignatureError("the envelope's certificate chain does not parse") from exc
+
+
+def _time(value: Any, what: str) -> dt.datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, cbor.Tagged) and value.tag == 1 and isinstance(value.value, int | float):
+        return dt.datetime.fromtimestamp(value.value, dt.UTC)
+    if isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise SignatureError(f"{what} {value[:40]!r} is not an RFC 3339 time") from exc
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    raise SignatureError(f"{what} is not a time")
+
+
+def parse_jws(raw: bytes) -> Envelope:
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise SignatureError("JWS envelope is not JSON") from exc
+    if not isinstance(doc, dict):
+        raise SignatureError("JWS envelope is not a JSON object")
+    protected_b64 = doc.get("protected")
+    payload_b64 = doc.get("payload")
+    try:
+        protected = json.loads(_b64url(protected_b64, "JWS protected header"))
+        payload = json.loads(_b64url(payload_b64, "JWS payload"))
+    except ValueError as exc:
+        raise SignatureError("JWS protected header or payload is not JSON") from exc
+    header = doc.get("header")
+    if not isinstance(protected, dict) or not isinstance(header, dict):
+        raise SignatureError("JWS headers are missing")
+    if protected.get("cty") != PAYLOAD_TYPE:
+        raise SignatureError(f"JWS content type is not {PAYLOAD_TYPE}")
+    chain_b64 = header.get("x5c")
+    if not isinstance(chain_b64, list):
+        raise SignatureError("JWS header has no x5c certificate chain")
+    try:
+        ders = [base64.b64decode(c, validate=True) for c in chain_b64]
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise SignatureError("JWS x5c is not base64") from exc
+    critical = protected.get("crit") or []
+    return Envelope(
+        algorithm=str(protected.get("alg")),
+        signing_input=f"{protected_b64}.{payload_b64}".encode("ascii"),
+        signature=_b64url(doc.get("signature"), "JWS signature"),
+        payload=payload,
+        chain=_certificates(ders),
+        scheme=str(protected.get("io.cncf.notary.signingScheme")),
+        critical=tuple(map(str, critical)) if isinstance(critical, list) else ("<invalid>",),
+        signing_time=_time(protected.get("io.cncf.notary.signingTime"), "signingTime"),
+        authentic_signing_time=_time(
+            protected.get("io.cncf.notary.authenticSigningTime"), "authenticSigningTime"
+        ),
+        expiry=_time(protected.get("io.cncf.notary.expiry"), "expiry"),
+        extra_critical=tuple(c for c in map(str, critical) if c not in KNOWN_CRITICAL)
+        if isinstance(critical, list)
+        else (),
+    )
+
+
+def parse_cose(raw: bytes) -> Envelope:
+    try:
+        item = cbor.decode(raw)
+    except cbor.CBORError as exc:
+        raise SignatureError(f"COSE envelope is not valid CBOR: {exc}") from exc
+    if isinstance(item, cbor.Tagged):
+        if item.tag != 18:
+            raise SignatureError(f"COSE envelope has tag {item.tag}, not COSE_Sign1 (18)")
+        item = item.value
+    if not isinstance(item, list) or len(item) != 4:
+        raise SignatureError("COSE_Sign1 must be an array of 4 items")
+    protected_raw, unprotected, payload_raw, signature = item
+    if not all(isinstance(x, bytes) for x in (protected_raw, payload_raw, signature)):
+        raise SignatureError("COSE_Sign1 fields have the wrong types")
+    try:
+        protected = cbor.decode(protected_raw)
+        payload = json.loads(payload_raw)
+    except (cbor.CBORError, ValueError) as exc:
+        raise SignatureError("COSE protected header or payload does not parse") from exc
+    if not isinstance(protected, dict) or not isinstance(unprotected, dict):
+        raise SignatureError("COSE headers are not maps")
+    if protected.get(3) != PAYLOAD_TYPE:
+        raise SignatureError(f"COSE content type is not {PAYLOAD_TYPE}")
+    critical = protected.get(2) or []
+    critical_names = tuple(map(str, critical)) if isinstance(critical, list) else ("<invalid>",)
+    signing_input = cbor.encode(["Signature1", protected_raw, b"", payload_raw])
+    return Envelope(
+        algorithm=COSE_ALGORITHMS.get(protected.get(1), str(protected.get(1))),  # type: ignore[arg-type]
+        signing_input=signing_input,
+        signature=signature,
+        payload=payload,
+        chain=_certificates(unprotected.get(33)),
+        scheme=str(protected.get("io.cncf.notary.signingScheme")),
+        critical=critical_names,
+        signing_time=_time(protected.get("io.cncf.notary.signingTime"), "signingTime"),
+        authentic_signing_time=_time(
+            protected.get("io.cncf.notary.authenticSigningTime"), "authenticSigningTime"
+        ),
+        expiry=_time(protected.get("io.cncf.notary.expiry"), "expiry"),
+        extra_critical=tuple(c for c in critical_names if c not in KNOWN_CRITICAL),
+    )
+
+
+def parse_envelope(media_type: str, raw: bytes) -> Envelope:
+    if media_type == JWS:
+        return parse_jws(raw)
+    if media_type == COSE:
+        return parse_cose(raw)
+    raise SignatureError(f"unsupported envelope media type {media_type[:80]}")
+
+
+def _verify_signature(envelope: Envelope) -> None:
+    key = envelope.chain[0].public_key()
+    algorithm = envelope.algorithm
+    digest = HASHES.get(algorithm[2:])
+    if digest is None or algorithm[:2] not in ("PS", "ES"):
+        raise SignatureError(f"unsupported signature algorithm {algorithm[:20]}")
+    try:
+        if algorithm.startswith("PS"):
+            if not isinstance(key, rsa.RSAPublicKey):
+                raise SignatureError(f"{algorithm} needs an RSA key")
+            key.verify(
+                envelope.signature,
+                envelope.signing_input,
+                padding.PSS(mgf=padding.MGF1(digest()), salt_length=padding.PSS.DIGEST_LENGTH),
+                digest(),
+            )
+        else:
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                raise SignatureError(f"{algorithm} needs an EC key")
+            half = len(envelope.signature) // 2
+            if half == 0 or len(envelope.signature) % 2:
+                raise SignatureError("ECDSA signature has a bad length")
+            der = encode_dss_signature(
+                int.from_bytes(envelope.signature[:half], "big"),
+                int.from_bytes(envelope.signature[half:], "big"),
+            )
+            key.verify(der, envelope.signing_input, ec.ECDSA(digest()))
+    except InvalidSignature as exc:
+        raise SignatureError("the envelope's signature does not verify (integrity)") from exc
+
+
+def _subject_matches(identity: str, subject: x509.Name) -> bool:
+    if identity == "*":
+        return True
+    wanted = _parse_dn(identity.removeprefix("x509.subject:"))
+    have = {(attr.oid.dotted_string, str(attr.value)) for attr in subject}
+    return wanted == have
+
+
+_DN_OIDS = {
+    "CN": NameOID.COMMON_NAME,
+    "O": NameOID.ORGANIZATION_NAME,
+    "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    "L": NameOID.LOCALITY_NAME,
+    "ST": NameOID.STATE_OR_PROVINCE_NAME,
+    "C": NameOID.COUNTRY_NAME,
+    "emailAddress": NameOID.EMAIL_ADDRESS,
+    "SERIALNUMBER": NameOID.SERIAL_NUMBER,
+}
+
+
+def _parse_dn(text: str) -> set[tuple[str, str]]:
+    parts, current, escaped = [], "", False
+    for char in text:
+        if escaped:
+            current += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ",":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    out = set()
+    for part in parts:
+        key, sep, value = part.strip().partition("=")
+        oid = _DN_OIDS.get(key.strip())
+        if not sep or oid is None:
+            return {("invalid", text)}
+        out.add((oid.dotted_string, value.strip()))
+    return out
+
+
+def _chain_error(
+    chain: tuple[x509.Certificate, ...], anchors: list[x509.Certificate], at: dt.datetime
+) -> str | None:
+    """Why ``chain`` does not reach one of ``anchors`` valid at ``at``, or None."""
+    leaf = chain[0]
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if ExtendedKeyUsageOID.CODE_SIGNING not in usage:
+            return "the signing certificate lacks the code-signing extended key usage"
+    except x509.ExtensionNotFound:
+        pass
+    for position, cert in enumerate(chain):
+        if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
+            return (
+                f"certificate {cert.subject.rfc4514_string()[:120]} is not valid at "
+                f"{at:%Y-%m-%dT%H:%M:%SZ} (valid {cert.not_valid_before_utc:%Y-%m-%d} to "
+                f"{cert.not_valid_after_utc:%Y-%m-%d})"
+            )
+        if position + 1 < len(chain):
+            issuer = chain[position + 1]
+            try:
+                constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints)
+                if not constraints.value.ca:
+                    return "an intermediate certificate is not a CA"
+                cert.verify_directly_issued_by(issuer)
+            except (x509.ExtensionNotFound, ValueError, TypeError, InvalidSignature):
+                return "the certificate chain is broken"
+    top = chain[-1]
+    for anchor in anchors:
+        if anchor == top:
+            return None
+        try:
+            top.verify_directly_issued_by(anchor)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        if anchor.not_valid_before_utc <= at <= anchor.not_valid_after_utc:
+            return None
+    return "the certificate chain does not reach a certificate in the trust store"
+
+
+# ---- the verifier ----------------------------------------------------------------------
+
+
+class NotationVerifier:
+    def __init__(
+        self,
+        *,
+        label: str,
+        statements: tuple[TrustStatement, ...],
+        stores: Mapping[tuple[str, str], list[x509.Certificate]],
+        clock: Any = None,
+    ) -> None:
+        self._label = label
+        self._statements = statements
+        self._stores = dict(stores)
+        self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
+
+    def describe(self) -> str:
+        return self._label
+
+    async def verify(self, subject: Subject, source: ArtifactSource, limits: Limits) -> CheckResult:
+        statement = select_statement(self._statements, subject.name)
+        if statement is None:
+            return CheckResult(False, f"no Notation trust policy statement covers {subject.name}")
+        if statement.level == "skip":
+            return CheckResult(True, f"Notation statement {statement.name!r} skips verification")
+        try:
+            index = await source.referrers(subject.digest, ARTIFACT_TYPE)
+        except (UpstreamUnavailable, UpstreamTimeout, UpstreamError):
+            raise
+        except OCIError as exc:
+            return CheckResult(False, f"cannot list Notation signatures: {exc.message}")
+        candidates = [
+            d
+            for d in (index.manifests if index is not None else ())
+            if d.artifact_type in (ARTIFACT_TYPE, None)
+        ]
+        if not candidates:
+            return CheckResult(False, "no Notation signatures found")
+        reasons: list[str] = []
+        for descriptor in candidates[: limits.max_signatures]:
+            reason = await self._check_referrer(
+                subject, source, limits, descriptor.digest, statement
+            )
+            if reason is None:
+                return CheckResult(
+                    True, f"Notation signature {descriptor.digest} verified ({statement.name})"
+                )
+            reasons.append(reason)
+        shown = "; ".join(sorted(set(reasons)))[:600]
+        return CheckResult(False, f"no Notation signature verified: {shown}")
+
+    async def _check_referrer(
+        self,
+        subject: Subject,
+        source: ArtifactSource,
+        limits: Limits,
+        digest: Digest,
+        statement: TrustStatement,
+    ) -> str | None:
+        try:
+            manifest = await source.manifest(
+                str(digest), max_bytes=limits.max_signature_manifest_bytes
+            )
+        except (UpstreamUnavailable, UpstreamTimeout):
+            raise
+        except OCIError as exc:
+            return f"signature manifest {digest}: {exc.message}"
+        if manifest is None:
+            return f"signature manifest {digest} not found"
+        problem = _signature_manifest_problem(manifest, subject)
+        if problem:
+            return problem
+        layer = manifest.layers[0]
+        if layer.size > limits.max_bundle_bytes:
+            return f"envelope of {layer.size} bytes exceeds the {limits.max_bundle_bytes}-byte cap"
+        try:
+            raw = await source.blob(layer.digest, max_bytes=limits.max_bundle_bytes)
+        except (UpstreamUnavailable, UpstreamTimeout):
+            raise
+        except (OCIError, DigestInvalid) as exc:
+            return f"envelope {layer.digest}: {getattr(exc, 'message', exc)}"
+        return await asyncio.to_thread(
+            self.check_envelope, layer.media_type, raw, subject, statement
+        )
+
+    def check_envelope(
+        self, media_type: str, raw: bytes, subject: Subject, statement: TrustStatement
+    ) -> str | None:
+        """None if the envelope verifies for ``subject`` under ``statement``; else why not."""
+        try:
+            envelope = parse_envelope(media_type, raw)
+            return self._check(envelope, subject, statement)
+        except SignatureError as exc:
+            return str(exc)
+
+    def _check(self, envelope: Envelope, subject: Subject, statement: TrustStatement) -> str | None:
+        actions = statement.actions
+        now = self._clock()
+        # 2. Integrity, always enforced.
+        _verify_signature(envelope)
+        # 3. Critical headers.
+        if "io.cncf.notary.signingScheme" not in envelope.critical:
+            return "signingScheme is not marked critical"
+        if envelope.expiry is not None and "io.cncf.notary.expiry" not in envelope.critical:
+            return "expiry is not marked critical"
+        if envelope.extra_critical:
+            return (
+                f"unsupported critical headers {list(envelope.extra_critical)[:5]} "
+                "(verification plugins are not supported)"
+            )
+        if envelope.scheme not in (SCHEME_X509, SCHEME_AUTHORITY):
+            return f"unknown signing scheme {envelope.scheme[:40]!r}"
+        # 4. The signed target must be exactly this manifest.
+        target = (
+            envelope.payload.get("targetArtifact") if isinstance(envelope.payload, dict) else None
+        )
+        if not isinstance(target, dict):
+            return "payload has no targetArtifact"
+        if target.get("digest") != str(subject.digest):
+            signed = str(target.get("digest"))[:80]
+            return f"signature target digest {signed} does not match {subject.digest}"
+        if target.get("size") != subject.size:
+            return f"signature target size {target.get('size')} does not match {subject.size}"
+        if target.get("mediaType") != subject.media_type:
+            return (
+                f"signature target media type {str(target.get('mediaType'))[:80]} does not "
+                f"match {subject.media_type}"
+            )
+        # 5./6. Authenticity and authentic time.
+        kind = "ca" if envelope.scheme == SCHEME_X509 else "signingAuthority"
+        anchors = [
+            c
+            for (k, n), certs in self._stores.items()
+            if (k, n) in statement.stores and k == kind
+            for c in certs
+        ]
+        at = envelope.authentic_signing_time if kind == "signingAuthority" else now
+        if at is None:
+            return "signingAuthority signature has no authenticSigningTime"
+        problem = _chain_error(envelope.chain, anchors, at)
+        if problem is not None:
+            check = "authenticTimestamp" if "not valid at" in problem else "authenticity"
+            if actions[check] == "enforce":
+                return problem
+            log.warning("notation: %s (%s is set to %s)", problem, check, actions[check])
+        if not any(_subject_matches(i, envelope.chain[0].subject) for i in statement.identities):
+            signer = envelope.chain[0].subject.rfc4514_string()[:120]
+            message = f"signer {signer} is not a trusted identity"
+            if actions["authenticity"] == "enforce":
+                return message
+            log.warning("notation: %s (authenticity is set to log)", message)
+        # 7. Expiry.
+        if envelope.expiry is not None and envelope.expiry <= now:
+            message = f"signature expired at {envelope.expiry:%Y-%m-%dT%H:%M:%SZ}"
+            if actions["expiry"] == "enforce":
+                return message
+            log.warning("notation: %s (expiry is set to %s)", message, actions["expiry"])
+        if actions["revocation"] != "skip":
+            log.debug("notation: revocation not checked (offline verification)")
+        return None
+
+
+def _signature_manifest_problem(manifest: Manifest, subject: Subject) -> str | None:
+    if manifest.subject is None or manifest.subject.digest != subject.digest:
+        return "signature manifest's subject is another manifest (ignored)"
+    if manifest.artifact_type not in (ARTIFACT_TYPE, None) and (
+        manifest.config is None or manifest.config.media_type != ARTIFACT_TYPE
+    ):
+        return "referrer is not a Notation signature"
+    if len(manifest.layers) != 1:
+        return "a Notation signature manifest must have exactly one layer"
+    return None
+
+
+def notation_verifier_from_spec(spec: Mapping[str, Any], *, base_dir: Path) -> NotationVerifier:
+    unknown = set(spec) - {"trustPolicy", "trustStore"}
+    if unknown:
+        raise PolicyError(f"unknown keys {sorted(unknown)}; known: trustPolicy, trustStore")
+    policy_path, store_path = spec.get("trustPolicy"), spec.get("trustStore")
+    if not isinstance(policy_path, str) or not isinstance(store_path, str):
+        raise PolicyError("trustPolicy and trustStore paths are required")
+    statements = load_trust_policy(base_dir / policy_path)
+    store_root = base_dir / store_path
+    stores: dict[tuple[str, str], list[x509.Certificate]] = {}
+    for statement in statements:
+        for kind, name in statement.stores:
+            if (kind, name) not in stores:
+                stores[(kind, name)] = load_store(store_root, kind, name)
+    return NotationVerifier(
+        label=f"notation trustPolicy {policy_path}", statements=statements, stores=stores
+    )

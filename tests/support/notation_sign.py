@@ -1,0 +1,190 @@
+"""A test Notation signer: a test CA, JWS and COSE envelopes, signature manifests.
+
+``TestNotary()`` holds a root CA and a code-signing leaf (RSA, PS256).
+``notary.jws(descriptor, ...)`` / ``notary.cose(descriptor, ...)`` return envelope bytes
+over a target descriptor dict (``mediaType``, ``digest``, ``size``); options: ``expiry``,
+``signing_time``, ``extra_critical``, ``tamper`` (flip a signature byte).
+``notary.write_trust(dir, scope=...)`` writes ``trustpolicy.json`` and
+``truststore/x509/ca/test/root.pem``. ``signature_artifact(envelope, media_type, subject)``
+builds the referrer manifest (``cosign_sign.Artifact``).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from proxy.oci.digest import Digest
+from proxy.verify import cbor
+from tests.support.cosign_sign import Artifact
+
+PAYLOAD_TYPE = "application/vnd.cncf.notary.payload.v1+json"
+UTC = dt.UTC
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pullgate"),
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+        ]
+    )
+
+
+class TestNotary:
+    __test__ = False
+
+    def __init__(
+        self,
+        *,
+        leaf_not_before: dt.datetime | None = None,
+        leaf_lifetime: dt.timedelta = dt.timedelta(days=365),
+        name: str = "release signer",
+    ) -> None:
+        now = dt.datetime.now(UTC)
+        self.root_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.root = (
+            x509.CertificateBuilder()
+            .subject_name(_name(f"{name} root"))
+            .issuer_name(_name(f"{name} root"))
+            .public_key(self.root_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .sign(self.root_key, hashes.SHA256())
+        )
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        start = leaf_not_before or now - dt.timedelta(hours=1)
+        self.leaf = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(self.root.subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + leaf_lifetime)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
+            )
+            .sign(self.root_key, hashes.SHA256())
+        )
+        self.identity = f"x509.subject:CN={name},O=pullgate,C=US"
+
+    def _sign(self, data: bytes) -> bytes:
+        return self.key.sign(
+            data,
+            padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
+            hashes.SHA256(),
+        )
+
+    def _chain(self) -> list[bytes]:
+        return [c.public_bytes(serialization.Encoding.DER) for c in (self.leaf, self.root)]
+
+    def jws(
+        self,
+        descriptor: dict[str, Any],
+        *,
+        expiry: dt.datetime | None = None,
+        extra_critical: tuple[str, ...] = (),
+        tamper: bool = False,
+    ) -> bytes:
+        protected: dict[str, Any] = {
+            "alg": "PS256",
+            "cty": PAYLOAD_TYPE,
+            "crit": ["io.cncf.notary.signingScheme", *extra_critical],
+            "io.cncf.notary.signingScheme": "notary.x509",
+            "io.cncf.notary.signingTime": dt.datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        for key in extra_critical:
+            protected[key] = "required"
+        if expiry is not None:
+            protected["crit"].append("io.cncf.notary.expiry")
+            protected["io.cncf.notary.expiry"] = expiry.strftime("%Y-%m-%dT%H:%M:%SZ")
+        protected_b64 = _b64url(json.dumps(protected).encode())
+        payload_b64 = _b64url(json.dumps({"targetArtifact": descriptor}).encode())
+        signature = bytearray(self._sign(f"{protected_b64}.{payload_b64}".encode()))
+        if tamper:
+            signature[10] ^= 0xFF
+        envelope = {
+            "payload": payload_b64,
+            "protected": protected_b64,
+            "header": {
+                "x5c": [base64.b64encode(d).decode() for d in self._chain()],
+                "io.cncf.notary.signingAgent": "pullgate-tests",
+            },
+            "signature": _b64url(bytes(signature)),
+        }
+        return json.dumps(envelope).encode()
+
+    def cose(self, descriptor: dict[str, Any], *, expiry: dt.datetime | None = None) -> bytes:
+        protected: dict[Any, Any] = {
+            1: -37,
+            2: ["io.cncf.notary.signingScheme"],
+            3: PAYLOAD_TYPE,
+            "io.cncf.notary.signingScheme": "notary.x509",
+            "io.cncf.notary.signingTime": cbor.Tagged(1, int(dt.datetime.now(UTC).timestamp())),
+        }
+        if expiry is not None:
+            protected[2].append("io.cncf.notary.expiry")
+            protected["io.cncf.notary.expiry"] = cbor.Tagged(1, int(expiry.timestamp()))
+        protected_raw = cbor.encode(protected)
+        payload = json.dumps({"targetArtifact": descriptor}).encode()
+        signature = self._sign(cbor.encode(["Signature1", protected_raw, b"", payload]))
+        unprotected = {33: self._chain(), "io.cncf.notary.signingAgent": "pullgate-tests"}
+        return cbor.encode(cbor.Tagged(18, [protected_raw, unprotected, payload, signature]))
+
+    def write_trust(self, directory: Path, *, scope: str = "*", level: str = "strict") -> None:
+        store = directory / "truststore" / "x509" / "ca" / "test"
+        store.mkdir(parents=True, exist_ok=True)
+        (store / "root.pem").write_bytes(self.root.public_bytes(serialization.Encoding.PEM))
+        policy = {
+            "version": "1.0",
+            "trustPolicies": [
+                {
+                    "name": "test",
+                    "registryScopes": [scope],
+                    "signatureVerification": {"level": level},
+                    "trustStores": ["ca:test"],
+                    "trustedIdentities": [self.identity],
+                }
+            ],
+        }
+        (directory / "trustpolicy.json").write_text(json.dumps(policy))
+
+
+def descriptor_of(manifest: bytes, media_type: str) -> dict[str, Any]:
+    return {"mediaType": media_type, "digest": str(Digest.of(manifest)), "size": len(manifest)}
+
+
+def signature_artifact(envelope: bytes, media_type: str, subject: dict[str, Any]) -> Artifact:
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.cncf.notary.signature",
+        "config": {
+            "mediaType": "application/vnd.oci.empty.v1+json",
+            "digest": str(Digest.of(b"{}")),
+            "size": 2,
+        },
+        "layers": [
+            {"mediaType": media_type, "digest": str(Digest.of(envelope)), "size": len(envelope)}
+        ],
+        "subject": subject,
+    }
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    return Artifact(raw, "application/vnd.oci.image.manifest.v1+json", (b"{}", envelope))

@@ -1,0 +1,333 @@
+"""Notation verifier: generated JWS/COSE signatures, refusals, and the real vectors."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.oci.digest import Digest
+from proxy.oci.manifest import Descriptor
+from proxy.verify import cbor
+from proxy.verify.base import Limits, PolicyError, Subject
+from proxy.verify.notation import (
+    COSE,
+    JWS,
+    LEVELS,
+    NotationVerifier,
+    TrustStatement,
+    load_store,
+    load_trust_policy,
+    notation_verifier_from_spec,
+)
+from tests.support import cosign_sign as cs
+from tests.support.notation_sign import TestNotary, descriptor_of, signature_artifact
+
+VECTORS = Path(__file__).resolve().parents[3].parent / "shared" / "vectors" / "notation-go"
+UTC = dt.UTC
+
+
+def setup(tmp_path: Path, notary: TestNotary, *, level: str = "strict"):  # type: ignore[no-untyped-def]
+    registry = cs.MemoryRegistry()
+    image = cs.image_manifest([b"notation layer"])
+    registry.add(image)
+    notary.write_trust(tmp_path, level=level)
+    verifier = notation_verifier_from_spec(
+        {"trustPolicy": "trustpolicy.json", "trustStore": "truststore"}, base_dir=tmp_path
+    )
+    subject = Subject(
+        registry="registry.example.test",
+        repository="app",
+        digest=image.digest,
+        media_type=image.media_type,
+        size=len(image.manifest),
+    )
+    return registry, image, verifier, subject
+
+
+async def test_generated_jws_and_cose_signatures_verify(tmp_path: Path) -> None:
+    notary = TestNotary()
+    _, image, verifier, subject = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    for envelope, media_type in ((notary.jws(target), JWS), (notary.cose(target), COSE)):
+        fresh = cs.MemoryRegistry()
+        fresh.add(image)
+        fresh.add(signature_artifact(envelope, media_type, target))
+        result = await verifier.verify(subject, fresh, Limits())
+        assert result.ok, result.reason
+    assert verifier.describe() == "notation trustPolicy trustpolicy.json"
+
+
+@pytest.mark.parametrize("field", ["digest", "size", "mediaType"])
+async def test_refuses_notation_target_mismatch(tmp_path: Path, field: str) -> None:
+    notary = TestNotary()
+    registry, image, verifier, subject = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    signed = dict(target)
+    signed[field] = {
+        "digest": str(Digest.of(b"other")),
+        "size": target["size"] + 1,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+    }[field]
+    registry.add(signature_artifact(notary.jws(signed), JWS, target))
+    result = await verifier.verify(subject, registry, Limits())
+    assert not result.ok
+    assert "does not match" in result.reason
+
+
+async def test_refuses_expired_notation_signature(tmp_path: Path) -> None:
+    notary = TestNotary()
+    registry, image, verifier, subject = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    past = dt.datetime.now(UTC) - dt.timedelta(days=1)
+    registry.add(signature_artifact(notary.cose(target, expiry=past), COSE, target))
+    result = await verifier.verify(subject, registry, Limits())
+    assert not result.ok and "expired" in result.reason
+
+
+async def test_permissive_level_only_logs_expiry(tmp_path: Path) -> None:
+    notary = TestNotary()
+    registry, image, verifier, subject = setup(tmp_path, notary, level="permissive")
+    target = descriptor_of(image.manifest, image.media_type)
+    past = dt.datetime.now(UTC) - dt.timedelta(days=1)
+    registry.add(signature_artifact(notary.jws(target, expiry=past), JWS, target))
+    assert (await verifier.verify(subject, registry, Limits())).ok
+
+
+async def test_refuses_expired_signing_certificate(tmp_path: Path) -> None:
+    old = dt.datetime.now(UTC) - dt.timedelta(days=30)
+    notary = TestNotary(leaf_not_before=old, leaf_lifetime=dt.timedelta(days=1))
+    registry, image, verifier, subject = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    registry.add(signature_artifact(notary.jws(target), JWS, target))
+    result = await verifier.verify(subject, registry, Limits())
+    assert not result.ok and "not valid at" in result.reason
+
+
+async def test_refuses_signature_from_untrusted_ca(tmp_path: Path) -> None:
+    trusted, rogue = TestNotary(), TestNotary()
+    registry, image, verifier, subject = setup(tmp_path, trusted)
+    target = descriptor_of(image.manifest, image.media_type)
+    registry.add(signature_artifact(rogue.jws(target), JWS, target))
+    result = await verifier.verify(subject, registry, Limits())
+    assert not result.ok and "trust store" in result.reason
+
+
+async def test_refuses_tampered_envelope_signature(tmp_path: Path) -> None:
+    notary = TestNotary()
+    registry, image, verifier, subject = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    registry.add(signature_artifact(notary.jws(target, tamper=True), JWS, target))
+    result = await verifier.verify(subject, registry, Limits())
+    assert not result.ok and "integrity" in result.reason
+
+
+async def test_refuses_unknown_critical_header(tmp_path: Path) -> None:
+    notary = TestNotary()
+    registry, image, verifier, subject = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    envelope = notary.jws(target, extra_critical=("io.example.mustUnderstand",))
+    registry.add(signature_artifact(envelope, JWS, target))
+    result = await verifier.verify(subject, registry, Limits())
+    assert not result.ok and "critical" in result.reason
+
+
+async def test_refuses_referrer_spoofing_signature_for_another_subject(tmp_path: Path) -> None:
+    notary = TestNotary()
+    registry, image, verifier, subject = setup(tmp_path, notary)
+    other = cs.image_manifest([b"another image"])
+    registry.add(other)
+    other_target = descriptor_of(other.manifest, other.media_type)
+    spoof = signature_artifact(notary.jws(other_target), JWS, other_target)
+    registry.add(spoof)
+    # Listed under our image, but its manifest's subject is the other one.
+    registry.spoofed_referrers[image.digest] = [
+        Descriptor(
+            media_type=spoof.media_type,
+            digest=spoof.digest,
+            size=len(spoof.manifest),
+            artifact_type="application/vnd.cncf.notary.signature",
+        )
+    ]
+    result = await verifier.verify(subject, registry, Limits())
+    assert not result.ok and "subject is another manifest" in result.reason
+
+
+async def test_refuses_unsigned_and_bounds_a_signature_flood(tmp_path: Path) -> None:
+    notary = TestNotary()
+    registry, image, verifier, subject = setup(tmp_path, notary)
+    assert not (await verifier.verify(subject, registry, Limits())).ok
+    rogue = TestNotary()
+    target = descriptor_of(image.manifest, image.media_type)
+    envelope = rogue.jws(target)
+    for number in range(50):
+        artifact = signature_artifact(envelope + b" " * number, JWS, target)
+        registry.add(artifact)
+    result = await verifier.verify(subject, registry, Limits(max_signatures=5))
+    assert not result.ok
+    assert len(registry.fetched_blobs) <= 5
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [b"not json", b"{}", b'{"protected": "!!", "payload": "e30", "signature": "", "header": {}}'],
+)
+async def test_refuses_malformed_jws_cleanly(tmp_path: Path, envelope: bytes) -> None:
+    notary = TestNotary()
+    registry, image, verifier, subject = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    registry.add(signature_artifact(envelope, JWS, target))
+    assert not (await verifier.verify(subject, registry, Limits())).ok
+
+
+def test_refuses_invalid_trust_policy_files(tmp_path: Path) -> None:
+    (tmp_path / "p.json").write_text(json.dumps({"version": "1.0", "trustPolicies": []}))
+    with pytest.raises(PolicyError):
+        load_trust_policy(tmp_path / "p.json")
+    with pytest.raises(PolicyError):
+        notation_verifier_from_spec({"trustPolicy": "p.json"}, base_dir=tmp_path)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_cbor_decoder_never_crashes(data: bytes) -> None:
+    with contextlib.suppress(cbor.CBORError):
+        cbor.decode(data)
+
+
+def test_cbor_round_trip_and_limits() -> None:
+    value = cbor.Tagged(18, [b"\x01", {33: [b"der"], "k": -7}, b"payload", b"sig"])
+    assert cbor.decode(cbor.encode(value)) == value
+    with pytest.raises(cbor.CBORError):
+        cbor.decode(b"\x81" * 100 + b"\x00")  # too deep
+    with pytest.raises(cbor.CBORError):
+        cbor.decode(b"\x5b\xff\xff\xff\xff\xff\xff\xff\xff")  # length past the input
+
+
+# ---- real vectors (../shared/vectors/notation-go) ------------------------------------
+
+
+def _vectors() -> Path:
+    if not VECTORS.is_dir():
+        pytest.skip(f"signature vectors not found at {VECTORS}")
+    return VECTORS
+
+
+MOCK_TARGET = Subject(
+    registry="registry.acme-rockets.io",
+    repository="software/net-monitor",
+    digest=Digest.parse("sha256:60043cf45eaebc4c0867fea485a039b598f52fd09fd5b07b0b2d2f88fad9d74e"),
+    media_type="application/vnd.docker.distribution.manifest.v2+json",
+    size=528,
+)
+
+
+def _mock_verifier(
+    store: str = "valid-trust-store", identity: str | None = None
+) -> tuple[NotationVerifier, TrustStatement]:
+    root = _vectors()
+    statements = load_trust_policy(root / "derived" / "trustpolicy.mock-envelopes.json")
+    statement = statements[0]
+    if identity is not None or store != "valid-trust-store":
+        statement = TrustStatement(
+            name=statement.name,
+            scopes=statement.scopes,
+            level=statement.level,
+            actions=statement.actions,
+            stores=(("ca", store), ("signingAuthority", store)),
+            identities=(identity,) if identity else statement.identities,
+        )
+    truststore = root / "verifier" / "testdata" / "truststore"
+    stores = {}
+    for kind, name in statement.stores:
+        try:
+            stores[(kind, name)] = load_store(truststore, kind, name)
+        except PolicyError:
+            continue
+    return NotationVerifier(label="vectors", statements=(statement,), stores=stores), statement
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("ca_valid_sig_env.json", None),
+        ("sa_valid_sig_env.json", None),
+        ("ca_invalid_sig_env.json", "integrity"),
+        ("sa_invalid_sig_env.json", "integrity"),
+        ("ca_expired_sig_env.json", "expired"),
+        ("sa_expired_sig_env.json", "expired"),
+        ("ca_plugin_sig_env.json", "plugin"),
+        ("sa_plugin_sig_env.json", "plugin"),
+        ("ca_compatible_pluginver_sig_env_1.0.0.json", "plugin"),
+        ("ca_incompatible_pluginver_sig_env_1.2.3.json", "plugin"),
+    ],
+)
+def test_vector_mock_envelopes_verify_as_documented(name: str, expected: str | None) -> None:
+    verifier, statement = _mock_verifier()
+    raw = (_vectors() / "internal" / "mock" / "testdata" / name).read_bytes()
+    reason = verifier.check_envelope(JWS, raw, MOCK_TARGET, statement)
+    if expected is None:
+        assert reason is None
+    else:
+        assert reason is not None and expected in reason
+
+
+def test_vector_valid_envelope_refused_with_other_trust_store() -> None:
+    verifier, statement = _mock_verifier(store="valid-trust-store-2")
+    raw = (_vectors() / "internal" / "mock" / "testdata" / "ca_valid_sig_env.json").read_bytes()
+    reason = verifier.check_envelope(JWS, raw, MOCK_TARGET, statement)
+    assert reason is not None and "trust store" in reason
+
+
+def test_vector_valid_envelope_refused_for_other_identity() -> None:
+    verifier, statement = _mock_verifier(
+        identity="x509.subject:CN=LOL,O=DummyOrg,L=Hyderabad,ST=TG,C=IN"
+    )
+    raw = (_vectors() / "internal" / "mock" / "testdata" / "ca_valid_sig_env.json").read_bytes()
+    reason = verifier.check_envelope(JWS, raw, MOCK_TARGET, statement)
+    assert reason is not None and "trusted identity" in reason
+
+
+@pytest.mark.parametrize(
+    ("file", "media_type"), [("jws_signature.sig", JWS), ("cose_signature.sig", COSE)]
+)
+def test_vector_real_alpine_signatures_verify(file: str, media_type: str) -> None:
+    root = _vectors()
+    anchor = x509.load_pem_x509_certificate((root / "derived" / "alpine-signer.crt").read_bytes())
+    statement = TrustStatement(
+        name="alpine",
+        scopes=("*",),
+        level="strict",
+        actions=LEVELS["strict"],
+        stores=(("ca", "alpine"),),
+        identities=("x509.subject:CN=alpine,O=Notary,L=Seattle,ST=WA,C=US",),
+    )
+    verifier = NotationVerifier(
+        label="alpine", statements=(statement,), stores={("ca", "alpine"): [anchor]}
+    )
+    subject = Subject(
+        registry="docker.io",
+        repository="library/alpine",
+        digest=Digest.parse(
+            "sha256:19dbd2e48e921426ee8ace4dc892edfb2ecdc1d1a72d5416c83670c30acecef0"
+        ),
+        media_type="application/vnd.oci.image.manifest.v1+json",
+        size=481,
+    )
+    raw = (root / "internal" / "testdata" / file).read_bytes()
+    assert verifier.check_envelope(media_type, raw, subject, statement) is None
+    other = Subject(
+        registry="docker.io",
+        repository="library/alpine",
+        digest=Digest.of(b"other"),
+        media_type=subject.media_type,
+        size=481,
+    )
+    reason = verifier.check_envelope(media_type, raw, other, statement)
+    assert reason is not None and "does not match" in reason
