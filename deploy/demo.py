@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from proxy.oci.digest import Digest  # noqa: E402
-from tests.support import cosign_sign  # noqa: E402
+from tests.support import cosign_sign, notation_sign  # noqa: E402
 from tests.support.ocilayout import deterministic_bytes, push_image, push_model  # noqa: E402
 from tests.support.peers import Containerd, Pullgate, Registry  # noqa: E402
 
@@ -66,14 +66,6 @@ NOTATION_SCOPE = """\
 """
 
 
-def notation_supported() -> bool:
-    try:
-        import proxy.verify.notation  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @dataclass
 class Case:
     label: str
@@ -99,60 +91,82 @@ def sign(registry_url: str, case: Case, key: cosign_sign.TestKey) -> None:
     cosign_sign.push_to_registry(registry_url, case.repository, artifact)
 
 
-def push_notation_alpine(registry_url: str, work: Path, policy_dir: Path) -> Case | None:
-    """The real Notation-signed alpine (JWS) from the shared vectors, if present."""
-    layout = NOTATION / "internal" / "testdata" / "oci-layout"
-    signature_manifest = NOTATION / "derived" / "jws-signature-manifest.json"
-    if not layout.is_dir() or not signature_manifest.is_file():
-        say(f"   (skipping the Notation case: {NOTATION} not found)")
-        return None
-    case = Case("Notation-signed alpine (real notation JWS)", "notation/alpine", "v2", "image")
-    subprocess.run(
-        [
-            "skopeo", "copy", "--quiet", "--dest-tls-verify=false",
-            f"oci:{layout}", f"docker://{registry_url.removeprefix('http://')}/{case.repository}:v2",
-        ],
-        check=True,
-    )  # fmt: skip
-    index = json.loads((layout / "index.json").read_text())
-    case.digest = index["manifests"][0]["digest"]
-    raw = signature_manifest.read_bytes()
-    doc = json.loads(raw)
-    envelope = (NOTATION / "internal" / "testdata" / "jws_signature.sig").read_bytes()
-    config = b"{}"
-    artifact = cosign_sign.Artifact(raw, doc["mediaType"], (config, envelope))
-    cosign_sign.push_to_registry(registry_url, case.repository, artifact)
-    # docker-registry has no referrers API: publish the OCI fallback index tag.
-    hex_digest = case.digest.split(":", 1)[1]
+def attach_referrer(
+    registry_url: str, repository: str, subject: str, artifact: cosign_sign.Artifact
+) -> None:
+    """Push a referrer and the OCI fallback index tag (docker-registry has no referrers API)."""
+    cosign_sign.push_to_registry(registry_url, repository, artifact)
+    doc = json.loads(artifact.manifest)
     referrers = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
         "manifests": [
             {
-                "mediaType": doc["mediaType"],
-                "digest": str(Digest.of(raw)),
-                "size": len(raw),
+                "mediaType": artifact.media_type,
+                "digest": str(artifact.digest),
+                "size": len(artifact.manifest),
                 "artifactType": doc.get("artifactType"),
             }
         ],
     }
-    index_raw = json.dumps(referrers).encode()
-    cosign_sign.push_to_registry(
+    index = cosign_sign.Artifact(
+        json.dumps(referrers).encode(),
+        "application/vnd.oci.image.index.v1+json",
+        (),
+        tag=f"sha256-{subject.split(':', 1)[1]}",
+    )
+    cosign_sign.push_to_registry(registry_url, repository, index)
+
+
+def push_notation_cases(registry_url: str, policy_dir: Path) -> list[Case]:
+    """The real Notation-signed alpine (JWS) from the shared vectors, and the same real
+    signature attached to another image (its signed target does not match)."""
+    layout = NOTATION / "internal" / "testdata" / "oci-layout"
+    if not layout.is_dir():
+        say(f"   (skipping the Notation cases: {NOTATION} not found)")
+        return []
+    signed = Case("Notation-signed alpine (real JWS)", "notation/alpine", "v2", "image")
+    host = registry_url.removeprefix("http://")
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+         f"oci:{layout}", f"docker://{host}/{signed.repository}:v2"],
+        check=True,
+    )  # fmt: skip
+    index = json.loads((layout / "index.json").read_text())
+    signed.digest = index["manifests"][0]["digest"]
+    manifest = json.loads((layout / "blobs" / "sha256" / signed.digest.split(":")[1]).read_bytes())
+    signed.blobs = (manifest["config"]["digest"], *(x["digest"] for x in manifest["layers"]))
+    envelope = (NOTATION / "internal" / "testdata" / "jws_signature.sig").read_bytes()
+    raw = (NOTATION / "derived" / "jws-signature-manifest.json").read_bytes()
+    attach_referrer(
         registry_url,
-        case.repository,
-        cosign_sign.Artifact(
-            index_raw, "application/vnd.oci.image.index.v1+json", (), tag=f"sha256-{hex_digest}"
-        ),
+        signed.repository,
+        signed.digest,
+        cosign_sign.Artifact(raw, json.loads(raw)["mediaType"], (b"{}", envelope)),
+    )
+    # Another image carrying alpine's real signature: the signed target is not this image.
+    other = Case("alpine's real signature on another image", "notation/other", "v1", "image")
+    pushed = push_image(registry_url, other.repository, other.tag, layers=[b"not alpine"])
+    other.digest, other.blobs = pushed.manifest_digest, tuple(pushed.blobs)
+    subject = {
+        "mediaType": pushed.media_type,
+        "digest": other.digest,
+        "size": len(pushed.manifest_bytes),
+    }
+    attach_referrer(
+        registry_url,
+        other.repository,
+        other.digest,
+        notation_sign.signature_artifact(envelope, "application/jose+json", subject),
     )
     store = policy_dir / "notation" / "truststore" / "x509" / "ca" / "alpine"
     store.mkdir(parents=True)
     shutil.copy(NOTATION / "derived" / "alpine-signer.crt", store / "alpine-signer.crt")
-    derived_policy = NOTATION / "derived" / "trustpolicy.oci-layout-alpine.json"
-    trust_policy = json.loads(derived_policy.read_text())
-    for statement in trust_policy.get("trustPolicies", []):
-        statement["registryScopes"] = [f"{REGISTRY}/{case.repository}"]
-    (policy_dir / "notation" / "trustpolicy.json").write_text(json.dumps(trust_policy, indent=2))
-    return case
+    shutil.copy(
+        NOTATION / "derived" / "trustpolicy.oci-layout-alpine.json",
+        policy_dir / "notation" / "trustpolicy.json",
+    )
+    return [signed, other]
 
 
 def refusal_reason(pullgate: Pullgate, case: Case) -> str:
@@ -233,17 +247,15 @@ def main() -> int:
             if case.label.startswith("signed"):
                 sign(registry.url, case, key)
             say(f"   {case.label:<16} {REGISTRY}/{case.repository}:{case.tag} = {case.digest}")
-        notation_case = None
-        if notation_supported():
-            notation_case = push_notation_alpine(registry.url, work, policy_dir)
-        if notation_case is not None:
-            cases.append(notation_case)
-            say(f"   {notation_case.label} = {notation_case.digest}")
+        notation_cases = push_notation_cases(registry.url, policy_dir)
+        for case in notation_cases:
+            cases.append(case)
+            say(f"   {case.label:<16} {REGISTRY}/{case.repository}:{case.tag} = {case.digest}")
 
         step("3. Start pullgate with the node policy")
         policy = policy_dir / "policy.yaml"
         text = POLICY
-        if notation_case is not None:
+        if notation_cases:
             marker = '  - match: "registry.example.test/**"'
             text = text.replace(marker, NOTATION_SCOPE + marker)
         policy.write_text(text)
@@ -288,18 +300,18 @@ def main() -> int:
             others = {b for c in cases if c is not case for b in c.blobs}
             own = [blob for blob in case.blobs if blob not in others]
             gets = sum(registry.blob_gets(blob) for blob in own)
-            say(f"   {case.label:<40} GETs of its {len(own)} own blobs upstream: {gets}")
+            say(f"   {case.label:<44} GETs of its {len(own)} own blobs upstream: {gets}")
         stored = containerd.content_digests()
         for case, _, _ in results:
             have = case.digest in stored
-            say(f"   {case.label:<40} manifest in containerd: {'yes' if have else 'no'}")
+            say(f"   {case.label:<44} manifest in containerd: {'yes' if have else 'no'}")
 
         step("7. pullgate's verdict metrics")
         for name, value in sorted(pullgate.metrics().items()):
             if name.startswith(("pullgate_verdicts_total{", "pullgate_denied_total{")):
                 say(f"   {name} {value:g}")
 
-        expected = {c.label: c.label.startswith("signed") or "Notation" in c.label for c in cases}
+        expected = {c.label: c.label.startswith(("signed", "Notation-signed")) for c in cases}
         wrong = [c.label for c, allowed, _ in results if allowed != expected[c.label]]
         if wrong:
             say(f"\nDEMO FAILED: unexpected outcome for {', '.join(wrong)}")
