@@ -146,7 +146,7 @@ def test_refuses_unsigned_image(node: Node) -> None:
     assert isinstance(body, dict)
     error = body["errors"][0]
     assert error["code"] == "DENIED"
-    assert 'registry.example.test/**' in error["message"]
+    assert "registry.example.test/**" in error["message"]
     assert "cosign key keys/release.pub" in error["message"]
 
 
@@ -327,3 +327,76 @@ def test_hot_reload_obeys_new_policy_and_keeps_old_one_when_broken(node: Node) -
     assert node.get(by_tag)[0] == 403
     assert node.get(f"/v2/app/reload/manifests/v1?ns={REGISTRY}")[0] == 200
     assert "policy" in node.pullgate.log_text()
+
+
+def _enable_notation(node: Node) -> Any:
+    from tests.support.notation_sign import TestNotary
+
+    notary = TestNotary()
+    notary.write_trust(node.policy.parent / "notation")
+    reloads = node.pullgate.metrics().get("pullgate_policy_reloads_total", 0.0)
+    write_policy(
+        node.policy,
+        extra_scopes=(
+            '  - match: "registry.example.test/notation/**"\n    mode: enforce\n'
+            "    require: {allOf: [{notation: {trustPolicy: notation/trustpolicy.json,"
+            " trustStore: notation/truststore}}]}\n"
+        ),
+    )
+    _wait_for_reload(node, "pullgate_policy_reloads_total", reloads)
+    return notary
+
+
+def _attach_notation(node: Node, pushed: PushedArtifact, envelope: bytes, media_type: str) -> None:
+    from tests.support.notation_sign import signature_artifact
+
+    subject = {
+        "mediaType": pushed.media_type,
+        "digest": pushed.manifest_digest,
+        "size": len(pushed.manifest_bytes),
+    }
+    artifact = signature_artifact(envelope, media_type, subject)
+    cs.push_to_registry(node.registry.url, pushed.repository, artifact)
+    referrers = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "mediaType": artifact.media_type,
+                "digest": str(artifact.digest),
+                "size": len(artifact.manifest),
+                "artifactType": "application/vnd.cncf.notary.signature",
+            }
+        ],
+    }
+    fallback = f"sha256-{pushed.manifest_digest.split(':', 1)[1]}"
+    cs.push_to_registry(
+        node.registry.url,
+        pushed.repository,
+        cs.Artifact(json.dumps(referrers).encode(), referrers["mediaType"], (), tag=fallback),
+    )
+
+
+def test_notation_signed_image_pulls_and_target_mismatch_is_refused(node: Node) -> None:
+    from tests.support.notation_sign import descriptor_of
+
+    notary = _enable_notation(node)
+    good = node.push("notation/good", "v1")
+    _attach_notation(
+        node,
+        good,
+        notary.cose(descriptor_of(good.manifest_bytes, good.media_type)),
+        "application/cose",
+    )
+    code, output = node.pull("notation/good", "v1")
+    assert code == 0, output
+
+    other = node.push("notation/other", "v1")
+    mismatched = node.push("notation/mismatch", "v1")
+    # A valid signature, but over the other image's descriptor.
+    envelope = notary.jws(descriptor_of(other.manifest_bytes, other.media_type))
+    _attach_notation(node, mismatched, envelope, "application/jose+json")
+    assert_refused_without_blob_gets(node, mismatched, "Notation target mismatch")
+    status, body = node.get(f"/v2/notation/mismatch/manifests/v1?ns={REGISTRY}")
+    assert status == 403 and isinstance(body, dict)
+    assert "does not match" in body["errors"][0]["message"]
