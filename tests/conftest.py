@@ -8,7 +8,12 @@ from typing import Any
 
 import pytest
 
+from tests.support.fuzzseed import SEED
 from tests.support.peers import Containerd, Pullgate, Registry
+
+
+def pytest_report_header() -> str:
+    return f"fuzz seed: PULLGATE_FUZZ_SEED={SEED}"
 
 
 @pytest.fixture
