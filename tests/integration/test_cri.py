@@ -1,0 +1,87 @@
+"""CRI ImageService front end with containerd's real CRI behind it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
+from proxy.oci.digest import Digest
+from tests.support import cosign_sign as cs
+from tests.support.ocilayout import deterministic_bytes, push_image
+from tests.support.peers import Containerd, Pullgate, Registry
+
+pytestmark = pytest.mark.integration
+REGISTRY = "registry.example.test"
+
+
+def test_cri_pull_verifies_first_and_denies_with_the_policy_reason(
+    tmp_path: Path,
+    registry: Registry,
+    containerd: Containerd,
+    make_pullgate: Callable[..., Pullgate],
+) -> None:
+    key = cs.generate_key()
+    key.write_public(tmp_path / "policy" / "keys" / "release.pub")
+    policy = tmp_path / "policy" / "policy.yaml"
+    policy.write_text(
+        "default: deny\nscopes:\n"
+        '  - match: "registry.example.test/**"\n'
+        "    require: {allOf: [{cosign: {key: keys/release.pub}}]}\n"
+    )
+    signed = push_image(registry.url, "cri/app", "signed", layers=[deterministic_bytes(4096, 61)])
+    payload = cs.simple_signing_payload(Digest.parse(signed.manifest_digest), f"{REGISTRY}/cri/app")
+    cs.push_to_registry(
+        registry.url,
+        "cri/app",
+        cs.signature_image(Digest.parse(signed.manifest_digest), [cs.sign_layer(key, payload)]),
+    )
+    unsigned = push_image(
+        registry.url, "cri/app", "unsigned", layers=[deterministic_bytes(4096, 62)]
+    )
+    socket = tmp_path / "pullgate-cri.sock"
+    pullgate = make_pullgate(
+        upstreams={REGISTRY: registry.url},
+        policy=policy,
+        extra_args=[
+            "--cri-listen",
+            f"unix://{socket}",
+            "--cri-runtime-endpoint",
+            f"unix://{containerd.socket}",
+        ],
+    )
+    containerd.write_hosts(REGISTRY, pullgate.url)
+    with grpc.insecure_channel(f"unix://{socket}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=20)
+        images = api_pb2_grpc.ImageServiceStub(channel)  # type: ignore[no-untyped-call]
+
+        pulled = images.PullImage(
+            api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=f"{REGISTRY}/cri/app:signed")),
+            timeout=120,
+        )
+        assert pulled.image_ref.startswith("sha256:")
+
+        with pytest.raises(grpc.RpcError) as refused:
+            images.PullImage(
+                api_pb2.PullImageRequest(
+                    image=api_pb2.ImageSpec(image=f"{REGISTRY}/cri/app:unsigned")
+                ),
+                timeout=120,
+            )
+        assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "DENIED" in (refused.value.details() or "")
+        assert "cosign key keys/release.pub" in (refused.value.details() or "")
+
+        listed = images.ListImages(api_pb2.ListImagesRequest(), timeout=30)
+        tags = {tag for image in listed.images for tag in image.repo_tags}
+        assert f"{REGISTRY}/cri/app:signed" in tags
+        assert f"{REGISTRY}/cri/app:unsigned" not in tags
+        status = images.ImageStatus(
+            api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=f"{REGISTRY}/cri/app:signed")),
+            timeout=30,
+        )
+        assert status.image.id == pulled.image_ref
+    assert sum(registry.blob_gets(b) for b in unsigned.blobs) == 0
