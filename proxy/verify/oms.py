@@ -1,0 +1,378 @@
+"""OMS model signing (OpenSSF ``model_signing``) for models shipped as OCI artifacts.
+
+A signed model (``model.sig``) is a Sigstore bundle v0.3 whose DSSE envelope carries an
+in-toto statement: ``predicateType`` ``https://model_signing/signature/v1.0`` with
+``predicate.resources`` = ``[{name, algorithm: sha256, digest}]``, one per file, and a
+subject whose sha256 is taken over the concatenated raw file digests in name order
+(the older ``https://model_signing/Digests/v0.1`` lists each file as a subject).
+
+In a registry the bundle is a referrer of the model manifest (``artifactType``
+``application/vnd.dev.sigstore.bundle.v0.3+json``, told apart from cosign bundles by its
+predicate type). A ModelPack/KitOps-style model stores each file as a raw layer titled
+``org.opencontainers.image.title``, and a raw layer's digest *is* the file's sha256, so
+pullgate verifies a model **without downloading its weights**:
+
+1. the bundle's DSSE signature verifies (a PEM key; a certificate chain to a CA file;
+   or Sigstore keyless, offline, against the policy's trusted root);
+2. the payload is in-toto with an OMS predicate type;
+3. the signed files are exactly the manifest's layers: every resource matches a layer
+   with that title and digest, and every layer not ignored is covered;
+4. for v1.0 statements, the subject digest equals sha256 over the resource digests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from proxy.gate import ArtifactSource
+from proxy.oci.errors import OCIError, UpstreamTimeout, UpstreamUnavailable
+from proxy.oci.manifest import Manifest
+from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject, TrustConfig
+from proxy.verify.bundle import dsse_pae, parse_bundle_json
+from proxy.verify.keys import KeyFormatError, VerificationKey, load_public_key_pem
+
+BUNDLE_ARTIFACT_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+IN_TOTO = "application/vnd.in-toto+json"
+PREDICATE_V1 = "https://model_signing/signature/v1.0"
+PREDICATE_V01 = "https://model_signing/Digests/v0.1"
+TITLE = "org.opencontainers.image.title"
+MAX_RESOURCES = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSignature:
+    """What a verified OMS bundle says was signed: file name -> sha256 hex."""
+
+    files: dict[str, str]
+    subject_digest: str | None
+    predicate_type: str
+
+
+# ---- 1. signature ---------------------------------------------------------------------
+
+
+def _b64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise SignatureError(f"{what} is missing")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SignatureError(f"{what} is not base64") from exc
+
+
+def _envelope(doc: Mapping[str, Any]) -> tuple[str, bytes, list[bytes]]:
+    envelope = doc.get("dsseEnvelope")
+    if not isinstance(envelope, dict):
+        raise SignatureError("OMS bundle has no DSSE envelope")
+    payload_type = envelope.get("payloadType")
+    if payload_type != IN_TOTO:
+        raise SignatureError(f"DSSE payloadType {str(payload_type)[:80]!r} is not in-toto")
+    payload = _b64(envelope.get("payload"), "DSSE payload")
+    signatures = envelope.get("signatures")
+    if not isinstance(signatures, list) or not signatures:
+        raise SignatureError("DSSE envelope has no signatures")
+    sigs = [
+        _b64(s.get("sig") if isinstance(s, dict) else None, "DSSE signature")
+        for s in signatures[:8]
+    ]
+    return payload_type, payload, sigs
+
+
+def verify_with_key(raw: bytes, key: VerificationKey) -> bytes:
+    doc = parse_bundle_json(raw)
+    material = doc.get("verificationMaterial")
+    if not isinstance(material, dict) or "publicKey" not in material:
+        raise SignatureError("bundle has no public-key material (signed with a certificate?)")
+    payload_type, payload, signatures = _envelope(doc)
+    pae = dsse_pae(payload_type, payload)
+    if not any(key.verify(sig, pae) for sig in signatures):
+        raise SignatureError(f"DSSE signature does not verify with the {key.kind} key")
+    return payload
+
+
+def verify_with_ca(raw: bytes, roots: list[x509.Certificate]) -> bytes:
+    import datetime as dt
+
+    from proxy.verify.keys import certificate_key
+
+    doc = parse_bundle_json(raw)
+    material = doc.get("verificationMaterial")
+    if not isinstance(material, dict):
+        raise SignatureError("bundle has no verification material")
+    if "x509CertificateChain" in material:
+        entries = material["x509CertificateChain"].get("certificates") or []
+    elif "certificate" in material:
+        entries = [material["certificate"]]
+    else:
+        raise SignatureError("bundle has no certificate (signed with a key?)")
+    try:
+        chain = [
+            x509.load_der_x509_certificate(_b64(e.get("rawBytes"), "certificate"))
+            for e in entries[:8]
+        ]
+    except (ValueError, AttributeError) as exc:
+        raise SignatureError("bundle certificate does not parse") from exc
+    if not chain:
+        raise SignatureError("bundle certificate chain is empty")
+    now = dt.datetime.now(dt.UTC)
+    # The chain in the bundle, then a root from the CA file.
+    for position, cert in enumerate(chain):
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise SignatureError(
+                f"certificate {cert.subject.rfc4514_string()[:80]} is not valid now"
+            )
+        if position + 1 < len(chain):
+            try:
+                cert.verify_directly_issued_by(chain[position + 1])
+            except (ValueError, TypeError, InvalidSignature) as exc:
+                raise SignatureError("bundle certificate chain is broken") from exc
+    top = chain[-1]
+    if not any(_issued_by_or_is(top, root) for root in roots):
+        raise SignatureError("bundle certificate does not chain to the configured CA")
+    payload_type, payload, signatures = _envelope(doc)
+    key = certificate_key(chain[0])
+    pae = dsse_pae(payload_type, payload)
+    if not any(key.verify(sig, pae) for sig in signatures):
+        raise SignatureError("DSSE signature does not verify with the certificate's key")
+    return payload
+
+
+def _issued_by_or_is(cert: x509.Certificate, root: x509.Certificate) -> bool:
+    if cert == root:
+        return True
+    try:
+        cert.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def verify_with_sigstore(raw: bytes, verifier: Any, identity: Any) -> bytes:
+    from sigstore.errors import Error as SigstoreError
+    from sigstore.models import Bundle
+
+    from proxy.verify.bundle import _IdentityPolicy
+
+    try:
+        bundle = Bundle.from_json(raw)
+        payload_type, payload = verifier.verify_dsse(bundle, _IdentityPolicy(identity))
+    except SigstoreError as exc:
+        raise SignatureError(f"sigstore: {str(exc).splitlines()[0][:200]}") from exc
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SignatureError(f"bundle is malformed: {str(exc)[:200]}") from exc
+    if payload_type != IN_TOTO:
+        raise SignatureError(f"DSSE payloadType {payload_type[:80]!r} is not in-toto")
+    return bytes(payload)
+
+
+# ---- 2.-4. what was signed ------------------------------------------------------------
+
+
+def parse_statement(payload: bytes) -> ModelSignature:
+    try:
+        statement = json.loads(payload)
+    except ValueError as exc:
+        raise SignatureError("in-toto statement is not JSON") from exc
+    if not isinstance(statement, dict):
+        raise SignatureError("in-toto statement is not an object")
+    predicate_type = statement.get("predicateType")
+    subjects = statement.get("subject") or []
+    if not isinstance(subjects, list):
+        raise SignatureError("in-toto subject is not a list")
+    files: dict[str, str] = {}
+    if predicate_type == PREDICATE_V1:
+        predicate = statement.get("predicate")
+        resources = predicate.get("resources") if isinstance(predicate, dict) else None
+        if not isinstance(resources, list) or len(resources) > MAX_RESOURCES:
+            raise SignatureError("OMS predicate has no resources list")
+        for item in resources:
+            if not isinstance(item, dict) or item.get("algorithm") != "sha256":
+                raise SignatureError("OMS resource is not a sha256 file digest")
+            files[str(item.get("name"))] = str(item.get("digest"))
+        first = subjects[0] if subjects and isinstance(subjects[0], dict) else {}
+        digest = (
+            first.get("digest", {}).get("sha256") if isinstance(first.get("digest"), dict) else None
+        )
+        return ModelSignature(files, digest, PREDICATE_V1)
+    if predicate_type == PREDICATE_V01:
+        for item in subjects[:MAX_RESOURCES]:
+            if isinstance(item, dict) and isinstance(item.get("digest"), dict):
+                files[str(item.get("name"))] = str(item["digest"].get("sha256"))
+        return ModelSignature(files, None, PREDICATE_V01)
+    raise SignatureError(f"predicate type {str(predicate_type)[:100]!r} is not OMS model signing")
+
+
+def check_files(
+    signature: ModelSignature, files: Mapping[str, str], ignore: tuple[str, ...]
+) -> None:
+    """The signed files must be exactly ``files`` (name -> sha256 hex), minus ignored ones."""
+    wanted = {n: d for n, d in files.items() if not _ignored(n, ignore)}
+    for name, digest in sorted(signature.files.items()):
+        have = wanted.get(name)
+        if have is None:
+            raise SignatureError(f"signed file {name[:120]} is not in the model")
+        if have != digest:
+            raise SignatureError(
+                f"file {name[:120]} has digest sha256:{have}, signed sha256:{digest}"
+            )
+    unsigned = sorted(set(wanted) - set(signature.files))
+    if unsigned:
+        raise SignatureError(f"file {unsigned[0][:120]} is not covered by the signature")
+    if signature.subject_digest is not None:
+        combined = hashlib.sha256(
+            b"".join(bytes.fromhex(signature.files[n]) for n in sorted(signature.files))
+        ).hexdigest()
+        if combined != signature.subject_digest:
+            raise SignatureError("statement subject digest does not match its resources")
+
+
+def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p.rstrip("/") + "/") for p in ignore)
+
+
+def manifest_files(manifest: Manifest) -> dict[str, str]:
+    """A model manifest's files: layer title -> sha256 hex of the (raw) layer."""
+    files: dict[str, str] = {}
+    for layer in manifest.layers:
+        title = layer.annotations.get(TITLE) if layer.annotations else None
+        if not title:
+            raise SignatureError(f"layer {layer.digest} has no {TITLE} annotation")
+        if layer.digest.algorithm != "sha256":
+            raise SignatureError(f"layer {title[:80]} is not sha256-addressed")
+        files[title] = layer.digest.hex
+    return files
+
+
+# ---- the verifier ---------------------------------------------------------------------
+
+
+class OMSVerifier:
+    def __init__(self, *, label: str, check: Any, ignore: tuple[str, ...]) -> None:
+        self._label = label
+        self._check = check
+        self._ignore = ignore
+
+    def describe(self) -> str:
+        return self._label
+
+    async def verify(self, subject: Subject, source: ArtifactSource, limits: Limits) -> CheckResult:
+        try:
+            model = await source.manifest(str(subject.digest), max_bytes=4 * 1024 * 1024)
+            index = await source.referrers(subject.digest, BUNDLE_ARTIFACT_TYPE)
+        except (UpstreamUnavailable, UpstreamTimeout):
+            raise
+        except OCIError as exc:
+            return CheckResult(False, f"modelSigning: cannot fetch signatures: {exc.message}")
+        if model is None:
+            return CheckResult(False, "modelSigning: the model manifest is gone")
+        descriptors = list(index.manifests) if index is not None else []
+        if not descriptors:
+            return CheckResult(False, "modelSigning: no model signatures found")
+        reasons = []
+        for descriptor in descriptors[: limits.max_signatures]:
+            try:
+                reason = await self._one(subject, source, limits, model, str(descriptor.digest))
+            except (UpstreamUnavailable, UpstreamTimeout):
+                raise
+            except OCIError as exc:
+                reason = exc.message
+            if reason is None:
+                return CheckResult(True, f"modelSigning bundle {descriptor.digest} verified")
+            reasons.append(reason)
+        return CheckResult(False, "modelSigning: " + "; ".join(sorted(set(reasons)))[:600])
+
+    async def _one(
+        self, subject: Subject, source: ArtifactSource, limits: Limits, model: Manifest, ref: str
+    ) -> str | None:
+        referrer = await source.manifest(ref, max_bytes=limits.max_signature_manifest_bytes)
+        if (
+            referrer is None
+            or referrer.subject is None
+            or referrer.subject.digest != subject.digest
+        ):
+            return "a signature manifest's subject is another manifest (ignored)"
+        if len(referrer.layers) != 1:
+            return "a bundle manifest must have exactly one layer"
+        layer = referrer.layers[0]
+        if layer.size > limits.max_bundle_bytes:
+            return f"bundle of {layer.size} bytes exceeds the {limits.max_bundle_bytes}-byte cap"
+        raw = await source.blob(layer.digest, max_bytes=limits.max_bundle_bytes)
+
+        def check() -> str | None:
+            try:
+                signature = parse_statement(self._check(raw))
+                check_files(signature, manifest_files(model), self._ignore)
+            except SignatureError as exc:
+                return str(exc)
+            return None
+
+        return await asyncio.to_thread(check)
+
+
+def oms_verifier_from_spec(
+    spec: Mapping[str, Any], *, base_dir: Path, trust: TrustConfig
+) -> OMSVerifier:
+    known = {"key", "certificate", "sigstore", "ignorePaths"}
+    unknown = set(spec) - known
+    if unknown:
+        raise PolicyError(f"unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    ignore = spec.get("ignorePaths") or []
+    if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
+        raise PolicyError("ignorePaths must be a list of paths")
+    methods = [k for k in ("key", "certificate", "sigstore") if k in spec]
+    if len(methods) != 1:
+        raise PolicyError("modelSigning needs exactly one of key, certificate or sigstore")
+    method = methods[0]
+    if method == "key":
+        path = base_dir / str(spec["key"])
+        try:
+            key = load_public_key_pem(path.read_bytes())
+        except (OSError, KeyFormatError) as exc:
+            raise PolicyError(f"cannot load key {path}: {exc}") from exc
+        return OMSVerifier(
+            label=f"modelSigning key {spec['key']}",
+            check=lambda raw: verify_with_key(raw, key),
+            ignore=tuple(ignore),
+        )
+    if method == "certificate":
+        ca = spec["certificate"].get("caFile") if isinstance(spec["certificate"], dict) else None
+        if not isinstance(ca, str):
+            raise PolicyError("certificate needs caFile")
+        try:
+            roots = x509.load_pem_x509_certificates((base_dir / ca).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise PolicyError(f"cannot load CA file {ca}: {exc}") from exc
+        return OMSVerifier(
+            label=f"modelSigning certificate caFile {ca}",
+            check=lambda raw: verify_with_ca(raw, roots),
+            ignore=tuple(ignore),
+        )
+    options = spec["sigstore"]
+    if not isinstance(options, dict) or not {"issuer", "subject"} <= set(options):
+        raise PolicyError("sigstore needs issuer and subject")
+    if trust.sigstore_trusted_root is None:
+        raise PolicyError("sigstore model signing needs trust.sigstoreTrustedRoot")
+    from proxy.verify.bundle import sigstore_verifier_for
+    from proxy.verify.sigstore_trust import KeylessIdentity, Matcher, load_trusted_root
+
+    identity = KeylessIdentity(
+        subject=Matcher.parse(options["subject"], where="modelSigning.sigstore.subject"),
+        issuer=Matcher.parse(options["issuer"], where="modelSigning.sigstore.issuer"),
+    )
+    verifier = sigstore_verifier_for(load_trusted_root(trust.sigstore_trusted_root))
+    return OMSVerifier(
+        label=f"modelSigning sigstore {identity.describe()}",
+        check=lambda raw: verify_with_sigstore(raw, verifier, identity),
+        ignore=tuple(ignore),
+    )
