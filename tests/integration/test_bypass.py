@@ -1,0 +1,664 @@
+"""Bypass suite: each case is named after what pullgate refuses, and asserts that zero
+bytes of the gated content were served (no manifest body, no blob body) and that the
+upstream registry served none of its blobs.
+
+One registry and one pullgate (with a policy covering cosign key and keyless, bundles,
+Notation and OMS model signing) serve every case; each case pushes its own content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import http.client
+import http.server
+import itertools
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy import hoststoml
+from proxy.oci.digest import Digest
+from proxy.oci.manifest import Descriptor
+from tests.support import cosign_sign as cs
+from tests.support.notation_sign import TestNotary, descriptor_of, signature_artifact
+from tests.support.ocilayout import (
+    PushedArtifact,
+    deterministic_bytes,
+    push_image,
+    push_manifest,
+    push_model,
+)
+from tests.support.peers import Containerd, Pullgate, Registry
+
+pytestmark = pytest.mark.integration
+REGISTRY = "registry.example.test"
+SEEDS = itertools.count(30_000)
+ACCEPT = (
+    "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, "
+    "application/vnd.docker.distribution.manifest.v2+json"
+)
+BOMB_PREDICATE = "https://example.test/attestation/v1"
+
+POLICY = """\
+default: deny
+trust:
+  sigstoreTrustedRoot: trust/trusted_root.json
+limits:
+  {maxSignatures: 16, maxSignatureManifestBytes: 65536, maxBundleBytes: 65536, deadlineSeconds: 10}
+scopes:
+  - match: "registry.example.test/keyless/**"
+    require:
+      anyOf:
+        - cosign:
+            keyless: {issuer: "https://issuer.example.test", subject: "signer@example.test"}
+            tlog: required
+  - match: "registry.example.test/attest/**"
+    require:
+      anyOf:
+        - cosign: {key: keys/release.pub, predicateType: "https://example.test/attestation/v1"}
+  - match: "registry.example.test/notation/**"
+    require:
+      allOf:
+        - notation: {trustPolicy: notation/trustpolicy.json, trustStore: notation/truststore}
+  - match: "registry.example.test/models/**"
+    artifactTypes: ["application/vnd.cncf.model.manifest.v1+json"]
+    require: {anyOf: [{modelSigning: {key: keys/model.pub}}]}
+  - match: "registry.example.test/**"
+    require: {allOf: [{cosign: {key: keys/release.pub}}]}
+"""
+
+
+@dataclass
+class Env:
+    registry: Registry
+    pullgate: Pullgate
+    key: cs.TestKey
+    model_key: cs.TestKey
+    sigstore: cs.TestSigstore
+    notary: TestNotary
+
+    # -- content ---------------------------------------------------------------------
+
+    def image(self, repository: str, *, layers: list[bytes] | None = None) -> PushedArtifact:
+        layers = layers or [deterministic_bytes(8192, next(SEEDS))]
+        return push_image(self.registry.url, repository, "v1", layers=layers)
+
+    def attach(self, pushed: PushedArtifact, *layers: cs.SignatureLayer) -> None:
+        artifact = cs.signature_image(Digest.parse(pushed.manifest_digest), list(layers))
+        cs.push_to_registry(self.registry.url, pushed.repository, artifact)
+
+    def payload(self, pushed: PushedArtifact, digest: str | None = None) -> bytes:
+        return cs.simple_signing_payload(
+            Digest.parse(digest or pushed.manifest_digest), f"{REGISTRY}/{pushed.repository}"
+        )
+
+    def referrer(self, pushed: PushedArtifact, artifact: cs.Artifact, artifact_type: str) -> None:
+        """Push a referrer and the fallback index (docker-registry has no referrers API)."""
+        cs.push_to_registry(self.registry.url, pushed.repository, artifact)
+        index = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+                {
+                    "mediaType": artifact.media_type,
+                    "digest": str(artifact.digest),
+                    "size": len(artifact.manifest),
+                    "artifactType": artifact_type,
+                }
+            ],
+        }
+        tag = "sha256-" + pushed.manifest_digest.split(":", 1)[1]
+        push_manifest(
+            self.registry.url,
+            pushed.repository,
+            tag,
+            json.dumps(index).encode(),
+            index["mediaType"],
+        )
+
+    def subject(self, pushed: PushedArtifact) -> Descriptor:
+        return Descriptor(
+            media_type=pushed.media_type,
+            digest=Digest.parse(pushed.manifest_digest),
+            size=len(pushed.manifest_bytes),
+        )
+
+    # -- requests --------------------------------------------------------------------
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        host, port = self.pullgate.host.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            conn.request("GET", path, headers={"Accept": ACCEPT})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def assert_gated(self, pushed: PushedArtifact) -> dict[str, Any]:
+        """Zero bytes of ``pushed`` served: manifest by tag and digest, and every blob."""
+        base = f"/v2/{pushed.repository}"
+        error: dict[str, Any] = {}
+        for reference in (pushed.tag, pushed.manifest_digest):
+            status, body = self.get(f"{base}/manifests/{reference}?ns={REGISTRY}")
+            assert status >= 400, f"manifest {reference} was served"
+            assert pushed.manifest_bytes not in body
+            error = json.loads(body)["errors"][0]
+        for blob in pushed.blobs:
+            status, body = self.get(f"{base}/blobs/{blob}?ns={REGISTRY}")
+            assert status == 403, f"blob {blob} answered {status}"
+            assert json.loads(body)["errors"][0]["code"] == "DENIED"
+            assert self.registry.blob_gets(blob) == 0, f"blob {blob} left the registry"
+        return error
+
+    def assert_served(self, pushed: PushedArtifact) -> None:
+        status, body = self.get(f"/v2/{pushed.repository}/manifests/{pushed.tag}?ns={REGISTRY}")
+        assert status == 200 and body == pushed.manifest_bytes
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    work = tmp_path_factory.mktemp("bypass")
+    policy_dir = work / "policy"
+    key, model_key = cs.generate_key(), cs.generate_key("ecdsa-p384")
+    key.write_public(policy_dir / "keys" / "release.pub")
+    model_key.write_public(policy_dir / "keys" / "model.pub")
+    sigstore = cs.TestSigstore()
+    sigstore.write_trusted_root(policy_dir / "trust" / "trusted_root.json")
+    notary = TestNotary()
+    notary.write_trust(policy_dir / "notation")
+    (policy_dir / "policy.yaml").write_text(POLICY)
+    registry = Registry(work / "registry").start()
+    pullgate = Pullgate(
+        work / "pullgate", upstreams={REGISTRY: registry.url}, policy=policy_dir / "policy.yaml"
+    )
+    try:
+        pullgate.start()
+        yield Env(registry, pullgate, key, model_key, sigstore, notary)
+    finally:
+        pullgate.stop()
+        registry.stop()
+
+
+# ---- signatures and trust -----------------------------------------------------------
+
+
+def test_control_signed_image_is_served(env: Env) -> None:
+    pushed = env.image("bypass/control")
+    env.attach(pushed, cs.sign_layer(env.key, env.payload(pushed)))
+    env.assert_served(pushed)
+
+
+def test_refuses_unsigned_image(env: Env) -> None:
+    error = env.assert_gated(env.image("bypass/unsigned"))
+    assert error["code"] == "DENIED" and "no signatures found" in error["message"]
+
+
+def test_refuses_signature_by_wrong_key(env: Env) -> None:
+    pushed = env.image("bypass/wrongkey")
+    env.attach(pushed, cs.sign_layer(cs.generate_key(), env.payload(pushed)))
+    env.assert_gated(pushed)
+
+
+def test_refuses_tampered_manifest(env: Env) -> None:
+    original = env.image("bypass/tampered")
+    doc = json.loads(original.manifest_bytes)
+    doc["annotations"] = {"evil": "1"}
+    raw = json.dumps(doc).encode()
+    push_manifest(env.registry.url, "bypass/tampered", "v1", raw, original.media_type)
+    tampered = PushedArtifact(
+        "bypass/tampered", "v1", str(Digest.of(raw)), raw, original.media_type, original.blobs
+    )
+    env.attach(tampered, cs.sign_layer(env.key, env.payload(original)))
+    env.assert_gated(tampered)
+
+
+def test_refuses_signature_over_another_digest(env: Env) -> None:
+    other = env.image("bypass/other")
+    pushed = env.image("bypass/otherdigest")
+    env.attach(pushed, cs.sign_layer(env.key, env.payload(pushed, other.manifest_digest)))
+    error = env.assert_gated(pushed)
+    assert "digest" in error["message"]
+
+
+def test_refuses_signature_payload_of_wrong_type(env: Env) -> None:
+    pushed = env.image("bypass/wrongtype")
+    payload = cs.simple_signing_payload(
+        Digest.parse(pushed.manifest_digest), f"{REGISTRY}/bypass/wrongtype", signature_type="x"
+    )
+    env.attach(pushed, cs.sign_layer(env.key, payload))
+    env.assert_gated(pushed)
+
+
+def test_refuses_certificate_not_chaining_to_trust_root(env: Env) -> None:
+    pushed = env.image("keyless/rogue")
+    rogue = cs.TestSigstore()
+    env.attach(pushed, rogue.sign_layer_keyless(cs.generate_key(), env.payload(pushed)))
+    env.assert_gated(pushed)
+
+
+def test_refuses_expired_certificate(env: Env) -> None:
+    pushed = env.image("keyless/expired")
+    signer = cs.generate_key()
+    cert = env.sigstore.issue_certificate(signer)
+    late = int(cert.not_valid_after_utc.timestamp()) + 60
+    env.attach(
+        pushed,
+        env.sigstore.sign_layer_keyless(
+            signer, env.payload(pushed), certificate=cert, integrated_time=late
+        ),
+    )
+    env.assert_gated(pushed)
+
+
+def test_refuses_not_yet_valid_certificate(env: Env) -> None:
+    pushed = env.image("keyless/notyet")
+    signer = cs.generate_key()
+    cert = env.sigstore.issue_certificate(signer)
+    early = int(cert.not_valid_before_utc.timestamp()) - 60
+    env.attach(
+        pushed,
+        env.sigstore.sign_layer_keyless(
+            signer, env.payload(pushed), certificate=cert, integrated_time=early
+        ),
+    )
+    env.assert_gated(pushed)
+
+
+def test_refuses_keyless_signature_of_other_identity(env: Env) -> None:
+    pushed = env.image("keyless/identity")
+    layer = env.sigstore.sign_layer_keyless(
+        cs.generate_key(), env.payload(pushed), identity="mallory@example.test"
+    )
+    env.attach(pushed, layer)
+    env.assert_gated(pushed)
+
+
+def test_refuses_keyless_signature_without_rekor_entry(env: Env) -> None:
+    pushed = env.image("keyless/notlog")
+    env.attach(
+        pushed,
+        env.sigstore.sign_layer_keyless(cs.generate_key(), env.payload(pushed), with_set=False),
+    )
+    env.assert_gated(pushed)
+
+
+def test_refuses_rekor_entry_not_bound_to_signature(env: Env) -> None:
+    """CVE-2026-22703: a valid log entry for another signature of the same payload."""
+    pushed = env.image("keyless/unbound")
+    signer = cs.generate_key()
+    cert = env.sigstore.issue_certificate(signer)
+    payload = env.payload(pushed)
+    honest = env.sigstore.sign_layer_keyless(signer, payload, certificate=cert)
+    other = env.sigstore.sign_layer_keyless(signer, payload, certificate=cert)
+    annotations = dict(honest.annotations)
+    annotations["dev.sigstore.cosign/bundle"] = other.annotations["dev.sigstore.cosign/bundle"]
+    if (
+        annotations["dev.cosignproject.cosign/signature"]
+        == other.annotations["dev.cosignproject.cosign/signature"]
+    ):
+        pytest.fail("the signer produced identical signatures; the case proves nothing")
+    env.attach(pushed, cs.SignatureLayer(payload, annotations))
+    env.assert_gated(pushed)
+
+
+def test_refuses_rekor_entry_not_bound_to_artifact(env: Env) -> None:
+    """CVE-2022-23649: a log entry whose hash is another payload's."""
+    pushed = env.image("keyless/otherartifact")
+    signer = cs.generate_key()
+    cert = env.sigstore.issue_certificate(signer)
+    payload = env.payload(pushed)
+    honest = env.sigstore.sign_layer_keyless(signer, payload, certificate=cert)
+    elsewhere = env.sigstore.sign_layer_keyless(signer, b'{"other": 1}', certificate=cert)
+    annotations = dict(honest.annotations)
+    annotations["dev.sigstore.cosign/bundle"] = elsewhere.annotations["dev.sigstore.cosign/bundle"]
+    env.attach(pushed, cs.SignatureLayer(payload, annotations))
+    env.assert_gated(pushed)
+
+
+def test_refuses_bare_public_key_where_certificate_is_expected(env: Env) -> None:
+    """GHSA-fx35-mq7g-6g98: a key-only bundle under a keyless policy."""
+    pushed = env.image("keyless/barekey")
+    bundle = cs.message_signature_bundle(cs.generate_key(), Digest.parse(pushed.manifest_digest))
+    env.referrer(pushed, cs.bundle_referrer(bundle, env.subject(pushed)), cs.BUNDLE_TYPE)
+    env.assert_gated(pushed)
+
+
+def test_refuses_dsse_payload_type_mismatch(env: Env) -> None:
+    """GHSA-w6c6-c85g-mmv6."""
+    pushed = env.image("attest/payloadtype")
+    statement = cs.in_toto_statement(Digest.parse(pushed.manifest_digest), BOMB_PREDICATE)
+    bundle = cs.dsse_bundle(env.key, statement, payload_type="text/plain")
+    env.referrer(pushed, cs.bundle_referrer(bundle, env.subject(pushed)), cs.BUNDLE_TYPE)
+    env.assert_gated(pushed)
+
+
+def test_refuses_dsse_predicate_type_mismatch(env: Env) -> None:
+    pushed = env.image("attest/predicate")
+    statement = cs.in_toto_statement(
+        Digest.parse(pushed.manifest_digest), "https://slsa.dev/provenance/v1"
+    )
+    bundle = cs.dsse_bundle(env.key, statement)
+    env.referrer(pushed, cs.bundle_referrer(bundle, env.subject(pushed)), cs.BUNDLE_TYPE)
+    env.assert_gated(pushed)
+
+
+def test_refuses_dsse_statement_about_another_artifact(env: Env) -> None:
+    pushed = env.image("attest/othersubject")
+    other = env.image("attest/othersubject2")
+    statement = cs.in_toto_statement(Digest.parse(other.manifest_digest), BOMB_PREDICATE)
+    bundle = cs.dsse_bundle(env.key, statement)
+    env.referrer(pushed, cs.bundle_referrer(bundle, env.subject(pushed)), cs.BUNDLE_TYPE)
+    env.assert_gated(pushed)
+
+
+# ---- Notation ---------------------------------------------------------------------------
+
+
+def _notation(env: Env, repository: str, **options: Any) -> PushedArtifact:
+    pushed = env.image(repository)
+    target = descriptor_of(pushed.manifest_bytes, pushed.media_type)
+    signed = dict(target, **options.pop("target", {}))
+    notary = options.pop("notary", env.notary)
+    envelope = notary.jws(signed, **options)
+    env.referrer(
+        pushed,
+        signature_artifact(envelope, "application/jose+json", target),
+        "application/vnd.cncf.notary.signature",
+    )
+    return pushed
+
+
+def test_control_notation_signed_image_is_served(env: Env) -> None:
+    env.assert_served(_notation(env, "notation/control"))
+
+
+def test_refuses_notation_target_digest_mismatch(env: Env) -> None:
+    pushed = _notation(env, "notation/digest", target={"digest": str(Digest.of(b"x"))})
+    assert "does not match" in env.assert_gated(pushed)["message"]
+
+
+def test_refuses_notation_target_size_mismatch(env: Env) -> None:
+    env.assert_gated(_notation(env, "notation/size", target={"size": 1}))
+
+
+def test_refuses_notation_target_media_type_mismatch(env: Env) -> None:
+    media_type = "application/vnd.docker.distribution.manifest.v2+json"
+    env.assert_gated(_notation(env, "notation/mediatype", target={"mediaType": media_type}))
+
+
+def test_refuses_expired_notation_signature(env: Env) -> None:
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    assert "expired" in env.assert_gated(_notation(env, "notation/expired", expiry=past))["message"]
+
+
+def test_refuses_notation_signature_from_untrusted_ca(env: Env) -> None:
+    env.assert_gated(_notation(env, "notation/untrusted", notary=TestNotary()))
+
+
+def test_refuses_notation_signature_of_untrusted_identity(env: Env) -> None:
+    env.assert_gated(_notation(env, "notation/identity", notary=TestNotary(name="mallory")))
+
+
+def test_refuses_notation_unknown_critical_header(env: Env) -> None:
+    env.assert_gated(_notation(env, "notation/crit", extra_critical=("io.example.new",)))
+
+
+def test_refuses_tampered_notation_envelope(env: Env) -> None:
+    env.assert_gated(_notation(env, "notation/tampered", tamper=True))
+
+
+# ---- tags, blobs and referrers ----------------------------------------------------------
+
+
+def test_refuses_tag_flipped_after_verification(env: Env) -> None:
+    signed = env.image("bypass/flip")
+    env.attach(signed, cs.sign_layer(env.key, env.payload(signed)))
+    env.assert_served(signed)
+    flipped = env.image("bypass/flip")  # same tag, unsigned manifest
+    env.assert_gated(flipped)
+
+
+def test_refuses_blob_not_referenced_by_a_verified_manifest(env: Env) -> None:
+    signed = env.image("bypass/blobs")
+    env.attach(signed, cs.sign_layer(env.key, env.payload(signed)))
+    env.assert_served(signed)
+    stray = push_image(
+        env.registry.url, "bypass/blobs", "stray", layers=[deterministic_bytes(5000, 77)]
+    )
+    for blob in stray.layer_digests:
+        status, _ = env.get(f"/v2/bypass/blobs/blobs/{blob}?ns={REGISTRY}")
+        assert status == 403 and env.registry.blob_gets(blob) == 0
+
+
+def test_refuses_cross_repository_blob(env: Env) -> None:
+    signed = env.image("bypass/owner")
+    env.attach(signed, cs.sign_layer(env.key, env.payload(signed)))
+    env.assert_served(signed)
+    for blob in signed.layer_digests:
+        status, _ = env.get(f"/v2/bypass/stranger/blobs/{blob}?ns={REGISTRY}")
+        assert status == 403
+        assert env.registry.blob_gets(blob) == 0
+
+
+def test_refuses_shared_layer_through_unsigned_repository(env: Env) -> None:
+    shared = deterministic_bytes(6000, next(SEEDS))
+    signed = push_image(env.registry.url, "bypass/shared-signed", "v1", layers=[shared])
+    env.attach(signed, cs.sign_layer(env.key, env.payload(signed)))
+    env.assert_served(signed)
+    unsigned = push_image(env.registry.url, "bypass/shared-unsigned", "v1", layers=[shared])
+    env.assert_gated(unsigned)
+
+
+def test_refuses_referrer_spoofing_with_subject_of_another_digest(env: Env) -> None:
+    pushed = env.image("attest/spoof")
+    other = env.image("attest/spoof2")
+    statement = cs.in_toto_statement(Digest.parse(other.manifest_digest), BOMB_PREDICATE)
+    bundle = cs.dsse_bundle(env.key, statement)
+    # A valid bundle about another image, listed under ours in the fallback index.
+    env.referrer(pushed, cs.bundle_referrer(bundle, env.subject(other)), cs.BUNDLE_TYPE)
+    env.assert_gated(pushed)
+
+
+def test_refuses_signature_copied_from_another_repository(env: Env) -> None:
+    source = env.image("bypass/source")
+    env.attach(source, cs.sign_layer(env.key, env.payload(source)))
+    copy = env.image("bypass/copy")
+    env.attach(copy, cs.sign_layer(env.key, env.payload(source)))
+    env.assert_gated(copy)
+
+
+# ---- hostile sizes and shapes -----------------------------------------------------------
+
+
+def test_refuses_signature_flood(env: Env) -> None:
+    pushed = env.image("bypass/flood")
+    rogue = cs.generate_key()
+    layers = [cs.sign_layer(rogue, env.payload(pushed)) for _ in range(1000)]
+    artifact = cs.signature_image(Digest.parse(pushed.manifest_digest), layers)
+    cs.push_to_registry(env.registry.url, pushed.repository, artifact)
+    env.assert_gated(pushed)
+
+
+def test_refuses_oversize_bundle(env: Env) -> None:
+    pushed = env.image("attest/oversize")
+    bundle = cs.message_signature_bundle(env.key, Digest.parse(pushed.manifest_digest))
+    doc = json.loads(bundle)
+    doc["padding"] = "x" * 200_000
+    env.referrer(
+        pushed, cs.bundle_referrer(json.dumps(doc).encode(), env.subject(pushed)), cs.BUNDLE_TYPE
+    )
+    env.assert_gated(pushed)
+
+
+def test_refuses_oversize_signature_manifest(env: Env) -> None:
+    pushed = env.image("bypass/bigsig")
+    layer = cs.sign_layer(env.key, env.payload(pushed))
+    layer.annotations["padding"] = "x" * 100_000
+    env.attach(pushed, layer)
+    env.assert_gated(pushed)
+
+
+@contextlib.contextmanager
+def hostile_upstream(manifest: bytes, media_type: str) -> Iterator[str]:
+    """A registry that serves what docker-registry refuses to store (a real one cannot)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if "/manifests/" in self.path:
+                self.send_response(200)
+                self.send_header("Content-Type", media_type)
+                self.send_header("Content-Length", str(len(manifest)))
+                self.end_headers()
+                self.wfile.write(manifest)
+            else:
+                self.send_response(200 if self.path.startswith("/v2/") else 404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _hostile_get(tmp_path: Path, raw: bytes, media_type: str) -> tuple[int, bytes]:
+    with hostile_upstream(raw, media_type) as url:
+        pullgate = Pullgate(tmp_path / "pg", upstreams={REGISTRY: url}).start()
+        try:
+            host, port = pullgate.host.rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            conn.request("GET", f"/v2/bypass/hostile/manifests/v1?ns={REGISTRY}")
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            pullgate.stop()
+
+
+def test_refuses_manifest_over_4_mib(env: Env, tmp_path: Path) -> None:
+    """CVE-2017-11468 (even with no policy at all, the size cap holds)."""
+    doc = json.loads(env.image("bypass/huge").manifest_bytes)
+    doc["annotations"] = {"pad": "x" * (4 * 1024 * 1024 + 10)}
+    raw = json.dumps(doc).encode()
+    status, body = _hostile_get(tmp_path, raw, doc["mediaType"])
+    assert status == 413 and len(body) < 10_000
+    assert json.loads(body)["errors"][0]["code"] == "SIZE_INVALID"
+
+
+def test_refuses_manifest_index_ambiguity(env: Env, tmp_path: Path) -> None:
+    """CVE-2021-41190 (even with no policy at all)."""
+    doc = json.loads(env.image("bypass/ambiguous").manifest_bytes)
+    doc["manifests"] = []
+    raw = json.dumps(doc).encode()
+    status, body = _hostile_get(tmp_path, raw, doc["mediaType"])
+    assert status >= 400 and raw not in body
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/bypass/x/blobs/sha256:../../../etc/passwd",
+        "/v2/bypass/x/blobs/sha256%3a..%2f..%2fetc",
+        "/v2/bypass/x/blobs/../../control/blobs/sha256:" + "0" * 64,
+        "/v2/bypass/x/blobs/md5:d41d8cd98f00b204e9800998ecf8427e",
+    ],
+)
+def test_refuses_digest_path_traversal(env: Env, path: str) -> None:
+    """CVE-2024-3727."""
+    status, body = env.get(path + f"?ns={REGISTRY}")
+    assert status == 400 and json.loads(body)["errors"][0]["code"]
+
+
+def test_refuses_unsigned_model_with_decompression_bomb_layer(env: Env) -> None:
+    import gzip
+
+    bomb = gzip.compress(b"\0" * (64 << 20), compresslevel=9)  # 64 MiB from ~65 KiB
+    pushed = push_model(env.registry.url, "models/bomb", "v1", files={"weights.tar.gz": bomb})
+    env.assert_gated(pushed)
+
+
+def test_refuses_model_with_unsigned_extra_layer(env: Env) -> None:
+    files = {"config.json": b"{}", "weights.bin": deterministic_bytes(4096, next(SEEDS))}
+    signed_files = {"config.json": b"{}"}
+    pushed = push_model(env.registry.url, "models/extra", "v1", files=files)
+    digests = {n: hashlib.sha256(d).hexdigest() for n, d in signed_files.items()}
+    combined = hashlib.sha256(b"".join(bytes.fromhex(digests[n]) for n in sorted(digests)))
+    statement = json.dumps(
+        {
+            "_type": "https://in-toto.io/Statement/v1",
+            "subject": [{"name": "model", "digest": {"sha256": combined.hexdigest()}}],
+            "predicateType": "https://model_signing/signature/v1.0",
+            "predicate": {
+                "resources": [
+                    {"name": n, "algorithm": "sha256", "digest": d} for n, d in digests.items()
+                ]
+            },
+        }
+    ).encode()
+    bundle = cs.dsse_bundle(env.model_key, statement)
+    env.referrer(pushed, cs.bundle_referrer(bundle, env.subject(pushed)), cs.BUNDLE_TYPE)
+    assert "not covered" in env.assert_gated(pushed)["message"]
+
+
+def test_refuses_unlisted_registry_write_and_reads_nothing(env: Env) -> None:
+    host, port = env.pullgate.host.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("PUT", f"/v2/bypass/control/manifests/v1?ns={REGISTRY}", body=b"{}")
+    response = conn.getresponse()
+    assert response.status == 405 and json.loads(response.read())["errors"][0]["code"]
+    conn.close()
+
+
+# ---- deployment -------------------------------------------------------------------------
+
+
+def test_refuses_hosts_toml_that_lets_containerd_fall_back(env: Env, tmp_path: Path) -> None:
+    """A mirror listed as a [host] with the upstream as server is bypassed on refusal;
+    pullgate's own file is not, as real containerd shows."""
+    unsigned = env.image("bypass/fallback")
+    fallback = (
+        f'server = "{env.registry.url}"\n[host."{env.pullgate.url}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
+    with pytest.raises(hoststoml.HostsTomlError):
+        hoststoml.check_no_fallback(fallback, env.pullgate.url)
+
+    containerd = Containerd(tmp_path / "ctd").start()
+    try:
+        bad = containerd.certs_dir / REGISTRY
+        bad.mkdir(parents=True)
+        (bad / "hosts.toml").write_text(fallback)
+        ref = f"{REGISTRY}/bypass/fallback:v1"
+        args = ("content", "fetch", "--plain-http", "--hosts-dir", str(containerd.certs_dir), ref)
+        bypassed = containerd.ctr(*args, check=False)
+        assert bypassed.returncode == 0, "containerd did not fall back: the case proves nothing"
+
+        fresh = Containerd(tmp_path / "ctd2").start()
+        try:
+            fresh.write_hosts(REGISTRY, env.pullgate.url)
+            refused = fresh.ctr(
+                "content", "fetch", "--plain-http", "--hosts-dir", str(fresh.certs_dir), ref,
+                check=False,
+            )  # fmt: skip
+            assert refused.returncode != 0
+            assert unsigned.manifest_digest not in fresh.content_digests()
+        finally:
+            fresh.stop()
+    finally:
+        containerd.stop()
