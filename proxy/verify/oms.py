@@ -95,8 +95,7 @@ def verify_with_key(raw: bytes, key: VerificationKey) -> bytes:
     if not isinstance(material, dict) or "publicKey" not in material:
         raise SignatureError("bundle has no public-key material (signed with a certificate?)")
     payload_type, payload, signatures = _envelope(doc)
-    pae = dsse_pae(payload_type, payload)
-    if not any(key.verify(sig, pae) for sig in signatures):
+    if not any(key.verify(sig, pae) for pae in _paes(payload_type, payload) for sig in signatures):
         raise SignatureError(f"DSSE signature does not verify with the {key.kind} key")
     return payload
 
@@ -142,10 +141,19 @@ def verify_with_ca(raw: bytes, roots: list[x509.Certificate]) -> bytes:
         raise SignatureError("bundle certificate does not chain to the configured CA")
     payload_type, payload, signatures = _envelope(doc)
     key = certificate_key(chain[0])
-    pae = dsse_pae(payload_type, payload)
-    if not any(key.verify(sig, pae) for sig in signatures):
+    if not any(key.verify(sig, pae) for pae in _paes(payload_type, payload) for sig in signatures):
         raise SignatureError("DSSE signature does not verify with the certificate's key")
     return payload
+
+
+def _paes(payload_type: str, payload: bytes) -> list[bytes]:
+    """The DSSE PAE, plus, for statements of the pre-1.0 ``Digests/v0.1`` format only, the
+    encoding model_signing 0.2 signed by mistake (its payload went through ``str()``)."""
+    encodings = [dsse_pae(payload_type, payload)]
+    if PREDICATE_V01.encode() in payload:
+        legacy = f"DSSEV1 {len(payload_type)} {payload_type} {len(payload)} {payload!r}"
+        encodings.append(legacy.encode())
+    return encodings
 
 
 def _issued_by_or_is(cert: x509.Certificate, root: x509.Certificate) -> bool:

@@ -187,6 +187,7 @@ def _folder_files(folder: Path) -> dict[str, str]:
 KEY_CASES = ["v1.0.1-elliptic-key", "v1.1.0-elliptic-key"]
 SINGLE_FILE_KEY_CASES = ["v0.3.1-elliptic-key", "v1.0.0-elliptic-key"]
 CERT_CASES = [
+    "v0.2.0-certificate",
     "v0.3.1-certificate",
     "v1.0.0-certificate",
     "v1.0.1-certificate",
