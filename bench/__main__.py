@@ -174,6 +174,12 @@ class Bench:
                 self.restart(registry)
         finally:
             registry.stop()
+        if "verify" in scenarios:
+            from bench.verify import run as verification_medians
+
+            runs = 20 if self.reps == 1 else 200
+            for name, median in verification_medians(runs).items():
+                self.figure(f"verify: {name}", "ms").samples.append(median)
         self.figure("sha256 (hashlib, one core)", "GB/s").samples.append(
             self.size / sha256_seconds(self.size) / 1e9
         )
@@ -388,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
-        "--only", default="pull,fanin,restart", help="comma list of pull, fanin, restart"
+        "--only",
+        default="pull,fanin,restart,verify",
+        help="comma list of pull, fanin, restart, verify",
     )
     args = parser.parse_args(argv)
     size = 16 * MIB if args.smoke else parse_size(args.size)

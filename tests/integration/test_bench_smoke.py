@@ -30,5 +30,6 @@ def test_bench_smoke_reports_every_peer(tmp_path: Path) -> None:
     # Single-flight is a correctness property, so the smoke run checks it exactly.
     assert figures["fan-in upstream GETs"]["samples"] == [1]
     assert "32/32 clients got correct bytes" in result["notes"][0]
+    assert figures["verify: cached verdict"]["median"] > 0
     assert (tmp_path / "results.md").read_text().count("|") > 20
     assert (tmp_path / "results.png").stat().st_size > 1000
