@@ -1,0 +1,206 @@
+"""Upstream auth: challenges, the credential trust boundary, node credentials, and the
+client's token flow against real local HTTP servers."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.config import RetryConfig, TimeoutConfig, UpstreamConfig
+from proxy.metrics import Metrics
+from proxy.oci.errors import Unauthorized, UpstreamError, UpstreamUnavailable
+from proxy.upstream.auth import (
+    Credentials,
+    load_docker_config,
+    parse_challenge,
+    realm_is_trusted,
+)
+from proxy.upstream.client import UpstreamClient
+
+
+def test_parses_bearer_challenge_parameters() -> None:
+    challenge = parse_challenge(
+        'Bearer realm="https://auth.example.test/token",service="registry",scope="repository:a:pull"'
+    )
+    assert challenge is not None and challenge.scheme == "bearer"
+    assert challenge.realm == "https://auth.example.test/token"
+    assert challenge.params["scope"] == "repository:a:pull"
+    assert parse_challenge("Negotiate abc") is None
+    assert parse_challenge(None) is None
+
+
+@pytest.mark.parametrize(
+    ("realm", "trusted"),
+    [
+        ("https://registry.example.test/token", True),
+        ("https://auth.example.test/token", True),  # listed by the operator
+        ("https://evil.example.test/token", False),
+        ("http://registry.example.test/token", False),  # https downgraded
+        ("https://user:pw@registry.example.test/token", False),
+        ("file:///etc/passwd", False),
+        ("not a url", False),
+    ],
+)
+def test_refuses_to_trust_token_realm_outside_the_boundary(realm: str, trusted: bool) -> None:
+    assert (
+        realm_is_trusted(realm, "https://registry.example.test", ("auth.example.test",)) is trusted
+    )
+
+
+def test_reads_node_credentials_from_docker_config(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    auth = base64.b64encode(b"alice:s3cret").decode()
+    path.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "https://index.docker.io/v1/": {"auth": auth},
+                    "registry.example.test": {"username": "bob", "password": "pw"},
+                    "broken.example.test": {"auth": "!!!"},
+                }
+            }
+        )
+    )
+    creds = load_docker_config(path)
+    assert creds["docker.io"] == Credentials("alice", "s3cret")
+    assert creds["registry.example.test"] == Credentials("bob", "pw")
+    assert "broken.example.test" not in creds
+
+
+class FakeRegistry:
+    """A registry that demands a bearer token from ``realm`` and records what it saw."""
+
+    def __init__(self, realm_host: str | None = None) -> None:
+        self.realm_host = realm_host
+        self.token_requests: list[str | None] = []
+        self.failures_left = 0
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/token", self.token)
+        app.router.add_get("/v2/{tail:.*}", self.v2)
+        return app
+
+    async def token(self, request: web.Request) -> web.Response:
+        self.token_requests.append(request.headers.get("Authorization"))
+        return web.json_response({"token": "t0k3n"})
+
+    async def v2(self, request: web.Request) -> web.Response:
+        if self.failures_left:
+            self.failures_left -= 1
+            return web.Response(status=503, headers={"Retry-After": "0"})
+        if request.headers.get("Authorization") != "Bearer t0k3n":
+            host = self.realm_host or f"127.0.0.1:{self.port}"
+            return web.Response(
+                status=401,
+                headers={"WWW-Authenticate": f'Bearer realm="http://{host}/token",service="r"'},
+            )
+        return web.Response(body=b"ok")
+
+
+async def client_for(
+    server: TestServer, session: aiohttp.ClientSession, credentials: Credentials | None
+) -> UpstreamClient:
+    return UpstreamClient(
+        config=UpstreamConfig(
+            name="registry.example.test", url=str(server.make_url("")).rstrip("/")
+        ),
+        session=session,
+        credentials=credentials,
+        timeouts=TimeoutConfig(connect=2, read=2),
+        retries=RetryConfig(attempts=3, backoff=0.01, max_backoff=0.05),
+        metrics=Metrics(),
+    )
+
+
+async def test_anonymous_bearer_token_flow() -> None:
+    fake = FakeRegistry()
+    async with (
+        TestServer(fake.app(), host="127.0.0.1") as server,
+        aiohttp.ClientSession() as session,
+    ):
+        fake.port = server.port or 0
+        client = await client_for(server, session, None)
+        async with await client.get("/v2/a/manifests/v1", scope="repository:a:pull") as response:
+            assert response.status == 200
+        assert fake.token_requests == [None]
+
+
+async def test_credentials_go_to_a_trusted_realm() -> None:
+    fake = FakeRegistry()
+    async with (
+        TestServer(fake.app(), host="127.0.0.1") as server,
+        aiohttp.ClientSession() as session,
+    ):
+        fake.port = server.port or 0
+        client = await client_for(server, session, Credentials("alice", "s3cret"))
+        async with await client.get("/v2/a/manifests/v1", scope="repository:a:pull") as response:
+            assert response.status == 200
+        assert fake.token_requests[0] == Credentials("alice", "s3cret").basic_header()
+
+
+async def test_refuses_to_send_credentials_to_foreign_realm() -> None:
+    realm = FakeRegistry()
+    async with TestServer(realm.app(), host="127.0.0.1") as realm_server:
+        # The registry points its realm at another host (localhost, not 127.0.0.1).
+        fake = FakeRegistry(realm_host=f"localhost:{realm_server.port}")
+        async with (
+            TestServer(fake.app(), host="127.0.0.1") as server,
+            aiohttp.ClientSession() as session,
+        ):
+            client = await client_for(server, session, Credentials("alice", "s3cret"))
+            async with await client.get("/v2/a/manifests/v1", scope="repository:a:pull") as r:
+                assert r.status in (200, 401)
+    assert realm.token_requests and all(header is None for header in realm.token_requests)
+
+
+async def test_retries_5xx_with_retry_after_then_succeeds() -> None:
+    fake = FakeRegistry()
+    fake.failures_left = 2
+    async with (
+        TestServer(fake.app(), host="127.0.0.1") as server,
+        aiohttp.ClientSession() as session,
+    ):
+        fake.port = server.port or 0
+        client = await client_for(server, session, None)
+        async with await client.get("/v2/a/manifests/v1", scope="repository:a:pull") as response:
+            assert response.status == 200
+        assert fake.failures_left == 0
+
+
+async def test_persistent_5xx_becomes_a_clean_upstream_error() -> None:
+    fake = FakeRegistry()
+    fake.failures_left = 100
+    async with (
+        TestServer(fake.app(), host="127.0.0.1") as server,
+        aiohttp.ClientSession() as session,
+    ):
+        fake.port = server.port or 0
+        client = await client_for(server, session, None)
+        with pytest.raises((UpstreamError, UpstreamUnavailable)):
+            response = await client.get("/v2/a/manifests/v1", scope="repository:a:pull")
+            async with response:
+                if response.status >= 500:
+                    raise UpstreamError("still failing")
+        assert fake.failures_left == 100 - 3  # bounded attempts
+
+
+async def test_unreachable_upstream_is_unavailable_not_a_crash() -> None:
+    async with aiohttp.ClientSession() as session:
+        client = UpstreamClient(
+            config=UpstreamConfig(name="r", url="http://127.0.0.1:9"),
+            session=session,
+            credentials=None,
+            timeouts=TimeoutConfig(connect=1, read=1),
+            retries=RetryConfig(attempts=2, backoff=0.01, max_backoff=0.02),
+            metrics=Metrics(),
+        )
+        with pytest.raises((UpstreamUnavailable, Unauthorized, UpstreamError)):
+            await client.get("/v2/", scope="")
