@@ -105,6 +105,14 @@ def rss_peak_kib(pid: int) -> int:
     return 0
 
 
+def rss_current_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
@@ -218,6 +226,9 @@ class Bench:
             ).start()
             try:
                 url = f"{peer.url}{path}?ns={REGISTRY}"
+                self.figure("pullgate baseline RSS", "MiB").samples.append(
+                    rss_current_kib(peer.pid) / 1024
+                )
                 cpu_before = cpu_seconds(peer.pid)
                 cold, ttfb, got = fetch(url)
                 assert got == digest
