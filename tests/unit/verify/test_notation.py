@@ -331,3 +331,52 @@ def test_vector_real_alpine_signatures_verify(file: str, media_type: str) -> Non
     )
     reason = verifier.check_envelope(media_type, raw, other, statement)
     assert reason is not None and "does not match" in reason
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("jwsWithTimestamp.sig", None),
+        ("coseWithTimestamp.sig", None),
+        ("withoutTimestamp.sig", None),
+        ("jwsExpiredWithTimestamp.sig", "not valid at"),
+        ("coseExpiredWithTimestamp.sig", "not valid at"),
+        ("timestampBeforeNotBefore.sig", "not valid at"),
+        ("timestampAfterNotAfter.sig", "not valid at"),
+    ],
+)
+def test_vector_timestamped_envelopes_verify_as_documented(name: str, expected: str | None) -> None:
+    testdata = _vectors() / "verifier" / "testdata"
+    statement = TrustStatement(
+        name="timestamp",
+        scopes=("*",),
+        level="strict",
+        actions=LEVELS["strict"],
+        stores=(("ca", "valid-trust-store"),),
+        identities=("*",),
+    )
+    verifier = NotationVerifier(
+        label="timestamp",
+        statements=(statement,),
+        stores={
+            ("ca", "valid-trust-store"): load_store(
+                testdata / "truststore", "ca", "valid-trust-store"
+            )
+        },
+    )
+    subject = Subject(
+        registry="r.test",
+        repository="a",
+        digest=Digest.parse(
+            "sha256:c0669ef34cdc14332c0f1ab0c2c01acb91d96014b172f1a76f3a39e63d1f0bda"
+        ),
+        media_type="application/vnd.docker.distribution.manifest.v2+json",
+        size=528,
+    )
+    raw = (testdata / "timestamp" / "sigEnv" / name).read_bytes()
+    media_type = JWS if raw.lstrip().startswith(b"{") else COSE
+    reason = verifier.check_envelope(media_type, raw, subject, statement)
+    if expected is None:
+        assert reason is None
+    else:
+        assert reason is not None and expected in reason
