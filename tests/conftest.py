@@ -16,6 +16,17 @@ def pytest_report_header() -> str:
     return f"fuzz seed: PULLGATE_FUZZ_SEED={SEED}"
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from tests.support.counts import COUNTS
+
+    if COUNTS:
+        terminalreporter.section("pullgate suites")
+        for name, value in sorted(COUNTS.items()):
+            terminalreporter.write_line(f"{name}: {value}")
+        failed = len(terminalreporter.stats.get("failed", []))
+        terminalreporter.write_line(f"violations (failed tests): {failed}")
+
+
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[Registry]:
     peer = Registry(tmp_path / "registry").start()

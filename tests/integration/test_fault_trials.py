@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import counts
 from tests.support.faultproxy import FaultProxy, corrupt_byte, cut_at, drip, stall, status
 from tests.support.fuzzseed import SEED
 from tests.support.ocilayout import push_blob
@@ -114,6 +115,7 @@ def test_randomized_fault_trials_keep_every_invariant(
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             # Invariant 2: the next good request is served.
             assert fetch(pullgate, control)[3] == control, f"trial {trial} ({kind}) broke serving"
+        counts.add("fault trials", TRIALS)
         print(f"{TRIALS} trials in {time.monotonic() - started:.1f}s: {sorted(outcomes.items())}")
         # Invariant 3: nothing in the cache differs from its digest.
         for path in (tmp_path / "cache" / "blobs" / "sha256").iterdir():

@@ -24,6 +24,7 @@ from proxy.verify import cbor
 from proxy.verify.base import PolicyError, SignatureError
 from proxy.verify.notation import parse_cose, parse_jws
 from proxy.verify.policy import parse_policy
+from tests.support import counts
 from tests.support.fuzzseed import SEED
 
 FAST = {"deadline": None, "database": None, "suppress_health_check": list(HealthCheck)}
@@ -36,6 +37,7 @@ PATHS = st.one_of(st.text(max_size=200), st.lists(PATH_ALPHABET, max_size=40).ma
 @settings(max_examples=30_000, **FAST)
 @given(PATHS)
 def test_fuzz_distribution_paths(path: str) -> None:
+    counts.add("fuzz inputs")
     with contextlib.suppress(OCIError):
         parse_distribution_path("/v2/" + path)
 
@@ -44,6 +46,7 @@ def test_fuzz_distribution_paths(path: str) -> None:
 @settings(max_examples=15_000, **FAST)
 @given(st.one_of(st.text(max_size=150), st.from_regex(r"[a-z0-9+._-]{0,10}:[0-9a-fA-F]{0,130}")))
 def test_fuzz_digests(text: str) -> None:
+    counts.add("fuzz inputs")
     with contextlib.suppress(OCIError):
         Digest.parse(text)
 
@@ -52,6 +55,7 @@ def test_fuzz_digests(text: str) -> None:
 @settings(max_examples=10_000, **FAST)
 @given(st.text(max_size=120))
 def test_fuzz_image_references(text: str) -> None:
+    counts.add("fuzz inputs")
     with contextlib.suppress(OCIError):
         ImageReference.parse(text)
 
@@ -63,6 +67,7 @@ def test_fuzz_image_references(text: str) -> None:
     st.integers(min_value=0, max_value=2**63),
 )
 def test_fuzz_range_headers(header: str, size: int) -> None:
+    counts.add("fuzz inputs")
     try:
         byte_range = parse_range(header, size)
     except OCIError:
@@ -75,6 +80,7 @@ def test_fuzz_range_headers(header: str, size: int) -> None:
 @settings(max_examples=10_000, **FAST)
 @given(st.text(max_size=300))
 def test_fuzz_www_authenticate(header: str) -> None:
+    counts.add("fuzz inputs")
     challenge = parse_challenge("Bearer " + header)
     if challenge is not None:
         assert challenge.scheme == "bearer"
@@ -126,6 +132,7 @@ MANIFESTS = st.fixed_dictionaries(
     ),
 )
 def test_fuzz_manifests(raw: bytes, content_type: str | None) -> None:
+    counts.add("fuzz inputs")
     try:
         manifest = parse_manifest(raw, content_type)
     except OCIError:
@@ -137,6 +144,7 @@ def test_fuzz_manifests(raw: bytes, content_type: str | None) -> None:
 @settings(max_examples=8_000, **FAST)
 @given(st.binary(max_size=300))
 def test_fuzz_cbor(data: bytes) -> None:
+    counts.add("fuzz inputs")
     with contextlib.suppress(cbor.CBORError):
         cbor.decode(data)
 
@@ -145,6 +153,7 @@ def test_fuzz_cbor(data: bytes) -> None:
 @settings(max_examples=5_000, **FAST)
 @given(st.one_of(st.binary(max_size=300), JSON.map(lambda d: json.dumps(d).encode())))
 def test_fuzz_notation_envelopes(data: bytes) -> None:
+    counts.add("fuzz inputs")
     for parse in (parse_jws, parse_cose):
         with contextlib.suppress(SignatureError):
             parse(data)
@@ -154,5 +163,6 @@ def test_fuzz_notation_envelopes(data: bytes) -> None:
 @settings(max_examples=3_000, **FAST)
 @given(st.one_of(st.text(max_size=200), JSON.map(json.dumps)))
 def test_fuzz_policy_files(text: str) -> None:
+    counts.add("fuzz inputs")
     with contextlib.suppress(PolicyError):
         parse_policy(text.encode(), base_dir=Path("/nonexistent"))

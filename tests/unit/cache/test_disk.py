@@ -188,9 +188,7 @@ def test_refuses_room_for_a_blob_bigger_than_the_budget(tmp_path: Path) -> None:
     assert store.path_of(kept) is not None, "nothing evicted for a blob that cannot fit"
 
 
-def test_refuses_room_under_the_disk_floor(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_refuses_room_under_the_disk_floor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = _store(tmp_path, max_bytes=1024**3, min_free_bytes=10 * KIB)
     monkeypatch.setattr(store, "_free_bytes", lambda: 15 * KIB)
     assert store.make_room(4 * KIB) is True

@@ -174,15 +174,15 @@ def test_parses_the_documented_example_with_relative_paths(policy_dir: Path) -> 
         ("trust: {sigstoreTrustedRoot: missing.json}\n", "not found"),
     ],
 )
-def test_refuses_invalid_policy_with_clear_error(
-    policy_dir: Path, text: str, message: str
-) -> None:
+def test_refuses_invalid_policy_with_clear_error(policy_dir: Path, text: str, message: str) -> None:
     with pytest.raises(PolicyError, match=message):
         parse_policy(text.encode(), base_dir=policy_dir)
 
 
 def test_mode_allow_may_omit_requirements(policy_dir: Path) -> None:
-    loaded = parse_policy(b"scopes:\n  - match: 'r.test/**'\n    mode: allow\n", base_dir=policy_dir)
+    loaded = parse_policy(
+        b"scopes:\n  - match: 'r.test/**'\n    mode: allow\n", base_dir=policy_dir
+    )
     assert loaded.scopes[0].mode == "allow" and loaded.scopes[0].require is None
 
 
