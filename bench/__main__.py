@@ -35,8 +35,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.ocilayout import push_blob, write_blob_file  # noqa: E402
-from tests.support.peers import Nginx, Pullgate, Registry  # noqa: E402
+from tests.support.ocilayout import push_blob, push_manifest, write_blob_file  # noqa: E402
+from tests.support.peers import Containerd, Nginx, Pullgate, Registry  # noqa: E402
 
 GIB = 1024**3
 MIB = 1024**2
@@ -176,6 +176,8 @@ class Bench:
                     self.pulls(registry, nginx, digest)
                 if "fanin" in scenarios:
                     self.fan_in(registry, digest)
+                if "ctr" in scenarios:
+                    self.ctr_pulls(registry, digest)
             finally:
                 nginx.stop()
             if "restart" in scenarios:
@@ -274,6 +276,70 @@ class Bench:
                 self.figure(name, "GB/s").samples.append(self.size / seconds / 1e9)
                 print(f"  rep {rep} {name:<16} {self.size / seconds / 1e9:6.2f} GB/s", flush=True)
 
+    def ctr_pulls(self, registry: Registry, digest: str) -> None:
+        """Real containerd as the client: ``ctr content fetch`` of a one-layer model whose
+        layer is the blob, from the registry directly, through proxy mode, and through
+        pullgate (cold), each into a fresh containerd."""
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "artifactType": "application/vnd.cncf.model.manifest.v1+json",
+                "config": {
+                    "mediaType": "application/vnd.oci.empty.v1+json",
+                    "digest": push_blob(registry.url, REPO, b"{}"),
+                    "size": 2,
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.cncf.model.weight.v1.raw",
+                        "digest": digest,
+                        "size": self.size,
+                    }
+                ],
+            }
+        ).encode()
+        push_manifest(
+            registry.url, REPO, "model", manifest, "application/vnd.oci.image.manifest.v1+json"
+        )
+
+        def fetch_with(server: str, rep: int, name: str) -> float:
+            containerd = Containerd(self.work / f"ctd-{name}-{rep}").start()
+            try:
+                containerd.write_hosts(REGISTRY, server)
+                started = time.perf_counter()
+                containerd.ctr(
+                    "content", "fetch", "--plain-http", "--hosts-dir",
+                    str(containerd.certs_dir), f"{REGISTRY}/{REPO}:model", timeout=3600,
+                )  # fmt: skip
+                return time.perf_counter() - started
+            finally:
+                containerd.stop()
+                shutil.rmtree(self.work / f"ctd-{name}-{rep}", ignore_errors=True)
+
+        for rep in range(self.reps):
+            seconds = fetch_with(registry.url, rep, "direct")
+            self.figure("ctr direct", "GB/s").samples.append(self.size / seconds / 1e9)
+            proxy = Registry(self.work / f"ctr-proxy{rep}", proxy_remote=registry.url).start()
+            try:
+                seconds = fetch_with(proxy.url, rep, "proxy")
+                self.figure("ctr proxy-cold", "GB/s").samples.append(self.size / seconds / 1e9)
+            finally:
+                proxy.stop()
+                shutil.rmtree(self.work / f"ctr-proxy{rep}", ignore_errors=True)
+            peer = Pullgate(
+                self.work / f"ctr-pullgate{rep}",
+                upstreams={REGISTRY: registry.url},
+                cache_dir=self.work / f"ctr-cache{rep}",
+            ).start()
+            try:
+                seconds = fetch_with(peer.url, rep, "pullgate")
+                self.figure("ctr pullgate-cold", "GB/s").samples.append(self.size / seconds / 1e9)
+            finally:
+                peer.stop()
+                shutil.rmtree(self.work / f"ctr-cache{rep}", ignore_errors=True)
+            print(f"  rep {rep} ctr content fetch done", flush=True)
+
     def fan_in(self, registry: Registry, digest: str, clients: int = 32) -> None:
         path = f"/v2/{REPO}/blobs/{digest}"
         before = registry.blob_gets(digest)
@@ -338,6 +404,8 @@ GOALS = [
     ("cold pull vs registry proxy cold", "pullgate-cold", "proxy-cold", 1.25),
     ("warm pull vs nginx", "pullgate-warm", "nginx", 0.90),
     ("stream (no cache) vs direct", "pullgate-stream", "direct", 0.90),
+    ("ctr cold pull vs ctr direct", "ctr pullgate-cold", "ctr direct", 0.90),
+    ("ctr cold pull vs ctr registry proxy cold", "ctr pullgate-cold", "ctr proxy-cold", 1.25),
 ]
 
 
@@ -406,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--only",
-        default="pull,fanin,restart,verify",
-        help="comma list of pull, fanin, restart, verify",
+        default="pull,ctr,fanin,restart,verify",
+        help="comma list of pull, ctr, fanin, restart, verify",
     )
     args = parser.parse_args(argv)
     size = 16 * MIB if args.smoke else parse_size(args.size)

@@ -24,7 +24,16 @@ def test_bench_smoke_reports_every_peer(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
     figures = result["figures"]
-    for peer in ("direct", "nginx", "proxy-cold", "pullgate-cold", "pullgate-warm"):
+    for peer in (
+        "direct",
+        "nginx",
+        "proxy-cold",
+        "pullgate-cold",
+        "pullgate-warm",
+        "ctr direct",
+        "ctr proxy-cold",
+        "ctr pullgate-cold",
+    ):
         assert figures[peer]["samples"], peer
         assert figures[peer]["median"] > 0
     # Single-flight is a correctness property, so the smoke run checks it exactly.
