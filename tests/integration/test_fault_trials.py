@@ -131,3 +131,76 @@ def test_randomized_fault_trials_keep_every_invariant(
         assert any(o.startswith("5xx:200:complete") for o in outcomes)
     finally:
         faults.stop()
+
+
+NODE_TRIALS = 30
+
+
+def test_randomized_node_side_faults_keep_every_invariant(
+    tmp_path: Path, registry: Registry, make_pullgate: Callable[..., Pullgate]
+) -> None:
+    """SIGKILL mid-fill then restart, a cached file altered on disk then a scrub, and
+    ENOSPC on a small tmpfs, chosen at random."""
+    import subprocess
+    import threading
+    import urllib.request
+
+    rng = random.Random(SEED + 1)
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], check=True)
+    faults = FaultProxy(registry.url).start()
+    try:
+        disk = make_pullgate(upstreams={REGISTRY: faults.url}, cache_dir=tmp_path / "cache")
+        full = make_pullgate(upstreams={REGISTRY: registry.url}, cache_dir=mount / "cache")
+        control = push_blob(registry.url, "trials/blob", rng.randbytes(100_000))
+        kinds: dict[str, int] = {}
+        for trial in range(NODE_TRIALS):
+            kind = rng.choice(["sigkill", "tamper", "enospc"])
+            kinds[kind] = kinds.get(kind, 0) + 1
+            if kind == "enospc":
+                size = rng.randrange(5 << 20, 9 << 20)
+                digest = push_blob(registry.url, "trials/blob", rng.randbytes(size))
+                code, promised, received, got = fetch(full, digest)
+                if code == 200 and promised is not None and received == promised:
+                    assert got == digest, f"node trial {trial}: complete but wrong body"
+                assert fetch(full, control)[3] == control
+                continue
+            size = rng.randrange(1 << 20, 3 << 20)
+            digest = push_blob(registry.url, "trials/blob", rng.randbytes(size))
+            if kind == "sigkill":
+                faults.set_fault(digest, drip(2 << 20))
+                results: list[tuple[int, int | None, int, str]] = []
+                reader = threading.Thread(
+                    target=lambda d=digest, out=results: out.append(fetch(disk, d))
+                )
+                reader.start()
+                time.sleep(rng.uniform(0.1, 0.6))
+                disk.kill()
+                reader.join(30)
+                faults.clear()
+                if results and results[0][2] == size:
+                    assert results[0][3] == digest
+                disk.start()
+            else:  # tamper: cache it, alter it on disk, scrub
+                assert fetch(disk, digest)[3] == digest
+                path = tmp_path / "cache" / "blobs" / "sha256" / digest.split(":", 1)[1]
+                with open(path, "r+b") as file:
+                    offset = rng.randrange(size)
+                    file.seek(offset)
+                    byte = file.read(1)
+                    file.seek(offset)
+                    file.write(bytes([byte[0] ^ 0x80]))
+                scrub = urllib.request.Request(f"{disk.admin_url}/admin/scrub", method="POST")
+                urllib.request.urlopen(scrub, timeout=60).close()
+            code, _, _, got = fetch(disk, digest)
+            assert code == 200 and got == digest, f"node trial {trial} ({kind}) broke serving"
+        counts.add("node fault trials", NODE_TRIALS)
+        print(f"node trials: {sorted(kinds.items())}")
+        for cache in (tmp_path / "cache", mount / "cache"):
+            directory = cache / "blobs" / "sha256"
+            for path in directory.iterdir() if directory.is_dir() else ():
+                assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
+    finally:
+        faults.stop()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
