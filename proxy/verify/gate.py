@@ -177,9 +177,9 @@ class SignatureGate:
     @staticmethod
     def _default_verdict(policy: Policy, repo: RepoKey) -> Verdict:
         reason = f"no policy scope matches {repo} and default is {policy.default}"
-        if policy.default == "deny":
-            return Verdict(allowed=False, reason=reason, scope="(default)", mode="enforce")
-        return Verdict(allowed=True, reason=reason, scope="(default)", mode=policy.default)
+        if policy.default in ("allow", "warn"):
+            return Verdict(allowed=True, reason=reason, scope="(default)", mode=policy.default)
+        return Verdict(allowed=False, reason=reason, scope="(default)", mode="enforce")
 
     def _log_policy(self, policy: Policy, verb: str) -> None:
         log.info(

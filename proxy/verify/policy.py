@@ -189,7 +189,9 @@ def parse_policy(raw: bytes, *, base_dir: Path, source: str = "<policy>") -> Pol
     where = source
     doc = _mapping(doc, where)
     _known(doc, {"default", "trust", "limits", "verdictCache", "scopes"}, where)
-    default = _mode(doc.get("default", "deny"), f"{where}: default", allowed=("deny", *MODES))
+    default = _mode(
+        doc.get("default", "deny"), f"{where}: default", allowed=("deny", "warn", "allow")
+    )
     trust = _trust(doc.get("trust") or {}, base_dir, f"{where}: trust")
     limits = _limits(doc.get("limits") or {}, f"{where}: limits")
     cache = _mapping(doc.get("verdictCache") or {}, f"{where}: verdictCache")
@@ -239,9 +241,7 @@ def _scope(item: Any, order: int, base_dir: Path, trust: TrustConfig, where: str
         else None
     )
     if mode == "allow":
-        log.warning(
-            "policy %s: mode allow opts %s out of signature verification", where, match
-        )
+        log.warning("policy %s: mode allow opts %s out of signature verification", where, match)
     return Scope(
         match=match,
         mode=mode,
@@ -259,7 +259,7 @@ def _requirement(doc: Any, base_dir: Path, trust: TrustConfig, where: str) -> Re
         raise PolicyError(
             f"{where} must have exactly one key (anyOf, allOf, cosign, notation, modelSigning)"
         )
-    (key, value), = doc.items()
+    ((key, value),) = doc.items()
     if key in ("anyOf", "allOf"):
         if not isinstance(value, list):
             raise PolicyError(f"{where}.{key} must be a list")

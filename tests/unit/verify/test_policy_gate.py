@@ -165,6 +165,7 @@ def test_parses_the_documented_example_with_relative_paths(policy_dir: Path) -> 
         ("scopes:\n  - match: 'a/**'\n    require: {allOf: []}\n", "empty"),
         ("scopes:\n  - match: 'a/**'\n    mode: maybe\n    require: {anyOf: []}\n", "mode"),
         ("default: perhaps\n", "default"),
+        ("default: enforce\n", "default"),  # not a default: it would read as allow
         ("scopes:\n  - match: 'a/**'\n", "require is missing"),
         ("scopes:\n  - match: 'a/**'\n    require: {gpg: {key: k}}\n", "unknown requirement"),
         ("scopes:\n  - match: 'a/**'\n    require: {cosign: {key: nope.pub}}\n", "nope.pub"),
