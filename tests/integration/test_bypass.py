@@ -670,3 +670,19 @@ def test_refuses_hosts_toml_that_lets_containerd_fall_back(env: Env, tmp_path: P
             fresh.stop()
     finally:
         containerd.stop()
+
+
+def test_refuses_100mb_bundle_with_bounded_memory(env: Env) -> None:
+    pushed = env.image("attest/huge-bundle")
+    bundle = cs.message_signature_bundle(env.key, Digest.parse(pushed.manifest_digest))
+    doc = json.loads(bundle)
+    doc["padding"] = "x" * (100 * 1024 * 1024)
+    env.referrer(
+        pushed, cs.bundle_referrer(json.dumps(doc).encode(), env.subject(pushed)), cs.BUNDLE_TYPE
+    )
+    with open(f"/proc/{env.pullgate.pid}/status") as status:
+        before = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    env.assert_gated(pushed)
+    with open(f"/proc/{env.pullgate.pid}/status") as status:
+        peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    assert peak - before < 64 * 1024, "a 100 MB bundle was buffered"
