@@ -92,8 +92,10 @@ class _Decoder:
             out: dict[Any, Any] = {}
             for _ in range(value):
                 key = self.item(depth + 1)
-                if isinstance(key, list | dict):
-                    raise CBORError("map keys must be scalars")
+                # COSE keys are integers or text; anything else (arrays, maps, tagged
+                # items that may hold them) is refused rather than hashed.
+                if not isinstance(key, int | str | bytes) or isinstance(key, bool):
+                    raise CBORError("map keys must be integers, text or bytes")
                 if key in out:
                     raise CBORError(f"duplicate map key {key!r}")
                 out[key] = self.item(depth + 1)

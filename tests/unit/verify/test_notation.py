@@ -201,6 +201,14 @@ def test_cbor_decoder_never_crashes(data: bytes) -> None:
         cbor.decode(data)
 
 
+def test_cbor_refuses_unhashable_map_keys() -> None:
+    # Found by the fuzz suite: a tagged map as a map key made the decoder crash.
+    with pytest.raises(cbor.CBORError):
+        cbor.decode(b"\xa3\x00\x00\x01\x00\xc0\xa0")
+    with pytest.raises(cbor.CBORError):
+        cbor.decode(b"\xa1\x80\x00")  # an array as a key
+
+
 def test_cbor_round_trip_and_limits() -> None:
     value = cbor.Tagged(18, [b"\x01", {33: [b"der"], "k": -7}, b"payload", b"sig"])
     assert cbor.decode(cbor.encode(value)) == value
