@@ -337,7 +337,16 @@ class Pipeline:
         return served
 
     def _verdict_fresh(self, verified_at: float) -> bool:
-        return self.verdict_ttl is None or time.time() - verified_at <= self.verdict_ttl
+        # The gate's policy sets how long an allowing verdict lasts (verdictCache
+        # positiveTTL); an explicit verdict_ttl overrides it.
+        ttl = self.verdict_ttl
+        if ttl is None:
+            policy = getattr(self.gate, "policy", None)
+            ttl = getattr(policy, "positive_ttl", None)
+        return ttl is None or time.time() - verified_at <= ttl
+
+    def _policy_revision(self) -> str:
+        return str(getattr(self.gate, "revision", ""))
 
     def _remember_verified(self, repo: RepoKey, served: ServedManifest) -> None:
         key = (repo.registry, repo.repository, served.manifest.digest)
@@ -360,6 +369,7 @@ class Pipeline:
             "mode": verdict.mode,
             "details": list(verdict.details),
             "verifiedAt": served.verified_at,
+            "policyRevision": self._policy_revision(),
         }
 
         def write() -> None:
@@ -409,6 +419,10 @@ class Pipeline:
         verified_at = record.get("verifiedAt")
         if not isinstance(verified_at, (int, float)) or not self._verdict_fresh(verified_at):
             raise type(cause)(f"{cause.message}; the cached verdict for {digest} has expired")
+        if record.get("policyRevision", "") != self._policy_revision():
+            raise type(cause)(
+                f"{cause.message}; {digest} was verified under another policy revision"
+            )
         manifest = parse_manifest(stored.raw, stored.media_type)
         details = record.get("details")
         verdict = Verdict(

@@ -258,3 +258,50 @@ def test_blob_being_read_survives_eviction(
     slow.close()
     assert "sha256:" + hasher.hexdigest() == in_use
     assert pullgate.metrics().get("pullgate_cache_evicted_blobs", 0) >= 1
+
+
+def test_upstream_down_serves_only_verdicts_of_the_policy_in_force(
+    tmp_path: Path, make_pullgate: Callable[..., Pullgate]
+) -> None:
+    from proxy.oci.digest import Digest
+    from tests.support import cosign_sign as cs
+
+    registry = Registry(tmp_path / "registry").start()
+    key = cs.generate_key()
+    key.write_public(tmp_path / "keys" / "release.pub")
+    policy = tmp_path / "policy.yaml"
+    strict = (
+        "default: deny\nscopes:\n"
+        '  - match: "registry.example.test/**"\n'
+        "    require: {allOf: [{cosign: {key: keys/release.pub}}]}\n"
+    )
+    policy.write_text(strict)
+    try:
+        pushed = push_image(registry.url, "cache/signed", "v1", layers=[b"offline layer" * 100])
+        digest = Digest.parse(pushed.manifest_digest)
+        payload = cs.simple_signing_payload(digest, f"{REGISTRY}/cache/signed")
+        cs.push_to_registry(
+            registry.url, "cache/signed", cs.signature_image(digest, [cs.sign_layer(key, payload)])
+        )
+        config = tmp_path / "config.yaml"
+        config.write_text("cache:\n  tagStaleness: 600\n")
+        pullgate = make_pullgate(
+            upstreams={REGISTRY: registry.url},
+            cache_dir=tmp_path / "cache",
+            config=config,
+            policy=policy,
+        )
+        by_digest = f"/v2/cache/signed/manifests/{pushed.manifest_digest}?ns={REGISTRY}"
+        assert fetch(pullgate, f"/v2/cache/signed/manifests/v1?ns={REGISTRY}")[0] == 200
+    finally:
+        registry.stop()
+    pullgate.restart()  # a fresh process: only the disk remembers the verdict
+    assert fetch(pullgate, by_digest)[0] == 200
+    reloads = pullgate.metrics().get("pullgate_policy_reloads_total", 0.0)
+    policy.write_text(strict + "verdictCache: {positiveTTL: 301}\n")  # a new revision
+    deadline = time.monotonic() + 20
+    while pullgate.metrics().get("pullgate_policy_reloads_total", 0.0) <= reloads:
+        assert time.monotonic() < deadline, "policy did not reload"
+        time.sleep(0.2)
+    status, _, _ = fetch(pullgate, by_digest)
+    assert status == 503  # verified under another policy: not served without the upstream
