@@ -94,28 +94,9 @@ def sign(registry_url: str, case: Case, key: cosign_sign.TestKey) -> None:
 def attach_referrer(
     registry_url: str, repository: str, subject: str, artifact: cosign_sign.Artifact
 ) -> None:
-    """Push a referrer and the OCI fallback index tag (docker-registry has no referrers API)."""
-    cosign_sign.push_to_registry(registry_url, repository, artifact)
-    doc = json.loads(artifact.manifest)
-    referrers = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [
-            {
-                "mediaType": artifact.media_type,
-                "digest": str(artifact.digest),
-                "size": len(artifact.manifest),
-                "artifactType": doc.get("artifactType"),
-            }
-        ],
-    }
-    index = cosign_sign.Artifact(
-        json.dumps(referrers).encode(),
-        "application/vnd.oci.image.index.v1+json",
-        (),
-        tag=f"sha256-{subject.split(':', 1)[1]}",
-    )
-    cosign_sign.push_to_registry(registry_url, repository, index)
+    """Push a signature referrer and the OCI fallback index (no referrers API upstream)."""
+    artifact_type = json.loads(artifact.manifest).get("artifactType", "")
+    cosign_sign.push_referrer(registry_url, repository, subject, artifact, artifact_type)
 
 
 def push_notation_cases(registry_url: str, policy_dir: Path) -> list[Case]:

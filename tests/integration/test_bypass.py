@@ -101,27 +101,8 @@ class Env:
         )
 
     def referrer(self, pushed: PushedArtifact, artifact: cs.Artifact, artifact_type: str) -> None:
-        """Push a referrer and the fallback index (docker-registry has no referrers API)."""
-        cs.push_to_registry(self.registry.url, pushed.repository, artifact)
-        index = {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [
-                {
-                    "mediaType": artifact.media_type,
-                    "digest": str(artifact.digest),
-                    "size": len(artifact.manifest),
-                    "artifactType": artifact_type,
-                }
-            ],
-        }
-        tag = "sha256-" + pushed.manifest_digest.split(":", 1)[1]
-        push_manifest(
-            self.registry.url,
-            pushed.repository,
-            tag,
-            json.dumps(index).encode(),
-            index["mediaType"],
+        cs.push_referrer(
+            self.registry.url, pushed.repository, pushed.manifest_digest, artifact, artifact_type
         )
 
     def subject(self, pushed: PushedArtifact) -> Descriptor:

@@ -356,24 +356,12 @@ def _attach_notation(node: Node, pushed: PushedArtifact, envelope: bytes, media_
         "size": len(pushed.manifest_bytes),
     }
     artifact = signature_artifact(envelope, media_type, subject)
-    cs.push_to_registry(node.registry.url, pushed.repository, artifact)
-    referrers = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [
-            {
-                "mediaType": artifact.media_type,
-                "digest": str(artifact.digest),
-                "size": len(artifact.manifest),
-                "artifactType": "application/vnd.cncf.notary.signature",
-            }
-        ],
-    }
-    fallback = f"sha256-{pushed.manifest_digest.split(':', 1)[1]}"
-    cs.push_to_registry(
+    cs.push_referrer(
         node.registry.url,
         pushed.repository,
-        cs.Artifact(json.dumps(referrers).encode(), referrers["mediaType"], (), tag=fallback),
+        pushed.manifest_digest,
+        artifact,
+        "application/vnd.cncf.notary.signature",
     )
 
 

@@ -36,7 +36,8 @@ Pushing
     ``push_blob(data)`` and ``push_manifest(reference, data, media_type)``; either may be
     sync or async (e.g. ``tests/support/ocilayout`` helpers, or ``MemoryRegistry``).
     ``push_to_registry(url, repository, artifact)`` uses the distribution HTTP API
-    (blocking, for a local test registry).
+    (blocking, for a local test registry); ``push_referrer(...)`` also publishes the
+    referrers fallback index.
 
 In-memory registry
     ``MemoryRegistry`` implements ``proxy.gate.ArtifactSource`` and records fetches.
@@ -244,6 +245,28 @@ def push_to_registry(url: str, repository: str, artifact: Artifact) -> Digest:
     )
     urllib.request.urlopen(put, timeout=30).close()
     return artifact.digest
+
+
+def push_referrer(
+    url: str, repository: str, subject: Digest | str, artifact: Artifact, artifact_type: str
+) -> None:
+    """Push a referrer, then the OCI referrers fallback index at tag ``sha256-<hex>`` of
+    ``subject`` (docker-registry has no referrers API). One referrer per subject."""
+    push_to_registry(url, repository, artifact)
+    index = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": artifact.media_type,
+                "digest": str(artifact.digest),
+                "size": len(artifact.manifest),
+                "artifactType": artifact_type,
+            }
+        ],
+    }
+    fallback = Digest.parse(str(subject)).fallback_tag
+    push_to_registry(url, repository, Artifact(_manifest_bytes(index), mt.OCI_INDEX, (), fallback))
 
 
 # ---- legacy simple signing ---------------------------------------------------------
