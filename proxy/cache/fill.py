@@ -34,6 +34,9 @@ from proxy.upstream.client import UpstreamResponse, map_client_error
 log = logging.getLogger("pullgate.fill")
 
 WRITE_BATCH = 2 * 1024 * 1024
+# The first batches are small and double up to WRITE_BATCH, so readers (who send only
+# what has been written) get their first bytes without waiting for a whole batch.
+FIRST_BATCH = 128 * 1024
 # Readers keep this many final bytes back until the fill's digest matched.
 HOLD_BACK = 64 * 1024
 DISK_FULL_BACKOFF = 60.0
@@ -161,6 +164,7 @@ class Fill:
         batch: list[bytes] = []
         batch_bytes = 0
         received = 0
+        threshold = FIRST_BATCH
         # Hashing and writing run in two worker threads at once, a batch at a time,
         # while the loop keeps receiving: at most one batch is in flight.
         pending: asyncio.Future[int] | None = None
@@ -172,16 +176,16 @@ class Fill:
                     raise FillFailed("upstream sent more bytes than announced")
                 batch.append(chunk)
                 batch_bytes += len(chunk)
-                if batch_bytes >= WRITE_BATCH:
+                if batch_bytes >= threshold:
                     if pending is not None:
-                        self.written += await pending
-                        self._notify()
+                        await pending
                     pending = self._write_and_hash(fd, hasher, batch)
                     batch, batch_bytes = [], 0
+                    threshold = min(threshold * 2, WRITE_BATCH)
             if pending is not None:
-                self.written += await pending
+                await pending
                 pending = None
-            self.written += await self._write_and_hash(fd, hasher, batch)
+            await self._write_and_hash(fd, hasher, batch)
         finally:
             if pending is not None and not pending.done():
                 # The caller closes ``fd`` next: let the workers finish with it first, or
@@ -228,7 +232,16 @@ class Fill:
             assert isinstance(count, int)
             return count
 
-        return asyncio.ensure_future(both())
+        future = asyncio.ensure_future(both())
+        future.add_done_callback(self._batch_written)
+        return future
+
+    def _batch_written(self, future: asyncio.Future[int]) -> None:
+        # Readers may send what is on disk as soon as a batch is written, not when the
+        # download loop next looks (it may be waiting on the upstream).
+        if not future.cancelled() and future.exception() is None:
+            self.written += future.result()
+            self._notify()
 
     def _fail(self, reason: str, *, count: bool) -> None:
         self.state = "failed"

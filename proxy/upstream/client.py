@@ -92,13 +92,19 @@ class UpstreamResponse:
         return b"".join(chunks)
 
     async def iter_body(self) -> AsyncIterator[bytes]:
-        """Yield the body as it arrives, in the pieces the socket delivered (no joins)."""
+        """Yield the body as it arrives, in the pieces the socket delivered.
+
+        ``readchunk`` hands over one buffered piece at a time; ``readany`` would join
+        everything buffered into a new bytes object, a copy per call that costs the
+        event loop a large share of its time on a fast upstream.
+        """
         content = self._response.content
         while True:
-            chunk = await content.readany()
-            if not chunk:
-                return
-            yield chunk
+            chunk, end_of_http_chunk = await content.readchunk()
+            if chunk:
+                yield chunk
+            elif not end_of_http_chunk:
+                return  # (b"", False) is end of body
 
     def close(self) -> None:
         self._response.release()

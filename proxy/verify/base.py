@@ -79,9 +79,7 @@ class Verifier(Protocol):
     def describe(self) -> str:
         """A short human label used in denials, e.g. ``cosign key keys/release.pub``."""
 
-    async def verify(
-        self, subject: Subject, source: ArtifactSource, limits: Limits
-    ) -> CheckResult:
+    async def verify(self, subject: Subject, source: ArtifactSource, limits: Limits) -> CheckResult:
         """Whether at least one signature over ``subject`` verifies; the reason if not."""
 
 
