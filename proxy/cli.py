@@ -32,7 +32,7 @@ from proxy.pipeline import Pipeline
 from proxy.verify.base import PolicyError
 from proxy.verify.gate import SignatureGate
 from proxy.verify.policy import load_policy
-from proxy.verify.reload import PolicyWatcher
+from proxy.verify.reload import PolicyWatcher, policy_watch_ctx
 
 log = logging.getLogger("pullgate")
 
@@ -192,6 +192,10 @@ def serve(config: Config, *, cri: tuple[str, str] | None = None) -> int:
         tag_staleness=config.cache.tag_staleness,
     )
     app = build_app(config=config, pipeline=pipeline, metrics=metrics)
+    if isinstance(gate, SignatureGate) and config.policy is not None:
+        # Hot reload runs for the app's lifetime (started and stopped with it).
+        watcher = PolicyWatcher(path=config.policy, gate=gate, metrics=metrics)
+        app.cleanup_ctx.append(policy_watch_ctx(watcher))
     log.info(
         "pullgate %s listening on %s:%d; upstreams: %s; default: %s",
         __version__,
@@ -202,7 +206,7 @@ def serve(config: Config, *, cri: tuple[str, str] | None = None) -> int:
     )
     import uvloop
 
-    uvloop.run(_serve_forever(app, config, gate=gate, metrics=metrics, cri=cri))
+    uvloop.run(_serve_forever(app, config, cri=cri))
     return 0
 
 
@@ -210,19 +214,13 @@ async def _serve_forever(
     app: web.Application,
     config: Config,
     *,
-    gate: Gate,
-    metrics: Metrics,
     cri: tuple[str, str] | None,
 ) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=True)
     await runner.setup()
     admin_runner: web.AppRunner | None = None
-    background: list[asyncio.Task[None]] = []
     cri_server = None
     try:
-        if isinstance(gate, SignatureGate) and config.policy is not None:
-            watcher = PolicyWatcher(path=config.policy, gate=gate, metrics=metrics)
-            background.append(asyncio.create_task(watcher.run()))
         if cri is not None:
             from proxy.cri.server import start_cri_server
 
@@ -243,8 +241,6 @@ async def _serve_forever(
         print(f"pullgate: serving on http://{config.listen_host}:{config.listen_port}", flush=True)
         await asyncio.Event().wait()
     finally:
-        for task in background:
-            task.cancel()
         if cri_server is not None:
             await cri_server.stop(grace=2)
         if admin_runner is not None:

@@ -79,3 +79,28 @@ class Metrics:
             "pullgate_policy_reload_failures", "Policy files refused on reload", registry=r
         )
         self.policy_reloads = Counter("pullgate_policy_reloads", "Policy files loaded", registry=r)
+        self.verification_seconds = Histogram(
+            "pullgate_verification_duration_seconds",
+            "Time to decide a manifest's signatures on a verdict-cache miss, by outcome",
+            ["outcome"],
+            registry=r,
+            buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2, 10, 30),
+        )
+        self.verdict_cache = Counter(
+            "pullgate_verdict_cache_lookups",
+            "Gate verdict-cache lookups (hit or miss)",
+            ["result"],
+            registry=r,
+        )
+        self.policy_warnings = Counter(
+            "pullgate_policy_warn_served",
+            "Manifests served under mode warn (or default warn) that enforce would refuse",
+            ["scope"],
+            registry=r,
+        )
+        self.policy_unverified = Counter(
+            "pullgate_policy_allow_served",
+            "Manifests served unverified because a scope or the default says allow",
+            ["scope"],
+            registry=r,
+        )

@@ -7,7 +7,7 @@ Format (paths are relative to the policy file)::
       sigstoreTrustedRoot: trust/trusted_root.json
     limits: {maxSignatures: 32, maxSignatureManifestBytes: 262144,
              maxBundleBytes: 1048576, deadlineSeconds: 10}
-    verdictCache: {positiveTTL: 300, negativeTTL: 30}
+    verdictCache: {positiveTTL: 300, negativeTTL: 30}   # seconds; 0 = do not cache
     scopes:
       - match: "registry.example.test/models/**"     # glob over registry/repository
         artifactTypes: ["application/vnd.cncf.model.manifest.v1+json"]   # optional
@@ -19,18 +19,35 @@ Format (paths are relative to the policy file)::
             - notation: {trustPolicy: notation/trustpolicy.json, trustStore: notation/truststore}
             - modelSigning: {key: keys/model.pub}
 
-Globs: ``*`` matches within one path segment, ``**`` across segments, ``?`` one
-character. When several scopes match, the most specific wins: the one with the most
-literal characters, then the fewest wildcards, then the first in the file. A scope
-with ``artifactTypes`` applies only to manifests of those types.
+Globs: ``*`` matches within one path segment, ``**`` across segments (also none), ``?``
+one character of a segment. Registry names are matched case-insensitively and Docker
+Hub's aliases (``index.docker.io``, ``registry-1.docker.io``) and implicit ``library/``
+are normalised on both sides, so ``docker.io/nginx`` is matched as
+``docker.io/library/nginx``; a one-segment Hub pattern without ``**`` gets ``library/``
+too (``docker.io/*`` is the official images, ``docker.io/**`` is all of Hub).
+
+When several scopes match, the most specific wins: the one with the most literal
+(non-wildcard) characters, then the fewest wildcard characters (``**`` counts two), then
+the first in the file. A scope with ``artifactTypes`` applies only to manifests of those
+types (the manifest's ``artifactType``, else its config media type).
+
+``revision`` is the sha256 (64 hex digits; logs print the first 16) of the file's bytes
+and of every trust file it names (keys, CA files, trusted roots, Notation trust policies
+and trust stores), so rotating a key under an unchanged policy file is a new revision
+too: verdicts made under the old material are not reused. A trust file that changes
+while the policy loads makes the load fail (the reload watcher tries again), so a
+revision never names material other than what the verifiers read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import logging
+import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +56,50 @@ from typing import Any, Literal, Protocol, cast
 import yaml
 
 from proxy.gate import ArtifactSource, RepoKey
-from proxy.verify.base import CheckResult, Limits, PolicyError, Subject, TrustConfig, Verifier
+from proxy.oci.errors import (
+    OCIError,
+    TooManyRequests,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from proxy.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES, upstream_repository
+from proxy.verify.base import (
+    CheckResult,
+    Limits,
+    PolicyError,
+    SignatureError,
+    Subject,
+    TrustConfig,
+    Verifier,
+)
 
 log = logging.getLogger("pullgate.policy")
 
 Mode = Literal["enforce", "warn", "allow"]
+Default = Literal["deny", "warn", "allow"]
 MODES: tuple[Mode, ...] = ("enforce", "warn", "allow")
+DEFAULTS: tuple[Default, ...] = ("deny", "warn", "allow")
 MAX_REASON = 1500
+MAX_MATCH_LENGTH = 512
+# Bounds on the trust material hashed into the revision: a policy naming a huge tree
+# (say ``trustStore: /``) is a mistake, refused rather than walked.
+MAX_MATERIAL_FILES = 2048
+MAX_MATERIAL_BYTES = 64 * 1024 * 1024
+# Where each requirement names trust files or directories (a path of keys into its spec).
+MATERIAL_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "cosign": (("key",),),
+    "notation": (("trustPolicy",), ("trustStore",)),
+    "modelSigning": (("key",), ("certificate", "caFile")),
+}
+# Errors that mean "the registry could not be asked", not "the signature is bad": they
+# propagate (5xx, never cached as a denial).
+TRANSIENT_ERRORS: tuple[type[OCIError], ...] = (
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    UpstreamError,
+    TooManyRequests,
+)
 
 
 class Requirement(Protocol):
@@ -60,6 +114,8 @@ class Requirement(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Leaf:
+    """One verifier (``cosign: {...}``, ``notation: {...}``, ``modelSigning: {...}``)."""
+
     verifier: Verifier
 
     def describe(self) -> str:
@@ -68,11 +124,36 @@ class Leaf:
     async def evaluate(
         self, subject: Subject, source: ArtifactSource, limits: Limits
     ) -> CheckResult:
-        return await self.verifier.verify(subject, source, limits)
+        # Verifiers report failures as CheckResult; anything they raise anyway is still
+        # a refusal of this leaf (with the reason), except an unreachable registry.
+        try:
+            return await self.verifier.verify(subject, source, limits)
+        except SignatureError as exc:
+            return CheckResult(False, str(exc) or "signature does not verify")
+        except TRANSIENT_ERRORS:
+            raise
+        except OCIError as exc:
+            return CheckResult(False, exc.message)
+        except PolicyError as exc:
+            return CheckResult(False, f"trust material error: {exc}")
+        except Exception as exc:
+            log.exception(
+                "verifier %s failed on %s@%s", self.describe(), subject.name, subject.digest
+            )
+            return CheckResult(False, f"verifier error ({type(exc).__name__}); see pullgate's log")
+
+
+def _failure(child: Requirement, result: CheckResult) -> str:
+    # A composite child's reason already says "allOf failed: ..."; a leaf's needs its label.
+    if isinstance(child, Leaf):
+        return f"{child.describe()}: {result.reason}"
+    return f"({result.reason})"
 
 
 @dataclass(frozen=True, slots=True)
 class AllOf:
+    """Every child must pass; evaluation stops at the first failure."""
+
     children: tuple[Requirement, ...]
 
     def describe(self) -> str:
@@ -85,13 +166,15 @@ class AllOf:
         for child in self.children:
             result = await child.evaluate(subject, source, limits)
             if not result.ok:
-                return CheckResult(False, f"allOf failed: {child.describe()}: {result.reason}")
+                return CheckResult(False, f"allOf failed: {_failure(child, result)}")
             passed.append(result.reason)
         return CheckResult(True, "; ".join(passed))
 
 
 @dataclass(frozen=True, slots=True)
 class AnyOf:
+    """The first child that passes wins; if none does, every child's reason is kept."""
+
     children: tuple[Requirement, ...]
 
     def describe(self) -> str:
@@ -105,7 +188,7 @@ class AnyOf:
             result = await child.evaluate(subject, source, limits)
             if result.ok:
                 return result
-            failures.append(f"{child.describe()}: {result.reason}")
+            failures.append(_failure(child, result))
         return CheckResult(False, "anyOf failed: " + " | ".join(failures))
 
 
@@ -118,17 +201,20 @@ class Scope:
     cover_children: bool = True
     order: int = 0
     _regex: re.Pattern[str] = field(default=re.compile(""), repr=False, compare=False)
+    fingerprint: str = field(default="", repr=False, compare=False)
+    """sha256 of the scope's YAML (canonical); "" for a scope not read from a file."""
 
     @property
     def specificity(self) -> tuple[int, int, int]:
-        literal = len(re.sub(r"[*?]", "", self.match))
+        """Sort key: more literal characters, then fewer wildcards, then earlier in file."""
+        literal = len(self.match) - sum(self.match.count(c) for c in "*?")
         wildcards = self.match.count("*") + self.match.count("?")
         return (literal, -wildcards, -self.order)
 
     def applies(self, name: str, artifact_type: str | None) -> bool:
-        if not self._regex.fullmatch(name):
+        if self.artifact_types is not None and artifact_type not in self.artifact_types:
             return False
-        return self.artifact_types is None or artifact_type in self.artifact_types
+        return self._regex.fullmatch(name) is not None
 
     def label(self) -> str:
         return f'scope "{self.match}" ({self.mode})'
@@ -136,18 +222,36 @@ class Scope:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    default: Literal["deny", "warn", "allow"]
+    default: Default
     scopes: tuple[Scope, ...]
     limits: Limits
     positive_ttl: float
     negative_ttl: float
     revision: str
     source: str
+    material: tuple[Path, ...] = ()
+    """Trust files and directories the policy names (the reload watcher stats them)."""
+    trust_digest: str = ""
+    """sha256 over the trust files alone: unchanged when only the YAML changed."""
 
     def scope_for(self, repo: RepoKey, artifact_type: str | None) -> Scope | None:
-        name = f"{repo.registry}/{repo.repository}"
-        matching = [s for s in self.scopes if s.applies(name, artifact_type)]
-        return max(matching, key=lambda s: s.specificity, default=None)
+        """The most specific scope for ``repo`` and ``artifact_type``, or None."""
+        name = policy_name(repo.registry, repo.repository)
+        best: Scope | None = None
+        for scope in self.scopes:
+            if scope.applies(name, artifact_type) and (
+                best is None or scope.specificity > best.specificity
+            ):
+                best = scope
+        return best
+
+
+def policy_name(registry: str, repository: str) -> str:
+    """``registry/repository`` as scopes match it (lower-case registry, Hub normalised)."""
+    registry = registry.lower()
+    if registry in DOCKER_HUB_ALIASES:
+        registry = DOCKER_HUB
+    return f"{registry}/{upstream_repository(registry, repository)}"
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
@@ -169,7 +273,48 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
+def normalise_match(pattern: str) -> str:
+    """Lower-case the registry part and fold Docker Hub aliases, as requests are."""
+    registry, slash, rest = pattern.partition("/")
+    registry = registry.lower()
+    if registry in DOCKER_HUB_ALIASES:
+        registry = DOCKER_HUB
+        # One segment on Hub is an official image: "nginx", "ngin?" and "*" all mean
+        # library/...; "**" spans segments, so it stays as written.
+        if slash and rest and "/" not in rest and "**" not in rest:
+            rest = f"library/{rest}"
+    return registry + slash + rest
+
+
 # ---- loading ---------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses duplicate keys (a second ``require:`` is a mistake) and
+    keys that are not strings."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    out: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str):  # every key of the format is a name (1, on, [a] are not)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"mapping keys must be strings, not {key!r}", key_node.start_mark
+            )
+        if key in out:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        out[key] = loader.construct_object(value_node, deep=True)
+    return out
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
 
 
 def load_policy(path: Path) -> Policy:
@@ -182,66 +327,76 @@ def load_policy(path: Path) -> Policy:
 
 
 def parse_policy(raw: bytes, *, base_dir: Path, source: str = "<policy>") -> Policy:
+    """Parse policy bytes; relative paths resolve against ``base_dir``."""
     try:
-        doc = yaml.safe_load(raw)
+        doc = yaml.load(raw, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise PolicyError(f"{source}: not valid YAML: {exc}") from exc
+    except RecursionError as exc:
+        raise PolicyError(f"{source}: YAML nested too deeply") from exc
     where = source
+    if doc is None:
+        raise PolicyError(f"{where}: the policy is empty (write at least 'default: deny')")
     doc = _mapping(doc, where)
     _known(doc, {"default", "trust", "limits", "verdictCache", "scopes"}, where)
-    default = _mode(
-        doc.get("default", "deny"), f"{where}: default", allowed=("deny", "warn", "allow")
-    )
-    trust = _trust(doc.get("trust") or {}, base_dir, f"{where}: trust")
+    default = cast(Default, _choice(doc.get("default", "deny"), f"{where}: default", DEFAULTS))
+    material = _Material(base_dir)
+    trust = _trust(doc.get("trust") or {}, base_dir, material, f"{where}: trust")
     limits = _limits(doc.get("limits") or {}, f"{where}: limits")
     cache = _mapping(doc.get("verdictCache") or {}, f"{where}: verdictCache")
     _known(cache, {"positiveTTL", "negativeTTL"}, f"{where}: verdictCache")
-    positive_ttl = _number(cache.get("positiveTTL", 300), f"{where}: verdictCache.positiveTTL")
-    negative_ttl = _number(cache.get("negativeTTL", 30), f"{where}: verdictCache.negativeTTL")
+    positive_ttl = _seconds(cache.get("positiveTTL", 300), f"{where}: verdictCache.positiveTTL")
+    negative_ttl = _seconds(cache.get("negativeTTL", 30), f"{where}: verdictCache.negativeTTL")
     raw_scopes = doc.get("scopes") or []
     if not isinstance(raw_scopes, list):
         raise PolicyError(f"{where}: scopes must be a list")
     scopes = tuple(
-        _scope(item, order, base_dir, trust, f"{where}: scopes[{order}]")
+        _scope(item, order, base_dir, trust, material, f"{where}: scopes[{order}]")
         for order, item in enumerate(raw_scopes)
     )
+    trust_digest, revision = material.digests(raw)
     return Policy(
         default=default,
         scopes=scopes,
         limits=limits,
         positive_ttl=positive_ttl,
         negative_ttl=negative_ttl,
-        revision=hashlib.sha256(raw).hexdigest()[:16],
+        revision=revision,
         source=source,
+        material=material.paths(),
+        trust_digest=trust_digest,
     )
 
 
-def _scope(item: Any, order: int, base_dir: Path, trust: TrustConfig, where: str) -> Scope:
+def _scope(
+    item: Any, order: int, base_dir: Path, trust: TrustConfig, material: _Material, where: str
+) -> Scope:
     item = _mapping(item, where)
     _known(item, {"match", "artifactTypes", "mode", "require", "indexes"}, where)
     match = item.get("match")
-    if not isinstance(match, str) or not match or len(match) > 512:
+    if not isinstance(match, str) or not match or len(match) > MAX_MATCH_LENGTH:
         raise PolicyError(f"{where}.match must be a non-empty glob like 'registry/repo/**'")
-    mode = _mode(item.get("mode", "enforce"), f"{where}.mode", allowed=MODES)
+    match = normalise_match(match)
+    mode = cast(Mode, _choice(item.get("mode", "enforce"), f"{where}.mode", MODES))
     types = item.get("artifactTypes")
     artifact_types: frozenset[str] | None = None
     if types is not None:
         if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
             raise PolicyError(f"{where}.artifactTypes must be a non-empty list of media types")
         artifact_types = frozenset(types)
-    indexes = item.get("indexes", "coverChildren")
-    if indexes not in ("coverChildren", "eachChild"):
-        raise PolicyError(f"{where}.indexes must be coverChildren or eachChild")
+    indexes = _choice(
+        item.get("indexes", "coverChildren"), f"{where}.indexes", ("coverChildren", "eachChild")
+    )
     require_doc = item.get("require")
     if require_doc is None and mode != "allow":
         raise PolicyError(f"{where}.require is missing (only mode: allow may omit it)")
     require = (
-        _requirement(require_doc, base_dir, trust, f"{where}.require")
+        _requirement(require_doc, base_dir, trust, material, f"{where}.require")
         if require_doc is not None
         else None
     )
-    if mode == "allow":
-        log.warning("policy %s: mode allow opts %s out of signature verification", where, match)
+    # mode allow is logged loudly by the gate when the policy goes into force, and on use.
+    canonical = json.dumps(item, sort_keys=True, default=str, separators=(",", ":"))
     return Scope(
         match=match,
         mode=mode,
@@ -250,35 +405,42 @@ def _scope(item: Any, order: int, base_dir: Path, trust: TrustConfig, where: str
         cover_children=indexes == "coverChildren",
         order=order,
         _regex=glob_to_regex(match),
+        fingerprint=hashlib.sha256(canonical.encode()).hexdigest(),
     )
 
 
-def _requirement(doc: Any, base_dir: Path, trust: TrustConfig, where: str) -> Requirement:
+def _requirement(
+    doc: Any, base_dir: Path, trust: TrustConfig, material: _Material, where: str
+) -> Requirement:
     doc = _mapping(doc, where)
     if len(doc) != 1:
         raise PolicyError(
-            f"{where} must have exactly one key (anyOf, allOf, cosign, notation, modelSigning)"
+            f"{where} must have exactly one key (anyOf, allOf, cosign, notation, modelSigning), "
+            f"not {sorted(map(str, doc))}"
         )
     ((key, value),) = doc.items()
     if key in ("anyOf", "allOf"):
         if not isinstance(value, list):
             raise PolicyError(f"{where}.{key} must be a list")
         if not value:
-            raise PolicyError(f"{where}.{key} is empty: an empty list would allow nothing")
+            raise PolicyError(f"{where}.{key} is empty: an empty list is a configuration error")
         children = tuple(
-            _requirement(child, base_dir, trust, f"{where}.{key}[{i}]")
+            _requirement(child, base_dir, trust, material, f"{where}.{key}[{i}]")
             for i, child in enumerate(value)
         )
         return AnyOf(children) if key == "anyOf" else AllOf(children)
     spec = _mapping(value, f"{where}.{key}")
+    # Hashed before the verifier reads them (and checked again when the policy is done).
+    material.add_fields(str(key), spec, f"{where}.{key}")
     try:
-        return Leaf(_verifier(key, spec, base_dir, trust, where))
+        verifier = _verifier(key, spec, base_dir, trust, where)
     except PolicyError as exc:
         raise PolicyError(f"{where}.{key}: {exc}") from exc
+    return Leaf(verifier)
 
 
 def _verifier(
-    key: str, spec: Mapping[str, Any], base_dir: Path, trust: TrustConfig, where: str
+    key: Any, spec: Mapping[str, Any], base_dir: Path, trust: TrustConfig, where: str
 ) -> Verifier:
     # Imported here so a format's heavy dependencies load only when a policy uses it.
     factories = {
@@ -288,64 +450,78 @@ def _verifier(
     }
     if key not in factories:
         raise PolicyError(
-            f"{where}: unknown requirement {key!r} (anyOf, allOf, cosign, notation, modelSigning)"
+            f"unknown requirement {str(key)[:64]!r} "
+            "(known: anyOf, allOf, cosign, notation, modelSigning)"
         )
     module_name, factory_name, wants_trust = factories[key]
     try:
         factory = getattr(importlib.import_module(module_name), factory_name)
     except (ImportError, AttributeError) as exc:
         raise PolicyError(f"{key} verification is not available in this build: {exc}") from exc
-    if wants_trust:
-        return cast(Verifier, factory(spec, base_dir=base_dir, trust=trust))
-    return cast(Verifier, factory(spec, base_dir=base_dir))
+    try:
+        if wants_trust:
+            return cast(Verifier, factory(spec, base_dir=base_dir, trust=trust))
+        return cast(Verifier, factory(spec, base_dir=base_dir))
+    except PolicyError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        # A factory that let a loading error through is still a configuration error.
+        raise PolicyError(f"cannot load: {exc}") from exc
 
 
-def _trust(doc: Any, base_dir: Path, where: str) -> TrustConfig:
+def _trust(doc: Any, base_dir: Path, material: _Material, where: str) -> TrustConfig:
     doc = _mapping(doc, where)
     _known(doc, {"sigstoreTrustedRoot"}, where)
     root = doc.get("sigstoreTrustedRoot")
     if root is None:
         return TrustConfig()
-    if not isinstance(root, str):
+    if not isinstance(root, str) or not root:
         raise PolicyError(f"{where}.sigstoreTrustedRoot must be a path")
-    path = (base_dir / root).resolve()
+    path = base_dir / root
     if not path.is_file():
         raise PolicyError(f"{where}.sigstoreTrustedRoot: {path} not found")
-    return TrustConfig(sigstore_trusted_root=path)
+    material.add(path, f"{where}.sigstoreTrustedRoot")
+    return TrustConfig(sigstore_trusted_root=path.resolve())
 
 
 def _limits(doc: Any, where: str) -> Limits:
     doc = _mapping(doc, where)
-    names = {
+    integers = {
         "maxSignatures": "max_signatures",
         "maxSignatureManifestBytes": "max_signature_manifest_bytes",
         "maxBundleBytes": "max_bundle_bytes",
-        "deadlineSeconds": "deadline_seconds",
     }
-    _known(doc, set(names), where)
+    _known(doc, {*integers, "deadlineSeconds"}, where)
     values: dict[str, Any] = {}
-    for key, attribute in names.items():
+    for key, attribute in integers.items():
         if key in doc:
-            number = _number(doc[key], f"{where}.{key}")
-            values[attribute] = number if attribute == "deadline_seconds" else int(number)
+            value = doc[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise PolicyError(f"{where}.{key} must be a positive integer, not {value!r}")
+            values[attribute] = value
+    if "deadlineSeconds" in doc:
+        deadline = _seconds(doc["deadlineSeconds"], f"{where}.deadlineSeconds")
+        if deadline <= 0:
+            raise PolicyError(f"{where}.deadlineSeconds must be positive")
+        values["deadline_seconds"] = deadline
     return Limits(**values)
 
 
-def _mode(value: Any, where: str, *, allowed: Sequence[str]) -> Any:
-    if value not in allowed:
+def _choice(value: Any, where: str, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in allowed:
         raise PolicyError(f"{where} must be one of {', '.join(allowed)}, not {value!r}")
     return value
 
 
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise PolicyError(f"{where} must be a positive number, not {value!r}")
+def _seconds(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
+        raise PolicyError(f"{where} must be a number of seconds >= 0, not {value!r}")
     return float(value)
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise PolicyError(f"{where} must be a mapping")
+        raise PolicyError(f"{where} must be a mapping, not {type(value).__name__}")
     return value
 
 
@@ -353,6 +529,102 @@ def _known(doc: Mapping[str, Any], known: set[str], where: str) -> None:
     unknown = set(map(str, doc)) - known
     if unknown:
         raise PolicyError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+
+
+class _Material:
+    """The trust files a policy names, hashed into its revision.
+
+    Each file is hashed when the policy names it, before its verifier reads it, and
+    again by ``digest``: a file that changed in between fails the load, so a revision
+    always describes the material its verifiers hold. Directories (a Notation trust
+    store) are walked in name order, following links but visiting each directory once.
+    """
+
+    def __init__(self, base_dir: Path) -> None:
+        self._base_dir = base_dir
+        self._paths: dict[Path, None] = {}
+        self._files: dict[str, tuple[Path, str]] = {}
+        self._dirs: set[tuple[int, int]] = set()
+        self._bytes = 0
+
+    def add_fields(self, key: str, spec: Mapping[str, Any], where: str) -> None:
+        """Add the paths requirement ``key`` names in ``spec`` (see MATERIAL_FIELDS)."""
+        for keys in MATERIAL_FIELDS.get(key, ()):
+            value: Any = spec
+            for name in keys:
+                value = value.get(name) if isinstance(value, Mapping) else None
+            if isinstance(value, str) and value and "\0" not in value:
+                self.add(self._base_dir / value, where)
+
+    def add(self, path: Path, where: str) -> None:
+        """Add a file, or every file under a directory; a missing path adds nothing."""
+        self._paths[path] = None
+        try:
+            is_dir = path.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            self._add_file(path, where)
+            return
+        for directory, dirnames, filenames in os.walk(path, followlinks=True):
+            try:
+                st = os.stat(directory)
+            except OSError:
+                dirnames[:] = []
+                continue
+            if (st.st_dev, st.st_ino) in self._dirs:
+                dirnames[:] = []  # seen already (a link back up, or a second name)
+                continue
+            self._dirs.add((st.st_dev, st.st_ino))
+            if len(self._dirs) > MAX_MATERIAL_FILES:
+                raise PolicyError(f"{where}: names more than {MAX_MATERIAL_FILES} directories")
+            dirnames.sort()
+            self._paths[Path(directory)] = None
+            for name in sorted(filenames):
+                self._add_file(Path(directory) / name, where)
+
+    def _add_file(self, path: Path, where: str) -> None:
+        key = str(path.relative_to(self._base_dir) if path.is_relative_to(self._base_dir) else path)
+        if key in self._files:
+            return
+        if len(self._files) >= MAX_MATERIAL_FILES:
+            raise PolicyError(f"{where}: names more than {MAX_MATERIAL_FILES} trust files")
+        try:
+            st = path.stat()
+        except OSError:
+            return  # missing or a dangling link: the verifier that needs it says so
+        if not stat.S_ISREG(st.st_mode):
+            return  # not a file to hash (a FIFO would block the read)
+        self._bytes += st.st_size
+        if self._bytes > MAX_MATERIAL_BYTES:
+            raise PolicyError(f"{where}: trust material exceeds {MAX_MATERIAL_BYTES} bytes")
+        self._files[key] = (path, _file_sha256(path))
+        self._paths[path] = None
+
+    def digests(self, raw: bytes) -> tuple[str, str]:
+        """(trust digest, revision): sha256 over each trust file's name and content hash,
+        without and with ``raw`` before them.
+
+        PolicyError if a file no longer has the content it had when it was named.
+        """
+        lines = []
+        for key in sorted(self._files):
+            path, content = self._files[key]
+            if _file_sha256(path) != content:
+                raise PolicyError(f"trust file {path} changed while the policy was loading")
+            lines.append(f"\0{key}\0{content}".encode())
+        trust = b"".join(lines)
+        return hashlib.sha256(trust).hexdigest(), hashlib.sha256(raw + trust).hexdigest()
+
+    def paths(self) -> tuple[Path, ...]:
+        return tuple(self._paths)
+
+
+def _file_sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
 
 
 def truncate(reason: str) -> str:

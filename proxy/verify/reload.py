@@ -1,92 +1,137 @@
 """Hot reload of the policy file.
 
 A ConfigMap mount swaps a ``..data`` symlink, so the file's path stays the same while
-what it resolves to changes. The watcher polls: it compares the resolved path, inode,
-size and mtime, then the content hash, and only then parses. A file that does not
-load is refused with a log line and ``pullgate_policy_reload_failures_total``; the
-policy in force stays.
+what it resolves to changes. The watcher polls (every second by default): it stats the
+resolved policy path and every trust file the policy names, and hashes the policy's
+bytes. When any of that changed it parses the new file; a new revision is swapped in
+atomically (on the event loop, between requests). A file that does not load is refused
+with a log line and ``pullgate_policy_reload_failures_total`` (once per distinct failure);
+the policy in force stays, and the file is tried again at every poll, so a policy that
+names a key mounted a little later (a Secret beside a ConfigMap) goes into force then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+
+from aiohttp import web
 
 from proxy.metrics import Metrics
 from proxy.verify.base import PolicyError
 from proxy.verify.gate import SignatureGate
-from proxy.verify.policy import Policy, load_policy
+from proxy.verify.policy import Policy, parse_policy
 
 log = logging.getLogger("pullgate.policy")
 
+FileStamp = tuple[str, int, int, int] | tuple[str]
+Fingerprint = tuple[tuple[FileStamp, ...], str]
+
+
+def _stamp(path: Path) -> FileStamp:
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+    except (OSError, ValueError):
+        return (str(path),)
+    return (real, st.st_ino, st.st_size, st.st_mtime_ns)
+
 
 class PolicyWatcher:
+    """Polls the policy file (and its trust files) and swaps new revisions into a gate."""
+
     def __init__(
         self, *, path: Path, gate: SignatureGate, metrics: Metrics, interval: float = 1.0
     ) -> None:
         self._path = path
         self._gate = gate
         self._metrics = metrics
-        self._interval = interval
-        self._stamp = self._current_stamp()
-        self._seen_hash = self._content_hash()
+        self.interval = interval
+        # None: the first poll parses the file once more, so a change made between the
+        # gate's load and the watcher's start is not missed (same revision: no swap).
+        self._seen: Fingerprint | None = None
+        self._failure: tuple[Fingerprint, str] | None = None
 
-    def _current_stamp(self) -> tuple[str, int, int, int] | None:
+    def _read(self) -> tuple[Fingerprint, bytes | None]:
+        stamps = tuple(_stamp(p) for p in (self._path, *self._gate.policy.material))
         try:
-            real = os.path.realpath(self._path)
-            st = os.stat(real)
+            raw: bytes | None = self._path.read_bytes()
         except OSError:
-            return None
-        return (real, st.st_ino, st.st_size, st.st_mtime_ns)
-
-    def _content_hash(self) -> str | None:
-        try:
-            return hashlib.sha256(self._path.read_bytes()).hexdigest()
-        except OSError:
-            return None
+            raw = None
+        content = hashlib.sha256(raw).hexdigest() if raw is not None else "missing"
+        return (stamps, content), raw
 
     def load_if_changed(self) -> Policy | None:
-        """The new policy if the file changed and loads; None otherwise (blocking I/O)."""
-        stamp = self._current_stamp()
-        if stamp == self._stamp:
+        """The new policy if the file or its trust files changed and it loads; else None.
+
+        Blocking I/O: run it in a thread.
+        """
+        fingerprint, raw = self._read()
+        if fingerprint == self._seen:
             return None
-        self._stamp = stamp
-        content_hash = self._content_hash()
-        if content_hash is None or content_hash == self._seen_hash:
-            return None
-        self._seen_hash = content_hash
         try:
-            return load_policy(self._path)
+            if raw is None:
+                raise PolicyError(f"cannot read policy {self._path}")
+            policy = parse_policy(raw, base_dir=self._path.resolve().parent, source=str(self._path))
         except PolicyError as exc:
-            self._metrics.policy_reload_failures.inc()
-            log.error(
-                "policy reload refused, keeping revision %s in force: %s",
-                self._gate.revision,
-                exc,
-            )
+            # Not marked seen: the next poll tries again (what it names may appear).
+            failure = (fingerprint, str(exc))
+            if failure != self._failure:
+                self._failure = failure
+                self._metrics.policy_reload_failures.inc()
+                log.error(
+                    "policy reload REFUSED, revision %s stays in force: %s",
+                    self._gate.revision[:16],
+                    exc,
+                )
             return None
+        self._seen = fingerprint
+        self._failure = None
+        if policy.revision == self._gate.revision:
+            return None
+        return policy
 
-    def check_once(self) -> bool:
-        """Reload synchronously (tests); True when a new policy is now in force."""
-        policy = self.load_if_changed()
-        return policy is not None and self._apply(policy)
-
-    def _apply(self, policy: Policy) -> bool:
-        self._gate.replace_policy(policy)
+    def apply(self, policy: Policy) -> bool:
+        """Swap ``policy`` into the gate (on the event loop); True if it is new."""
+        if not self._gate.replace_policy(policy):
+            return False
         self._metrics.policy_reloads.inc()
         return True
 
+    def check_once(self) -> bool:
+        """Poll once, synchronously; True when a new policy is now in force."""
+        policy = self.load_if_changed()
+        return policy is not None and self.apply(policy)
+
     async def run(self) -> None:
+        """Poll forever (cancel to stop)."""
         while True:
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(self.interval)
             try:
-                # Read and parse off the loop; swap on the loop, so requests never see
-                # a half-applied policy.
+                # Read and parse off the loop; swap on it, so no request sees a
+                # half-applied policy.
                 policy = await asyncio.to_thread(self.load_if_changed)
                 if policy is not None:
-                    self._apply(policy)
-            except Exception:  # a watcher must never die: log and keep polling
+                    self.apply(policy)
+            except Exception:  # the watcher must never die: log and keep polling
                 log.exception("policy watcher error")
+
+
+def policy_watch_ctx(
+    watcher: PolicyWatcher,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """An aiohttp ``cleanup_ctx`` that runs ``watcher`` for the app's lifetime."""
+
+    async def watch(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(watcher.run(), name="pullgate-policy-watcher")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return watch
