@@ -3,7 +3,10 @@
 It resolves REF upstream and runs the same pipeline and gate as ``pullgate serve``, so
 the explanation is the one a refused pull gets. For an index, each child manifest
 (platform) is checked too, as a pull would: a child the policy refuses makes the
-reference refused.
+reference refused. Attestation manifests that buildx puts in an index (platform
+``unknown/unknown``, ``vnd.docker.reference.type: attestation-manifest``) are checked
+and reported, but do not decide the exit code: containerd never pulls them as a
+platform, so a pull of the image does not depend on them.
 
 Exit codes: 0 allowed, 1 refused, 2 usage or configuration error, 3 the registry
 could not be asked (unreachable, or it does not have REF).
@@ -18,6 +21,7 @@ from proxy.cache import NoStore
 from proxy.config import Config
 from proxy.metrics import Metrics
 from proxy.oci.errors import Denied, NameInvalid, OCIError, RegistryUnknown
+from proxy.oci.manifest import Descriptor
 from proxy.oci.reference import ImageReference, ManifestRef
 from proxy.pipeline import Pipeline, ServedManifest
 from proxy.upstream.router import Route, UpstreamRouter
@@ -31,6 +35,7 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UPSTREAM = 3
 MAX_CHILDREN = 64
+ATTESTATION_TYPE_KEY = "vnd.docker.reference.type"
 
 
 async def verify_reference(
@@ -101,7 +106,10 @@ async def _explain_children(
     """Check each child of an allowed index as a pull of that platform would."""
     children = index.manifest.manifests
     refused = 0
+    platforms = 0
     for child in children[:MAX_CHILDREN]:
+        attestation = _is_attestation(child)
+        platforms += not attestation
         platform = child.platform or {}
         label = "/".join(
             str(platform[k]) for k in ("os", "architecture", "variant") if platform.get(k)
@@ -112,6 +120,12 @@ async def _explain_children(
                 route, reference.repository, ManifestRef(digest=child.digest)
             )
         except Denied as exc:
+            if attestation:
+                print(
+                    f"{where}: REFUSED (attestation; not pulled as a platform) {exc.message}",
+                    file=out,
+                )
+                continue
             refused += 1
             print(f"{where}: REFUSED {exc.message}", file=out)
             continue
@@ -122,6 +136,14 @@ async def _explain_children(
     if len(children) > MAX_CHILDREN:
         print(f"  ({len(children) - MAX_CHILDREN} more children not checked)", file=out)
     if refused:
-        print(f"REFUSED {reference}: {refused} of {len(children)} child manifests", file=out)
+        print(f"REFUSED {reference}: {refused} of {platforms} platform manifests", file=out)
         return EXIT_REFUSED
     return EXIT_ALLOWED
+
+
+def _is_attestation(child: Descriptor) -> bool:
+    """A buildx attestation entry of an index, not a platform image."""
+    if child.annotations.get(ATTESTATION_TYPE_KEY) == "attestation-manifest":
+        return True
+    platform = child.platform or {}
+    return platform.get("os") == "unknown" and platform.get("architecture") == "unknown"
