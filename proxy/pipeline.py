@@ -14,11 +14,12 @@ its last verified digest for at most ``tag_staleness`` seconds (0: never).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,11 @@ VERIFIED_MANIFEST_ENTRIES = 4096
 # Blobs allowed by manifests served from the store while the upstream was down.
 OFFLINE_ALLOWED_ENTRIES = 65536
 TAG_STALENESS_OFF = "upstream unavailable and tag staleness is off"
+# After a restart, the manifests allowed within the verdict TTL are verified again, so
+# pulls that were in flight can fetch their remaining blobs (at most this many).
+RESTORE_LIMIT = 1024
+# How long a blob request that would be refused waits for that restore to finish.
+RESTORE_WAIT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,8 +281,13 @@ class Pipeline:
         self.verdict_ttl = verdict_ttl
         self._verified: OrderedDict[tuple[str, str, Digest], ServedManifest] = OrderedDict()
         self._offline_allowed: OrderedDict[tuple[str, str, Digest], None] = OrderedDict()
+        self._restoring: asyncio.Task[int] | None = None
 
     async def close(self) -> None:
+        if self._restoring is not None:
+            self._restoring.cancel()
+            with contextlib.suppress(BaseException):
+                await self._restoring
         await self.fills.close()
         self.hash_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -491,10 +502,83 @@ class Pipeline:
 
     # -- blobs ---------------------------------------------------------------------
 
-    def check_blob_allowed(self, route: Route, repository: str, digest: Digest) -> None:
+    # -- restart continuity ---------------------------------------------------------
+
+    def start_restore(self, route_for: Callable[[str], Route]) -> None:
+        """Verify again, in the background, what this node allowed shortly before it
+        (re)started, so that pulls in flight across a restart (a DaemonSet rollout)
+        can fetch their remaining blobs instead of meeting 403 ``DENIED``.
+
+        Only manifests allowed within the verdict TTL are considered, and each goes
+        through ``get_manifest`` like any request: the gate decides afresh, under the
+        policy in force now. ``route_for`` maps a registry name to its route.
+        """
+        if getattr(self.gate, "policy", None) is None or not self.store.caching:
+            return  # no policy: every blob is allowed anyway; no store: nothing recorded
+        self._restoring = asyncio.get_running_loop().create_task(self._restore(route_for))
+
+    async def _restore(self, route_for: Callable[[str], Route]) -> int:
+        started = time.monotonic()
+        since = time.time() - self._positive_ttl()
+        loop = asyncio.get_running_loop()
+        try:
+            recent = await loop.run_in_executor(
+                self.hash_pool, self.store.recent_verdicts, since, RESTORE_LIMIT
+            )
+        except Exception:
+            log.exception("could not list recently verified manifests")
+            return 0
+        # Indexes first: a child covered by a verified index is decided through it.
+        recent.sort(key=lambda v: (v.media_type not in mt.INDEXES, -v.verified_at))
+        restored = 0
+        for item in recent:
+            registry, _, repository = item.repo.partition("/")
+            try:
+                route = route_for(registry)
+                await self.get_manifest(route, repository, ManifestRef(digest=item.digest))
+            except OCIError as exc:
+                log.info("not restored %s@%s: %s", item.repo, item.digest, exc.message)
+                continue
+            except Exception:
+                log.exception("restoring %s@%s failed", item.repo, item.digest)
+                continue
+            restored += 1
+        if recent:
+            log.info(
+                "restart: %d of %d recently allowed manifests verified again in %.2fs",
+                restored,
+                len(recent),
+                time.monotonic() - started,
+            )
+        return restored
+
+    def _positive_ttl(self) -> float:
+        if self.verdict_ttl is not None:
+            return self.verdict_ttl
+        ttl = getattr(getattr(self.gate, "policy", None), "positive_ttl", None)
+        return float(ttl) if isinstance(ttl, (int, float)) else 300.0
+
+    async def require_blob_allowed(self, route: Route, repository: str, digest: Digest) -> None:
+        """``check_blob_allowed``, but a blob the restart restore may still allow waits
+        for it (at most ``RESTORE_WAIT`` seconds) before being refused."""
+        restoring = self._restoring
+        if (
+            restoring is not None
+            and not restoring.done()
+            and not self._blob_allowed(route, repository, digest)
+        ):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(restoring), RESTORE_WAIT)
+        self.check_blob_allowed(route, repository, digest)
+
+    def _blob_allowed(self, route: Route, repository: str, digest: Digest) -> bool:
         repo = RepoKey(route.registry, repository)
         offline_key = (route.registry, repository, digest)
-        if not self.gate.blob_allowed(repo, digest) and offline_key not in self._offline_allowed:
+        return self.gate.blob_allowed(repo, digest) or offline_key in self._offline_allowed
+
+    def check_blob_allowed(self, route: Route, repository: str, digest: Digest) -> None:
+        repo = RepoKey(route.registry, repository)
+        if not self._blob_allowed(route, repository, digest):
             self.metrics.denied.labels("blob").inc()
             raise BlobNotAllowed(
                 f"blob {digest} is not referenced by any verified manifest of {repo}; "
@@ -507,7 +591,7 @@ class Pipeline:
         """Open a blob for serving: a verified local file (no upstream involved), a
         reader of the shared fill into the cache, or (no cache, no room, disk full)
         a verifying stream."""
-        self.check_blob_allowed(route, repository, digest)
+        await self.require_blob_allowed(route, repository, digest)
         path = self.store.path_of(digest)
         if path is not None:
             try:
@@ -556,7 +640,7 @@ class Pipeline:
 
         The caller must call ``self.fills.reader_left(fill)`` when done waiting.
         """
-        self.check_blob_allowed(route, repository, digest)
+        await self.require_blob_allowed(route, repository, digest)
 
         async def open_response() -> UpstreamResponse:
             return await self._open_upstream_blob(route, repository, digest)
@@ -604,7 +688,7 @@ class Pipeline:
 
     async def head_blob(self, route: Route, repository: str, digest: Digest) -> int | None:
         """The size of an allowed blob, as the upstream (or the store) reports it."""
-        self.check_blob_allowed(route, repository, digest)
+        await self.require_blob_allowed(route, repository, digest)
         path = self.store.path_of(digest)
         if path is not None:
             try:

@@ -26,6 +26,16 @@ class StoredManifest:
 
 
 @dataclass(frozen=True, slots=True)
+class RecentVerdict:
+    """A manifest allowed for ``repo`` ("registry/repository") at ``verified_at``."""
+
+    digest: Digest
+    repo: str
+    media_type: str
+    verified_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class StoredTag:
     """The digest a tag last resolved to (and was verified), and when."""
 
@@ -76,6 +86,10 @@ class BlobStore(Protocol):
 
     def get_manifest(self, digest: Digest) -> StoredManifest | None:
         """A stored verified manifest (bytes re-checked against ``digest``), or None."""
+
+    def recent_verdicts(self, since: float, limit: int) -> list[RecentVerdict]:
+        """Allowing verdicts recorded at or after ``since``, newest first, at most
+        ``limit`` (read at startup, never on the request path)."""
 
     def put_tag(self, repo: str, tag: str, digest: Digest, resolved_at: float) -> None:
         """Remember that ``repo:tag`` resolved to verified ``digest`` at ``resolved_at``."""
@@ -136,6 +150,9 @@ class NoStore:
 
     def get_manifest(self, digest: Digest) -> StoredManifest | None:
         return None
+
+    def recent_verdicts(self, since: float, limit: int) -> list[RecentVerdict]:
+        return []
 
     def put_tag(self, repo: str, tag: str, digest: Digest, resolved_at: float) -> None:
         pass

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.cache import StoredManifest, StoredTag
+from proxy.cache import RecentVerdict, StoredManifest, StoredTag
 from proxy.oci.digest import Digest
 
 log = logging.getLogger("pullgate.cache")
@@ -318,6 +318,44 @@ class DiskBlobStore:
             media_type=media_type,
             verdicts={k: v for k, v in verdicts.items() if isinstance(v, dict)},
         )
+
+    def recent_verdicts(self, since: float, limit: int) -> list[RecentVerdict]:
+        """Allowing verdicts recorded at or after ``since``, newest first, at most ``limit``.
+
+        One listing of the manifest directory; metadata files older than ``since`` are
+        skipped by their mtime without being read. Called at startup only.
+        """
+        found: list[RecentVerdict] = []
+        try:
+            entries = list(os.scandir(self.manifest_dir))
+        except OSError:
+            return []
+        for entry in entries:
+            stem, _, ext = entry.name.partition(".")
+            if ext != "json" or not _is_hex(stem) or len(stem) != 64:
+                continue
+            try:
+                if entry.stat().st_mtime < since:
+                    continue
+            except OSError:
+                continue
+            meta = self._read_meta(Path(entry.path))
+            media_type = meta.get("mediaType")
+            verdicts = meta.get("verdicts")
+            if not isinstance(media_type, str) or not isinstance(verdicts, dict):
+                continue
+            digest = Digest("sha256", stem)
+            for repo, record in verdicts.items():
+                if not isinstance(repo, str) or not isinstance(record, dict):
+                    continue
+                verified_at = record.get("verifiedAt")
+                if record.get("allowed") is not True or not isinstance(verified_at, (int, float)):
+                    continue
+                if verified_at < since:
+                    continue
+                found.append(RecentVerdict(digest, repo, media_type, float(verified_at)))
+        found.sort(key=lambda v: v.verified_at, reverse=True)
+        return found[:limit]
 
     def put_tag(self, repo: str, tag: str, digest: Digest, resolved_at: float) -> None:
         record = {"repository": repo, "tag": tag, "digest": str(digest), "resolvedAt": resolved_at}

@@ -290,7 +290,8 @@ def build_app(*, config: Config, pipeline: Pipeline, metrics: Metrics) -> web.Ap
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         session = new_upstream_session()
-        app[ROUTER_KEY] = UpstreamRouter(config=config, session=session, metrics=metrics)
+        router = app[ROUTER_KEY] = UpstreamRouter(config=config, session=session, metrics=metrics)
+        pipeline.start_restore(router.route)
         yield
         await session.close()
         await pipeline.close()

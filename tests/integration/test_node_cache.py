@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.faultproxy import FaultProxy, drip
-from tests.support.ocilayout import deterministic_bytes, push_blob, push_image
+from tests.support.ocilayout import PushedArtifact, deterministic_bytes, push_blob, push_image
 from tests.support.peers import Containerd, Pullgate, Registry
 
 pytestmark = pytest.mark.integration
@@ -305,3 +305,72 @@ def test_upstream_down_serves_only_verdicts_of_the_policy_in_force(
         time.sleep(0.2)
     status, _, _ = fetch(pullgate, by_digest)
     assert status == 503  # verified under another policy: not served without the upstream
+
+
+def _signed_image_setup(
+    tmp_path: Path, registry: Registry, *, ttl: str = ""
+) -> tuple[Path, PushedArtifact, PushedArtifact]:
+    """A strict cosign-key policy, a signed two-layer image and an unsigned one."""
+    from proxy.oci.digest import Digest
+    from tests.support import cosign_sign as cs
+
+    key = cs.generate_key()
+    key.write_public(tmp_path / "keys" / "release.pub")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "default: deny\n" + ttl + "scopes:\n"
+        '  - match: "registry.example.test/**"\n'
+        "    require: {allOf: [{cosign: {key: keys/release.pub}}]}\n"
+    )
+    signed = push_image(
+        registry.url,
+        "restart/signed",
+        "v1",
+        layers=[deterministic_bytes(300_000, 91), deterministic_bytes(300_000, 92)],
+    )
+    digest = Digest.parse(signed.manifest_digest)
+    payload = cs.simple_signing_payload(digest, f"{REGISTRY}/restart/signed")
+    cs.push_to_registry(
+        registry.url, "restart/signed", cs.signature_image(digest, [cs.sign_layer(key, payload)])
+    )
+    unsigned = push_image(
+        registry.url, "restart/unsigned", "v1", layers=[deterministic_bytes(300_000, 93)]
+    )
+    return policy, signed, unsigned
+
+
+def test_a_pull_in_flight_across_a_restart_gets_its_remaining_blobs(
+    tmp_path: Path, registry: Registry, make_pullgate: Callable[..., Pullgate]
+) -> None:
+    policy, signed, _ = _signed_image_setup(tmp_path, registry)
+    pullgate = make_pullgate(
+        upstreams={REGISTRY: registry.url}, cache_dir=tmp_path / "cache", policy=policy
+    )
+    first, second = signed.layer_digests
+    assert fetch(pullgate, f"/v2/restart/signed/manifests/v1?ns={REGISTRY}")[0] == 200
+    assert fetch(pullgate, blob_path("restart/signed", first))[:2] == (200, first)
+    pullgate.restart()  # a DaemonSet rollout in the middle of the pull
+    # The client carries on with the next layer, without asking for the manifest again.
+    assert fetch(pullgate, blob_path("restart/signed", second))[:2] == (200, second)
+    assert fetch(pullgate, blob_path("restart/signed", first))[:2] == (200, first)
+
+
+def test_refuses_blobs_after_a_restart_that_no_recent_verdict_allowed(
+    tmp_path: Path, registry: Registry, make_pullgate: Callable[..., Pullgate]
+) -> None:
+    policy, signed, unsigned = _signed_image_setup(
+        tmp_path, registry, ttl="verdictCache: {positiveTTL: 1, negativeTTL: 1}\n"
+    )
+    pullgate = make_pullgate(
+        upstreams={REGISTRY: registry.url}, cache_dir=tmp_path / "cache", policy=policy
+    )
+    assert fetch(pullgate, f"/v2/restart/signed/manifests/v1?ns={REGISTRY}")[0] == 200
+    assert fetch(pullgate, f"/v2/restart/unsigned/manifests/v1?ns={REGISTRY}")[0] == 403
+    time.sleep(1.5)  # the allowing verdict is now older than its positive TTL
+    pullgate.restart()
+    layer = signed.layer_digests[0]
+    status, _, received = fetch(pullgate, blob_path("restart/signed", layer))
+    assert status == 403 and received < 1000  # an OCI error body, no blob bytes
+    unsigned_layer = unsigned.layer_digests[0]
+    status, _, received = fetch(pullgate, blob_path("restart/unsigned", unsigned_layer))
+    assert status == 403 and received < 1000
