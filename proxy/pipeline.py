@@ -500,8 +500,6 @@ class Pipeline:
             )
         return manifest
 
-    # -- blobs ---------------------------------------------------------------------
-
     # -- restart continuity ---------------------------------------------------------
 
     def start_restore(self, route_for: Callable[[str], Route]) -> None:
@@ -557,6 +555,8 @@ class Pipeline:
             return self.verdict_ttl
         ttl = getattr(getattr(self.gate, "policy", None), "positive_ttl", None)
         return float(ttl) if isinstance(ttl, (int, float)) else 300.0
+
+    # -- blobs ---------------------------------------------------------------------
 
     async def require_blob_allowed(self, route: Route, repository: str, digest: Digest) -> None:
         """``check_blob_allowed``, but a blob the restart restore may still allow waits
