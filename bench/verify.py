@@ -45,8 +45,12 @@ async def _time(verifier: Any, subject: Subject, source: Any, runs: int) -> list
 
 
 async def measure(runs: int = 200) -> dict[str, list[float]]:
+    with tempfile.TemporaryDirectory(prefix="pullgate-bench-verify-") as work:
+        return await _measure(Path(work), runs)
+
+
+async def _measure(work: Path, runs: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
-    work = Path(tempfile.mkdtemp(prefix="pullgate-bench-verify-"))
     image = cs.image_manifest([b"bench layer"])
 
     # cosign key, legacy signature
