@@ -347,13 +347,16 @@ class Pipeline:
             await self._store_verified(repo, ref, served)
         return served
 
+    def _verdict_ttl(self) -> float | None:
+        """How long an allowing verdict lasts: an explicit ``verdict_ttl``, else the
+        policy's ``verdictCache.positiveTTL``; None (forever) without a policy."""
+        if self.verdict_ttl is not None:
+            return self.verdict_ttl
+        ttl = getattr(getattr(self.gate, "policy", None), "positive_ttl", None)
+        return float(ttl) if isinstance(ttl, (int, float)) else None
+
     def _verdict_fresh(self, verified_at: float) -> bool:
-        # The gate's policy sets how long an allowing verdict lasts (verdictCache
-        # positiveTTL); an explicit verdict_ttl overrides it.
-        ttl = self.verdict_ttl
-        if ttl is None:
-            policy = getattr(self.gate, "policy", None)
-            ttl = getattr(policy, "positive_ttl", None)
+        ttl = self._verdict_ttl()
         return ttl is None or time.time() - verified_at <= ttl
 
     def _policy_revision(self) -> str:
@@ -517,7 +520,10 @@ class Pipeline:
 
     async def _restore(self, route_for: Callable[[str], Route]) -> int:
         started = time.monotonic()
-        since = time.time() - self._positive_ttl()
+        ttl = self._verdict_ttl()
+        if not ttl:
+            return 0  # verdicts are not kept: nothing was allowed "recently"
+        since = time.time() - ttl
         loop = asyncio.get_running_loop()
         try:
             recent = await loop.run_in_executor(
@@ -549,12 +555,6 @@ class Pipeline:
                 time.monotonic() - started,
             )
         return restored
-
-    def _positive_ttl(self) -> float:
-        if self.verdict_ttl is not None:
-            return self.verdict_ttl
-        ttl = getattr(getattr(self.gate, "policy", None), "positive_ttl", None)
-        return float(ttl) if isinstance(ttl, (int, float)) else 300.0
 
     # -- blobs ---------------------------------------------------------------------
 

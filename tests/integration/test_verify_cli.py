@@ -45,11 +45,7 @@ def test_verify_command_allows_signed_and_explains_refusal(
         "    require: {allOf: [{cosign: {key: keys/release.pub}}]}\n"
     )
     signed = push_image(registry.url, "app", "signed", layers=[deterministic_bytes(1000, 71)])
-    digest = Digest.parse(signed.manifest_digest)
-    payload = cs.simple_signing_payload(digest, f"{REGISTRY}/app")
-    cs.push_to_registry(
-        registry.url, "app", cs.signature_image(digest, [cs.sign_layer(key, payload)])
-    )
+    _sign(registry, "app", key, signed.manifest_digest)
     push_image(registry.url, "app", "unsigned", layers=[deterministic_bytes(1000, 72)])
     common = ["--policy", str(policy), "--upstream", f"{REGISTRY}={registry.url}"]
 

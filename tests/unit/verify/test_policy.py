@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from proxy.gate import ArtifactSource, RepoKey
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import ManifestTooLarge, TooManyRequests, UpstreamUnavailable
-from proxy.oci.manifest import Manifest, parse_manifest
+from proxy.oci.manifest import Manifest
 from proxy.verify import policy as policy_module
 from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject
 from proxy.verify.cache import VerdictCache
@@ -37,6 +36,8 @@ from proxy.verify.policy import (
 from proxy.verify.reload import PolicyWatcher
 from tests.support import cosign_sign as cs
 from tests.support.notation_sign import TestNotary
+
+from .manifests import image, index
 
 ISSUE_EXAMPLE = """\
 default: deny
@@ -197,11 +198,6 @@ def test_requirements_nest_arbitrarily(policy_dir: Path) -> None:
     assert isinstance(require, AnyOf)
     inner = require.children[0]
     assert isinstance(inner, AllOf) and isinstance(inner.children[1], AnyOf)
-
-
-def test_mode_allow_may_omit_requirements(policy_dir: Path) -> None:
-    loaded = parse("scopes:\n  - match: 'r.test/**'\n    mode: allow\n", policy_dir)
-    assert loaded.scopes[0].mode == "allow" and loaded.scopes[0].require is None
 
 
 def test_revision_is_the_sha256_of_the_file_content(policy_dir: Path) -> None:
@@ -505,38 +501,6 @@ async def test_a_verifier_that_raises_refuses_with_the_reason_at_the_gate() -> N
 # ---- the gate: single-flight, transient errors, revocation -------------------------------
 
 SOURCE = cs.MemoryRegistry()
-
-
-def image(layer: bytes = b"layer") -> Manifest:
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": str(Digest.of(b"{}")),
-            "size": 2,
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": str(Digest.of(layer)),
-                "size": len(layer),
-            }
-        ],
-    }
-    return parse_manifest(json.dumps(doc).encode(), "application/vnd.oci.image.manifest.v1+json")
-
-
-def index(*children: Manifest) -> Manifest:
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [
-            {"mediaType": c.media_type, "digest": str(c.digest), "size": len(c.raw)}
-            for c in children
-        ],
-    }
-    return parse_manifest(json.dumps(doc).encode(), "application/vnd.oci.image.index.v1+json")
 
 
 def gate_policy(require: Leaf, *, revision: str = "r1", negative_ttl: float = 30) -> Policy:

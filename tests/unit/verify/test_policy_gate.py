@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +14,14 @@ from proxy.gate import ArtifactSource, RepoKey
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import UpstreamUnavailable
-from proxy.oci.manifest import Manifest, parse_manifest
 from proxy.verify.base import CheckResult, Limits, PolicyError, Subject
 from proxy.verify.cache import VerdictCache
 from proxy.verify.gate import SignatureGate
 from proxy.verify.policy import AllOf, AnyOf, Leaf, Policy, Scope, glob_to_regex, parse_policy
 from proxy.verify.reload import PolicyWatcher
 from tests.support import cosign_sign as cs
+
+from .manifests import image, index
 
 REPO = RepoKey("registry.example.test", "team/app")
 
@@ -76,40 +76,6 @@ def policy(*scopes: Scope, default: str = "deny", revision: str = "r1", **limits
         revision=revision,
         source="<test>",
     )
-
-
-def image(layer: bytes = b"layer", artifact_type: str | None = None) -> Manifest:
-    doc: dict[str, object] = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": str(Digest.of(b"{}")),
-            "size": 2,
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": str(Digest.of(layer)),
-                "size": len(layer),
-            }
-        ],
-    }
-    if artifact_type:
-        doc["artifactType"] = artifact_type
-    return parse_manifest(json.dumps(doc).encode(), "application/vnd.oci.image.manifest.v1+json")
-
-
-def index(*children: Manifest) -> Manifest:
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [
-            {"mediaType": c.media_type, "digest": str(c.digest), "size": len(c.raw)}
-            for c in children
-        ],
-    }
-    return parse_manifest(json.dumps(doc).encode(), "application/vnd.oci.image.index.v1+json")
 
 
 SOURCE = cs.MemoryRegistry()
