@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +45,12 @@ from proxy.oci.errors import (
 from proxy.oci.manifest import MAX_MANIFEST_BYTES, Descriptor, Manifest, build_index, parse_manifest
 from proxy.oci.ranges import ByteRange, parse_range
 from proxy.oci.reference import ManifestRef, upstream_repository
-from proxy.upstream.client import UpstreamResponse, map_client_error
+from proxy.stream import BodyBroken, DataPath, HeldBackSender, hash_and_deliver
+from proxy.upstream.client import UpstreamResponse
 from proxy.upstream.router import Route
 
 log = logging.getLogger("pullgate.pipeline")
 
-# Bytes handed to the hashing thread at once: big enough that the hand-off is cheap
-# next to the hashing, small enough to keep memory flat.
-HASH_BATCH = 2 * 1024 * 1024
 MAX_SMALL_BODY = 4 * 1024 * 1024
 VERIFIED_MANIFEST_ENTRIES = 4096
 # Blobs allowed by manifests served from the store while the upstream was down.
@@ -112,80 +109,41 @@ class BlobStream:
         return self.size
 
     async def send_to(self, sink: BlobSink) -> None:
-        """Send the (ranged) body. The last piece goes out only once the whole
-        blob hashed to its digest; on mismatch or truncation ``StreamAborted``
+        """Send the (ranged) body. The last ``HOLD_BACK`` bytes go out only once the
+        whole blob hashed to its digest; on mismatch or truncation ``StreamAborted``
         is raised instead, and the caller must abort the client connection."""
-        async for piece in self._chunks():
-            await sink.write(piece)
-
-    async def _chunks(self) -> AsyncIterator[bytes | memoryview]:
         metrics = self._pipeline.metrics
-        loop = asyncio.get_running_loop()
-        pool = self._pipeline.hash_pool
-        hasher = self.digest.hasher()
-        start = self.byte_range.start if self.byte_range else 0
-        end = self.byte_range.end if self.byte_range else None  # inclusive
-        received = 0
-        held: bytes | memoryview | None = None
-        # Hash in a worker thread (hashlib drops the GIL), a batch at a time, while the
-        # loop keeps receiving and sending: at most one batch is in flight.
-        batch: list[bytes] = []
-        batch_bytes = 0
-        pending: asyncio.Future[None] | None = None
+        datapath = self._pipeline.datapath
+        body = self._response.body_reader()
+        sender = HeldBackSender(
+            await sink.thread_sender(), byte_range=self.byte_range, size=self.size
+        )
+
+        def move() -> int:
+            received = hash_and_deliver(
+                digest=self.digest,
+                size=self.size,
+                body=body,
+                deliver=sender,
+                hashers=datapath.hashers,
+            )
+            sender.release()
+            return received
+
         metrics.streams_active.inc()
         try:
-            try:
-                async for chunk in self._response.iter_body():
-                    chunk_start = received
-                    received += len(chunk)
-                    if self.size is not None and received > self.size:
-                        raise self._broken(
-                            "upstream sent more bytes than announced", truncated=True
-                        )
-                    batch.append(chunk)
-                    batch_bytes += len(chunk)
-                    if batch_bytes >= HASH_BATCH:
-                        if pending is not None:
-                            await pending
-                        pending = loop.run_in_executor(pool, _hash_batch, hasher, batch)
-                        batch, batch_bytes = [], 0
-                    piece = _overlap(chunk, chunk_start, start, end)
-                    if piece is not None:
-                        if held is not None:
-                            yield held
-                        held = piece
-                if pending is not None:
-                    await pending
-                    pending = None
-                _hash_batch(hasher, batch)
-            except OCIError:
-                raise
-            except StreamAborted:
-                raise
-            except Exception as exc:
-                mapped = map_client_error(exc, f"streaming blob {self.digest}")
-                raise self._broken(mapped.message, truncated=True) from exc
-            metrics.upstream_bytes.labels(self._registry).inc(received)
-            if self.size is not None and received != self.size:
-                raise self._broken(
-                    f"upstream body ended after {received} of {self.size} bytes", truncated=True
-                )
-            actual = hasher.hexdigest()
-            if actual != self.digest.hex:
-                raise self._broken(
-                    f"upstream bytes hash to {self.digest.algorithm}:{actual}", truncated=False
-                )
-            if held is not None:
-                yield held
-            served = self.byte_range.length if self.byte_range else received
-            metrics.bytes_served.labels("upstream").inc(served)
+            received = await datapath.run(body, move)
+        except BodyBroken as exc:
+            raise self._broken(exc.reason, truncated=exc.truncated) from None
+        except OCIError as exc:
+            raise self._broken(exc.message, truncated=True) from None
         finally:
+            body.close()
             metrics.streams_active.dec()
-            if pending is not None:
-                # A client that went away mid-hash: let the worker finish before the
-                # hasher is dropped.
-                await asyncio.shield(pending)
             self._response.close()
+        metrics.upstream_bytes.labels(self._registry).inc(received)
+        served = self.byte_range.length if self.byte_range else received
+        metrics.bytes_served.labels("upstream").inc(served)
 
     def _broken(self, reason: str, *, truncated: bool) -> StreamAborted:
         metrics = self._pipeline.metrics
@@ -204,25 +162,6 @@ class BlobStream:
 
     def close(self) -> None:
         self._response.close()
-
-
-def _hash_batch(hasher: hashlib._Hash, batch: list[bytes]) -> None:
-    for chunk in batch:
-        hasher.update(chunk)
-
-
-def _overlap(
-    chunk: bytes, chunk_start: int, start: int, end: int | None
-) -> bytes | memoryview | None:
-    """The part of ``chunk`` (at offset ``chunk_start``) inside ``[start, end]``."""
-    chunk_end = chunk_start + len(chunk)  # exclusive
-    if chunk_end <= start or (end is not None and chunk_start > end):
-        return None
-    lo = max(start - chunk_start, 0)
-    hi = len(chunk) if end is None else min(end + 1 - chunk_start, len(chunk))
-    if lo == 0 and hi == len(chunk):
-        return chunk
-    return memoryview(chunk)[lo:hi]
 
 
 class _RepoSource:
@@ -268,10 +207,13 @@ class Pipeline:
         self.gate = gate
         self.store = store
         self.metrics = metrics
-        self.hash_pool = ThreadPoolExecutor(max_workers=hash_workers, thread_name_prefix="hash")
+        # Disk IO and sendfile to clients; blob bytes move and hash in ``datapath``.
+        self.hash_pool = ThreadPoolExecutor(max_workers=hash_workers, thread_name_prefix="io")
+        self.datapath = DataPath()
         self.fills = FillTable(
             store=store,
             pool=self.hash_pool,
+            datapath=self.datapath,
             metrics=metrics,
             complete_on_disconnect=complete_on_disconnect,
         )
@@ -290,6 +232,7 @@ class Pipeline:
                 await self._restoring
         await self.fills.close()
         self.hash_pool.shutdown(wait=False, cancel_futures=True)
+        self.datapath.close()
 
     # -- manifests -----------------------------------------------------------------
 

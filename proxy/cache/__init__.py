@@ -6,7 +6,7 @@ content already verified keeps being served while the upstream is down.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -101,8 +101,9 @@ class BlobStore(Protocol):
 class BlobSink(Protocol):
     """Where a blob body goes: the client connection."""
 
-    async def write(self, data: bytes | memoryview) -> None:
-        """Send bytes held in memory."""
+    async def thread_sender(self) -> Callable[[memoryview], None]:
+        """A blocking send for a worker thread to deliver bytes held in memory. Call it
+        once, before any other send; nothing else writes to the client meanwhile."""
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
         """Send ``count`` bytes of file ``fd`` from ``offset`` (zero-copy)."""

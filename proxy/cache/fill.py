@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import time
@@ -29,16 +28,11 @@ from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import OCIError, StreamAborted
 from proxy.oci.ranges import ByteRange
-from proxy.upstream.client import UpstreamResponse, map_client_error
+from proxy.stream import HOLD_BACK, BodyBroken, DataPath, hash_and_deliver
+from proxy.upstream.client import UpstreamResponse
 
 log = logging.getLogger("pullgate.fill")
 
-WRITE_BATCH = 2 * 1024 * 1024
-# The first batches are small and double up to WRITE_BATCH, so readers (who send only
-# what has been written) get their first bytes without waiting for a whole batch.
-FIRST_BATCH = 128 * 1024
-# Readers keep this many final bytes back until the fill's digest matched.
-HOLD_BACK = 64 * 1024
 DISK_FULL_BACKOFF = 60.0
 
 
@@ -54,12 +48,14 @@ class Fill:
         registry: str,
         store: BlobStore,
         pool: Executor,
+        datapath: DataPath,
         metrics: Metrics,
     ) -> None:
         self.digest = digest
         self.registry = registry
         self._store = store
         self._pool = pool
+        self._datapath = datapath
         self._metrics = metrics
         self.path: Path = store.new_ingest(digest)
         self.final_path: Path | None = None
@@ -99,9 +95,9 @@ class Fill:
             self.open_error = exc
             self._fail(exc.message, count=False)
             return
-        except Exception as exc:  # never leave readers waiting on a dead fill
-            self.open_error = map_client_error(exc, f"opening blob {self.digest}")
-            self._fail(self.open_error.message, count=False)
+        except Exception:  # a bug: never leave readers waiting on a dead fill
+            log.exception("internal error opening blob %s", self.digest)
+            self._fail("internal error opening the blob; see pullgate's log", count=False)
             return
         self.size = response.content_length
         if not self._store.make_room(self.size):
@@ -130,10 +126,9 @@ class Fill:
         except OSError as exc:
             self.disk_full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             self._fail(f"cache write failed: {exc.strerror}", count=False)
-        except Exception as exc:
-            mapped = map_client_error(exc, f"streaming blob {self.digest}")
-            self._metrics.upstream_truncated.labels(self.registry).inc()
-            self._fail(mapped.message, count=False)
+        except Exception:
+            log.exception("internal error filling blob %s", self.digest)
+            self._fail("internal error while filling; see pullgate's log", count=False)
         finally:
             response.close()
             if fd >= 0:
@@ -158,52 +153,43 @@ class Fill:
         return response
 
     async def _download(self, response: UpstreamResponse, fd: int) -> None:
+        """Stream the body into the ingest file through the shared streamer (written
+        with ``pwrite`` in the mover thread), then fsync and commit it."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        hasher = self.digest.hasher()
-        batch: list[bytes] = []
-        batch_bytes = 0
-        received = 0
-        threshold = FIRST_BATCH
-        # Hashing and writing run in two worker threads at once, a batch at a time,
-        # while the loop keeps receiving: at most one batch is in flight.
-        pending: asyncio.Future[int] | None = None
+        body = response.body_reader()
+
+        def write(piece: memoryview, offset: int) -> None:
+            _write_at(fd, piece, offset)
+            # Readers may send what is on disk as soon as it is written.
+            loop.call_soon_threadsafe(self._advance, offset + len(piece))
+
+        def move() -> int:
+            return hash_and_deliver(
+                digest=self.digest,
+                size=self.size,
+                body=body,
+                deliver=write,
+                hashers=self._datapath.hashers,
+            )
+
         try:
-            async for chunk in response.iter_body():
-                received += len(chunk)
-                if self.size is not None and received > self.size:
-                    self._metrics.upstream_truncated.labels(self.registry).inc()
-                    raise FillFailed("upstream sent more bytes than announced")
-                batch.append(chunk)
-                batch_bytes += len(chunk)
-                if batch_bytes >= threshold:
-                    if pending is not None:
-                        await pending
-                    pending = self._write_and_hash(fd, hasher, batch)
-                    batch, batch_bytes = [], 0
-                    threshold = min(threshold * 2, WRITE_BATCH)
-            if pending is not None:
-                await pending
-                pending = None
-            await self._write_and_hash(fd, hasher, batch)
-        finally:
-            if pending is not None and not pending.done():
-                # The caller closes ``fd`` next: let the workers finish with it first, or
-                # a reused descriptor number could receive this blob's bytes.
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait({pending})
-        self._metrics.upstream_bytes.labels(self.registry).inc(received)
-        if self.size is not None and received != self.size:
+            received = await self._datapath.run(body, move)
+        except BodyBroken as exc:
+            counter = self._metrics.upstream_truncated if exc.truncated else None
+            (counter or self._metrics.digest_mismatch).labels(self.registry).inc()
+            raise FillFailed(exc.reason) from None
+        except OCIError as exc:
             self._metrics.upstream_truncated.labels(self.registry).inc()
-            raise FillFailed(f"upstream body ended after {received} of {self.size} bytes")
-        actual = hasher.hexdigest()
-        if actual != self.digest.hex:
-            self._metrics.digest_mismatch.labels(self.registry).inc()
-            raise FillFailed(f"upstream bytes hash to {self.digest.algorithm}:{actual}")
+            raise FillFailed(exc.message) from None
+        finally:
+            body.close()
+        self._metrics.upstream_bytes.labels(self.registry).inc(received)
         await loop.run_in_executor(self._pool, os.fsync, fd)
         self._release()
         self.final_path = self._store.commit(self.digest, self.path, received)
         self.size = received
+        self.written = received
         self.state = "committed"
         self._notify()
         elapsed = time.perf_counter() - started
@@ -215,32 +201,9 @@ class Fill:
             received / max(elapsed, 1e-9) / 1e6,
         )
 
-    def _write_and_hash(
-        self, fd: int, hasher: hashlib._Hash, batch: list[bytes]
-    ) -> asyncio.Future[int]:
-        loop = asyncio.get_running_loop()
-        hashed = loop.run_in_executor(self._pool, _hash_batch, hasher, batch)
-        written = loop.run_in_executor(self._pool, _write_batch, fd, batch)
-
-        async def both() -> int:
-            # Await both even if one fails, so no worker still uses fd or hasher.
-            results = await asyncio.gather(hashed, written, return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
-            count = results[1]
-            assert isinstance(count, int)
-            return count
-
-        future = asyncio.ensure_future(both())
-        future.add_done_callback(self._batch_written)
-        return future
-
-    def _batch_written(self, future: asyncio.Future[int]) -> None:
-        # Readers may send what is on disk as soon as a batch is written, not when the
-        # download loop next looks (it may be waiting on the upstream).
-        if not future.cancelled() and future.exception() is None:
-            self.written += future.result()
+    def _advance(self, written: int) -> None:
+        if written > self.written and not self.done:
+            self.written = written
             self._notify()
 
     def _fail(self, reason: str, *, count: bool) -> None:
@@ -256,20 +219,10 @@ class Fill:
         self._notify()
 
 
-def _hash_batch(hasher: hashlib._Hash, batch: list[bytes]) -> None:
-    for chunk in batch:
-        hasher.update(chunk)
-
-
-def _write_batch(fd: int, batch: list[bytes]) -> int:
-    total = 0
-    for chunk in batch:
-        view = memoryview(chunk)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        total += len(chunk)
-    return total
+def _write_at(fd: int, piece: memoryview, offset: int) -> None:
+    while piece:
+        count = os.pwrite(fd, piece, offset)
+        piece, offset = piece[count:], offset + count
 
 
 class FillTable:
@@ -282,9 +235,13 @@ class FillTable:
         pool: Executor,
         metrics: Metrics,
         complete_on_disconnect: bool,
+        datapath: DataPath | None = None,
     ) -> None:
         self._store = store
         self._pool = pool
+        # A table built without the pipeline's data path owns one of its own.
+        self._own_datapath = datapath is None
+        self._datapath = datapath or DataPath()
         self._metrics = metrics
         self.complete_on_disconnect = complete_on_disconnect
         self._fills: dict[Digest, Fill] = {}
@@ -313,6 +270,7 @@ class FillTable:
             registry=registry,
             store=self._store,
             pool=self._pool,
+            datapath=self._datapath,
             metrics=self._metrics,
         )
         self._fills[digest] = fill
@@ -355,6 +313,8 @@ class FillTable:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+        if self._own_datapath:
+            self._datapath.close()
 
 
 class FillReader:

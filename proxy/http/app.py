@@ -18,12 +18,13 @@ from proxy.cache.disk import DiskBlobStore
 from proxy.cache.fill import FillReader
 from proxy.cache.scrub import scrub_forever
 from proxy.config import Config
-from proxy.http.sendfile import sendfile
+from proxy.http.sendfile import flush, sendfile, socket_fd
 from proxy.metrics import Metrics
 from proxy.oci.errors import OCIError, RouteUnknown, StreamAborted, Unsupported
 from proxy.oci.ranges import ByteRange, parse_range
 from proxy.oci.reference import DistributionPath, Endpoint, parse_distribution_path
 from proxy.pipeline import BlobFile, BlobStream, Pipeline
+from proxy.stream import SocketSender
 from proxy.upstream.router import Route, UpstreamRouter
 from proxy.upstream.session import new_upstream_session
 
@@ -181,9 +182,19 @@ class _ResponseSink:
         self._request = request
         self._response = response
         self._pool = pool
+        self._thread_fd = -1
 
-    async def write(self, data: bytes | memoryview) -> None:
-        await self._response.write(data)
+    async def thread_sender(self) -> Callable[[memoryview], None]:
+        # Everything aiohttp buffered (the headers) goes first; then a worker thread
+        # writes the body to a duplicate of the connection's descriptor.
+        await flush(self._request)
+        self._thread_fd = os.dup(socket_fd(self._request))
+        return SocketSender(self._thread_fd)
+
+    def close(self) -> None:
+        if self._thread_fd >= 0:
+            os.close(self._thread_fd)
+            self._thread_fd = -1
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
         await sendfile(self._request, fd, offset, count, pool=self._pool)
@@ -227,6 +238,7 @@ async def _send_body(
             request.transport.abort()
         return response
     finally:
+        sink.close()
         if not isinstance(blob, BlobFile):
             blob.close()
     await response.write_eof()

@@ -11,6 +11,7 @@ import contextlib
 import email.utils
 import json
 import logging
+import os
 import random
 import ssl
 import time
@@ -38,6 +39,7 @@ from proxy.upstream.auth import (
     realm_is_fetchable,
     realm_is_trusted,
 )
+from proxy.upstream.body import BodyReader, LoopBody, SocketBody
 
 log = logging.getLogger("pullgate.upstream")
 
@@ -56,8 +58,10 @@ class _Token:
 class UpstreamResponse:
     """An open upstream response. Always close it (``async with``)."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, *, idle_timeout: float = 60.0) -> None:
         self._response = response
+        self._idle_timeout = idle_timeout
+        self._detached = False
 
     @property
     def status(self) -> int:
@@ -95,19 +99,61 @@ class UpstreamResponse:
         """Yield the body as it arrives, in the pieces the socket delivered.
 
         ``readchunk`` hands over one buffered piece at a time; ``readany`` would join
-        everything buffered into a new bytes object, a copy per call that costs the
-        event loop a large share of its time on a fast upstream.
+        everything buffered into a new bytes object, a copy per call. Errors leave as
+        ``OCIError``s (``map_client_error``), never as aiohttp's own.
         """
         content = self._response.content
         while True:
-            chunk, end_of_http_chunk = await content.readchunk()
+            try:
+                chunk, end_of_http_chunk = await content.readchunk()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise map_client_error(exc, "reading a body") from exc
             if chunk:
                 yield chunk
             elif not end_of_http_chunk:
                 return  # (b"", False) is end of body
 
+    def body_reader(self) -> BodyReader:
+        """The body, for a worker thread to read: straight from the socket when the
+        hop is plain HTTP with a known length and no transfer coding, else through
+        the event loop (``iter_body``). Close the response afterwards either way; a
+        taken socket is never returned to the connection pool."""
+        response = self._response
+        length = response.content_length
+        connection = response.connection
+        transport = connection.transport if connection is not None else None
+        protocol = connection.protocol if connection is not None else None
+        sock = None
+        if (
+            length is not None
+            and transport is not None
+            and protocol is not None
+            and transport.get_extra_info("sslcontext") is None
+            and "Transfer-Encoding" not in response.headers
+        ):
+            sock = transport.get_extra_info("socket")
+        if sock is None or length is None or protocol is None:
+            return LoopBody(self.iter_body(), asyncio.get_running_loop())
+        try:
+            buffered = response.content.read_nowait(-1)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise map_client_error(exc, "reading a body") from exc
+        # Draining may have resumed reading; from here on the loop never reads this
+        # socket again (and aiohttp's read timeout is off: the thread keeps its own).
+        protocol.pause_reading()
+        self._detached = True
+        return SocketBody(
+            fd=os.dup(sock.fileno()),
+            prefix=buffered,
+            remaining=length - len(buffered),
+            idle_timeout=self._idle_timeout,
+        )
+
     def close(self) -> None:
-        self._response.release()
+        if self._detached:
+            self._response.close()  # the socket was read behind aiohttp's back
+        else:
+            self._response.release()
 
     async def __aenter__(self) -> UpstreamResponse:
         return self
@@ -145,6 +191,7 @@ class UpstreamClient:
         self._credentials = credentials
         self._retries = retries
         self._metrics = metrics
+        self._read_timeout = float(timeouts.read)
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
         )
@@ -188,7 +235,7 @@ class UpstreamClient:
                 status = response.status
                 self._metrics.upstream_requests.labels(self.name, str(status)).inc()
                 if status in ok_statuses or status in pass_statuses:
-                    return UpstreamResponse(response)
+                    return UpstreamResponse(response, idle_timeout=self._read_timeout)
                 body = await _short_body(response)
                 response.release()
                 if status in RETRYABLE_STATUSES:

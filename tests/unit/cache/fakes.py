@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
 
 from proxy.oci.digest import Digest
+from proxy.upstream.body import BodyReader, LoopBody
 
 
 def blob_of(size: int, seed: int = 0) -> tuple[bytes, Digest]:
@@ -51,6 +52,9 @@ class FakeResponse:
             up.sent += len(chunk)
             yield chunk
             await asyncio.sleep(0)
+
+    def body_reader(self) -> BodyReader:
+        return LoopBody(self.iter_body(), asyncio.get_running_loop())
 
     async def read_capped(self, limit: int, *, what: str) -> bytes | None:
         body = self._upstream.body
@@ -114,9 +118,8 @@ class HashSink:
         self.hang_up_after = hang_up_after
         self.slow = slow
 
-    async def write(self, data: bytes | memoryview) -> None:
-        self._take(bytes(data))
-        await asyncio.sleep(0)
+    async def thread_sender(self) -> Callable[[memoryview], None]:
+        return lambda data: self._take(bytes(data))
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
         while count > 0:

@@ -317,17 +317,17 @@ async def test_disk_full_fails_the_fill_and_degrades_to_uncached(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data, digest = blob_of(6 * MIB, seed=13)
-    real_write = fill_module._write_batch
+    real_write = fill_module._write_at
     calls = 0
 
-    def write_then_fill_up(fd: int, batch: list[bytes]) -> int:
+    def write_then_fill_up(fd: int, piece: memoryview, offset: int) -> None:
         nonlocal calls
         calls += 1
         if calls > 1:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(fd, batch)
+        real_write(fd, piece, offset)
 
-    monkeypatch.setattr(fill_module, "_write_batch", write_then_fill_up)
+    monkeypatch.setattr(fill_module, "_write_at", write_then_fill_up)
     table = make_table()
     reader = await _join(table, digest, FakeUpstream(data), pool)
     result = await asyncio.gather(_read(reader, HashSink()), return_exceptions=True)
