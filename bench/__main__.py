@@ -23,6 +23,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,9 +36,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import floor  # noqa: E402
 from tests.support.ocilayout import push_blob, push_manifest, write_blob_file  # noqa: E402
 from tests.support.peers import Containerd, Nginx, Pullgate, Registry  # noqa: E402
 
+Client = Callable[[str], tuple[float, float, str]]
 GIB = 1024**3
 MIB = 1024**2
 REGISTRY = "registry.example.test"
@@ -99,6 +102,17 @@ def fetch(url: str, *, headers: dict[str, str] | None = None) -> tuple[float, fl
     return elapsed, first, "sha256:" + hasher.hexdigest()
 
 
+def curl(url: str) -> tuple[float, float, str]:
+    """GET ``url`` with curl into /dev/null (no hashing on the client side); returns
+    (seconds, time to first byte, "size:<bytes>")."""
+    out = subprocess.run(
+        ["curl", "-sS", "--fail", "-o", "/dev/null", "-w",
+         "%{time_total} %{time_starttransfer} %{size_download}", url],
+        check=True, capture_output=True, text=True, timeout=3600,
+    ).stdout.split()  # fmt: skip
+    return float(out[0]), float(out[1]), f"size:{int(out[2])}"
+
+
 def head(url: str) -> None:
     """HEAD ``url``; raise unless it answers 200."""
     parts = url.split("/", 3)
@@ -135,36 +149,6 @@ def cpu_seconds(pid: int) -> float:
         fields = stat.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
-
-
-def sha256_seconds(size: int) -> float:
-    block = os.urandom(4 * MIB)
-    hasher = hashlib.sha256()
-    started = time.perf_counter()
-    for _ in range(max(1, size // len(block))):
-        hasher.update(block)
-    return time.perf_counter() - started
-
-
-def new_file_write_cpu(directory: Path, size: int) -> float:
-    """CPU seconds to write ``size`` bytes into a new file (page cache, no fsync).
-
-    This is the floor a cache fill pays on top of streaming. On this bench's VM it is
-    much higher than on bare metal: the guest reports freed memory to the host (free
-    page reporting), so every page the page cache takes for new data faults on the host.
-    """
-    block = os.urandom(2 * MIB)
-    path = directory / "write-probe.bin"
-    started = time.process_time()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for _ in range(max(1, size // len(block))):
-            os.write(fd, block)
-    finally:
-        os.close(fd)
-    elapsed = time.process_time() - started
-    path.unlink()
-    return elapsed
 
 
 def machine() -> dict[str, Any]:
@@ -228,11 +212,18 @@ class Bench:
             runs = 20 if self.reps == 1 else 200
             for name, median in verification_medians(runs).items():
                 self.figure(f"verify: {name}", "ms").samples.append(median)
-        self.figure("sha256 (hashlib, one core)", "GB/s").samples.append(
-            self.size / sha256_seconds(self.size) / 1e9
+        self.floors()
+
+    def floors(self) -> None:
+        """What the machine charges per GiB, measured alone (``bench.floor``)."""
+        sha = floor.sha256_cpu(self.size)
+        self.figure("floor: sha256 CPU", "s/GiB").samples.append(sha)
+        self.figure("sha256 (hashlib, one core)", "GB/s").samples.append(GIB / sha / 1e9)
+        self.figure("floor: socket receive+send CPU", "s/GiB").samples.append(
+            floor.socket_copy_cpu(self.size)
         )
-        self.figure("reference: write a new file CPU", "s/GiB").samples.append(
-            new_file_write_cpu(self.work, self.size) / (self.size / GIB)
+        self.figure("floor: new-page write CPU", "s/GiB").samples.append(
+            floor.new_page_write_cpu(self.work, self.size)
         )
 
     def pulls(self, registry: Registry, nginx: Nginx, digest: str) -> None:
@@ -260,10 +251,12 @@ class Bench:
                 proxy.stop()
                 shutil.rmtree(self.work / f"proxy{rep}", ignore_errors=True)
 
-        def pullgate_run(rep: int, *, cache: bool) -> tuple[float, float]:
+        def pullgate_run(
+            rep: int, *, cache: bool, client: Client = fetch, label: str = ""
+        ) -> tuple[float, float]:
             cache_dir = self.work / f"cache{rep}" if cache else None
             peer = Pullgate(
-                self.work / f"pullgate{rep}{cache}",
+                self.work / f"pullgate{rep}{cache}{label}",
                 upstreams={REGISTRY: registry.url},
                 cache_dir=cache_dir,
             ).start()
@@ -278,21 +271,18 @@ class Bench:
                 # (first-request imports, the first upstream connect) out of the TTFB.
                 head(url)
                 cpu_before = cpu_seconds(peer.pid)
-                cold, ttfb, got = fetch(url)
-                assert got == digest
+                cold, ttfb, got = client(url)
+                assert got in (digest, f"size:{self.size}"), got
                 cpu = cpu_seconds(peer.pid) - cpu_before
-                label = "cold" if cache else "stream"
-                self.figure(f"pullgate-{label} CPU", "s/GiB").samples.append(
-                    cpu / (self.size / GIB)
-                )
-                self.figure(f"TTFB pullgate-{label}", "ms").samples.append(ttfb * 1000)
-                self.figure(f"pullgate-{label} peak RSS", "MiB").samples.append(
-                    rss_peak_kib(peer.pid) / 1024
-                )
+                kind = "cold" if cache else "stream"
+                name = f"{label}pullgate-{kind}"
+                self.figure(f"{name} CPU", "s/GiB").samples.append(cpu / (self.size / GIB))
+                self.figure(f"TTFB {name}", "ms").samples.append(ttfb * 1000)
+                self.figure(f"{name} peak RSS", "MiB").samples.append(rss_peak_kib(peer.pid) / 1024)
                 warm = float("nan")
                 if cache:
-                    warm, _, got = fetch(url)
-                    assert got == digest
+                    warm, _, got = client(url)
+                    assert got in (digest, f"size:{self.size}"), got
                 return cold, warm
             finally:
                 peer.stop()
@@ -307,12 +297,26 @@ class Bench:
         def pullgate_stream(rep: int) -> float:
             return pullgate_run(rep, cache=False)[0]
 
+        def curl_direct(rep: int) -> float:
+            seconds, _, got = curl(registry.url + path)
+            assert got == f"size:{self.size}", got
+            return seconds
+
+        def curl_cold(rep: int) -> float:
+            return pullgate_run(rep, cache=True, client=curl, label="curl ")[0]
+
+        def curl_stream(rep: int) -> float:
+            return pullgate_run(rep, cache=False, client=curl, label="curl ")[0]
+
         peers = [
             ("direct", direct),
             ("nginx", nginx_warm),
             ("proxy-cold", proxy_cold),
             ("pullgate-cold", pullgate_cold),
             ("pullgate-stream", pullgate_stream),
+            ("curl direct", curl_direct),
+            ("curl pullgate-cold", curl_cold),
+            ("curl pullgate-stream", curl_stream),
         ]
         for rep in range(self.reps):
             # Rotate the order each repetition so drift hits every peer alike.
@@ -455,6 +459,62 @@ GOALS = [
 ]
 
 
+def floor_ratios(bench: Bench) -> list[dict[str, Any]]:
+    """pullgate's CPU per GiB against the floor of its path, and curl throughput
+    against the verifying limit, all from figures of this run."""
+    fig = bench.figures
+
+    def median(name: str) -> float | None:
+        return fig[name].median if name in fig and fig[name].samples else None
+
+    sha = median("floor: sha256 CPU")
+    copy = median("floor: socket receive+send CPU")
+    write = median("floor: new-page write CPU")
+    ratios: list[dict[str, Any]] = []
+    if sha is None or copy is None or write is None:
+        return ratios
+    stream_floor = sha + copy
+    fill_floor = stream_floor + write
+    bench.notes.append(
+        f"floors per GiB: stream {stream_floor:.2f} CPU-s (sha256 {sha:.2f} + socket "
+        f"receive+send {copy:.2f}); fill {fill_floor:.2f} (+ new-page write {write:.2f})"
+    )
+    for label, name, floor_value in (
+        ("stream CPU vs floor (sha256 + receive + send)", "pullgate-stream CPU", stream_floor),
+        ("fill CPU vs floor (+ new-page write)", "pullgate-cold CPU", fill_floor),
+        ("curl stream CPU vs floor", "curl pullgate-stream CPU", stream_floor),
+        ("curl fill CPU vs floor", "curl pullgate-cold CPU", fill_floor),
+    ):
+        value = median(name)
+        if value is not None:
+            ratio = value / floor_value
+            ratios.append(
+                {"measure": label, "ratio": ratio, "goal": 1.3, "met": ratio <= 1.3,
+                 "at_most": True}
+            )  # fmt: skip
+    direct = median("curl direct")
+    sha_rate = GIB / sha / 1e9
+    if direct is not None:
+        limit = min(direct, sha_rate)
+        fill_limit = min(limit, GIB / write / 1e9)
+        bench.notes.append(
+            f"verifying limit min(curl direct {direct:.2f}, sha256 {sha_rate:.2f}) = "
+            f"{limit:.2f} GB/s; with a fill, min(that, new-page write "
+            f"{GIB / write / 1e9:.2f}) = {fill_limit:.2f} GB/s"
+        )
+        for label, name, bound, goal in (
+            ("curl stream vs verifying limit", "curl pullgate-stream", limit, 0.75),
+            ("curl fill vs limit incl. new pages", "curl pullgate-cold", fill_limit, 0.0),
+        ):
+            value = median(name)
+            if value is not None:
+                ratio = value / bound
+                ratios.append(
+                    {"measure": label, "ratio": ratio, "goal": goal, "met": ratio >= goal}
+                )
+    return ratios
+
+
 def report(bench: Bench, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     figures = {name: f.as_dict() for name, f in bench.figures.items()}
@@ -463,6 +523,7 @@ def report(bench: Bench, out: Path) -> None:
         if a in bench.figures and b in bench.figures:
             ratio = bench.figures[a].median / bench.figures[b].median
             ratios.append({"measure": label, "ratio": ratio, "goal": goal, "met": ratio >= goal})
+    ratios += floor_ratios(bench)
     result = {
         "machine": machine(),
         "blob_bytes": bench.size,
@@ -486,8 +547,9 @@ def report(bench: Bench, out: Path) -> None:
         )
     lines += ["", "| ratio | measured | goal | met |", "|---|---|---|---|"]
     for r in ratios:
+        bound = "≤" if r.get("at_most") else "≥"
         lines.append(
-            f"| {r['measure']} | {r['ratio']:.2f}x | ≥ {r['goal']:.2f}x | "
+            f"| {r['measure']} | {r['ratio']:.2f}x | {bound} {r['goal']:.2f}x | "
             f"{'yes' if r['met'] else 'no'} |"
         )
     lines += ["", *bench.notes]
