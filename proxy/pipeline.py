@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.cache import BlobSink, BlobStore
+from proxy.cache.directio import DIRECT_MIN_BYTES, DirectReader, resident
 from proxy.cache.fill import Fill, FillReader, FillTable
 from proxy.gate import Gate, RepoKey, Verdict
 from proxy.metrics import Metrics
@@ -628,6 +630,38 @@ class Pipeline:
             reader.close()
             raise
         return reader
+
+    async def send_cached(self, blob: BlobFile, start: int, count: int, sink: BlobSink) -> None:
+        """Send ``count`` bytes of a cached blob from ``start``: ``sendfile`` from the
+        page cache, or for a big blob whose pages are not resident, ``O_DIRECT`` reads
+        (``proxy.cache.directio``), so a 100 GB hit does not flood the page cache."""
+        self.store.pin(blob.digest)
+        try:
+            fd = os.open(blob.path, os.O_RDONLY)
+        except FileNotFoundError:
+            self.store.unpin(blob.digest)
+            raise StreamAborted(f"cached blob {blob.digest} vanished") from None
+        try:
+            if blob.size >= DIRECT_MIN_BYTES and not resident(fd, blob.size):
+                try:
+                    reader = DirectReader(
+                        str(blob.path), start, count, helpers=self.datapath.hashers
+                    )
+                except OSError:
+                    reader = None  # no O_DIRECT here (tmpfs): the page cache it is
+                if reader is not None:
+                    send = await sink.thread_sender()
+                    try:
+                        await self.datapath.run(reader, lambda: reader.send(send))
+                    finally:
+                        reader.close()
+                    self.metrics.bytes_served.labels("cache").inc(count)
+                    return
+            await sink.sendfile(fd, start, count)
+            self.metrics.bytes_served.labels("cache").inc(count)
+        finally:
+            os.close(fd)
+            self.store.unpin(blob.digest)
 
     async def head_blob(self, route: Route, repository: str, digest: Digest) -> int | None:
         """The size of an allowed blob, as the upstream (or the store) reports it."""

@@ -22,7 +22,7 @@ import os
 import select
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from proxy.oci.digest import Digest
 from proxy.oci.ranges import ByteRange
@@ -39,6 +39,11 @@ MAX_STREAMS = 256
 T = TypeVar("T")
 Deliver = Callable[[memoryview, int], None]
 """Takes each hashed piece with its offset in the blob, in the mover thread."""
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None:
+        """Make the blocked mover give up soon."""
 
 
 class BodyBroken(Exception):
@@ -66,16 +71,17 @@ class DataPath:
         self.movers = ThreadPoolExecutor(max_streams, thread_name_prefix="move")
         self.hashers = ThreadPoolExecutor(max_streams, thread_name_prefix="hash")
 
-    async def run(self, body: BodyReader, move: Callable[[], T]) -> T:
-        """Run ``move`` in a mover thread. If the caller is cancelled, the body is
+    async def run(self, source: Cancellable, move: Callable[[], T]) -> T:
+        """Run ``move`` in a mover thread. If the caller is cancelled, ``source`` is
         cancelled and the thread waited for, so nothing it uses is closed under it."""
         future = asyncio.get_running_loop().run_in_executor(self.movers, move)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            body.cancel()
+            source.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.wait({future})
+                future.exception()  # retrieved: the mover stopped because it was told to
             raise
 
     def close(self) -> None:

@@ -18,22 +18,32 @@ import contextlib
 import errno
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
 from proxy.cache import BlobSink, BlobStore
+from proxy.cache.directio import DIRECT_MIN_BYTES, IngestWriter, open_ingest
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import OCIError, StreamAborted
 from proxy.oci.ranges import ByteRange
-from proxy.stream import HOLD_BACK, BodyBroken, DataPath, hash_and_deliver
+from proxy.stream import (
+    HOLD_BACK,
+    BodyBroken,
+    DataPath,
+    HeldBackSender,
+    hash_and_deliver,
+)
 from proxy.upstream.client import UpstreamResponse
 
 log = logging.getLogger("pullgate.fill")
 
 DISK_FULL_BACKOFF = 60.0
+# How long the mover waits for a claimed lead to attach before its first piece.
+LEAD_ATTACH_WAIT = 5.0
 
 
 class FillFailed(StreamAborted):
@@ -72,6 +82,13 @@ class Fill:
         self.readers = 0
         self.task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        # The lead reader (see ``claim_lead``); the lock orders attach and delivery.
+        self.lead_claimed = False
+        self.lead_gone: str | None = None
+        self._lead: HeldBackSender | None = None
+        self._lead_lock = threading.Lock()
+        self._lead_decided = threading.Event()
+        self._delivered = False
 
     @property
     def done(self) -> bool:
@@ -114,10 +131,11 @@ class Fill:
         self._store.pin(self.digest)
         fd = -1
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            big = self.size is not None and self.size >= DIRECT_MIN_BYTES
+            fd, direct = open_ingest(str(self.path), direct=big)
             self.state = "running"
             self._notify()
-            await self._download(response, fd)
+            await self._download(response, fd, direct=direct)
         except asyncio.CancelledError:
             self._fail("fill cancelled: every reader went away", count=False)
             raise
@@ -152,26 +170,39 @@ class Fill:
         response, self.bypass = self.bypass, None
         return response
 
-    async def _download(self, response: UpstreamResponse, fd: int) -> None:
-        """Stream the body into the ingest file through the shared streamer (written
-        with ``pwrite`` in the mover thread), then fsync and commit it."""
+    async def _download(self, response: UpstreamResponse, fd: int, *, direct: bool) -> None:
+        """Stream the body into the ingest file through the shared streamer, then
+        fsync and commit it. The mover thread writes each piece (``IngestWriter``)
+        and sends it to the lead reader, if one attached (``attach_lead``)."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         body = response.body_reader()
+        writer = IngestWriter(fd, direct=direct, write_at=_write_at)
 
-        def write(piece: memoryview, offset: int) -> None:
-            _write_at(fd, piece, offset)
-            # Readers may send what is on disk as soon as it is written.
-            loop.call_soon_threadsafe(self._advance, offset + len(piece))
+        def deliver(piece: memoryview, offset: int) -> None:
+            lead = self._lead_for(offset)
+            in_file = writer.write(piece)
+            if in_file > offset:
+                # Readers may send what is in the file as soon as it is there.
+                loop.call_soon_threadsafe(self._advance, in_file)
+            if lead is not None:
+                try:
+                    lead(piece, offset)
+                except ConnectionError as exc:  # the lead's client left: the fill goes on
+                    with self._lead_lock:
+                        self._lead = None
+                    loop.call_soon_threadsafe(self._lead_left, str(exc))
 
         def move() -> int:
-            return hash_and_deliver(
+            received = hash_and_deliver(
                 digest=self.digest,
                 size=self.size,
                 body=body,
-                deliver=write,
+                deliver=deliver,
                 hashers=self._datapath.hashers,
             )
+            writer.finish()
+            return received
 
         try:
             received = await self._datapath.run(body, move)
@@ -184,6 +215,7 @@ class Fill:
             raise FillFailed(exc.message) from None
         finally:
             body.close()
+            writer.close()
         self._metrics.upstream_bytes.labels(self.registry).inc(received)
         await loop.run_in_executor(self._pool, os.fsync, fd)
         self._release()
@@ -205,6 +237,46 @@ class Fill:
         if written > self.written and not self.done:
             self.written = written
             self._notify()
+
+    # -- the lead reader: fed from memory by the mover thread ----------------------
+
+    def claim_lead(self) -> bool:
+        """The first reader of a fill that has delivered nothing yet leads: the mover
+        sends it each piece as it arrives, so its bytes never wait for the disk."""
+        if self.lead_claimed or self.done:
+            return False
+        with self._lead_lock:
+            if self._delivered:
+                return False
+            self.lead_claimed = True
+        return True
+
+    def attach_lead(self, sender: HeldBackSender) -> bool:
+        """Attach the lead's client; False if the mover already passed the start
+        (the lead then reads the file like any other reader)."""
+        with self._lead_lock:
+            attached = not self._delivered
+            if attached:
+                self._lead = sender
+        self._lead_decided.set()
+        return attached
+
+    def decline_lead(self) -> None:
+        """The lead will not attach (it left, or asked for no body)."""
+        self._lead_decided.set()
+
+    def _lead_for(self, offset: int) -> HeldBackSender | None:
+        """In the mover thread: the lead to send this piece to. Before the first piece,
+        wait (briefly) for a claimed lead to attach or decline."""
+        if not self._delivered and self.lead_claimed:
+            self._lead_decided.wait(LEAD_ATTACH_WAIT)
+        with self._lead_lock:
+            self._delivered = True
+            return self._lead
+
+    def _lead_left(self, reason: str) -> None:
+        self.lead_gone = reason
+        self._notify()
 
     def _fail(self, reason: str, *, count: bool) -> None:
         self.state = "failed"
@@ -331,6 +403,7 @@ class FillReader:
         self.size = fill.size
         fill.readers += 1
         self._closed = False
+        self._lead = fill.claim_lead()
 
     @property
     def content_length(self) -> int | None:
@@ -339,8 +412,33 @@ class FillReader:
         return self.size
 
     async def send_to(self, sink: BlobSink) -> None:
-        """Send the (ranged) body as the fill writes it, zero-copy from the ingest
-        file; the last ``HOLD_BACK`` bytes go out only after the fill committed."""
+        """Send the (ranged) body as the fill gets it: the lead from memory, the
+        others zero-copy from the ingest file. Either way the last ``HOLD_BACK``
+        bytes go out only after the fill committed."""
+        if self._lead:
+            sender = HeldBackSender(
+                await sink.thread_sender(), byte_range=self.byte_range, size=self.size
+            )
+            if self.fill.attach_lead(sender):
+                try:
+                    await self._lead_to_end(sender)
+                finally:
+                    self.close()
+                return
+        await self._tail_file(sink)
+
+    async def _lead_to_end(self, sender: HeldBackSender) -> None:
+        fill = self.fill
+        while not fill.done and fill.lead_gone is None:
+            await fill.wait_change()
+        if fill.lead_gone is not None:
+            raise ConnectionResetError(fill.lead_gone)
+        if fill.state != "committed":
+            raise FillFailed(fill.error or "fill failed")
+        await asyncio.get_running_loop().run_in_executor(self._pool, sender.release)
+        self._table._metrics.bytes_served.labels("fill").inc(self.content_length or fill.size or 0)
+
+    async def _tail_file(self, sink: BlobSink) -> None:
         fill = self.fill
         offset = self.byte_range.start if self.byte_range else 0
         stop = (self.byte_range.end + 1) if self.byte_range else self.size  # exclusive
@@ -385,4 +483,6 @@ class FillReader:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._lead:
+                self.fill.decline_lead()
             self._table.reader_left(self.fill)

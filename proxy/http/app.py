@@ -21,7 +21,7 @@ from proxy.config import Config
 from proxy.http.sendfile import flush, sendfile, socket_fd
 from proxy.metrics import Metrics
 from proxy.oci.errors import OCIError, RouteUnknown, StreamAborted, Unsupported
-from proxy.oci.ranges import ByteRange, parse_range
+from proxy.oci.ranges import parse_range
 from proxy.oci.reference import DistributionPath, Endpoint, parse_distribution_path
 from proxy.pipeline import BlobFile, BlobStream, Pipeline
 from proxy.stream import SocketSender
@@ -223,7 +223,8 @@ async def _send_body(
     try:
         await response.prepare(request)
         if isinstance(blob, BlobFile):
-            await _send_file(blob, sink, byte_range, pipeline)
+            start = byte_range.start if byte_range else 0
+            await pipeline.send_cached(blob, start, length or 0, sink)
         else:
             await blob.send_to(sink)
     except StreamAborted:
@@ -243,25 +244,6 @@ async def _send_body(
             blob.close()
     await response.write_eof()
     return response
-
-
-async def _send_file(
-    blob: BlobFile, sink: _ResponseSink, byte_range: ByteRange | None, pipeline: Pipeline
-) -> None:
-    pipeline.store.pin(blob.digest)
-    try:
-        fd = os.open(blob.path, os.O_RDONLY)
-    except FileNotFoundError:
-        pipeline.store.unpin(blob.digest)
-        raise StreamAborted(f"cached blob {blob.digest} vanished") from None
-    try:
-        start = byte_range.start if byte_range else 0
-        count = byte_range.length if byte_range else blob.size
-        await sink.sendfile(fd, start, count)
-        pipeline.metrics.bytes_served.labels("cache").inc(count)
-    finally:
-        os.close(fd)
-        pipeline.store.unpin(blob.digest)
 
 
 async def _tags(
