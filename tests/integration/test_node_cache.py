@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import subprocess
 import threading
 import time
@@ -374,3 +375,40 @@ def test_refuses_blobs_after_a_restart_that_no_recent_verdict_allowed(
     unsigned_layer = unsigned.layer_digests[0]
     status, _, received = fetch(pullgate, blob_path("restart/unsigned", unsigned_layer))
     assert status == 403 and received < 1000
+
+
+def test_a_big_blob_is_filled_and_served_around_the_page_cache_with_exact_bytes(
+    tmp_path: Path, registry: Registry, make_pullgate: Callable[..., Pullgate]
+) -> None:
+    from proxy.cache.directio import DIRECT_MIN_BYTES, resident
+
+    blob = deterministic_bytes(DIRECT_MIN_BYTES + (16 << 20) + 4321, seed=91)
+    digest = push_blob(registry.url, "cache/big", blob)
+    cache = tmp_path / "cache"
+    pullgate = make_pullgate(upstreams={REGISTRY: registry.url}, cache_dir=cache)
+    status, got, received = fetch(pullgate, blob_path("cache/big", digest))
+    assert (status, got, received) == (200, digest, len(blob))
+    path = cache / "blobs" / "sha256" / digest.split(":", 1)[1]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # Written with O_DIRECT: the middle of the blob never entered the page cache.
+        assert not resident(fd, len(blob) - 1)
+    finally:
+        os.close(fd)
+    # Hits of a blob that is not resident are read with O_DIRECT: whole and ranged.
+    assert fetch(pullgate, blob_path("cache/big", digest))[:2] == (200, digest)
+    host, port = pullgate.host.rsplit(":", 1)
+    for first, last in ((0, 0), (4097, 4097 + (9 << 20)), (len(blob) - 10, len(blob) - 1)):
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            conn.request(
+                "GET", blob_path("cache/big", digest), headers={"Range": f"bytes={first}-{last}"}
+            )
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        assert response.status == 206
+        assert response.getheader("Content-Range") == f"bytes {first}-{last}/{len(blob)}"
+        assert body == blob[first : last + 1]
+    assert registry.blob_gets(digest) == 1
