@@ -120,6 +120,18 @@ def _rfc3339(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def manifest_refusal(pushed: PushedArtifact, requirement: Requirement, reason: str) -> str:
+    """The message refusing ``pushed`` because ``requirement`` failed for ``reason`` (a
+    regular expression): it names the manifest by digest, the scope and the requirement."""
+    return (
+        re.escape(
+            f"{REGISTRY}/{pushed.repository}@{pushed.manifest_digest}: "
+            f'scope "{requirement.scope}" (enforce): {requirement.failed}: '
+        )
+        + reason
+    )
+
+
 def error_of(body: bytes) -> dict[str, Any]:
     """The one OCI error of a refusal body."""
     errors = json.loads(body)["errors"]
@@ -200,17 +212,17 @@ class Env:
         every blob is refused as not referenced by a verified manifest of the repository.
         """
         base = f"/v2/{pushed.repository}"
-        expected = re.escape(
-            f"{REGISTRY}/{pushed.repository}@{pushed.manifest_digest}: "
-            f'scope "{requirement.scope}" (enforce): {requirement.failed}: '
-        )
         error: dict[str, Any] = {}
         for reference in (pushed.tag, pushed.manifest_digest):
             status, body = self.get(f"{base}/manifests/{reference}?ns={REGISTRY}")
             assert status >= 400, f"manifest {reference} was served"
             assert pushed.manifest_bytes not in body
             error = assert_refused(
-                status, body, expect_status=403, code="DENIED", reason=expected + reason
+                status,
+                body,
+                expect_status=403,
+                code="DENIED",
+                reason=manifest_refusal(pushed, requirement, reason),
             )
             assert error["detail"]["scope"] == requirement.scope, error
         for blob in pushed.blobs:
@@ -859,6 +871,7 @@ def test_refuses_manifest_index_ambiguity(env: Env, tmp_path: Path) -> None:
             "unsupported digest algorithm 'md5'",
         ),
     ],
+    ids=["dot-dot-in-digest", "percent-encoded", "dot-dot-to-other-repository", "md5"],
 )
 def test_refuses_digest_path_traversal(env: Env, path: str, code: str, reason: str) -> None:
     """CVE-2024-3727."""
@@ -963,12 +976,11 @@ def test_refuses_hosts_toml_that_lets_containerd_fall_back(env: Env, tmp_path: P
                 "[manifests v1]: 403 Forbidden" in refused.stderr
             ), refused.stderr
             # ... which refused the unsigned manifest for its missing signature.
-            denial = re.escape(
-                f"denied {REGISTRY}/bypass/fallback@{unsigned.manifest_digest}: "
-                f'scope "{RELEASE_KEY.scope}" (enforce): {RELEASE_KEY.failed}: '
-                "no signatures found"
-            )
-            assert re.search(denial, env.pullgate.log_text()[log_mark:]), "no denial logged"
+            denial = manifest_refusal(unsigned, RELEASE_KEY, "no signatures found")
+            logged = env.pullgate.log_text()[log_mark:]
+            assert re.search(f"denied {denial}$", logged, re.MULTILINE), "no denial logged"
+            status, body = env.get(f"/v2/bypass/fallback/manifests/v1?ns={REGISTRY}")
+            assert_refused(status, body, expect_status=403, code="DENIED", reason=denial)
         finally:
             fresh.stop()
     finally:
