@@ -1,6 +1,7 @@
 """A test Notation signer: a test CA, JWS and COSE envelopes, signature manifests.
 
-``TestNotary()`` holds a root CA and a code-signing leaf (RSA, PS256).
+``TestNotary()`` holds a root CA and a code-signing leaf (RSA, PS256);
+``notary.signer(name)`` is another leaf under the same root.
 ``notary.jws(descriptor, ...)`` / ``notary.cose(descriptor, ...)`` return envelope bytes
 over a target descriptor dict (``mediaType``, ``digest``, ``size``); options: ``expiry``,
 ``signing_time``, ``extra_critical``, ``tamper`` (flip a signature byte).
@@ -12,6 +13,7 @@ builds the referrer manifest (``cosign_sign.Artifact``).
 from __future__ import annotations
 
 import base64
+import copy
 import datetime as dt
 import json
 from pathlib import Path
@@ -67,8 +69,10 @@ class TestNotary:
             .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
             .sign(self.root_key, hashes.SHA256())
         )
+        self._issue_leaf(name, leaf_not_before or now - dt.timedelta(hours=1), leaf_lifetime)
+
+    def _issue_leaf(self, name: str, start: dt.datetime, lifetime: dt.timedelta) -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        start = leaf_not_before or now - dt.timedelta(hours=1)
         self.leaf = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
@@ -76,7 +80,7 @@ class TestNotary:
             .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
-            .not_valid_after(start + leaf_lifetime)
+            .not_valid_after(start + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
@@ -84,6 +88,15 @@ class TestNotary:
             .sign(self.root_key, hashes.SHA256())
         )
         self.identity = f"x509.subject:CN={name},O=pullgate,C=US"
+
+    def signer(self, name: str) -> TestNotary:
+        """Another signer under this notary's root CA (so it chains to the same trust
+        store), with its own key and a leaf whose subject is ``CN=name``."""
+        other = copy.copy(self)
+        other._issue_leaf(
+            name, dt.datetime.now(UTC) - dt.timedelta(hours=1), dt.timedelta(days=365)
+        )
+        return other
 
     def _sign(self, data: bytes) -> bytes:
         return self.key.sign(

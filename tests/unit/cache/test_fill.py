@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,15 +82,68 @@ async def _read(reader: FillReader, sink: HashSink) -> HashSink:
     return sink
 
 
-async def _wait_for(condition: Callable[[], bool]) -> None:
-    """Poll ``condition`` (state of the fill under test) for at most 10 s."""
-    async with asyncio.timeout(10.0):
-        while not condition():  # noqa: ASYNC110 - polling another object's state
-            await asyncio.sleep(0.005)
+async def _wait_for(
+    condition: Callable[[], bool], describe: Callable[[], str] | None = None
+) -> None:
+    """Poll ``condition`` (state of the fill under test) for at most 10 s; on a timeout,
+    fail with ``describe()`` (the state that was reached instead)."""
+    try:
+        async with asyncio.timeout(10.0):
+            while not condition():  # noqa: ASYNC110 - polling another object's state
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        reached = describe() if describe is not None else "condition never held"
+        raise AssertionError(f"timed out after 10 s: {reached}") from None
 
 
 def _ingest_empty(store: DiskBlobStore) -> bool:
     return os.listdir(store.ingest_dir) == []
+
+
+class WatchedSink(HashSink):
+    """A ``HashSink`` that records, for every piece it takes, the total received so far
+    and the state of the fill at that moment."""
+
+    def __init__(self, fill: Fill) -> None:
+        super().__init__()
+        self._fill = fill
+        self.arrivals: list[tuple[int, str]] = []
+
+    def _take(self, data: bytes) -> None:
+        super()._take(data)
+        self.arrivals.append((self.count, self._fill.state))
+
+    def received_before_commit(self) -> int:
+        return max((n for n, state in self.arrivals if state != "committed"), default=0)
+
+
+def _held_upstream(data: bytes) -> FakeUpstream:
+    """An upstream that sends all but the last ``HOLD_BACK // 2`` bytes in one chunk,
+    then waits for ``release``: the fill can write past the held-back boundary (a chunk
+    this large is written at once) but cannot verify the digest yet."""
+    first = len(data) - HOLD_BACK // 2
+    return FakeUpstream(data, chunk=first, hold_after=first)
+
+
+class FsyncGate:
+    """Holds the fill's fsync (the step between a matching digest and the commit) until
+    ``open()``: every byte is on disk, the digest is known, nothing is committed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reached = threading.Event()
+        self._open = threading.Event()
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            self.reached.set()
+            if not self._open.wait(10.0):
+                raise TimeoutError("the test never opened the fsync gate")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def open(self) -> None:
+        self._open.set()
 
 
 async def test_concurrent_readers_share_one_upstream_open(
@@ -127,24 +181,57 @@ async def test_late_joiners_get_identical_bytes(
     assert {s.digest for s in sinks} == {str(digest)}
 
 
+@pytest.mark.parametrize("announce_length", [True, False], ids=["known-size", "unknown-size"])
 async def test_readers_hold_back_the_tail_until_commit(
-    store: DiskBlobStore, make_table: TableFactory, pool: ThreadPoolExecutor
+    store: DiskBlobStore,
+    make_table: TableFactory,
+    pool: ThreadPoolExecutor,
+    monkeypatch: pytest.MonkeyPatch,
+    announce_length: bool,
 ) -> None:
+    """The rule of ``FillReader.send_to``: until the commit, a reader gets at most the
+    fill's end (the blob size, or what is written when the size is unknown) minus
+    ``HOLD_BACK``; the rest only after the commit."""
     data, digest = blob_of(3 * MIB, seed=3)
-    # Everything arrives except the last chunk; the fill cannot verify yet.
-    upstream = FakeUpstream(data, chunk=64 * 1024, hold_after=len(data) - 64 * 1024)
+    upstream = _held_upstream(data)
+    upstream.announce_length = announce_length
+    gate = FsyncGate(monkeypatch)
     table = make_table()
     reader = await _join(table, digest, upstream, pool)
-    sink = HashSink()
+    fill = reader.fill
+    sink = WatchedSink(fill)
     task = asyncio.create_task(_read(reader, sink))
-    await _wait_for(lambda: upstream.sent >= len(data) - 64 * 1024)
-    await asyncio.sleep(0.05)
-    assert reader.fill.state == "running"
-    assert sink.count <= len(data) - HOLD_BACK, "the last HOLD_BACK bytes wait for the digest"
-    assert store.path_of(digest) is None
+
+    # 1. The upstream is held: the fill has written past the boundary, cannot verify.
+    received = upstream.hold_after
+    assert received is not None
+    boundary = (len(data) if announce_length else received) - HOLD_BACK
+    await _wait_for(
+        lambda: fill.written == received and sink.count >= boundary,
+        lambda: f"written {fill.written} of {received}, sent {sink.count} of {boundary}",
+    )
+    assert sink.count == boundary, "exactly the bytes before the held-back tail"
+    assert fill.state == "running" and store.path_of(digest) is None
+
+    # 2. Every byte is written and hashed; only the commit is missing.
     upstream.release.set()
-    await task
+    await _wait_for(
+        lambda: gate.reached.is_set() and sink.count >= len(data) - HOLD_BACK,
+        lambda: (
+            f"fsync reached: {gate.reached.is_set()}, sent {sink.count} of {len(data) - HOLD_BACK}"
+        ),
+    )
+    assert fill.written == len(data)
+    assert sink.count == len(data) - HOLD_BACK, "the last HOLD_BACK bytes wait for the commit"
+    assert fill.state == "running" and store.path_of(digest) is None
+
+    # 3. The commit releases the tail.
+    gate.open()
+    async with asyncio.timeout(10.0):
+        await task
     assert sink.count == len(data) and sink.digest == str(digest)
+    assert fill.state == "committed" and store.path_of(digest) is not None
+    assert sink.received_before_commit() == len(data) - HOLD_BACK, sink.arrivals
 
 
 async def test_a_failing_fill_fails_every_joined_reader(
@@ -171,15 +258,29 @@ async def test_refuses_to_commit_bytes_that_do_not_match_the_digest(
     data, digest = blob_of(3 * MIB, seed=5)
     tampered = bytearray(data)
     tampered[-1] ^= 0xFF
-    upstream = FakeUpstream(bytes(tampered))
+    upstream = _held_upstream(bytes(tampered))
     table = make_table()
     readers = [await _join(table, digest, upstream, pool) for _ in range(3)]
     sinks = [HashSink() for _ in readers]
-    results = await asyncio.gather(
-        *(_read(r, s) for r, s in zip(readers, sinks, strict=True)), return_exceptions=True
+    tasks = [asyncio.create_task(_read(r, s)) for r, s in zip(readers, sinks, strict=True)]
+    # Every reader has all it may have before the digest is known ...
+    boundary = len(data) - HOLD_BACK
+    fill = readers[0].fill
+    await _wait_for(
+        lambda: fill.written == upstream.hold_after and all(s.count >= boundary for s in sinks),
+        lambda: (
+            f"written {fill.written} of {upstream.hold_after}, "
+            f"sent {[s.count for s in sinks]} of {boundary}"
+        ),
     )
+    assert [s.count for s in sinks] == [boundary] * len(sinks)
+    # ... and not one byte more once the last byte is in and the digest does not match.
+    upstream.release.set()
+    async with asyncio.timeout(10.0):
+        results = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(r, FillFailed) for r in results)
     assert all(s.count <= len(data) - HOLD_BACK for s in sinks)
+    assert [s.count for s in sinks] == [boundary] * len(sinks), "no reader got the tail"
     assert os.listdir(store.blob_dir) == [] and _ingest_empty(store)
 
 
