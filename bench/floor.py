@@ -97,3 +97,29 @@ def new_page_write_cpu(directory: Path, size: int) -> float:
     elapsed = time.process_time() - started
     path.unlink()
     return elapsed / (size / GIB)
+
+
+def direct_write_cpu(directory: Path, size: int) -> float:
+    """CPU seconds per GiB to write ``size`` bytes with ``O_DIRECT`` (what pullgate's
+    fills of big blobs pay instead of new page-cache pages); NaN where the
+    filesystem refuses ``O_DIRECT``."""
+    import mmap
+
+    block = mmap.mmap(-1, 8 * PIECE)
+    block.write(os.urandom(8 * PIECE))
+    path = directory / "direct-probe.bin"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+    except OSError:
+        return float("nan")
+    started = time.process_time()
+    try:
+        for index in range(max(1, size // len(block))):
+            os.pwrite(fd, block, index * len(block))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        block.close()
+    elapsed = time.process_time() - started
+    path.unlink()
+    return elapsed / (size / GIB)
