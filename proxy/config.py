@@ -6,6 +6,8 @@ no flags, pullgate starts on ``DEFAULT_CONFIG`` (documented in the README).
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,16 @@ class Config:
     policy: Path | None = None
     log_level: str = "info"
     cache: CacheConfig = field(default_factory=lambda: CacheConfig())
+    # Serving processes (``workers``); None: one per usable core, at most
+    # ``AUTO_WORKERS_MAX``. With more than one, a small supervisor runs them.
+    workers: int | None = None
+    # Where the supervisor makes its private runtime directory (shared allowances,
+    # per-worker metrics files); None: the system temp dir. Best on a tmpfs.
+    runtime_dir: Path | None = None
+
+
+AUTO_WORKERS_MAX = 8
+MAX_WORKERS = 64
 
 
 DEFAULT_CONFIG = Config(
@@ -151,6 +163,8 @@ def load_config_file(path: Path, base: Config = DEFAULT_CONFIG) -> Config:
         "logLevel",
         "cache",
         "adminListen",
+        "workers",
+        "runtimeDir",
     }
     unknown = set(doc) - known
     if unknown:
@@ -207,7 +221,49 @@ def load_config_file(path: Path, base: Config = DEFAULT_CONFIG) -> Config:
         config = replace(config, cache=cache)
     if "retries" in doc:
         config = replace(config, retries=_dataclass_from(RetryConfig, doc["retries"], path))
+    if "workers" in doc:
+        config = replace(config, workers=parse_workers(doc["workers"], where=f"{path}: workers"))
+    if "runtimeDir" in doc:
+        raw_runtime = doc["runtimeDir"]
+        config = replace(config, runtime_dir=relative / str(raw_runtime) if raw_runtime else None)
     return validate(config)
+
+
+def parse_workers(raw: object, *, where: str = "workers") -> int | None:
+    """``auto`` (or nothing) -> None; otherwise a whole number of serving processes."""
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "auto")):
+        return None
+    if isinstance(raw, bool):
+        raise ConfigError(f"{where} must be a number of processes or 'auto'")
+    try:
+        workers = int(str(raw).strip())
+    except ValueError as exc:
+        raise ConfigError(f"{where} must be a number of processes or 'auto'") from exc
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"{where} must be between 1 and {MAX_WORKERS}")
+    return workers
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, lowered by a cgroup v2 CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def worker_count(config: Config) -> int:
+    """The serving processes to run: ``workers``, else one per usable core (at most 8)."""
+    if config.workers is not None:
+        return config.workers
+    return min(usable_cores(), AUTO_WORKERS_MAX)
 
 
 def _snake(name: str) -> str:
@@ -258,6 +314,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("cache.tagStaleness must be 0 (off) or a number of seconds")
     if config.timeouts.connect <= 0 or config.timeouts.read <= 0:
         raise ConfigError("timeouts must be positive")
+    if config.workers is not None and not 1 <= config.workers <= MAX_WORKERS:
+        raise ConfigError(f"workers must be between 1 and {MAX_WORKERS}")
     for upstream in config.upstreams.values():
         if upstream.ca_file is not None and not upstream.ca_file.is_file():
             raise ConfigError(f"upstream {upstream.name}: caFile {upstream.ca_file} not found")

@@ -53,6 +53,10 @@ class VerdictCache(Generic[V]):
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
 
+    def discard(self, key: VerdictKey) -> None:
+        """Forget the entry for ``key``, if any."""
+        self._entries.pop(key, None)
+
     def clear(self) -> None:
         self._entries.clear()
 

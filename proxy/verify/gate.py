@@ -22,16 +22,35 @@ longer than the positive TTL) but are bounded (LRU over manifests and entries). 
 policy reload each allowance is kept only if the scope that decided it is unchanged
 (its YAML, the limits and every trust file), so editing one scope does not break pulls
 in flight under the others.
+
+With several worker processes (``--workers N``) each worker runs its own gate over one
+``SharedAllowances`` store (``proxy.verify.shared``):
+
+- what a worker records (step 5) goes to its memory and to the store, with the decision,
+  its fingerprint and the policy revision; a refusal also goes to the store's log of
+  revocations;
+- ``blob_allowed`` and ``child_allowed`` replay revocations the worker has not seen yet
+  into its memory (one indexed read when there are none), then answer from memory, and
+  only on a miss from the store, importing what they find;
+- a grant from the store counts only if it was decided under the policy revision in
+  force here, or its scope's fingerprint is what the policy in force gives it (the same
+  rule as a reload, applied when it is read), and coverage only while a counted index
+  covers it;
+- step 2 also takes an allowing decision a sibling recorded within the positive TTL
+  (so one pull is verified once per node, not once per worker);
+- a decision reached while a sibling refused the same manifest is not recorded: it is
+  decided again (the refusal may have seen newer signatures).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 from proxy.gate import ArtifactSource, RepoKey, Verdict
 from proxy.metrics import Metrics
@@ -41,6 +60,7 @@ from proxy.oci.manifest import Manifest
 from proxy.verify.base import Subject
 from proxy.verify.cache import VerdictCache, VerdictKey
 from proxy.verify.policy import Policy, Scope, truncate
+from proxy.verify.shared import BLOBS, CHILDREN, Grant, SharedAllowances
 
 log = logging.getLogger("pullgate.gate")
 
@@ -49,8 +69,11 @@ MAX_ALLOWED_ENTRIES = 131072
 DEADLINE_EXCEEDED = "verification deadline exceeded"
 DEFAULT_SCOPE = "(default)"
 COVERED = "(index)"
-# Decisions tried per check while reloads keep replacing the policy under it.
+# Decisions tried per check while reloads (or refusals in sibling workers) keep
+# superseding it.
 MAX_POLICY_ATTEMPTS = 3
+# Index nesting followed when a shared coverage grant is checked.
+MAX_COVER_DEPTH = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +90,48 @@ class Decision:
     equal under the new policy. "" never survives."""
     would_refuse: bool = False
     """Allowed only because of mode warn / default warn."""
+    decided_at: float = 0.0
+    """Wall-clock time the decision was reached (0: not recorded)."""
+
+    def encode(self) -> str:
+        """JSON for the shared store (a sibling worker may reuse it within the TTL)."""
+        v = self.verdict
+        return json.dumps(
+            {
+                "allowed": v.allowed,
+                "reason": v.reason,
+                "scope": v.scope,
+                "mode": v.mode,
+                "details": list(v.details),
+                "verified": self.verified,
+                "coverChildren": self.cover_children,
+                "wouldRefuse": self.would_refuse,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def decode(cls, text: str, *, fingerprint: str, decided_at: float) -> Decision | None:
+        """The decision ``encode`` wrote, or None if it is not one."""
+        try:
+            doc = json.loads(text)
+            verdict = Verdict(
+                allowed=doc["allowed"] is True,
+                reason=str(doc["reason"]),
+                scope=str(doc["scope"]),
+                mode=str(doc["mode"]),
+                details=tuple(str(d) for d in doc["details"]),
+            )
+            return cls(
+                verdict,
+                verified=doc["verified"] is True,
+                cover_children=doc["coverChildren"] is True,
+                fingerprint=fingerprint,
+                would_refuse=doc["wouldRefuse"] is True,
+                decided_at=decided_at,
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
 
 
 @dataclass(slots=True)
@@ -156,6 +221,12 @@ class Allowances:
         for key in [k for k in self._manifests if k not in kept]:
             self._drop(key)
 
+    def clear(self) -> None:
+        """Forget everything."""
+        self._manifests.clear()
+        self._counts.clear()
+        self._entries = 0
+
     def entries(self) -> list[tuple[RepoKey, Digest, str | None, str]]:
         """(repo, manifest, artifact type, fingerprint) of every recorded manifest."""
         return [(k[0], k[1], e.artifact_type, e.fingerprint) for k, e in self._manifests.items()]
@@ -173,6 +244,8 @@ class SignatureGate:
         *,
         metrics: Metrics | None = None,
         verdicts: VerdictCache[Decision] | None = None,
+        shared: SharedAllowances | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._policy = policy
         self._metrics = metrics
@@ -185,6 +258,14 @@ class SignatureGate:
         # Bound once: a labelled child lookup per request would dominate a cache hit.
         self._cache_hits = metrics.verdict_cache.labels("hit") if metrics else None
         self._cache_misses = metrics.verdict_cache.labels("miss") if metrics else None
+        # Shared with sibling workers (None: this process is the only one).
+        self._shared = shared
+        # A fresh worker holds nothing yet: older revocations do not concern it.
+        self._revocations_seen = shared.revocation_mark() if shared is not None else 0
+        # Dates decisions for siblings: one clock for every process on the node.
+        self._wall_clock = wall_clock
+        # (repo, artifact type) -> fingerprint under the policy in force.
+        self._fingerprints: dict[tuple[RepoKey, str | None], str] = {}
         self._log_policy(policy, "loaded")
 
     @property
@@ -199,13 +280,15 @@ class SignatureGate:
         """Swap in a new policy atomically; False if it is the one in force.
 
         Verdicts made under the old policy are dropped. Allowances stay only where the
-        scope (or default) that decided them is the same under the new policy.
+        scope (or default) that decided them is the same under the new policy; in the
+        shared store too (siblings apply the same rule when they read it).
         """
         if policy.revision == self._policy.revision:
             return False
         old = self._policy
         self._policy = policy
         self._verdicts.clear()
+        self._fingerprints.clear()
         self._retain_allowances(policy)
         self._log_policy(policy, f"reloaded (was revision {old.revision[:16]})")
         return True
@@ -224,6 +307,16 @@ class SignatureGate:
                 if unchanged(repo, artifact_type, fingerprint)
             )
         self._drop_uncovered()
+        if self._shared is not None:
+            try:
+                dropped = self._shared.retain(
+                    lambda g: unchanged(g.repo, g.artifact_type, g.fingerprint)
+                )
+            except Exception:
+                # Not a safety problem: siblings check each grant against their policy.
+                log.exception("could not drop shared allowances the new policy does not keep")
+            else:
+                log.info("policy reload: %d shared allowances dropped", dropped)
 
     def _drop_uncovered(self) -> None:
         """Drop allowances that came from index coverage the index no longer gives."""
@@ -250,53 +343,194 @@ class SignatureGate:
     ) -> Verdict:
         for _ in range(MAX_POLICY_ATTEMPTS):
             policy = self._policy
-            decision = await self._lookup(policy, repo, manifest, source)
-            if policy is self._policy:
-                self._apply(repo, manifest, decision)
+            mark = self._sync()
+            decision, fresh = await self._lookup(policy, repo, manifest, source)
+            if policy is not self._policy:
+                # The policy was replaced while verifying: decide again under the new
+                # one, so no allowance is recorded on the strength of a superseded policy.
+                continue
+            if self._apply(repo, manifest, decision, fresh=fresh, mark=mark):
                 return decision.verdict
-            # The policy was replaced while verifying: decide again under the new one,
-            # so no allowance is recorded on the strength of a superseded policy.
-        raise UpstreamUnavailable("the signature policy kept changing during verification")
+            # A sibling worker refused this manifest while it was decided here: its
+            # refusal may rest on newer material, so decide again.
+        raise UpstreamUnavailable(
+            "the verdict kept being superseded during verification (policy reloads or "
+            "refusals in other workers); try again"
+        )
 
     async def _lookup(
         self, policy: Policy, repo: RepoKey, manifest: Manifest, source: ArtifactSource
-    ) -> Decision:
-        """1. index coverage, 2. a decision made under this revision, else an evaluation."""
-        if (repo, manifest.digest) in self._children:
-            return _COVERED_DECISION
+    ) -> tuple[Decision, bool]:
+        """1. index coverage, 2. a decision made under this revision, else an evaluation.
+
+        The flag says whether the decision was evaluated just now (not cached).
+        """
+        if self.child_allowed(repo, manifest.digest):
+            return _COVERED_DECISION, False
         key = (repo.registry, repo.repository, str(manifest.digest), policy.revision)
         decision = self._verdicts.get(key)
+        if decision is None and self._shared is not None:
+            decision = self._shared_decision(policy, key, repo, manifest.digest)
         if decision is not None:
             if self._cache_hits is not None:
                 self._cache_hits.inc()
-            return decision
+            return decision, False
         if self._cache_misses is not None:
             self._cache_misses.inc()
-        return await self._decide_once(key, policy, repo, manifest, source)
+        return await self._decide_once(key, policy, repo, manifest, source), True
 
     def blob_allowed(self, repo: RepoKey, digest: Digest) -> bool:
-        return (repo, digest) in self._blobs
+        if self._shared is None:
+            return (repo, digest) in self._blobs
+        self._sync()
+        return self._allowed(self._blobs, BLOBS, repo, digest, depth=0)
 
     def child_allowed(self, repo: RepoKey, digest: Digest) -> bool:
         """Whether a verified index of ``repo`` covers the child manifest ``digest``."""
-        return (repo, digest) in self._children
+        if self._shared is None:
+            return (repo, digest) in self._children
+        self._sync()
+        return self._allowed(self._children, CHILDREN, repo, digest, depth=0)
+
+    # -- shared with sibling workers -----------------------------------------------------
+
+    def _sync(self) -> int:
+        """Replay into memory the refusals siblings logged since the last call; returns
+        the newest revocation seen (0 without a shared store)."""
+        shared = self._shared
+        if shared is None:
+            return 0
+        if shared.revocation_mark() == self._revocations_seen:
+            return self._revocations_seen
+        revoked, newest, complete = shared.revocations_after(self._revocations_seen)
+        if not complete:
+            # Trimmed before this worker read them: forget everything rather than guess.
+            log.warning("missed refusals logged by other workers: dropping every allowance")
+            self._blobs.clear()
+            self._children.clear()
+            self._verdicts.clear()
+        else:
+            for repo, manifest in revoked:
+                self._revoke_local(repo, manifest)
+        self._revocations_seen = newest
+        return newest
+
+    def _allowed(
+        self, local: Allowances, kind: int, repo: RepoKey, digest: Digest, *, depth: int
+    ) -> bool:
+        """Memory first, then grants in the shared store that count here (imported)."""
+        if (repo, digest) in local:
+            return True
+        assert self._shared is not None
+        for grant in self._shared.grants_for(kind, repo, digest):
+            if self._counts_here(grant, depth=depth):
+                local.record(
+                    repo,
+                    grant.manifest,
+                    self._shared.digests(grant),
+                    artifact_type=grant.artifact_type,
+                    fingerprint=grant.fingerprint,
+                )
+                return True
+        return False
+
+    def _counts_here(self, grant: Grant, *, depth: int) -> bool:
+        """Whether this worker's policy in force would keep ``grant`` (reload rule)."""
+        if grant.fingerprint == COVERED:
+            # Coverage counts while a grant that counts here still covers the manifest.
+            return depth < MAX_COVER_DEPTH and self._allowed(
+                self._children, CHILDREN, grant.repo, grant.manifest, depth=depth + 1
+            )
+        if grant.revision == self._policy.revision:
+            return True
+        return grant.fingerprint != "" and grant.fingerprint == self._fingerprint_for(
+            grant.repo, grant.artifact_type
+        )
+
+    def _fingerprint_for(self, repo: RepoKey, artifact_type: str | None) -> str:
+        key = (repo, artifact_type)
+        fingerprint = self._fingerprints.get(key)
+        if fingerprint is None:
+            if len(self._fingerprints) > 4096:
+                self._fingerprints.clear()
+            policy = self._policy
+            fingerprint = _fingerprint(policy, policy.scope_for(repo, artifact_type))
+            self._fingerprints[key] = fingerprint
+        return fingerprint
+
+    def _shared_decision(
+        self, policy: Policy, key: VerdictKey, repo: RepoKey, manifest: Digest
+    ) -> Decision | None:
+        """2b. An allowing decision a sibling recorded within the positive TTL."""
+        assert self._shared is not None
+        grant = self._shared.grant(BLOBS, repo, manifest)
+        if grant is None or grant.fingerprint == COVERED:
+            return None
+        left = policy.positive_ttl - (self._wall_clock() - grant.decided_at)
+        if left <= 0 or not self._counts_here(grant, depth=0):
+            return None
+        decision = Decision.decode(
+            grant.decision, fingerprint=grant.fingerprint, decided_at=grant.decided_at
+        )
+        if decision is None or not decision.verdict.allowed:
+            return None
+        self._verdicts.put(key, decision, left)
+        return decision
+
+    def _revoke_local(self, repo: RepoKey, manifest: Digest) -> bool:
+        """Forget what ``manifest`` allowed here, and any verdict that would restore it."""
+        key = (repo.registry, repo.repository, str(manifest), self.revision)
+        cached = self._verdicts.get(key)
+        if cached is not None and cached.verdict.allowed:
+            self._verdicts.discard(key)
+        revoked = self._blobs.revoke(repo, manifest)
+        if self._children.revoke(repo, manifest):
+            self._drop_uncovered()
+            revoked = True
+        return revoked
 
     # -- internals ---------------------------------------------------------------------
 
-    def _apply(self, repo: RepoKey, manifest: Manifest, decision: Decision) -> None:
-        """5. Record (or revoke) what the manifest lets through in this repository."""
+    def _apply(
+        self, repo: RepoKey, manifest: Manifest, decision: Decision, *, fresh: bool, mark: int
+    ) -> bool:
+        """5. Record (or revoke) what the manifest lets through in this repository.
+
+        False: a sibling refused the manifest after revocation ``mark`` (nothing was
+        recorded; decide again).
+        """
         digest = manifest.digest
         verdict = decision.verdict
+        shared = self._shared
         if not verdict.allowed:
-            self._blobs.revoke(repo, digest)
-            if self._children.revoke(repo, digest):
-                self._drop_uncovered()
-            return
+            # Only the refusal that was decided (or that closed something here) is
+            # logged for the siblings; a cached one was logged when it was decided.
+            closed_here = self._revoke_local(repo, digest)
+            if shared is not None and (closed_here or fresh):
+                self._revoke_shared(repo, digest)
+            return True
+        if shared is not None and self._sync() != mark and shared.revoked_since(repo, digest, mark):
+            return False
         if decision.would_refuse and self._metrics is not None:
             self._metrics.policy_warnings.labels(verdict.scope).inc()
         elif verdict.mode == "allow" and self._metrics is not None:
             self._metrics.policy_unverified.labels(verdict.scope).inc()
-        if not self._blobs.holds(repo, digest, decision.fingerprint):
+        record_blobs = not self._blobs.holds(repo, digest, decision.fingerprint)
+        record_children = (
+            manifest.is_index
+            and decision.verified
+            and decision.cover_children
+            and not self._children.holds(repo, digest, decision.fingerprint)
+        )
+        if shared is not None and (record_blobs or record_children):
+            allowed: dict[int, Iterable[Digest]] = {}
+            if record_blobs:
+                allowed[BLOBS] = manifest.blob_digests
+            if record_children:
+                allowed[CHILDREN] = [child.digest for child in manifest.manifests]
+            if not self._record_shared(repo, digest, allowed, manifest, decision, mark):
+                return False
+        if record_blobs:
             self._blobs.record(
                 repo,
                 digest,
@@ -304,18 +538,55 @@ class SignatureGate:
                 artifact_type=manifest.effective_artifact_type,
                 fingerprint=decision.fingerprint,
             )
-        if (
-            manifest.is_index
-            and decision.verified
-            and decision.cover_children
-            and not self._children.holds(repo, digest, decision.fingerprint)
-        ):
+        if record_children:
             self._children.record(
                 repo,
                 digest,
                 (child.digest for child in manifest.manifests),
                 artifact_type=manifest.effective_artifact_type,
                 fingerprint=decision.fingerprint,
+            )
+        return True
+
+    def _record_shared(
+        self,
+        repo: RepoKey,
+        digest: Digest,
+        allowed: dict[int, Iterable[Digest]],
+        manifest: Manifest,
+        decision: Decision,
+        mark: int,
+    ) -> bool:
+        assert self._shared is not None
+        try:
+            return self._shared.record(
+                repo,
+                digest,
+                allowed,
+                artifact_type=manifest.effective_artifact_type,
+                fingerprint=decision.fingerprint,
+                revision=self.revision,
+                decided_at=decision.decided_at or self._wall_clock(),
+                decision=decision.encode(),
+                unless_revoked_after=mark,
+            )
+        except Exception:
+            # Siblings will verify it themselves; this worker still serves it.
+            log.exception("could not share the allowances of %s@%s", repo, digest)
+            return True
+
+    def _revoke_shared(self, repo: RepoKey, digest: Digest) -> None:
+        assert self._shared is not None
+        try:
+            seq = self._shared.revoke(repo, digest)
+            if seq == self._revocations_seen + 1:
+                self._revocations_seen = seq  # our own, applied already
+        except Exception:
+            log.exception(
+                "could not log the refusal of %s@%s for the other workers: they may keep "
+                "serving what it allowed until their verdicts expire",
+                repo,
+                digest,
             )
 
     async def _decide_once(
@@ -351,7 +622,10 @@ class SignatureGate:
         manifest: Manifest,
         source: ArtifactSource,
     ) -> Decision:
+        # Dated from the start: the TTL counts from when the material was fetched.
+        decided_at = self._wall_clock()
         decision = await self._decide(policy, repo, manifest, source)
+        decision = replace(decision, decided_at=decided_at)
         ttl = policy.positive_ttl if decision.verdict.allowed else policy.negative_ttl
         if policy is self._policy:
             self._verdicts.put(key, decision, ttl)
