@@ -1,4 +1,5 @@
-"""Command line: wires config, pipeline and front ends together."""
+"""Command line: reads and validates the config, then hands it to the wiring
+(``proxy.node``) or, with several workers, to the supervisor (``proxy.supervisor``)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from aiohttp import web
-
-from proxy import __version__, hosts_cli
-from proxy.cache import BlobStore, NoStore
-from proxy.cache.disk import CacheLimits, DiskBlobStore
+from proxy import __version__, hosts_cli, node
 from proxy.config import (
     DEFAULT_CONFIG,
     Config,
@@ -22,19 +19,16 @@ from proxy.config import (
     parse_listen,
     parse_size,
     parse_upstream_flag,
+    parse_workers,
     validate,
+    worker_count,
 )
-from proxy.gate import AllowAllGate, Gate
-from proxy.http.admin import build_admin_app
-from proxy.http.app import PIPELINE_KEY, ROUTER_KEY, build_app
-from proxy.metrics import Metrics
-from proxy.pipeline import Pipeline
-from proxy.verify.base import PolicyError
-from proxy.verify.gate import SignatureGate
-from proxy.verify.policy import load_policy
-from proxy.verify.reload import PolicyWatcher, policy_watch_ctx
+from proxy.node import CriEndpoints
+from proxy.supervisor import Supervisor
 
 log = logging.getLogger("pullgate")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="unix:///run/containerd/containerd.sock",
         metavar="ENDPOINT",
         help="containerd's CRI socket that the ImageService forwards to",
+    )
+    serve.add_argument(
+        "--workers",
+        metavar="N|auto",
+        help="serving processes sharing the port (default auto: one per core, at most 8)",
+    )
+    serve.add_argument(
+        "--runtime-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the worker supervisor keeps its private state (default: temp dir)",
     )
     serve.add_argument(
         "--complete-on-disconnect",
@@ -143,109 +148,22 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if getattr(args, "complete_on_disconnect", None):
         cache = replace(cache, complete_on_disconnect=True)
     config = replace(config, cache=cache)
+    workers = getattr(args, "workers", None)
+    if workers is not None:
+        config = replace(config, workers=parse_workers(workers, where="--workers"))
+    if getattr(args, "runtime_dir", None):
+        config = replace(config, runtime_dir=args.runtime_dir)
     if args.log_level:
         config = replace(config, log_level=args.log_level)
     return validate(config)
 
 
-def build_gate(config: Config, metrics: Metrics) -> Gate:
-    """The signature gate for ``config.policy``; allow-all, loudly, without one."""
-    if config.policy is None:
-        log.warning(
-            "no --policy given: serving everything UNVERIFIED (allow-all). "
-            "Give a policy to verify signatures."
-        )
-        return AllowAllGate()
-    return SignatureGate(load_policy(config.policy), metrics=metrics)
-
-
-def build_store(config: Config) -> BlobStore:
-    cache = config.cache
-    if cache.dir is None:
-        return NoStore()
-    store = DiskBlobStore(
-        root=cache.dir,
-        limits=CacheLimits(
-            max_bytes=cache.max_bytes,
-            high_watermark=cache.high_watermark,
-            low_watermark=cache.low_watermark,
-            min_free_bytes=cache.min_free_bytes,
-        ),
-    )
-    store.recover()
-    return store
-
-
-def serve(config: Config, *, cri: tuple[str, str] | None = None) -> int:
-    metrics = Metrics()
-    try:
-        gate = build_gate(config, metrics)
-    except PolicyError as exc:
-        print(f"pullgate: policy error: {exc}", file=sys.stderr)
-        return 2
-    store = build_store(config)
-    pipeline = Pipeline(
-        gate=gate,
-        store=store,
-        metrics=metrics,
-        complete_on_disconnect=config.cache.complete_on_disconnect,
-        tag_staleness=config.cache.tag_staleness,
-    )
-    app = build_app(config=config, pipeline=pipeline, metrics=metrics)
-    if isinstance(gate, SignatureGate) and config.policy is not None:
-        # Hot reload runs for the app's lifetime (started and stopped with it).
-        watcher = PolicyWatcher(path=config.policy, gate=gate, metrics=metrics)
-        app.cleanup_ctx.append(policy_watch_ctx(watcher))
-    log.info(
-        "pullgate %s listening on %s:%d; upstreams: %s; default: %s",
-        __version__,
-        config.listen_host,
-        config.listen_port,
-        ", ".join(f"{u.name}={u.url}" for u in config.upstreams.values()) or "none",
-        config.default_upstream,
-    )
-    import uvloop
-
-    uvloop.run(_serve_forever(app, config, cri=cri))
-    return 0
-
-
-async def _serve_forever(
-    app: web.Application,
-    config: Config,
-    *,
-    cri: tuple[str, str] | None,
-) -> None:
-    runner = web.AppRunner(app, access_log=None, handle_signals=True)
-    await runner.setup()
-    admin_runner: web.AppRunner | None = None
-    cri_server = None
-    try:
-        if cri is not None:
-            from proxy.cri.server import start_cri_server
-
-            cri_server, _ = await start_cri_server(
-                listen=cri[0],
-                runtime_endpoint=cri[1],
-                pipeline=app[PIPELINE_KEY],
-                router=lambda: app[ROUTER_KEY],
-            )
-        site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=1024)
-        await site.start()
-        if config.admin_listen is not None:
-            admin_runner = web.AppRunner(build_admin_app(app), access_log=None)
-            await admin_runner.setup()
-            host, port = config.admin_listen
-            await web.TCPSite(admin_runner, host, port).start()
-            log.info("admin endpoints (prefetch, metrics) on http://%s:%d", host, port)
-        print(f"pullgate: serving on http://{config.listen_host}:{config.listen_port}", flush=True)
-        await asyncio.Event().wait()
-    finally:
-        if cri_server is not None:
-            await cri_server.stop(grace=2)
-        if admin_runner is not None:
-            await admin_runner.cleanup()
-        await runner.cleanup()
+def serve(config: Config, *, cri: CriEndpoints | None = None) -> int:
+    """One process for ``--workers 1``; else a supervisor over N worker processes."""
+    workers = worker_count(config)
+    if workers == 1:
+        return node.serve(config, cri=cri)
+    return Supervisor(config, workers=workers, cri=cri).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,16 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pullgate: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
     if args.command == "serve":
-        cri = (args.cri_listen, args.cri_runtime_endpoint) if args.cri_listen else None
-        try:
-            return serve(config, cri=cri)
-        except KeyboardInterrupt:
-            return 0
+        cri = CriEndpoints(args.cri_listen, args.cri_runtime_endpoint) if args.cri_listen else None
+        return serve(config, cri=cri)
     if args.command == "verify":
         from proxy.verify_cli import verify_reference
 

@@ -1,13 +1,30 @@
-"""Per-node Prometheus metrics, on a registry the app owns (no module globals)."""
+"""Per-node Prometheus metrics, on a registry the app owns (no module globals).
+
+With several worker processes the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` to a
+fresh private directory before any worker starts: every worker then writes its values
+to files there (prometheus-client's multiprocess mode), and a scrape of any worker
+renders every worker's values together (``exposition``). Counters and histograms add
+up across workers (and keep what a worker counted before it died); each gauge says how
+it combines (``multiprocess_mode``).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, worker: int = 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # Set before the process started (prometheus-client reads it at import).
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
+        self._refreshers: list[Callable[[], None]] = []
         r = self.registry
         self.requests = Counter(
             "pullgate_requests",
@@ -57,7 +74,10 @@ class Metrics:
         )
         self.denied = Counter("pullgate_denied", "Requests refused by policy", ["kind"], registry=r)
         self.streams_active = Gauge(
-            "pullgate_blob_streams_active", "Blob streams in progress", registry=r
+            "pullgate_blob_streams_active",
+            "Blob streams in progress",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.scrubbed = Counter(
             "pullgate_cache_scrubbed_blobs", "Stored blobs re-hashed by the scrub", registry=r
@@ -67,13 +87,31 @@ class Metrics:
             "Stored blobs found corrupt and quarantined",
             registry=r,
         )
-        self.cache_bytes = Gauge("pullgate_cache_bytes", "Bytes in the blob cache", registry=r)
-        self.cache_blobs = Gauge("pullgate_cache_blobs", "Blobs in the blob cache", registry=r)
+        # The cache is the node's: the figure last measured by any live worker.
+        self.cache_bytes = Gauge(
+            "pullgate_cache_bytes",
+            "Bytes in the blob cache",
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.cache_blobs = Gauge(
+            "pullgate_cache_blobs",
+            "Blobs in the blob cache",
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        # Each worker counts its own evictions; the sum keeps those of dead workers.
         self.cache_evicted = Gauge(
-            "pullgate_cache_evicted_blobs", "Blobs evicted since start", registry=r
+            "pullgate_cache_evicted_blobs",
+            "Blobs evicted since start",
+            registry=r,
+            multiprocess_mode="sum",
         )
         self.fills_active = Gauge(
-            "pullgate_cache_fills_active", "Upstream fills in progress", registry=r
+            "pullgate_cache_fills_active",
+            "Upstream fills in progress",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.policy_reload_failures = Counter(
             "pullgate_policy_reload_failures", "Policy files refused on reload", registry=r
@@ -104,3 +142,37 @@ class Metrics:
             ["scope"],
             registry=r,
         )
+        self.worker_starts = Counter(
+            "pullgate_worker_starts",
+            "Serving processes started, by worker slot (restarts: starts - 1)",
+            ["worker"],
+            registry=r,
+        )
+        self.worker_responses = Counter(
+            "pullgate_worker_responses",
+            "Responses started on the registry port, by worker slot",
+            ["worker"],
+            registry=r,
+        )
+        self.worker = str(worker)
+        # Bound once: counted on every response.
+        self.responses_here = self.worker_responses.labels(self.worker)
+
+    def add_refresher(self, refresh: Callable[[], None]) -> None:
+        """Run ``refresh`` before each scrape (and periodically under a supervisor), to
+        set gauges that are sampled rather than counted."""
+        self._refreshers.append(refresh)
+
+    def refresh(self) -> None:
+        for refresh in self._refreshers:
+            refresh()
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition: this process's registry, or every worker's
+        files in multiprocess mode."""
+        self.refresh()
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

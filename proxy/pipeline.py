@@ -450,7 +450,7 @@ class Pipeline:
 
     # -- restart continuity ---------------------------------------------------------
 
-    def start_restore(self, route_for: Callable[[str], Route]) -> None:
+    def start_restore(self, route_for: Callable[[str], Route]) -> asyncio.Task[int] | None:
         """Verify again, in the background, what this node allowed shortly before it
         (re)started, so that pulls in flight across a restart (a DaemonSet rollout)
         can fetch their remaining blobs instead of meeting 403 ``DENIED``.
@@ -460,8 +460,14 @@ class Pipeline:
         policy in force now. ``route_for`` maps a registry name to its route.
         """
         if getattr(self.gate, "policy", None) is None or not self.store.caching:
-            return  # no policy: every blob is allowed anyway; no store: nothing recorded
+            return None  # no policy: every blob is allowed anyway; no store: nothing recorded
         self._restoring = asyncio.get_running_loop().create_task(self._restore(route_for))
+        return self._restoring
+
+    def await_restore(self, restoring: asyncio.Task[int]) -> None:
+        """Treat ``restoring`` (a restore another worker process runs for the node) as
+        this pipeline's own: blob requests that would be refused wait for it."""
+        self._restoring = restoring
 
     async def _restore(self, route_for: Callable[[str], Route]) -> int:
         started = time.monotonic()

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.cache.disk import DiskBlobStore
 from proxy.cache.fill import FillReader
-from proxy.cache.scrub import scrub_forever
 from proxy.config import Config
 from proxy.http.sendfile import flush, sendfile, socket_fd
 from proxy.metrics import Metrics
@@ -26,7 +22,6 @@ from proxy.oci.reference import DistributionPath, Endpoint, parse_distribution_p
 from proxy.pipeline import BlobFile, BlobStream, Pipeline
 from proxy.stream import SocketSender
 from proxy.upstream.router import Route, UpstreamRouter
-from proxy.upstream.session import new_upstream_session
 
 log = logging.getLogger("pullgate.http")
 
@@ -125,16 +120,8 @@ async def _admin(request: web.Request, path: str) -> web.StreamResponse:
 
 
 async def metrics_handler(request: web.Request) -> web.StreamResponse:
-    """Prometheus text exposition of this node's metrics."""
-    metrics = request.app[METRICS_KEY]
-    pipeline = request.app[PIPELINE_KEY]
-    store = pipeline.store
-    if isinstance(store, DiskBlobStore):
-        metrics.cache_bytes.set(store.total_bytes)
-        metrics.cache_blobs.set(len(store))
-        metrics.cache_evicted.set(store.evicted)
-    metrics.fills_active.set(len(pipeline.fills))
-    body = generate_latest(metrics.registry)
+    """Prometheus text exposition of this node's metrics (every worker's)."""
+    body = request.app[METRICS_KEY].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -275,43 +262,20 @@ async def _referrers(
     return web.Response(body=body, headers=headers)
 
 
-def build_app(*, config: Config, pipeline: Pipeline, metrics: Metrics) -> web.Application:
-    """The aiohttp application. The upstream session lives in a cleanup context."""
+def build_app(
+    *, config: Config, pipeline: Pipeline, router: UpstreamRouter, metrics: Metrics
+) -> web.Application:
+    """The aiohttp application over parts the wiring (``proxy.node``) built and runs."""
     app = web.Application(middlewares=[oci_errors], client_max_size=1024 * 1024)
     app[CONFIG_KEY] = config
     app[PIPELINE_KEY] = pipeline
+    app[ROUTER_KEY] = router
     app[METRICS_KEY] = metrics
+    responses = metrics.responses_here
 
-    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
-        session = new_upstream_session()
-        router = app[ROUTER_KEY] = UpstreamRouter(config=config, session=session, metrics=metrics)
-        pipeline.start_restore(router.route)
-        yield
-        await session.close()
-        await pipeline.close()
+    async def count_response(_: web.Request, __: web.StreamResponse) -> None:
+        responses.inc()
 
-    app.cleanup_ctx.append(upstream_session)
-
-    store = pipeline.store
-    if isinstance(store, DiskBlobStore) and config.cache.scrub_bytes_per_second > 0:
-        scrub_rate = config.cache.scrub_bytes_per_second
-        scrub_interval = config.cache.scrub_interval_seconds
-
-        async def background_scrub(app: web.Application) -> AsyncIterator[None]:
-            task = asyncio.create_task(
-                scrub_forever(
-                    store,
-                    metrics=metrics,
-                    pool=pipeline.hash_pool,
-                    bytes_per_second=scrub_rate,
-                    interval=scrub_interval,
-                )
-            )
-            yield
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-        app.cleanup_ctx.append(background_scrub)
+    app.on_response_prepare.append(count_response)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app

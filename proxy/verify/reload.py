@@ -13,14 +13,10 @@ names a key mounted a little later (a Secret beside a ConfigMap) goes into force
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-
-from aiohttp import web
 
 from proxy.metrics import Metrics
 from proxy.verify.base import PolicyError
@@ -120,18 +116,3 @@ class PolicyWatcher:
                     self.apply(policy)
             except Exception:  # the watcher must never die: log and keep polling
                 log.exception("policy watcher error")
-
-
-def policy_watch_ctx(
-    watcher: PolicyWatcher,
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    """An aiohttp ``cleanup_ctx`` that runs ``watcher`` for the app's lifetime."""
-
-    async def watch(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(watcher.run(), name="pullgate-policy-watcher")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    return watch

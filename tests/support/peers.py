@@ -202,8 +202,10 @@ class Pullgate(_Process):
         config: Path | None = None,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        workers: int | None = 1,
     ) -> None:
         self.workdir = workdir
+        self.workers = workers  # None: pullgate's own default (one per core)
         self.upstreams = dict(upstreams)
         self.default_upstream = default_upstream
         self.cache_dir = cache_dir
@@ -240,14 +242,34 @@ class Pullgate(_Process):
             argv += ["--cache-dir", str(self.cache_dir)]
         if self.policy is not None:
             argv += ["--policy", str(self.policy)]
+        if self.workers is not None:
+            argv += ["--workers", str(self.workers)]
         return [*argv, "--log-level", "debug", *self.extra_args]
 
     def start(self, timeout: float = 30.0) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._log_offset = len(self.log_text())
         self._spawn(self.argv(), cwd=ROOT, env=self.env)
         wait_http(f"{self.url}/v2/", process=self.process, timeout=timeout)
         wait_http(f"{self.admin_url}/healthz", process=self.process, timeout=timeout)
+        # Printed once every worker serves (the first one answering is not enough).
+        deadline = time.monotonic() + timeout
+        while "pullgate: serving on" not in self.log_text()[self._log_offset :]:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"pullgate exited with {self.process.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("pullgate did not say it is serving")
+            time.sleep(0.05)
         return self
+
+    def worker_pids(self) -> list[int]:
+        """The supervisor's worker processes (empty with ``workers=1``)."""
+        pid = self.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except FileNotFoundError:
+            return []
+        return sorted(int(child) for child in children)
 
     def restart(self) -> Self:
         self.stop()

@@ -1,0 +1,384 @@
+"""The one place that wires a running pullgate.
+
+``Node.build`` turns the validated config into the parts that need no event loop: the
+metrics, the gate (it loads the policy), the store (it recovers the cache directory),
+the pipeline and the policy watcher. ``Node.running()`` is their lifetime: it opens the
+upstream session and the router, starts the background tasks (policy watcher, cache
+scrub, restart restore, gauge sampling), and stops all of it on the way out, in reverse
+order. The front ends (``proxy.http``, ``proxy.cri``) are handed these parts and hold
+only handlers and middleware.
+
+``serve`` runs one serving process until SIGTERM or SIGINT, then stops gracefully and
+returns 0: the only process with ``--workers 1``, or one of N under
+``proxy.supervisor``. With N workers, each one binds the registry and admin ports with
+``SO_REUSEPORT`` (the kernel spreads new connections over them) and shares the node's
+allowances and metrics through the supervisor's runtime directory; the CRI socket, the
+cache scrub and the restart restore run in worker 0 only (a unix socket cannot be
+shared that way, and the others are node-wide chores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from grpc import aio as grpc_aio
+
+from proxy import __version__
+from proxy.cache import BlobStore, NoStore
+from proxy.cache.disk import CacheLimits, DiskBlobStore
+from proxy.cache.scrub import scrub_forever
+from proxy.config import Config
+from proxy.gate import AllowAllGate, Gate
+from proxy.metrics import Metrics
+from proxy.pipeline import Pipeline
+from proxy.upstream.router import UpstreamRouter
+from proxy.upstream.session import new_upstream_session
+from proxy.verify.gate import COVERED, SignatureGate
+from proxy.verify.policy import load_policy
+from proxy.verify.reload import PolicyWatcher
+from proxy.verify.shared import SharedAllowances
+
+log = logging.getLogger("pullgate")
+
+# In the supervisor's runtime directory.
+ALLOWANCES_FILE = "allowances.db"
+METRICS_DIR = "metrics"
+
+# Seconds in-flight requests get to finish after SIGTERM (then they are cut; containerd
+# resumes a cut blob with a Range request).
+SHUTDOWN_GRACE = 20.0
+# How often each worker samples its gauges into the shared metrics files.
+GAUGE_INTERVAL = 1.0
+# How often a worker polls the shared restore marker while worker 0 restores.
+RESTORE_POLL = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    """Which serving process this is."""
+
+    index: int = 0
+    workers: int = 1
+    runtime_dir: Path | None = None
+    """The supervisor's private directory (shared allowances, metrics); N > 1 only."""
+
+    @property
+    def primary(self) -> bool:
+        """Worker 0: serves the CRI socket, runs the scrub and the restart restore."""
+        return self.index == 0
+
+    @property
+    def shared(self) -> bool:
+        return self.workers > 1
+
+
+@dataclass(frozen=True, slots=True)
+class CriEndpoints:
+    """``--cri-listen`` and the runtime's ImageService it forwards to."""
+
+    listen: str
+    runtime: str
+
+
+def build_gate(config: Config, metrics: Metrics, shared: SharedAllowances | None = None) -> Gate:
+    """The signature gate for ``config.policy``; allow-all, loudly, without one."""
+    if config.policy is None:
+        log.warning(
+            "no --policy given: serving everything UNVERIFIED (allow-all). "
+            "Give a policy to verify signatures."
+        )
+        return AllowAllGate()
+    return SignatureGate(load_policy(config.policy), metrics=metrics, shared=shared)
+
+
+def build_store(config: Config) -> BlobStore:
+    cache = config.cache
+    if cache.dir is None:
+        return NoStore()
+    store = DiskBlobStore(
+        root=cache.dir,
+        limits=CacheLimits(
+            max_bytes=cache.max_bytes,
+            high_watermark=cache.high_watermark,
+            low_watermark=cache.low_watermark,
+            min_free_bytes=cache.min_free_bytes,
+        ),
+    )
+    store.recover()
+    return store
+
+
+class Node:
+    """Everything one serving process runs, built once and started and stopped together."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        role: Role,
+        metrics: Metrics,
+        gate: Gate,
+        store: BlobStore,
+        pipeline: Pipeline,
+        shared: SharedAllowances | None,
+        watcher: PolicyWatcher | None,
+    ) -> None:
+        self.config = config
+        self.role = role
+        self.metrics = metrics
+        self.gate = gate
+        self.store = store
+        self.pipeline = pipeline
+        self.shared = shared
+        self.watcher = watcher
+        self._router: UpstreamRouter | None = None
+        metrics.add_refresher(self.sample_gauges)
+
+    @classmethod
+    def build(cls, config: Config, role: Role | None = None) -> Node:
+        """Build the parts; raises ``PolicyError`` if the policy does not load."""
+        role = role or Role()
+        metrics = Metrics(worker=role.index)
+        shared: SharedAllowances | None = None
+        if role.shared and config.policy is not None:
+            if role.runtime_dir is None:
+                raise ValueError("a worker of several needs the supervisor's runtime dir")
+            shared = SharedAllowances(
+                role.runtime_dir / ALLOWANCES_FILE, covered_fingerprint=COVERED
+            )
+        try:
+            gate = build_gate(config, metrics, shared)
+        except BaseException:
+            if shared is not None:
+                shared.close()
+            raise
+        store = build_store(config)
+        pipeline = Pipeline(
+            gate=gate,
+            store=store,
+            metrics=metrics,
+            complete_on_disconnect=config.cache.complete_on_disconnect,
+            tag_staleness=config.cache.tag_staleness,
+        )
+        watcher = None
+        if isinstance(gate, SignatureGate) and config.policy is not None:
+            watcher = PolicyWatcher(path=config.policy, gate=gate, metrics=metrics)
+        return cls(
+            config=config,
+            role=role,
+            metrics=metrics,
+            gate=gate,
+            store=store,
+            pipeline=pipeline,
+            shared=shared,
+            watcher=watcher,
+        )
+
+    @property
+    def router(self) -> UpstreamRouter:
+        """The upstream router (only while ``running``)."""
+        if self._router is None:
+            raise RuntimeError("the node is not running")
+        return self._router
+
+    def sample_gauges(self) -> None:
+        """Set the gauges that are sampled rather than counted."""
+        metrics, store = self.metrics, self.store
+        if isinstance(store, DiskBlobStore):
+            metrics.cache_bytes.set(store.total_bytes)
+            metrics.cache_blobs.set(len(store))
+            metrics.cache_evicted.set(store.evicted)
+        metrics.fills_active.set(len(self.pipeline.fills))
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Node]:
+        """Open the upstream session and start the background tasks; stop them after."""
+        session = new_upstream_session()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            self._router = UpstreamRouter(config=self.config, session=session, metrics=self.metrics)
+            self._start_restore(self._router)
+            if self.watcher is not None:
+                tasks.append(asyncio.create_task(self.watcher.run(), name="policy-watcher"))
+            scrub = self._scrub()
+            if scrub is not None:
+                tasks.append(asyncio.create_task(scrub, name="cache-scrub"))
+            if self.metrics.multiprocess_dir is not None:
+                tasks.append(asyncio.create_task(self._sample_forever(), name="gauges"))
+            self.metrics.worker_starts.labels(self.metrics.worker).inc()
+            yield self
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await session.close()
+            await self.pipeline.close()
+            self._router = None
+            if self.shared is not None:
+                self.shared.close()
+
+    def _start_restore(self, router: UpstreamRouter) -> None:
+        """The restart restore: in worker 0, while the node's marker says it is due;
+        the other workers wait for it as the restoring process itself would."""
+        shared = self.shared
+        if shared is None:
+            self.pipeline.start_restore(router.route)
+            return
+        if not shared.restore_pending():
+            return
+        if self.role.primary:
+            restoring = self.pipeline.start_restore(router.route)
+            if restoring is None:
+                shared.finish_restore()
+            else:
+                restoring.add_done_callback(lambda _: self._finish_restore())
+        else:
+            self.pipeline.await_restore(asyncio.create_task(self._restored_elsewhere()))
+
+    def _finish_restore(self) -> None:
+        if self.shared is None:
+            return
+        try:
+            self.shared.finish_restore()
+        except Exception:
+            log.exception("could not tell the other workers that the restore is done")
+
+    async def _restored_elsewhere(self) -> int:
+        assert self.shared is not None
+        # Another process's progress: nothing to await but the marker it clears.
+        while True:
+            if not self.shared.restore_pending():
+                return 0
+            await asyncio.sleep(RESTORE_POLL)
+
+    def _scrub(self) -> Coroutine[Any, Any, None] | None:
+        """The background scrub of the cache (worker 0 only: it is the node's cache)."""
+        store, cache = self.store, self.config.cache
+        if not (self.role.primary and isinstance(store, DiskBlobStore)):
+            return None
+        if cache.scrub_bytes_per_second <= 0:
+            return None
+        return scrub_forever(
+            store,
+            metrics=self.metrics,
+            pool=self.pipeline.hash_pool,
+            bytes_per_second=cache.scrub_bytes_per_second,
+            interval=cache.scrub_interval_seconds,
+        )
+
+    async def _sample_forever(self) -> None:
+        while True:
+            try:
+                self.sample_gauges()
+            except Exception:
+                log.exception("sampling gauges failed")
+            await asyncio.sleep(GAUGE_INTERVAL)
+
+
+def describe(config: Config, workers: int) -> str:
+    """The start line: version, address, upstreams, workers."""
+    upstreams = ", ".join(f"{u.name}={u.url}" for u in config.upstreams.values()) or "none"
+    return (
+        f"pullgate {__version__} listening on {config.listen_host}:{config.listen_port} "
+        f"({workers} worker{'s' if workers != 1 else ''}); upstreams: {upstreams}; "
+        f"default: {config.default_upstream}"
+    )
+
+
+async def serve_node(
+    node: Node,
+    *,
+    cri: CriEndpoints | None = None,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve ``node`` until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully."""
+    from proxy.http.admin import build_admin_app
+    from proxy.http.app import build_app
+
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    config, role = node.config, node.role
+    async with node.running():
+        app = build_app(
+            config=config, pipeline=node.pipeline, router=node.router, metrics=node.metrics
+        )
+        runners: list[web.AppRunner] = []
+        cri_server: tuple[grpc_aio.Server, grpc_aio.Channel] | None = None
+        try:
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+            await runner.setup()
+            runners.append(runner)
+            if cri is not None and role.primary:
+                from proxy.cri.server import start_cri_server
+
+                router = node.router
+                cri_server = await start_cri_server(
+                    listen=cri.listen,
+                    runtime_endpoint=cri.runtime,
+                    pipeline=node.pipeline,
+                    router=lambda: router,
+                )
+            site = web.TCPSite(
+                runner,
+                config.listen_host,
+                config.listen_port,
+                backlog=1024,
+                reuse_port=role.shared or None,
+            )
+            await site.start()
+            if config.admin_listen is not None:
+                admin = web.AppRunner(build_admin_app(app), access_log=None, shutdown_timeout=5)
+                await admin.setup()
+                runners.append(admin)
+                host, port = config.admin_listen
+                await web.TCPSite(admin, host, port, reuse_port=role.shared or None).start()
+                if role.primary:
+                    log.info("admin endpoints (prefetch, metrics) on http://%s:%d", host, port)
+            if on_ready is not None:
+                on_ready()
+            await stop.wait()
+            log.info("stopping: finishing requests in flight (at most %.0fs)", SHUTDOWN_GRACE)
+        finally:
+            if cri_server is not None:
+                await cri_server[0].stop(grace=2)
+                await cri_server[1].close()
+            for each in reversed(runners):
+                await each.cleanup()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+
+def serve(config: Config, *, cri: CriEndpoints | None = None) -> int:
+    """``pullgate serve --workers 1``: one process, no supervisor. Exit code 0 after a
+    graceful stop on SIGTERM/SIGINT, 2 if the policy does not load."""
+    from proxy.verify.base import PolicyError
+
+    try:
+        node = Node.build(config)
+    except PolicyError as exc:
+        log.error("policy error: %s", exc)
+        print(f"pullgate: policy error: {exc}", file=sys.stderr)
+        return 2
+    log.info("%s", describe(config, 1))
+    import uvloop
+
+    def ready() -> None:
+        print(f"pullgate: serving on http://{config.listen_host}:{config.listen_port}", flush=True)
+
+    uvloop.run(serve_node(node, cri=cri, on_ready=ready))
+    log.info("stopped")
+    return 0
