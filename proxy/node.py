@@ -168,6 +168,7 @@ class Node:
             metrics=metrics,
             complete_on_disconnect=config.cache.complete_on_disconnect,
             tag_staleness=config.cache.tag_staleness,
+            shared=shared,
         )
         watcher = None
         if isinstance(gate, SignatureGate) and config.policy is not None:

@@ -50,6 +50,7 @@ from proxy.oci.reference import ManifestRef, upstream_repository
 from proxy.stream import BodyBroken, DataPath, HeldBackSender, hash_and_deliver
 from proxy.upstream.client import UpstreamResponse
 from proxy.upstream.router import Route
+from proxy.verify.shared import OFFLINE, SharedAllowances
 
 log = logging.getLogger("pullgate.pipeline")
 
@@ -205,6 +206,7 @@ class Pipeline:
         complete_on_disconnect: bool = False,
         tag_staleness: float = 0.0,
         verdict_ttl: float | None = None,
+        shared: SharedAllowances | None = None,
     ) -> None:
         self.gate = gate
         self.store = store
@@ -225,6 +227,9 @@ class Pipeline:
         self.verdict_ttl = verdict_ttl
         self._verified: OrderedDict[tuple[str, str, Digest], ServedManifest] = OrderedDict()
         self._offline_allowed: OrderedDict[tuple[str, str, Digest], None] = OrderedDict()
+        # The node's allowances shared with sibling worker processes (None: no siblings):
+        # what this worker served offline lets them serve its blobs too.
+        self.shared = shared
         self._restoring: asyncio.Task[int] | None = None
 
     async def close(self) -> None:
@@ -397,6 +402,8 @@ class Pipeline:
             self._offline_allowed.move_to_end(key)
         while len(self._offline_allowed) > OFFLINE_ALLOWED_ENTRIES:
             self._offline_allowed.popitem(last=False)
+        if self.shared is not None:
+            self._share_offline(repo, manifest, float(verified_at))
         log.warning(
             "upstream of %s unavailable (%s); serving %s@%s verified %.0fs ago from the cache",
             repo,
@@ -525,7 +532,36 @@ class Pipeline:
     def _blob_allowed(self, route: Route, repository: str, digest: Digest) -> bool:
         repo = RepoKey(route.registry, repository)
         offline_key = (route.registry, repository, digest)
-        return self.gate.blob_allowed(repo, digest) or offline_key in self._offline_allowed
+        return (
+            self.gate.blob_allowed(repo, digest)
+            or offline_key in self._offline_allowed
+            or self._shared_offline(repo, digest)
+        )
+
+    def _share_offline(self, repo: RepoKey, manifest: Manifest, verified_at: float) -> None:
+        """Let sibling workers serve the blobs of a manifest served offline here."""
+        assert self.shared is not None
+        try:
+            self.shared.record(
+                repo,
+                manifest.digest,
+                {OFFLINE: manifest.blob_digests},
+                artifact_type=manifest.effective_artifact_type,
+                fingerprint="",
+                revision=self._policy_revision(),
+                decided_at=verified_at,
+                decision="{}",
+            )
+        except Exception:
+            log.exception("could not share the offline allowances of %s@%s", repo, manifest.digest)
+
+    def _shared_offline(self, repo: RepoKey, digest: Digest) -> bool:
+        """A sibling served, offline and under the policy revision in force here, a
+        manifest of ``repo`` that references ``digest``."""
+        if self.shared is None:
+            return False
+        revision = self._policy_revision()
+        return any(g.revision == revision for g in self.shared.grants_for(OFFLINE, repo, digest))
 
     def check_blob_allowed(self, route: Route, repository: str, digest: Digest) -> None:
         repo = RepoKey(route.registry, repository)

@@ -13,7 +13,8 @@ What is kept:
 
 - ``grants``: one row per (kind, repository, manifest): what the manifest allows
   (``BLOBS``: its config and layers; ``CHILDREN``: the child manifests a verified index
-  covers), the fingerprint of the scope that decided it, its artifact type, the policy
+  covers; ``OFFLINE``: the blobs of a manifest served from the cache while the upstream
+  was down), the fingerprint of the scope that decided it, its artifact type, the policy
   revision it was decided under, when, and the decision itself (so a sibling can reuse
   it within the positive verdict TTL instead of verifying again).
 - ``entries``: (kind, registry, repository, digest) -> grant, the lookup index.
@@ -46,6 +47,9 @@ BLOBS = 0
 """Grant kind: the blobs (config, layers) a manifest allows."""
 CHILDREN = 1
 """Grant kind: the child manifests a verified index covers."""
+OFFLINE = 2
+"""Grant kind: the blobs of a manifest served from the store while its upstream was
+unreachable (counted only under the same policy revision)."""
 
 MAX_SHARED_MANIFESTS = 16384
 MAX_SHARED_ENTRIES = 131072

@@ -265,3 +265,57 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
     except (FileNotFoundError, IndexError):
         return True
+
+
+# ---- with a cache: restart continuity and outages -----------------------------------------
+# Until the cache is consistent across processes, each worker keeps its own index of the
+# shared directory, so two workers may both fetch a blob: these tests do not count fetches.
+
+
+def cached_node(tmp_path: Path, node: Node, make_pullgate: Callable[..., Pullgate]) -> Node:
+    """``node``'s registry and key, behind a second pullgate with a cache."""
+    config = tmp_path / "cached.yaml"
+    config.write_text("cache:\n  tagStaleness: 600\n")
+    assert node.pullgate.policy is not None
+    policy = node.pullgate.policy.with_name("default-ttl.yaml")  # verdicts last 300 s
+    policy.write_text(POLICY.replace("verdictCache: {positiveTTL: 2, negativeTTL: 1}\n", ""))
+    pullgate = make_pullgate(
+        upstreams={REGISTRY: node.registry.url},
+        policy=policy,
+        cache_dir=tmp_path / "cache",
+        config=config,
+        workers=WORKERS,
+    )
+    node.pullgate.stop()
+    return Node(node.registry, pullgate, node.key)
+
+
+def test_after_a_node_restart_every_worker_serves_a_pull_in_flight(
+    tmp_path: Path, node: Node, make_pullgate: Callable[..., Pullgate]
+) -> None:
+    cached = cached_node(tmp_path, node, make_pullgate)
+    pushed, _ = cached.push_signed("team/rollout", "v1", seed=600)
+    assert cached.get(manifest_path("team/rollout", "v1")).status == 200
+    cached.pullgate.restart()  # a DaemonSet rollout in the middle of the pull
+    # Worker 0 verifies the recent verdicts again; the others wait for it, not refuse.
+    for layer in pushed.layer_digests:
+        for worker in sorted(ALL_WORKERS):
+            reply = cached.get_from(blob_path("team/rollout", layer), {worker})
+            assert reply.status == 200 and Digest.parse(layer).matches(reply.body)
+
+
+def test_with_the_upstream_down_a_manifest_served_from_the_cache_frees_its_blobs_everywhere(
+    tmp_path: Path, node: Node, make_pullgate: Callable[..., Pullgate]
+) -> None:
+    cached = cached_node(tmp_path, node, make_pullgate)
+    pushed, _ = cached.push_signed("team/offline", "v1", seed=700)
+    assert cached.get(manifest_path("team/offline", "v1")).status == 200
+    layer = pushed.layer_digests[0]
+    for worker in sorted(ALL_WORKERS):  # cached, and in every worker's index
+        assert cached.get_from(blob_path("team/offline", layer), {worker}).status == 200
+    cached.registry.stop()
+    cached.pullgate.restart()  # fresh processes: only the disk remembers the verdict
+    served = cached.get(manifest_path("team/offline", pushed.manifest_digest))
+    assert served.status == 200 and served.body == pushed.manifest_bytes
+    reply = cached.get_from(blob_path("team/offline", layer), ALL_WORKERS - {served.worker})
+    assert reply.status == 200 and Digest.parse(layer).matches(reply.body)
