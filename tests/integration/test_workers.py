@@ -12,6 +12,8 @@ import json
 import os
 import re
 import signal
+import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Collection, Iterator
@@ -23,7 +25,7 @@ import pytest
 from proxy.oci.digest import Digest
 from tests.support import cosign_sign as cs
 from tests.support.ocilayout import PushedArtifact, deterministic_bytes, push_blob, push_image
-from tests.support.peers import Pullgate, Registry
+from tests.support.peers import ROOT, Pullgate, Registry
 
 pytestmark = pytest.mark.integration
 
@@ -319,3 +321,39 @@ def test_with_the_upstream_down_a_manifest_served_from_the_cache_frees_its_blobs
     assert served.status == 200 and served.body == pushed.manifest_bytes
     reply = cached.get_from(blob_path("team/offline", layer), ALL_WORKERS - {served.worker})
     assert reply.status == 200 and Digest.parse(layer).matches(reply.body)
+
+
+# ---- start-up failures --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, WORKERS])
+def test_a_policy_that_does_not_load_stops_the_start_with_exit_2(
+    tmp_path: Path, registry: Registry, workers: int
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("scopes:\n  - match: '**'\n    require: {anyOf: []}\n")
+    pullgate = Pullgate(
+        tmp_path / "pullgate", upstreams={REGISTRY: registry.url}, policy=policy, workers=workers
+    )
+    done = subprocess.run(
+        pullgate.argv(), cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "policy error" in done.stderr
+    assert "serving on" not in done.stdout
+
+
+def test_workers_refuse_a_port_something_else_listens_on(
+    tmp_path: Path, registry: Registry
+) -> None:
+    pullgate = Pullgate(tmp_path / "pullgate", upstreams={REGISTRY: registry.url}, workers=WORKERS)
+    with socket.socket() as squatter:
+        # A listener with SO_REUSEPORT would otherwise silently share the connections.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        squatter.bind(("127.0.0.1", pullgate.port))
+        squatter.listen()
+        done = subprocess.run(
+            pullgate.argv(), cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+        )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"cannot listen on 127.0.0.1:{pullgate.port}" in done.stderr
