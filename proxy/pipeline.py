@@ -467,7 +467,7 @@ class Pipeline:
         policy in force now. ``route_for`` maps a registry name to its route.
         """
         if getattr(self.gate, "policy", None) is None or not self.store.caching:
-            return None  # no policy: every blob is allowed anyway; no store: nothing recorded
+            return  # no policy: every blob is allowed anyway; no store: nothing recorded
         self._restoring = asyncio.get_running_loop().create_task(self._restore(route_for))
         return self._restoring
 
