@@ -239,7 +239,8 @@ class Node:
         if not shared.restore_pending():
             return
         if self.role.primary:
-            restoring = self.pipeline.start_restore(router.route)
+            self.pipeline.start_restore(router.route)
+            restoring = self.pipeline.restoring
             if restoring is None:
                 shared.finish_restore()
             else:

@@ -457,7 +457,17 @@ class Pipeline:
 
     # -- restart continuity ---------------------------------------------------------
 
-    def start_restore(self, route_for: Callable[[str], Route]) -> asyncio.Task[int] | None:
+    @property
+    def restoring(self) -> asyncio.Task[int] | None:
+        """The restart restore in progress (or done), if one was started."""
+        return self._restoring
+
+    def await_restore(self, restoring: asyncio.Task[int]) -> None:
+        """Treat ``restoring`` (a restore another worker process runs for the node) as
+        this pipeline's own: blob requests that would be refused wait for it."""
+        self._restoring = restoring
+
+    def start_restore(self, route_for: Callable[[str], Route]) -> None:
         """Verify again, in the background, what this node allowed shortly before it
         (re)started, so that pulls in flight across a restart (a DaemonSet rollout)
         can fetch their remaining blobs instead of meeting 403 ``DENIED``.
@@ -469,12 +479,6 @@ class Pipeline:
         if getattr(self.gate, "policy", None) is None or not self.store.caching:
             return  # no policy: every blob is allowed anyway; no store: nothing recorded
         self._restoring = asyncio.get_running_loop().create_task(self._restore(route_for))
-        return self._restoring
-
-    def await_restore(self, restoring: asyncio.Task[int]) -> None:
-        """Treat ``restoring`` (a restore another worker process runs for the node) as
-        this pipeline's own: blob requests that would be refused wait for it."""
-        self._restoring = restoring
 
     async def _restore(self, route_for: Callable[[str], Route]) -> int:
         started = time.monotonic()
