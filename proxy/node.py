@@ -144,24 +144,36 @@ class Node:
         metrics.add_refresher(self.sample_gauges)
 
     @classmethod
-    def build(cls, config: Config, role: Role | None = None) -> Node:
-        """Build the parts; raises ``PolicyError`` if the policy does not load."""
+    def build(
+        cls,
+        config: Config,
+        role: Role | None = None,
+        *,
+        gate: Gate | None = None,
+        store: BlobStore | None = None,
+    ) -> Node:
+        """Build the parts; raises ``PolicyError`` if the policy does not load.
+
+        ``gate`` and ``store`` replace what the config would build (tests).
+        """
         role = role or Role()
         metrics = Metrics(worker=role.index)
         shared: SharedAllowances | None = None
-        if role.shared and config.policy is not None:
+        if role.shared and config.policy is not None and gate is None:
             if role.runtime_dir is None:
                 raise ValueError("a worker of several needs the supervisor's runtime dir")
             shared = SharedAllowances(
                 role.runtime_dir / ALLOWANCES_FILE, covered_fingerprint=COVERED
             )
-        try:
-            gate = build_gate(config, metrics, shared)
-        except BaseException:
-            if shared is not None:
-                shared.close()
-            raise
-        store = build_store(config)
+        if gate is None:
+            try:
+                gate = build_gate(config, metrics, shared)
+            except BaseException:
+                if shared is not None:
+                    shared.close()
+                raise
+        if store is None:
+            store = build_store(config)
         pipeline = Pipeline(
             gate=gate,
             store=store,
