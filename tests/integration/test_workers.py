@@ -20,12 +20,14 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
+from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
 from proxy.oci.digest import Digest
 from tests.support import cosign_sign as cs
 from tests.support.ocilayout import PushedArtifact, deterministic_bytes, push_blob, push_image
-from tests.support.peers import ROOT, Pullgate, Registry
+from tests.support.peers import ROOT, Containerd, Pullgate, Registry
 
 pytestmark = pytest.mark.integration
 
@@ -357,3 +359,55 @@ def test_workers_refuse_a_port_something_else_listens_on(
         )
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"cannot listen on 127.0.0.1:{pullgate.port}" in done.stderr
+
+
+# ---- real clients -------------------------------------------------------------------------
+
+
+def test_containerd_and_the_cri_pull_through_two_workers(
+    tmp_path: Path, node: Node, containerd: Containerd, make_pullgate: Callable[..., Pullgate]
+) -> None:
+    """Worker 0 serves the CRI socket and verifies there; containerd then fetches through
+    whichever workers the kernel picks, which serve on worker 0's decision."""
+    cri_socket = tmp_path / "pullgate-cri.sock"
+    assert node.pullgate.policy is not None
+    pullgate = make_pullgate(
+        upstreams={REGISTRY: node.registry.url},
+        policy=node.pullgate.policy,
+        workers=WORKERS,
+        extra_args=[
+            "--cri-listen", f"unix://{cri_socket}",
+            "--cri-runtime-endpoint", f"unix://{containerd.socket}",
+        ],
+    )  # fmt: skip
+    node.pullgate.stop()
+    node = Node(node.registry, pullgate, node.key)
+    containerd.write_hosts(REGISTRY, pullgate.url)
+    signed, _ = node.push_signed("team/cri", "v1", seed=800)
+    unsigned = node.push_unsigned("team/cri", "unsigned", seed=900)
+    before = node.responses()
+    with grpc.insecure_channel(f"unix://{cri_socket}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=20)
+        images = api_pb2_grpc.ImageServiceStub(channel)  # type: ignore[no-untyped-call]
+        pulled = images.PullImage(
+            api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=f"{REGISTRY}/team/cri:v1")),
+            timeout=120,
+        )
+        assert pulled.image_ref.startswith("sha256:")
+        with pytest.raises(grpc.RpcError) as refused:
+            images.PullImage(
+                api_pb2.PullImageRequest(
+                    image=api_pb2.ImageSpec(image=f"{REGISTRY}/team/cri:unsigned")
+                ),
+                timeout=120,
+            )
+        assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        listed = images.ListImages(api_pb2.ListImagesRequest(), timeout=30)
+    tags = {tag for image in listed.images for tag in image.repo_tags}
+    assert f"{REGISTRY}/team/cri:v1" in tags and f"{REGISTRY}/team/cri:unsigned" not in tags
+    assert all(node.registry.blob_gets(blob) >= 1 for blob in signed.blobs)
+    assert sum(node.registry.blob_gets(blob) for blob in unsigned.blobs) == 0
+    after = node.responses()
+    assert sum(after.values()) - sum(before.values()) >= 1 + len(signed.blobs), (
+        "containerd did not fetch through pullgate"
+    )
