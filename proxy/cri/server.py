@@ -27,7 +27,8 @@ from proxy.upstream.router import UpstreamRouter
 log = logging.getLogger("pullgate.cri")
 
 # The gRPC side of the one error table: each HTTP status the OCI errors are bound to
-# has one gRPC code. Nothing maps to UNKNOWN.
+# has one gRPC code. Nothing maps to UNKNOWN; only a bug (``InternalError``, 500) is
+# INTERNAL.
 GRPC_CODE_FOR_STATUS: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
@@ -37,6 +38,7 @@ GRPC_CODE_FOR_STATUS: dict[int, grpc.StatusCode] = {
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     416: grpc.StatusCode.OUT_OF_RANGE,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    500: grpc.StatusCode.INTERNAL,
     502: grpc.StatusCode.UNAVAILABLE,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -76,6 +78,11 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         except errors.OCIError as exc:
             log.warning("CRI PullImage %s refused: %s %s", image[:300], exc.code, exc.message)
             await context.abort(grpc_code_for(exc), f"{exc.code}: {exc.message}")
+        except Exception:
+            # A bug, not a refusal: INTERNAL (never PERMISSION_DENIED or UNAVAILABLE).
+            log.exception("CRI PullImage %s: internal error", image[:300])
+            internal = errors.InternalError("internal error while verifying; see pullgate's log")
+            await context.abort(grpc_code_for(internal), f"{internal.code}: {internal.message}")
         log.info(
             "CRI PullImage %s verified as %s (%s); pulling through containerd",
             image[:300],

@@ -20,7 +20,7 @@ from proxy.cache.scrub import scrub_forever
 from proxy.config import Config
 from proxy.http.sendfile import flush, sendfile, socket_fd
 from proxy.metrics import Metrics
-from proxy.oci.errors import OCIError, RouteUnknown, StreamAborted, Unsupported
+from proxy.oci.errors import InternalError, OCIError, RouteUnknown, StreamAborted, Unsupported
 from proxy.oci.ranges import parse_range
 from proxy.oci.reference import DistributionPath, Endpoint, parse_distribution_path
 from proxy.pipeline import BlobFile, BlobStream, Pipeline
@@ -74,14 +74,13 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     except web.HTTPException:
         raise
     except Exception:
+        # A bug, not a refusal and not the upstream's fault: 500 UNKNOWN, logged in full.
+        endpoint = request.get("endpoint", "other")
         log.exception("internal error on %s %s", request.method, request.path_qs[:200])
-        from proxy.oci.errors import UpstreamError
-
         response = error_response(
-            UpstreamError("internal error while handling the request; see pullgate's log"),
+            InternalError("internal error while handling the request; see pullgate's log"),
             head=request.method == "HEAD",
         )
-        response.set_status(502)
     metrics.requests.labels(endpoint, request.method, str(response.status)).inc()
     metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
     return response
