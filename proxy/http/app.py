@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -249,7 +250,9 @@ async def _tags(
     request: web.Request, parsed: DistributionPath, route: Route, headers: dict[str, str]
 ) -> web.StreamResponse:
     pipeline = request.app[PIPELINE_KEY]
-    query = "&".join(f"{k}={v}" for k, v in request.rel_url.query.items() if k in ("n", "last"))
+    # Re-encoded from the decoded values, so a client's ``last=a%26x%3D1`` stays one
+    # parameter upstream; anything but ``n`` and ``last`` is dropped.
+    query = urlencode([(k, v) for k, v in request.rel_url.query.items() if k in ("n", "last")])
     body, link = await pipeline.tags(route, parsed.repository, query)
     headers["Content-Type"] = "application/json"
     if link:
