@@ -297,15 +297,14 @@ class Pipeline:
         policy's ``verdictCache.positiveTTL``; None (forever) without a policy."""
         if self.verdict_ttl is not None:
             return self.verdict_ttl
-        ttl = getattr(getattr(self.gate, "policy", None), "positive_ttl", None)
-        return float(ttl) if isinstance(ttl, (int, float)) else None
+        return self.gate.positive_ttl
 
     def _verdict_fresh(self, verified_at: float) -> bool:
         ttl = self._verdict_ttl()
         return ttl is None or time.time() - verified_at <= ttl
 
     def _policy_revision(self) -> str:
-        return str(getattr(self.gate, "revision", ""))
+        return self.gate.revision
 
     def _remember_verified(self, repo: RepoKey, served: ServedManifest) -> None:
         key = (repo.registry, repo.repository, served.manifest.digest)
@@ -459,7 +458,7 @@ class Pipeline:
         through ``get_manifest`` like any request: the gate decides afresh, under the
         policy in force now. ``route_for`` maps a registry name to its route.
         """
-        if getattr(self.gate, "policy", None) is None or not self.store.caching:
+        if not self.gate.policy_in_force or not self.store.caching:
             return  # no policy: every blob is allowed anyway; no store: nothing recorded
         self._restoring = asyncio.get_running_loop().create_task(self._restore(route_for))
 
