@@ -238,6 +238,13 @@ async def _send_body(
         if request.transport is not None:
             request.transport.abort()
         return response
+    except Exception:
+        # A bug after the headers went out: too late for a 500, and the client must
+        # not wait for bytes that will never come. Cut it, like a wrong body.
+        log.exception("internal error while sending blob %s; connection cut", blob.digest)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
     finally:
         sink.close()
         if not isinstance(blob, BlobFile):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from proxy.http import app as app_module
 from proxy.oci.digest import Digest
 from tests.support.inprocess import (
     ALLOW_APP_POLICY,
@@ -227,6 +229,39 @@ async def test_internal_error_is_500_unknown_not_blamed_on_the_upstream(
     head = await mirror.client.head("/v2/app/web/manifests/1.0")
     assert head.status == 500
     assert await head.read() == b""
+
+
+async def test_internal_error_mid_blob_cuts_the_connection(
+    mirror: Mirror,
+    image: Image,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Once the headers went out a 500 is impossible; the client must see a cut
+    # transfer at once, not wait for bytes that never come.
+    real_sender = app_module.SocketSender
+
+    class SendOnceThenFail:
+        def __init__(self, fd: int) -> None:
+            self._send = real_sender(fd)
+            self._sent = False
+
+        def __call__(self, data: memoryview) -> None:
+            if self._sent:
+                raise KeyError("bug mid-stream")
+            self._sent = True
+            self._send(data)
+
+    monkeypatch.setattr(app_module, "SocketSender", SendOnceThenFail)
+    await _pull_manifest(mirror, image)
+    with caplog.at_level(logging.ERROR, logger="pullgate.http"):
+        response = await mirror.client.get(f"/v2/app/web/blobs/{image.layers[0]}")
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(response.read(), timeout=30)
+    assert any(
+        r.exc_info is not None and isinstance(r.exc_info[1], KeyError) for r in caplog.records
+    )
 
 
 async def test_upstream_down_is_503_with_oci_error_json(policy_file: Path) -> None:
