@@ -18,6 +18,7 @@ import sys
 from typing import TextIO
 
 from proxy.cache import NoStore
+from proxy.cache.verified import NoVerifiedManifests
 from proxy.config import Config
 from proxy.metrics import Metrics
 from proxy.oci.errors import Denied, NameInvalid, OCIError, RegistryUnknown
@@ -61,7 +62,9 @@ async def verify_reference(
         return EXIT_USAGE
     metrics = Metrics()
     gate = SignatureGate(policy, metrics=metrics)
-    pipeline = Pipeline(gate=gate, store=NoStore(), metrics=metrics)
+    pipeline = Pipeline(
+        gate=gate, store=NoStore(), manifests=NoVerifiedManifests(), metrics=metrics
+    )
     session = new_upstream_session()
     try:
         router = UpstreamRouter(config=config, session=session, metrics=metrics)
