@@ -14,6 +14,8 @@ from aiohttp import web
 from proxy import __version__, hosts_cli
 from proxy.cache import BlobStore, NoStore
 from proxy.cache.disk import CacheLimits, DiskBlobStore
+from proxy.cache.verified import NoVerifiedManifests, VerifiedManifestStore
+from proxy.cache.verified_disk import DiskVerifiedManifests
 from proxy.config import (
     DEFAULT_CONFIG,
     Config,
@@ -159,10 +161,12 @@ def build_gate(config: Config, metrics: Metrics) -> Gate:
     return SignatureGate(load_policy(config.policy), metrics=metrics)
 
 
-def build_store(config: Config) -> BlobStore:
+def build_stores(config: Config) -> tuple[BlobStore, VerifiedManifestStore]:
+    """The blob store and the verified-manifest store, both under ``--cache-dir``
+    (nothing kept without one)."""
     cache = config.cache
     if cache.dir is None:
-        return NoStore()
+        return NoStore(), NoVerifiedManifests()
     store = DiskBlobStore(
         root=cache.dir,
         limits=CacheLimits(
@@ -173,7 +177,9 @@ def build_store(config: Config) -> BlobStore:
         ),
     )
     store.recover()
-    return store
+    manifests = DiskVerifiedManifests(root=cache.dir)
+    manifests.recover()
+    return store, manifests
 
 
 def serve(config: Config, *, cri: tuple[str, str] | None = None) -> int:
@@ -183,10 +189,11 @@ def serve(config: Config, *, cri: tuple[str, str] | None = None) -> int:
     except PolicyError as exc:
         print(f"pullgate: policy error: {exc}", file=sys.stderr)
         return 2
-    store = build_store(config)
+    store, manifests = build_stores(config)
     pipeline = Pipeline(
         gate=gate,
         store=store,
+        manifests=manifests,
         metrics=metrics,
         complete_on_disconnect=config.cache.complete_on_disconnect,
         tag_staleness=config.cache.tag_staleness,
