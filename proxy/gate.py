@@ -55,6 +55,21 @@ class ArtifactSource(Protocol):
 
 
 class Gate(Protocol):
+    """What the pipeline asks of a gate: decisions, and the state it keeps alongside."""
+
+    @property
+    def policy_in_force(self) -> bool:
+        """Whether a signature policy decides (False: everything is allowed anyway)."""
+
+    @property
+    def revision(self) -> str:
+        """The revision of the policy in force ("" without one); a verdict stored under
+        another revision is not served when the upstream is down."""
+
+    @property
+    def positive_ttl(self) -> float | None:
+        """Seconds an allowing verdict stays good (0: not kept); None: forever."""
+
     async def check_manifest(
         self, repo: RepoKey, manifest: Manifest, source: ArtifactSource
     ) -> Verdict:
@@ -70,6 +85,10 @@ class Gate(Protocol):
 
 class AllowAllGate:
     """Serves everything. The mirror core's default until a policy is configured."""
+
+    policy_in_force = False
+    revision = ""
+    positive_ttl: float | None = None
 
     async def check_manifest(
         self, repo: RepoKey, manifest: Manifest, source: ArtifactSource

@@ -36,6 +36,8 @@ from proxy import __version__
 from proxy.cache import BlobStore, NoStore
 from proxy.cache.disk import CacheLimits, DiskBlobStore
 from proxy.cache.scrub import scrub_forever
+from proxy.cache.verified import NoVerifiedManifests, VerifiedManifestStore
+from proxy.cache.verified_disk import DiskVerifiedManifests
 from proxy.config import Config
 from proxy.gate import AllowAllGate, Gate
 from proxy.metrics import Metrics
@@ -100,10 +102,12 @@ def build_gate(config: Config, metrics: Metrics, shared: SharedAllowances | None
     return SignatureGate(load_policy(config.policy), metrics=metrics, shared=shared)
 
 
-def build_store(config: Config) -> BlobStore:
+def build_stores(config: Config) -> tuple[BlobStore, VerifiedManifestStore]:
+    """The blob store and the verified-manifest store, both under ``--cache-dir``
+    (nothing kept without one)."""
     cache = config.cache
     if cache.dir is None:
-        return NoStore()
+        return NoStore(), NoVerifiedManifests()
     store = DiskBlobStore(
         root=cache.dir,
         limits=CacheLimits(
@@ -114,7 +118,9 @@ def build_store(config: Config) -> BlobStore:
         ),
     )
     store.recover()
-    return store
+    manifests = DiskVerifiedManifests(root=cache.dir)
+    manifests.recover()
+    return store, manifests
 
 
 class Node:
@@ -151,10 +157,11 @@ class Node:
         *,
         gate: Gate | None = None,
         store: BlobStore | None = None,
+        manifests: VerifiedManifestStore | None = None,
     ) -> Node:
         """Build the parts; raises ``PolicyError`` if the policy does not load.
 
-        ``gate`` and ``store`` replace what the config would build (tests).
+        ``gate``, ``store`` and ``manifests`` replace what the config would build (tests).
         """
         role = role or Role()
         metrics = Metrics(worker=role.index)
@@ -172,11 +179,14 @@ class Node:
                 if shared is not None:
                     shared.close()
                 raise
-        if store is None:
-            store = build_store(config)
+        if store is None or manifests is None:
+            built_store, built_manifests = build_stores(config)
+            store = store if store is not None else built_store
+            manifests = manifests if manifests is not None else built_manifests
         pipeline = Pipeline(
             gate=gate,
             store=store,
+            manifests=manifests,
             metrics=metrics,
             complete_on_disconnect=config.cache.complete_on_disconnect,
             tag_staleness=config.cache.tag_staleness,

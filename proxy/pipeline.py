@@ -28,6 +28,7 @@ from typing import Any
 from proxy.cache import BlobSink, BlobStore
 from proxy.cache.directio import DIRECT_MIN_BYTES, DirectReader, resident
 from proxy.cache.fill import Fill, FillReader, FillTable
+from proxy.cache.verified import VerifiedManifestStore
 from proxy.gate import Gate, RepoKey, Verdict
 from proxy.metrics import Metrics
 from proxy.oci import mediatypes as mt
@@ -201,6 +202,7 @@ class Pipeline:
         *,
         gate: Gate,
         store: BlobStore,
+        manifests: VerifiedManifestStore,
         metrics: Metrics,
         hash_workers: int = 8,
         complete_on_disconnect: bool = False,
@@ -209,7 +211,9 @@ class Pipeline:
         shared: SharedAllowances | None = None,
     ) -> None:
         self.gate = gate
+        # Verified blobs; and, apart, verified manifests with their verdicts and tags.
         self.store = store
+        self.manifests = manifests
         self.metrics = metrics
         # Disk IO and sendfile to clients; blob bytes move and hash in ``datapath``.
         self.hash_pool = ThreadPoolExecutor(max_workers=hash_workers, thread_name_prefix="io")
@@ -302,15 +306,14 @@ class Pipeline:
         policy's ``verdictCache.positiveTTL``; None (forever) without a policy."""
         if self.verdict_ttl is not None:
             return self.verdict_ttl
-        ttl = getattr(getattr(self.gate, "policy", None), "positive_ttl", None)
-        return float(ttl) if isinstance(ttl, (int, float)) else None
+        return self.gate.positive_ttl
 
     def _verdict_fresh(self, verified_at: float) -> bool:
         ttl = self._verdict_ttl()
         return ttl is None or time.time() - verified_at <= ttl
 
     def _policy_revision(self) -> str:
-        return str(getattr(self.gate, "revision", ""))
+        return self.gate.revision
 
     def _remember_verified(self, repo: RepoKey, served: ServedManifest) -> None:
         key = (repo.registry, repo.repository, served.manifest.digest)
@@ -322,9 +325,7 @@ class Pipeline:
     async def _store_verified(
         self, repo: RepoKey, ref: ManifestRef, served: ServedManifest
     ) -> None:
-        """Keep an allowed manifest (and its tag) on disk for when the upstream is down."""
-        if not self.store.caching:
-            return
+        """Keep an allowed manifest (and its tag) for when the upstream is down."""
         manifest, verdict = served.manifest, served.verdict
         record: dict[str, Any] = {
             "allowed": verdict.allowed,
@@ -337,7 +338,7 @@ class Pipeline:
         }
 
         def write() -> None:
-            self.store.put_manifest(
+            self.manifests.put_manifest(
                 manifest.digest,
                 manifest.raw,
                 media_type=manifest.media_type,
@@ -345,7 +346,7 @@ class Pipeline:
                 verdict=record,
             )
             if ref.tag is not None:
-                self.store.put_tag(str(repo), ref.tag, manifest.digest, served.verified_at)
+                self.manifests.put_tag(str(repo), ref.tag, manifest.digest, served.verified_at)
 
         await asyncio.get_running_loop().run_in_executor(self.hash_pool, write)
 
@@ -366,7 +367,9 @@ class Pipeline:
             assert ref.tag is not None
             if self.tag_staleness <= 0:
                 raise UpstreamUnavailable(f"{TAG_STALENESS_OFF} ({cause.message})")
-            tag = await loop.run_in_executor(self.hash_pool, self.store.get_tag, str(repo), ref.tag)
+            tag = await loop.run_in_executor(
+                self.hash_pool, self.manifests.get_tag, str(repo), ref.tag
+            )
             if tag is None:
                 raise type(cause)(f"{cause.message}; tag {ref.tag} was never verified here")
             age = time.time() - tag.resolved_at
@@ -376,7 +379,7 @@ class Pipeline:
                     f"beyond the tag staleness of {self.tag_staleness:.0f}s"
                 )
             digest = tag.digest
-        stored = await loop.run_in_executor(self.hash_pool, self.store.get_manifest, digest)
+        stored = await loop.run_in_executor(self.hash_pool, self.manifests.get_manifest, digest)
         record = stored.verdicts.get(str(repo)) if stored is not None else None
         if stored is None or record is None or record.get("allowed") is not True:
             raise type(cause)(f"{cause.message}; {digest} is not a verified manifest in cache")
@@ -476,8 +479,8 @@ class Pipeline:
         through ``get_manifest`` like any request: the gate decides afresh, under the
         policy in force now. ``route_for`` maps a registry name to its route.
         """
-        if getattr(self.gate, "policy", None) is None or not self.store.caching:
-            return  # no policy: every blob is allowed anyway; no store: nothing recorded
+        if not self.gate.policy_in_force:
+            return  # no policy: every blob is allowed anyway
         self._restoring = asyncio.get_running_loop().create_task(self._restore(route_for))
 
     async def _restore(self, route_for: Callable[[str], Route]) -> int:
@@ -489,7 +492,7 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         try:
             recent = await loop.run_in_executor(
-                self.hash_pool, self.store.recent_verdicts, since, RESTORE_LIMIT
+                self.hash_pool, self.manifests.recent_verdicts, since, RESTORE_LIMIT
             )
         except Exception:
             log.exception("could not list recently verified manifests")

@@ -13,19 +13,19 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from proxy.cache.fill import Fill
+from proxy.index_walk import IndexWalk
 from proxy.oci.digest import Digest
-from proxy.oci.errors import OCIError, Unsupported
+from proxy.oci.errors import Denied, OCIError, Unsupported
 from proxy.oci.manifest import Manifest
-from proxy.oci.reference import ImageReference, ManifestRef
+from proxy.oci.reference import ImageReference
 from proxy.pipeline import Pipeline
 from proxy.upstream.router import UpstreamRouter
-
-MAX_CHILDREN = 64
 
 
 @dataclass(frozen=True, slots=True)
 class PrefetchEvent:
-    """One progress line: ``kind`` is manifest, blob, progress, done or error."""
+    """One progress line: ``kind`` is manifest, skipped (a refused attestation),
+    blob, progress, done or error."""
 
     kind: str
     reference: str
@@ -55,13 +55,16 @@ async def prefetch(
     yield PrefetchEvent(
         "manifest", reference, str(served.manifest.digest), message=served.verdict.reason
     )
-    if served.manifest.is_index:
-        for child in served.manifest.manifests[:MAX_CHILDREN]:
-            child_served = await pipeline.get_manifest(
-                route, ref.repository, ManifestRef(digest=child.digest)
-            )
-            manifests.append(child_served.manifest)
-            yield PrefetchEvent("manifest", reference, str(child.digest), message="child verified")
+    children = IndexWalk(pipeline, route, ref.repository, served.manifest)
+    async for child in children:
+        child_digest = str(child.descriptor.digest)
+        if child.attestation and isinstance(child.error, Denied):
+            # Never pulled as a platform: its refusal fails no pull, nor the prefetch.
+            yield PrefetchEvent("skipped", reference, child_digest, message=child.error.message)
+            continue
+        # A refused or unreachable platform ends the prefetch, as it would fail its pull.
+        manifests.append(child.result().manifest)
+        yield PrefetchEvent("manifest", reference, child_digest, message="child verified")
     wanted: dict[Digest, int] = {}
     for manifest in manifests:
         for descriptor in (*manifest.layers, *([manifest.config] if manifest.config else [])):
@@ -76,12 +79,15 @@ async def prefetch(
             cached += wanted[digest]
             continue
         fills.append(await pipeline.start_fill(route, ref.repository, digest))
+    summary = f"{len(wanted)} blobs, {len(fills)} to fetch"
+    if children.not_checked:
+        summary += f"; {children.not_checked} more index children not fetched"
     yield PrefetchEvent(
         "blob",
         reference,
         done_bytes=cached,
         total_bytes=total,
-        message=f"{len(wanted)} blobs, {len(fills)} to fetch",
+        message=summary,
     )
     waiter = asyncio.ensure_future(asyncio.gather(*(_wait_fill(f) for f in fills)))
     try:

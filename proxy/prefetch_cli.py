@@ -33,6 +33,11 @@ def render(event: dict[str, Any], out: TextIO) -> None:
         out.write(
             f"{ref}: manifest {event.get('digest', '')} verified ({event.get('message', '')})\n"
         )
+    elif kind == "skipped":
+        out.write(
+            f"{ref}: attestation {event.get('digest', '')} refused, not pulled as a platform: "
+            f"skipped ({event.get('message', '')})\n"
+        )
     elif kind == "blob":
         out.write(f"{ref}: {event.get('message', '')}\n")
     elif kind == "done":

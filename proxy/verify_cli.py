@@ -18,11 +18,12 @@ import sys
 from typing import TextIO
 
 from proxy.cache import NoStore
+from proxy.cache.verified import NoVerifiedManifests
 from proxy.config import Config
+from proxy.index_walk import IndexWalk
 from proxy.metrics import Metrics
 from proxy.oci.errors import Denied, NameInvalid, OCIError, RegistryUnknown
-from proxy.oci.manifest import Descriptor
-from proxy.oci.reference import ImageReference, ManifestRef
+from proxy.oci.reference import ImageReference
 from proxy.pipeline import Pipeline, ServedManifest
 from proxy.upstream.router import Route, UpstreamRouter
 from proxy.upstream.session import new_upstream_session
@@ -34,8 +35,6 @@ EXIT_ALLOWED = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UPSTREAM = 3
-MAX_CHILDREN = 64
-ATTESTATION_TYPE_KEY = "vnd.docker.reference.type"
 
 
 async def verify_reference(
@@ -61,7 +60,9 @@ async def verify_reference(
         return EXIT_USAGE
     metrics = Metrics()
     gate = SignatureGate(policy, metrics=metrics)
-    pipeline = Pipeline(gate=gate, store=NoStore(), metrics=metrics)
+    pipeline = Pipeline(
+        gate=gate, store=NoStore(), manifests=NoVerifiedManifests(), metrics=metrics
+    )
     session = new_upstream_session()
     try:
         router = UpstreamRouter(config=config, session=session, metrics=metrics)
@@ -104,11 +105,12 @@ async def _explain_children(
     err: TextIO,
 ) -> int:
     """Check each child of an allowed index as a pull of that platform would."""
-    children = index.manifest.manifests
+    children = IndexWalk(pipeline, route, reference.repository, index.manifest)
     refused = 0
     platforms = 0
-    for child in children[:MAX_CHILDREN]:
-        attestation = _is_attestation(child)
+    async for outcome in children:
+        child = outcome.descriptor
+        attestation = outcome.attestation
         platforms += not attestation
         platform = child.platform or {}
         label = "/".join(
@@ -116,9 +118,7 @@ async def _explain_children(
         )
         where = f"  child {child.digest}" + (f" ({label})" if label else "")
         try:
-            served = await pipeline.get_manifest(
-                route, reference.repository, ManifestRef(digest=child.digest)
-            )
+            served = outcome.result()
         except Denied as exc:
             if attestation:
                 print(
@@ -133,17 +133,9 @@ async def _explain_children(
             print(f"{where}: ERROR {exc.code}: {exc.message}", file=err)
             return EXIT_UPSTREAM
         print(f"{where}: ALLOWED ({served.verdict.mode}) {served.verdict.reason}", file=out)
-    if len(children) > MAX_CHILDREN:
-        print(f"  ({len(children) - MAX_CHILDREN} more children not checked)", file=out)
+    if children.not_checked:
+        print(f"  ({children.not_checked} more children not checked)", file=out)
     if refused:
         print(f"REFUSED {reference}: {refused} of {platforms} platform manifests", file=out)
         return EXIT_REFUSED
     return EXIT_ALLOWED
-
-
-def _is_attestation(child: Descriptor) -> bool:
-    """A buildx attestation entry of an index, not a platform image."""
-    if child.annotations.get(ATTESTATION_TYPE_KEY) == "attestation-manifest":
-        return True
-    platform = child.platform or {}
-    return platform.get("os") == "unknown" and platform.get("architecture") == "unknown"

@@ -4,9 +4,10 @@ Layout under ``root``::
 
     blobs/sha256/<hex>       verified blobs (entered only after their digest matched)
     ingest/<hex>.<token>     downloads in progress (removed at startup)
-    manifests/sha256/<hex>   verified manifests, with ``<hex>.json`` verdict metadata
-    tags/<sha256(repo:tag)>  the digest each tag last resolved to, and when (JSON)
     quarantine/<hex>.<time>  blobs the scrub found corrupt
+
+``manifests/`` and ``tags/`` beside them belong to ``DiskVerifiedManifests``
+(``proxy/cache/verified_disk.py``).
 
 The index is in memory: an LRU ordered dict (O(1) touch and evict), rebuilt from one
 directory listing at startup. Blobs being read or filled are pinned and never evicted.
@@ -18,20 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import secrets
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from proxy.cache import RecentVerdict, StoredManifest, StoredTag
 from proxy.oci.digest import Digest
 
 log = logging.getLogger("pullgate.cache")
@@ -63,8 +60,6 @@ class DiskBlobStore:
         self.limits = limits
         self.blob_dir = root / "blobs" / "sha256"
         self.ingest_dir = root / "ingest"
-        self.manifest_dir = root / "manifests" / "sha256"
-        self.tag_dir = root / "tags"
         self.quarantine_dir = root / "quarantine"
         self._index: OrderedDict[str, int] = OrderedDict()  # hex -> size, LRU first
         self._pins: dict[str, int] = {}
@@ -84,8 +79,6 @@ class DiskBlobStore:
         for directory in (
             self.blob_dir,
             self.ingest_dir,
-            self.manifest_dir,
-            self.tag_dir,
             self.quarantine_dir,
         ):
             directory.mkdir(parents=True, exist_ok=True)
@@ -264,140 +257,6 @@ class DiskBlobStore:
         self.quarantined += 1
         log.error("quarantined blob %s: %s (moved to %s)", digest, reason, target)
         return True
-
-    # -- manifests and tags --------------------------------------------------------
-
-    def put_manifest(
-        self,
-        digest: Digest,
-        raw: bytes,
-        *,
-        media_type: str,
-        repo: str,
-        verdict: Mapping[str, Any],
-    ) -> None:
-        """Keep a verified manifest and record ``verdict`` for ``repo`` beside it.
-
-        Both files are replaced atomically; reads re-check the bytes against the
-        digest, so a torn write after a crash reads as a miss, never as content.
-        """
-        if not self.accepts(digest):
-            return
-        path = self.manifest_dir / digest.hex
-        meta_path = self.manifest_dir / f"{digest.hex}.json"
-        try:
-            if not path.exists():
-                self._write_atomic(path, raw)
-            meta = self._read_meta(meta_path)
-            verdicts = meta.get("verdicts")
-            if not isinstance(verdicts, dict):
-                verdicts = {}
-            verdicts[repo] = dict(verdict)
-            meta = {"mediaType": media_type, "verdicts": verdicts}
-            self._write_atomic(meta_path, json.dumps(meta, sort_keys=True).encode())
-        except OSError as exc:
-            log.warning("could not store manifest %s: %s", digest, exc)
-
-    def get_manifest(self, digest: Digest) -> StoredManifest | None:
-        if not self.accepts(digest):
-            return None
-        try:
-            raw = (self.manifest_dir / digest.hex).read_bytes()
-        except OSError:
-            return None
-        meta = self._read_meta(self.manifest_dir / f"{digest.hex}.json")
-        media_type = meta.get("mediaType")
-        verdicts = meta.get("verdicts")
-        if not digest.matches(raw) or not isinstance(media_type, str):
-            return None
-        if not isinstance(verdicts, dict):
-            return None
-        return StoredManifest(
-            digest=digest,
-            raw=raw,
-            media_type=media_type,
-            verdicts={k: v for k, v in verdicts.items() if isinstance(v, dict)},
-        )
-
-    def recent_verdicts(self, since: float, limit: int) -> list[RecentVerdict]:
-        """Allowing verdicts recorded at or after ``since``, newest first, at most ``limit``.
-
-        One listing of the manifest directory; metadata files older than ``since`` are
-        skipped by their mtime without being read. Called at startup only.
-        """
-        found: list[RecentVerdict] = []
-        try:
-            entries = list(os.scandir(self.manifest_dir))
-        except OSError:
-            return []
-        for entry in entries:
-            stem, _, ext = entry.name.partition(".")
-            if ext != "json" or not _is_hex(stem) or len(stem) != 64:
-                continue
-            try:
-                if entry.stat().st_mtime < since:
-                    continue
-            except OSError:
-                continue
-            meta = self._read_meta(Path(entry.path))
-            media_type = meta.get("mediaType")
-            verdicts = meta.get("verdicts")
-            if not isinstance(media_type, str) or not isinstance(verdicts, dict):
-                continue
-            digest = Digest("sha256", stem)
-            for repo, record in verdicts.items():
-                if not isinstance(repo, str) or not isinstance(record, dict):
-                    continue
-                verified_at = record.get("verifiedAt")
-                if record.get("allowed") is not True or not isinstance(verified_at, (int, float)):
-                    continue
-                if verified_at < since:
-                    continue
-                found.append(RecentVerdict(digest, repo, media_type, float(verified_at)))
-        found.sort(key=lambda v: v.verified_at, reverse=True)
-        return found[:limit]
-
-    def put_tag(self, repo: str, tag: str, digest: Digest, resolved_at: float) -> None:
-        record = {"repository": repo, "tag": tag, "digest": str(digest), "resolvedAt": resolved_at}
-        try:
-            self._write_atomic(self._tag_path(repo, tag), json.dumps(record).encode())
-        except OSError as exc:
-            log.warning("could not record tag %s:%s: %s", repo, tag, exc)
-
-    def get_tag(self, repo: str, tag: str) -> StoredTag | None:
-        record = self._read_meta(self._tag_path(repo, tag))
-        # The file name is a hash: check the record really is this tag's.
-        if record.get("repository") != repo or record.get("tag") != tag:
-            return None
-        resolved_at = record.get("resolvedAt")
-        try:
-            digest = Digest.parse(str(record.get("digest")))
-        except Exception:
-            return None
-        if not isinstance(resolved_at, (int, float)):
-            return None
-        return StoredTag(digest=digest, resolved_at=float(resolved_at))
-
-    def _tag_path(self, repo: str, tag: str) -> Path:
-        return self.tag_dir / hashlib.sha256(f"{repo}:{tag}".encode()).hexdigest()
-
-    def _write_atomic(self, path: Path, data: bytes) -> None:
-        tmp = self.ingest_dir / f"m-{path.name}.{secrets.token_hex(6)}"
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-
-    @staticmethod
-    def _read_meta(path: Path) -> dict[str, Any]:
-        try:
-            doc = json.loads(path.read_bytes())
-        except (OSError, ValueError):
-            return {}
-        return doc if isinstance(doc, dict) else {}
 
     def __len__(self) -> int:
         return len(self._index)

@@ -12,8 +12,8 @@ mirror stays the enforcement point. Every other ImageService call is forwarded a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from grpc import aio
@@ -26,8 +26,12 @@ from proxy.upstream.router import UpstreamRouter
 
 log = logging.getLogger("pullgate.cri")
 
+Context: TypeAlias = aio.ServicerContext[Any, Any]
+ResponseT = TypeVar("ResponseT")
+
 # The gRPC side of the one error table: each HTTP status the OCI errors are bound to
-# has one gRPC code. Nothing maps to UNKNOWN.
+# has one gRPC code. Nothing maps to UNKNOWN; only a bug (``InternalError``, 500) is
+# INTERNAL.
 GRPC_CODE_FOR_STATUS: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
@@ -37,6 +41,7 @@ GRPC_CODE_FOR_STATUS: dict[int, grpc.StatusCode] = {
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     416: grpc.StatusCode.OUT_OF_RANGE,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    500: grpc.StatusCode.INTERNAL,
     502: grpc.StatusCode.UNAVAILABLE,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -45,6 +50,20 @@ GRPC_CODE_FOR_STATUS: dict[int, grpc.StatusCode] = {
 
 def grpc_code_for(error: errors.OCIError) -> grpc.StatusCode:
     return GRPC_CODE_FOR_STATUS.get(error.status, grpc.StatusCode.INTERNAL)
+
+
+def _forwarded(
+    rpc: str, response_type: type[ResponseT]
+) -> Callable[[ImageServiceProxy, object, Context], Coroutine[Any, Any, ResponseT]]:
+    """An ImageService method that passes its request unchanged to the runtime's ``rpc``."""
+
+    async def forward(self: ImageServiceProxy, request: object, context: Context) -> ResponseT:
+        return await self.forward(rpc, request, context, response_type)
+
+    forward.__name__ = rpc
+    forward.__qualname__ = f"ImageServiceProxy.{rpc}"
+    forward.__doc__ = f"``{rpc}``, forwarded to the runtime as is."
+    return forward
 
 
 class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
@@ -62,7 +81,7 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         self._runtime = runtime
 
     async def PullImage(
-        self, request: api_pb2.PullImageRequest, context: aio.ServicerContext[Any, Any]
+        self, request: api_pb2.PullImageRequest, context: Context
     ) -> api_pb2.PullImageResponse:
         image = request.image.image
         try:
@@ -76,6 +95,11 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         except errors.OCIError as exc:
             log.warning("CRI PullImage %s refused: %s %s", image[:300], exc.code, exc.message)
             await context.abort(grpc_code_for(exc), f"{exc.code}: {exc.message}")
+        except Exception:
+            # A bug, not a refusal: INTERNAL (never PERMISSION_DENIED or UNAVAILABLE).
+            log.exception("CRI PullImage %s: internal error", image[:300])
+            internal = errors.InternalError("internal error while verifying; see pullgate's log")
+            await context.abort(grpc_code_for(internal), f"{internal.code}: {internal.message}")
         log.info(
             "CRI PullImage %s verified as %s (%s); pulling through containerd",
             image[:300],
@@ -83,52 +107,27 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
             served.verdict.reason,
         )
         # 3. containerd pulls through the mirror, which checks every byte again.
-        response: api_pb2.PullImageResponse = await self._forward(
-            self._runtime.PullImage, request, context
-        )
-        return response
+        return await self.forward("PullImage", request, context, api_pb2.PullImageResponse)
 
-    async def ListImages(
-        self, request: api_pb2.ListImagesRequest, context: aio.ServicerContext[Any, Any]
-    ) -> api_pb2.ListImagesResponse:
-        response: api_pb2.ListImagesResponse = await self._forward(
-            self._runtime.ListImages, request, context
-        )
-        return response
+    # Every other ImageService call passes through unchanged.
+    ListImages = _forwarded("ListImages", api_pb2.ListImagesResponse)
+    ImageStatus = _forwarded("ImageStatus", api_pb2.ImageStatusResponse)
+    RemoveImage = _forwarded("RemoveImage", api_pb2.RemoveImageResponse)
+    ImageFsInfo = _forwarded("ImageFsInfo", api_pb2.ImageFsInfoResponse)
 
-    async def ImageStatus(
-        self, request: api_pb2.ImageStatusRequest, context: aio.ServicerContext[Any, Any]
-    ) -> api_pb2.ImageStatusResponse:
-        response: api_pb2.ImageStatusResponse = await self._forward(
-            self._runtime.ImageStatus, request, context
-        )
-        return response
+    async def forward(
+        self, rpc: str, request: object, context: Context, response_type: type[ResponseT]
+    ) -> ResponseT:
+        """Call the runtime's ``rpc`` with ``request`` within the caller's deadline.
 
-    async def RemoveImage(
-        self, request: api_pb2.RemoveImageRequest, context: aio.ServicerContext[Any, Any]
-    ) -> api_pb2.RemoveImageResponse:
-        response: api_pb2.RemoveImageResponse = await self._forward(
-            self._runtime.RemoveImage, request, context
-        )
-        return response
-
-    async def ImageFsInfo(
-        self, request: api_pb2.ImageFsInfoRequest, context: aio.ServicerContext[Any, Any]
-    ) -> api_pb2.ImageFsInfoResponse:
-        response: api_pb2.ImageFsInfoResponse = await self._forward(
-            self._runtime.ImageFsInfo, request, context
-        )
-        return response
-
-    async def _forward(
-        self, method: Any, request: Any, context: aio.ServicerContext[Any, Any]
-    ) -> Any:
+        The runtime's own status and message pass through unchanged.
+        """
+        method = getattr(self._runtime, rpc)
         try:
-            response: Any = await method(request, timeout=context.time_remaining())
-            return response
+            response: ResponseT = await method(request, timeout=context.time_remaining())
         except aio.AioRpcError as exc:
-            # The runtime's own status and message pass through unchanged.
             await context.abort(exc.code(), exc.details() or "runtime error")
+        return response
 
 
 async def start_cri_server(

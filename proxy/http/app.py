@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -16,7 +17,7 @@ from proxy.cache.fill import FillReader
 from proxy.config import Config
 from proxy.http.sendfile import flush, sendfile, socket_fd
 from proxy.metrics import Metrics
-from proxy.oci.errors import OCIError, RouteUnknown, StreamAborted, Unsupported
+from proxy.oci.errors import InternalError, OCIError, RouteUnknown, StreamAborted, Unsupported
 from proxy.oci.ranges import parse_range
 from proxy.oci.reference import DistributionPath, Endpoint, parse_distribution_path
 from proxy.pipeline import BlobFile, BlobStream, Pipeline
@@ -69,14 +70,13 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     except web.HTTPException:
         raise
     except Exception:
+        # A bug, not a refusal and not the upstream's fault: 500 UNKNOWN, logged in full.
+        endpoint = request.get("endpoint", "other")
         log.exception("internal error on %s %s", request.method, request.path_qs[:200])
-        from proxy.oci.errors import UpstreamError
-
         response = error_response(
-            UpstreamError("internal error while handling the request; see pullgate's log"),
+            InternalError("internal error while handling the request; see pullgate's log"),
             head=request.method == "HEAD",
         )
-        response.set_status(502)
     metrics.requests.labels(endpoint, request.method, str(response.status)).inc()
     metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
     return response
@@ -225,6 +225,13 @@ async def _send_body(
         if request.transport is not None:
             request.transport.abort()
         return response
+    except Exception:
+        # A bug after the headers went out: too late for a 500, and the client must
+        # not wait for bytes that will never come. Cut it, like a wrong body.
+        log.exception("internal error while sending blob %s; connection cut", blob.digest)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
     finally:
         sink.close()
         if not isinstance(blob, BlobFile):
@@ -237,7 +244,9 @@ async def _tags(
     request: web.Request, parsed: DistributionPath, route: Route, headers: dict[str, str]
 ) -> web.StreamResponse:
     pipeline = request.app[PIPELINE_KEY]
-    query = "&".join(f"{k}={v}" for k, v in request.rel_url.query.items() if k in ("n", "last"))
+    # Re-encoded from the decoded values, so a client's ``last=a%26x%3D1`` stays one
+    # parameter upstream; anything but ``n`` and ``last`` is dropped.
+    query = urlencode([(k, v) for k, v in request.rel_url.query.items() if k in ("n", "last")])
     body, link = await pipeline.tags(route, parsed.repository, query)
     headers["Content-Type"] = "application/json"
     if link:

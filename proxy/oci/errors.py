@@ -133,6 +133,16 @@ class RegistryUnknown(OCIError):
     code = "NAME_UNKNOWN"
 
 
+class InternalError(OCIError):
+    """A bug in pullgate: neither a refusal nor the upstream's fault.
+
+    The front ends render any unexpected exception as this (after logging it), so a
+    bug is never reported as a policy decision or blamed on the upstream registry.
+    """
+
+    code = "UNKNOWN"
+
+
 # The one table binding each error class to its HTTP status. Lookups walk the MRO,
 # so a subclass inherits its parent's status unless it is listed itself.
 ERROR_TABLE: dict[type[OCIError], int] = {
@@ -157,6 +167,7 @@ ERROR_TABLE: dict[type[OCIError], int] = {
     UpstreamUnavailable: 503,
     UpstreamTimeout: 504,
     RegistryUnknown: 404,
+    InternalError: 500,
 }
 
 

@@ -276,6 +276,14 @@ class SignatureGate:
     def revision(self) -> str:
         return self._policy.revision
 
+    @property
+    def policy_in_force(self) -> bool:
+        return True
+
+    @property
+    def positive_ttl(self) -> float:
+        return self._policy.positive_ttl
+
     def replace_policy(self, policy: Policy) -> bool:
         """Swap in a new policy atomically; False if it is the one in force.
 

@@ -156,6 +156,11 @@ class AllOf:
 
     children: tuple[Requirement, ...]
 
+    def __post_init__(self) -> None:
+        # An empty allOf would pass vacuously: fail closed however it is built.
+        if not self.children:
+            raise PolicyError("allOf needs at least one requirement: an empty allOf would allow")
+
     def describe(self) -> str:
         return "allOf[" + ", ".join(c.describe() for c in self.children) + "]"
 
@@ -176,6 +181,11 @@ class AnyOf:
     """The first child that passes wins; if none does, every child's reason is kept."""
 
     children: tuple[Requirement, ...]
+
+    def __post_init__(self) -> None:
+        # An empty anyOf would refuse everything with no reason: a configuration error.
+        if not self.children:
+            raise PolicyError("anyOf needs at least one requirement: an empty list is an error")
 
     def describe(self) -> str:
         return "anyOf[" + ", ".join(c.describe() for c in self.children) + "]"

@@ -1,5 +1,5 @@
 """DiskBlobStore: startup recovery, LRU eviction under watermarks and a disk floor,
-pins, quarantine."""
+pins, quarantine. (What every BlobStore must do is in test_store_conformance.py.)"""
 
 from __future__ import annotations
 
@@ -197,6 +197,37 @@ def test_refuses_room_under_the_disk_floor(tmp_path: Path, monkeypatch: pytest.M
     assert store.reserved_bytes == 0
 
 
+# -- what the scrub and the metrics read --------------------------------------------
+
+
+def test_pin_and_unpin_balance(tmp_path: Path) -> None:
+    store = _store(tmp_path, max_bytes=10 * 1024**2, min_free_bytes=0)
+    _, digest = blob_of(1000, seed=4)
+    store.pin(digest)
+    store.pin(digest)
+    store.unpin(digest)
+    assert store.is_pinned(digest)
+    store.unpin(digest)
+    store.unpin(digest)  # one too many is harmless
+    assert not store.is_pinned(digest)
+
+
+def test_make_room_reserves_and_release_returns_it(tmp_path: Path) -> None:
+    store = _store(tmp_path, max_bytes=64 * 1024**2, min_free_bytes=0)
+    assert store.make_room(1000) is True
+    assert store.reserved_bytes == 1000
+    store.release(1000)
+    assert store.reserved_bytes == 0
+    assert store.make_room(store.limits.max_bytes) is False, "a blob over the budget is not kept"
+    assert store.reserved_bytes == 0
+
+
+def test_ingest_files_live_in_the_ingest_dir(tmp_path: Path) -> None:
+    store = _store(tmp_path, min_free_bytes=0)
+    _, digest = blob_of(10, seed=3)
+    assert store.new_ingest(digest).parent == store.ingest_dir != store.blob_dir
+
+
 # -- quarantine --------------------------------------------------------------------
 
 
@@ -215,37 +246,3 @@ def test_quarantine_takes_a_blob_out_of_service(tmp_path: Path) -> None:
     again = DiskBlobStore(root=tmp_path, limits=store.limits)
     again.recover()
     assert again.path_of(digest) is None
-
-
-# -- restart continuity ---------------------------------------------------------------
-
-
-def test_recent_verdicts_lists_only_fresh_allowing_verdicts_newest_first(tmp_path: Path) -> None:
-    store = _store(tmp_path, max_bytes=10 * 1024**2, min_free_bytes=0)
-    now = time.time()
-    manifests = [blob_of(200, seed=500 + i) for i in range(4)]
-
-    def put(index: int, repo: str, *, allowed: bool, age: float) -> Digest:
-        raw, digest = manifests[index]
-        store.put_manifest(
-            digest,
-            raw,
-            media_type="application/vnd.oci.image.manifest.v1+json",
-            repo=repo,
-            verdict={"allowed": allowed, "verifiedAt": now - age},
-        )
-        return digest
-
-    newest = put(0, "r.test/a", allowed=True, age=1)
-    older = put(1, "r.test/b", allowed=True, age=50)
-    put(2, "r.test/c", allowed=False, age=1)  # a refusal is never restored
-    put(3, "r.test/d", allowed=True, age=500)  # older than the window
-    put(1, "r.test/e", allowed=True, age=20)  # same manifest, another repository
-
-    recent = store.recent_verdicts(now - 100, limit=10)
-    assert [(v.digest, v.repo) for v in recent] == [
-        (newest, "r.test/a"),
-        (older, "r.test/e"),
-        (older, "r.test/b"),
-    ]
-    assert [v.repo for v in store.recent_verdicts(now - 100, limit=1)] == ["r.test/a"]

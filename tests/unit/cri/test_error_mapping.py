@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from proxy.cri.gen.runtime.v1 import api_pb2
-from proxy.cri.server import grpc_code_for
+from proxy.cri.server import GRPC_CODE_FOR_STATUS, grpc_code_for
 from proxy.oci import errors
 
 
@@ -23,8 +23,23 @@ def _all_error_classes() -> list[type[errors.OCIError]]:
 
 @pytest.mark.parametrize("cls", _all_error_classes(), ids=lambda c: c.__name__)
 def test_every_oci_error_maps_to_a_definite_grpc_code(cls: type[errors.OCIError]) -> None:
-    code = grpc_code_for(cls("reason"))
-    assert code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.OK)
+    error = cls("reason")
+    code = grpc_code_for(error)
+    # Bound in the table, not left to the fallback.
+    assert error.status in GRPC_CODE_FOR_STATUS
+    assert code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK)
+    if issubclass(cls, errors.InternalError):
+        assert code is grpc.StatusCode.INTERNAL
+    else:
+        # Only a bug is INTERNAL: a refusal or an upstream problem never looks like one.
+        assert code is not grpc.StatusCode.INTERNAL
+
+
+def test_internal_error_is_500_unknown_and_grpc_internal() -> None:
+    error = errors.InternalError("bug")
+    assert (error.status, error.code) == (500, "UNKNOWN")
+    assert error.to_json() == {"errors": [{"code": "UNKNOWN", "message": "bug"}]}
+    assert grpc_code_for(error) is grpc.StatusCode.INTERNAL
 
 
 def test_denials_are_permission_denied_and_upstream_outages_unavailable() -> None:

@@ -469,6 +469,22 @@ async def test_any_of_first_pass_wins_and_failures_are_collected() -> None:
     )
 
 
+def test_refuses_empty_allof_at_construction() -> None:
+    # Built in code rather than by the YAML loader, an empty allOf must still not pass.
+    with pytest.raises(PolicyError, match="allOf needs at least one requirement"):
+        AllOf(())
+
+
+def test_refuses_empty_anyof_at_construction() -> None:
+    with pytest.raises(PolicyError, match="anyOf needs at least one requirement"):
+        AnyOf(())
+
+
+def test_refuses_empty_combinator_nested_at_construction() -> None:
+    with pytest.raises(PolicyError, match="allOf needs at least one requirement"):
+        AnyOf((Leaf(FakeVerifier("a")), AllOf(())))
+
+
 @pytest.mark.parametrize(
     ("error", "reason"),
     [

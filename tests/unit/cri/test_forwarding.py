@@ -1,0 +1,197 @@
+"""The CRI ImageService in process: a fake runtime behind ``ImageServiceProxy``.
+
+Every call other than PullImage passes through unchanged (request, response, the
+runtime's status); PullImage is verified first and maps refusals and bugs to definite
+gRPC codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, cast
+
+import grpc
+import pytest
+from grpc import aio
+
+from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
+from proxy.cri.server import ImageServiceProxy
+from proxy.oci import errors
+from proxy.pipeline import Pipeline
+from proxy.upstream.router import UpstreamRouter
+
+IMAGE = "registry.example.test/app/web:1.0"
+
+
+class FakeRuntime(api_pb2_grpc.ImageServiceServicer):
+    """containerd's ImageService, as far as the proxy can tell: records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any, float | None]] = []
+
+    def _record(self, rpc: str, request: Any, context: Any) -> None:
+        self.calls.append((rpc, request, context.time_remaining()))
+
+    async def ListImages(self, request: Any, context: Any) -> Any:
+        self._record("ListImages", request, context)
+        return api_pb2.ListImagesResponse(
+            images=[api_pb2.Image(id="sha256:aa", repo_tags=[IMAGE], size=1234)]
+        )
+
+    async def ImageStatus(self, request: Any, context: Any) -> Any:
+        self._record("ImageStatus", request, context)
+        return api_pb2.ImageStatusResponse(
+            image=api_pb2.Image(id="sha256:bb", repo_tags=[request.image.image]),
+            info={"verbose": str(request.verbose)},
+        )
+
+    async def RemoveImage(self, request: Any, context: Any) -> Any:
+        self._record("RemoveImage", request, context)
+        if request.image.image == "missing":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "image missing not found")
+        return api_pb2.RemoveImageResponse()
+
+    async def ImageFsInfo(self, request: Any, context: Any) -> Any:
+        self._record("ImageFsInfo", request, context)
+        return api_pb2.ImageFsInfoResponse(
+            image_filesystems=[
+                api_pb2.FilesystemUsage(
+                    timestamp=7, fs_id=api_pb2.FilesystemIdentifier(mountpoint="/var/lib/c")
+                )
+            ]
+        )
+
+    async def PullImage(self, request: Any, context: Any) -> Any:
+        self._record("PullImage", request, context)
+        return api_pb2.PullImageResponse(image_ref="sha256:cc")
+
+
+@dataclass
+class FakePipeline:
+    """``Pipeline.get_manifest`` only: returns a verified manifest or raises ``error``."""
+
+    error: BaseException | None = None
+    asked: list[tuple[str, str]] = field(default_factory=list)
+
+    async def get_manifest(self, route: Any, repository: str, reference: Any) -> Any:
+        self.asked.append((route.registry, repository))
+        if self.error is not None:
+            raise self.error
+        return SimpleNamespace(
+            manifest=SimpleNamespace(digest="sha256:" + "d" * 64),
+            verdict=SimpleNamespace(reason="cosign key verified"),
+        )
+
+
+class FakeRouter:
+    def route(self, ns: str | None) -> Any:
+        return SimpleNamespace(registry=ns)
+
+
+@dataclass
+class Cri:
+    runtime: FakeRuntime
+    pipeline: FakePipeline
+    stub: Any
+
+
+@pytest.fixture
+async def cri() -> AsyncIterator[Cri]:
+    runtime = FakeRuntime()
+    runtime_server = aio.server()
+    api_pb2_grpc.add_ImageServiceServicer_to_server(runtime, runtime_server)
+    runtime_port = runtime_server.add_insecure_port("127.0.0.1:0")
+    await runtime_server.start()
+    runtime_channel = aio.insecure_channel(f"127.0.0.1:{runtime_port}")
+
+    pipeline = FakePipeline()
+    proxy = ImageServiceProxy(
+        pipeline=cast(Pipeline, pipeline),
+        router=lambda: cast(UpstreamRouter, FakeRouter()),
+        runtime=api_pb2_grpc.ImageServiceStub(runtime_channel),
+    )
+    proxy_server = aio.server()
+    api_pb2_grpc.add_ImageServiceServicer_to_server(proxy, proxy_server)
+    proxy_port = proxy_server.add_insecure_port("127.0.0.1:0")
+    await proxy_server.start()
+    client_channel = aio.insecure_channel(f"127.0.0.1:{proxy_port}")
+    try:
+        yield Cri(runtime, pipeline, api_pb2_grpc.ImageServiceStub(client_channel))
+    finally:
+        await client_channel.close()
+        await proxy_server.stop(grace=None)
+        await runtime_channel.close()
+        await runtime_server.stop(grace=None)
+
+
+@pytest.mark.parametrize(
+    ("rpc", "request_message"),
+    [
+        ("ListImages", api_pb2.ListImagesRequest(filter={"image": {"image": IMAGE}})),
+        ("ImageStatus", api_pb2.ImageStatusRequest(image={"image": IMAGE}, verbose=True)),
+        ("RemoveImage", api_pb2.RemoveImageRequest(image={"image": IMAGE})),
+        ("ImageFsInfo", api_pb2.ImageFsInfoRequest()),
+    ],
+)
+async def test_forwards_image_calls_unchanged_to_the_runtime(
+    cri: Cri, rpc: str, request_message: Any
+) -> None:
+    direct = await getattr(FakeRuntime(), rpc)(
+        request_message, SimpleNamespace(time_remaining=lambda: None)
+    )
+    response = await getattr(cri.stub, rpc)(request_message, timeout=20)
+    assert response == direct
+    ((called, received, remaining),) = cri.runtime.calls
+    assert called == rpc
+    assert received == request_message
+    # The caller's deadline travels with the forwarded call (without it there would be
+    # none; gRPC's deadline arithmetic may round it up a little).
+    assert remaining is not None and 0 < remaining < 21
+    assert cri.pipeline.asked == []
+
+
+async def test_runtime_status_and_message_pass_through_unchanged(cri: Cri) -> None:
+    with pytest.raises(aio.AioRpcError) as refused:
+        await cri.stub.RemoveImage(api_pb2.RemoveImageRequest(image={"image": "missing"}))
+    assert refused.value.code() is grpc.StatusCode.NOT_FOUND
+    assert refused.value.details() == "image missing not found"
+
+
+async def test_pull_is_verified_then_forwarded(cri: Cri) -> None:
+    request = api_pb2.PullImageRequest(image={"image": IMAGE}, auth={"username": "u"})
+    response = await cri.stub.PullImage(request, timeout=20)
+    assert response.image_ref == "sha256:cc"
+    assert cri.pipeline.asked == [("registry.example.test", "app/web")]
+    ((called, received, _),) = cri.runtime.calls
+    assert (called, received) == ("PullImage", request)
+
+
+async def test_refuses_pull_denied_by_policy_before_the_runtime_is_asked(cri: Cri) -> None:
+    cri.pipeline.error = errors.VerificationFailed("no cosign signature verifies")
+    with pytest.raises(aio.AioRpcError) as refused:
+        await cri.stub.PullImage(api_pb2.PullImageRequest(image={"image": IMAGE}))
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert refused.value.details() == "DENIED: no cosign signature verifies"
+    assert cri.runtime.calls == []
+
+
+async def test_pull_with_upstream_down_is_unavailable(cri: Cri) -> None:
+    cri.pipeline.error = errors.UpstreamUnavailable("cannot connect to upstream")
+    with pytest.raises(aio.AioRpcError) as refused:
+        await cri.stub.PullImage(api_pb2.PullImageRequest(image={"image": IMAGE}))
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert cri.runtime.calls == []
+
+
+async def test_internal_error_during_pull_is_grpc_internal(cri: Cri) -> None:
+    # A bug is neither a refusal nor the upstream's fault, and never gRPC UNKNOWN.
+    cri.pipeline.error = RuntimeError("bug in pullgate")
+    with pytest.raises(aio.AioRpcError) as refused:
+        await cri.stub.PullImage(api_pb2.PullImageRequest(image={"image": IMAGE}))
+    assert refused.value.code() is grpc.StatusCode.INTERNAL
+    details = refused.value.details()
+    assert details.startswith("UNKNOWN: internal error")
+    assert "bug in pullgate" not in details  # the log has it; the client gets no internals
+    assert cri.runtime.calls == []

@@ -1,0 +1,275 @@
+"""The HTTP front end in process: aiohttp's test client against the app wired as
+``serve`` wires it, in front of a fake upstream registry on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from proxy.http import app as app_module
+from proxy.oci.digest import Digest
+from tests.support.inprocess import (
+    ALLOW_APP_POLICY,
+    REGISTRY,
+    FakeRegistry,
+    Image,
+    Mirror,
+    mirror_config,
+    serve_fake_registry,
+    start_mirror,
+)
+from tests.support.peers import free_port
+
+# Big enough to cross many upstream writes and the fill's first batches.
+LAYER = bytes((i * 7 + i // 251) & 0xFF for i in range(1024 * 1024 + 123))
+
+
+@pytest.fixture
+def upstream() -> FakeRegistry:
+    return FakeRegistry()
+
+
+@pytest.fixture
+def image(upstream: FakeRegistry) -> Image:
+    return upstream.add_image("app/web", "1.0", LAYER, b"second layer")
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(ALLOW_APP_POLICY)
+    return path
+
+
+@pytest.fixture
+async def mirror(upstream: FakeRegistry, image: Image, policy_file: Path) -> AsyncIterator[Mirror]:
+    """No cache: every blob is streamed from the upstream."""
+    async with (
+        serve_fake_registry(upstream) as url,
+        start_mirror(mirror_config(url, policy=policy_file)) as running,
+    ):
+        yield running
+
+
+@pytest.fixture(params=["uncached", "cached"])
+async def either_mirror(
+    request: pytest.FixtureRequest,
+    upstream: FakeRegistry,
+    image: Image,
+    policy_file: Path,
+    tmp_path: Path,
+) -> AsyncIterator[Mirror]:
+    """Without a cache (a verifying stream) and with one (a single-flight fill)."""
+    cache_dir = tmp_path / "cache" if request.param == "cached" else None
+    async with (
+        serve_fake_registry(upstream) as url,
+        start_mirror(mirror_config(url, policy=policy_file, cache_dir=cache_dir)) as running,
+    ):
+        yield running
+
+
+async def _oci_error(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    doc = await response.json()
+    ((error,),) = (doc["errors"],)
+    assert set(error) <= {"code", "message", "detail"}
+    return dict(error)
+
+
+async def _pull_manifest(mirror: Mirror, image: Image) -> None:
+    response = await mirror.client.get(f"/v2/{image.repository}/manifests/{image.tag}")
+    assert response.status == 200
+
+
+# ---- manifests ---------------------------------------------------------------------
+
+
+async def test_serves_manifest_with_exact_bytes_and_docker_content_digest(
+    mirror: Mirror, image: Image
+) -> None:
+    for ref in (image.tag, str(image.digest)):
+        response = await mirror.client.get(f"/v2/app/web/manifests/{ref}")
+        assert response.status == 200
+        assert await response.read() == image.manifest
+        assert response.headers["Docker-Content-Digest"] == str(image.digest)
+        assert response.headers["Content-Type"] == "application/vnd.oci.image.manifest.v1+json"
+    head = await mirror.client.head("/v2/app/web/manifests/1.0")
+    assert head.status == 200
+    assert head.headers["Content-Length"] == str(len(image.manifest))
+    assert head.headers["Docker-Content-Digest"] == str(image.digest)
+
+
+async def test_refuses_manifest_no_policy_scope_allows(
+    mirror: Mirror, upstream: FakeRegistry
+) -> None:
+    upstream.add_image("other/tool", "2", b"tool layer")
+    response = await mirror.client.get("/v2/other/tool/manifests/2")
+    assert response.status == 403
+    error = await _oci_error(response)
+    assert error["code"] == "DENIED"
+    assert "no policy scope matches" in error["message"]
+
+
+# ---- blobs -------------------------------------------------------------------------
+
+
+async def test_refuses_blob_without_a_verified_manifest(
+    mirror: Mirror, upstream: FakeRegistry, image: Image
+) -> None:
+    response = await mirror.client.get(f"/v2/app/web/blobs/{image.layers[0]}")
+    assert response.status == 403
+    error = await _oci_error(response)
+    assert error["code"] == "DENIED"
+    assert str(image.layers[0]) in error["message"]
+    assert "not referenced by any verified manifest" in error["message"]
+    # Refused before anything was asked of the upstream.
+    assert upstream.requests_for("blobs") == []
+
+
+async def test_refuses_blob_verified_for_another_repository(
+    mirror: Mirror, upstream: FakeRegistry, image: Image
+) -> None:
+    upstream.add_image("app/other", "1.0", LAYER)
+    await _pull_manifest(mirror, image)
+    response = await mirror.client.get(f"/v2/app/other/blobs/{image.layers[0]}")
+    assert response.status == 403
+    assert (await _oci_error(response))["code"] == "DENIED"
+
+
+async def test_streams_blob_of_a_verified_manifest_with_the_right_bytes(
+    either_mirror: Mirror, image: Image
+) -> None:
+    mirror = either_mirror
+    await _pull_manifest(mirror, image)
+    layer = image.layers[0]
+    response = await mirror.client.get(f"/v2/app/web/blobs/{layer}")
+    assert response.status == 200
+    assert response.headers["Docker-Content-Digest"] == str(layer)
+    assert response.headers["Content-Length"] == str(len(LAYER))
+    assert await response.read() == LAYER
+    kept = mirror.pipeline.store.path_of(layer)
+    assert (kept is not None) == mirror.pipeline.store.caching
+    ranged = await mirror.client.get(
+        f"/v2/app/web/blobs/{layer}", headers={"Range": "bytes=1000-70999"}
+    )
+    assert ranged.status == 206
+    assert ranged.headers["Content-Range"] == f"bytes 1000-70999/{len(LAYER)}"
+    assert await ranged.read() == LAYER[1000:71000]
+
+
+async def test_refuses_to_deliver_a_corrupted_blob_complete(
+    either_mirror: Mirror, upstream: FakeRegistry, image: Image
+) -> None:
+    mirror = either_mirror
+    layer = image.layers[0]
+    upstream.corrupt.add(layer)
+    await _pull_manifest(mirror, image)
+    response = await mirror.client.get(f"/v2/app/web/blobs/{layer}")
+    # Headers went out before the digest could be known ...
+    assert response.status == 200
+    received = bytearray()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async for piece in response.content.iter_any():
+            received += piece
+    # ... but the connection was cut before the last bytes: never a complete body,
+    # and nothing kept.
+    assert len(received) < len(LAYER)
+    assert Digest.of(bytes(received)) != layer
+    assert mirror.pipeline.store.path_of(layer) is None
+    mismatches = mirror.metrics.registry.get_sample_value(
+        "pullgate_blob_digest_mismatch_total", {"registry": REGISTRY}
+    )
+    assert mismatches == 1
+
+
+# ---- tags --------------------------------------------------------------------------
+
+
+async def test_tags_query_reaches_upstream_as_one_escaped_parameter(
+    mirror: Mirror, upstream: FakeRegistry
+) -> None:
+    # ``last=a%26x%3D1`` is one parameter whose value is "a&x=1"; unknown parameters are
+    # not forwarded.
+    url = URL("/v2/app/web/tags/list?n=10&last=a%26x%3D1&evil=1", encoded=True)
+    response = await mirror.client.get(url)
+    assert response.status == 200
+    assert (await response.json())["tags"] == ["1.0"]
+    (seen,) = upstream.requests_for("tags/list")
+    assert seen.query == {"n": "10", "last": "a&x=1"}
+    assert seen.query_string == "n=10&last=a%26x%3D1"
+
+
+# ---- errors ------------------------------------------------------------------------
+
+
+async def test_internal_error_is_500_unknown_not_blamed_on_the_upstream(
+    mirror: Mirror, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("secret internal detail")
+
+    monkeypatch.setattr(mirror.pipeline, "get_manifest", broken)
+    with caplog.at_level(logging.ERROR, logger="pullgate.http"):
+        response = await mirror.client.get("/v2/app/web/manifests/1.0")
+    assert response.status == 500
+    error = await _oci_error(response)
+    assert error["code"] == "UNKNOWN"
+    assert "internal error" in error["message"]
+    assert "secret internal detail" not in await response.text()
+    (record,) = [r for r in caplog.records if r.name == "pullgate.http"]
+    assert record.exc_info is not None and isinstance(record.exc_info[1], KeyError)
+    head = await mirror.client.head("/v2/app/web/manifests/1.0")
+    assert head.status == 500
+    assert await head.read() == b""
+
+
+async def test_internal_error_mid_blob_cuts_the_connection(
+    mirror: Mirror,
+    image: Image,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Once the headers went out a 500 is impossible; the client must see a cut
+    # transfer at once, not wait for bytes that never come.
+    real_sender = app_module.SocketSender
+
+    class SendOnceThenFail:
+        def __init__(self, fd: int) -> None:
+            self._send = real_sender(fd)
+            self._sent = False
+
+        def __call__(self, data: memoryview) -> None:
+            if self._sent:
+                raise KeyError("bug mid-stream")
+            self._sent = True
+            self._send(data)
+
+    monkeypatch.setattr(app_module, "SocketSender", SendOnceThenFail)
+    await _pull_manifest(mirror, image)
+    with caplog.at_level(logging.ERROR, logger="pullgate.http"):
+        response = await mirror.client.get(f"/v2/app/web/blobs/{image.layers[0]}")
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(response.read(), timeout=30)
+    assert any(
+        r.exc_info is not None and isinstance(r.exc_info[1], KeyError) for r in caplog.records
+    )
+
+
+async def test_upstream_down_is_503_with_oci_error_json(policy_file: Path) -> None:
+    # Nothing listens on this loopback port.
+    config = mirror_config(f"http://127.0.0.1:{free_port()}", policy=policy_file)
+    async with start_mirror(config) as mirror:
+        response = await mirror.client.get("/v2/app/web/manifests/1.0")
+        assert response.status == 503
+        error = await _oci_error(response)
+        assert error["code"] == "UPSTREAM_UNAVAILABLE"
+        assert "cannot connect to upstream" in error["message"]
