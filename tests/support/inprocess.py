@@ -3,7 +3,8 @@
 ``FakeRegistry`` is a small aiohttp server on loopback that speaks enough of the OCI
 distribution API (``/v2/``, manifests, blobs, tags/list) for the front end and the
 pipeline, and records what it was asked. ``start_mirror`` is the one place these tests
-wire gate, store, pipeline, router and app together (as ``proxy.cli.serve`` does).
+wire gate, store, pipeline, router and app together (through ``proxy.node``, as
+``pullgate serve`` does).
 """
 
 from __future__ import annotations
