@@ -403,6 +403,10 @@ def serve(config: Config, *, cri: CriEndpoints | None = None) -> int:
     def ready() -> None:
         print(f"pullgate: serving on http://{config.listen_host}:{config.listen_port}", flush=True)
 
-    uvloop.run(serve_node(node, cri=cri, on_ready=ready))
+    try:
+        uvloop.run(serve_node(node, cri=cri, on_ready=ready))
+    except OSError as exc:  # the port is taken, the CRI socket's directory is missing, ...
+        print(f"pullgate: cannot serve: {exc}", file=sys.stderr)
+        return 1
     log.info("stopped")
     return 0

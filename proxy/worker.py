@@ -38,7 +38,11 @@ def main() -> int:
         return 2
     import uvloop
 
-    uvloop.run(_serve(node, spec, channel))
+    try:
+        uvloop.run(_serve(node, spec, channel))
+    except OSError as exc:
+        print(f"pullgate worker {spec.role.index}: cannot serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

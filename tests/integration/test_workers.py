@@ -233,6 +233,17 @@ def test_sigterm_stops_every_worker_and_exits_0(node: Node) -> None:
     assert not Path(runtime).exists(), "the runtime directory was left behind"
 
 
+def test_sigterm_stops_a_single_process_with_exit_0(
+    registry: Registry, make_pullgate: Callable[..., Pullgate]
+) -> None:
+    pullgate = make_pullgate(upstreams={REGISTRY: registry.url}, workers=1)
+    assert pullgate.worker_pids() == []  # no supervisor: the process serves itself
+    assert pullgate.process is not None
+    pullgate.process.send_signal(signal.SIGTERM)
+    assert pullgate.process.wait(timeout=60) == 0, pullgate.log_text()[-3000:]
+    assert "stopped" in pullgate.log_text()
+
+
 def test_a_killed_worker_is_restarted_and_the_service_keeps_answering(node: Node) -> None:
     pushed, _ = node.push_signed("team/app", "v1", seed=500)
     assert node.get(manifest_path("team/app", "v1")).status == 200
