@@ -27,10 +27,9 @@ import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from grpc import aio as grpc_aio
 
 from proxy import __version__
 from proxy.cache import BlobStore, NoStore
@@ -40,14 +39,20 @@ from proxy.cache.verified import NoVerifiedManifests, VerifiedManifestStore
 from proxy.cache.verified_disk import DiskVerifiedManifests
 from proxy.config import Config
 from proxy.gate import AllowAllGate, Gate
+from proxy.http.admin import build_admin_app
+from proxy.http.app import build_app
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.upstream.router import UpstreamRouter
 from proxy.upstream.session import new_upstream_session
+from proxy.verify.base import PolicyError
 from proxy.verify.gate import COVERED, SignatureGate
 from proxy.verify.policy import load_policy
 from proxy.verify.reload import PolicyWatcher
 from proxy.verify.shared import SharedAllowances
+
+if TYPE_CHECKING:
+    from grpc import aio as grpc_aio
 
 log = logging.getLogger("pullgate")
 
@@ -328,9 +333,6 @@ async def serve_node(
     on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``node`` until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully."""
-    from proxy.http.admin import build_admin_app
-    from proxy.http.app import build_app
-
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -389,8 +391,6 @@ async def serve_node(
 def serve(config: Config, *, cri: CriEndpoints | None = None) -> int:
     """``pullgate serve --workers 1``: one process, no supervisor. Exit code 0 after a
     graceful stop on SIGTERM/SIGINT, 2 if the policy does not load."""
-    from proxy.verify.base import PolicyError
-
     try:
         node = Node.build(config)
     except PolicyError as exc:
