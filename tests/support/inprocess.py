@@ -18,7 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.cache import BlobStore
-from proxy.cli import build_gate, build_store
+from proxy.cache.verified import VerifiedManifestStore
+from proxy.cli import build_gate, build_stores
 from proxy.config import CacheConfig, Config, RetryConfig, TimeoutConfig, UpstreamConfig, validate
 from proxy.gate import Gate
 from proxy.http.app import ROUTER_KEY, build_app
@@ -204,16 +205,22 @@ class Mirror:
 
 @asynccontextmanager
 async def start_mirror(
-    config: Config, *, gate: Gate | None = None, store: BlobStore | None = None
+    config: Config,
+    *,
+    gate: Gate | None = None,
+    store: BlobStore | None = None,
+    manifests: VerifiedManifestStore | None = None,
 ) -> AsyncIterator[Mirror]:
     """The app wired as ``proxy.cli.serve`` wires it, served on loopback with aiohttp's
     test client; ``gate`` and ``store`` replace what the config would build. The
     upstream session and router live in the app's cleanup context, so they exist
     (``Mirror.route``) only inside this context."""
     metrics = Metrics()
+    built_store, built_manifests = build_stores(config)
     pipeline = Pipeline(
         gate=gate if gate is not None else build_gate(config, metrics),
-        store=store if store is not None else build_store(config),
+        store=store if store is not None else built_store,
+        manifests=manifests if manifests is not None else built_manifests,
         metrics=metrics,
         complete_on_disconnect=config.cache.complete_on_disconnect,
         tag_staleness=config.cache.tag_staleness,
