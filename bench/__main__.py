@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import floor  # noqa: E402
+from bench import floor, workers  # noqa: E402
 from tests.support.ocilayout import push_blob, push_manifest, write_blob_file  # noqa: E402
 from tests.support.peers import Containerd, Nginx, Pullgate, Registry  # noqa: E402
 
@@ -207,6 +207,14 @@ class Bench:
                     self.fan_in(registry, digest)
                 if "ctr" in scenarios:
                     self.ctr_pulls(registry, digest)
+                if "workers" in scenarios:
+                    workers.scaling(
+                        self.work,
+                        registry,
+                        self.size,
+                        self.reps,
+                        lambda name, unit, value: self.figure(name, unit).samples.append(value),
+                    )
             finally:
                 nginx.stop()
             if "restart" in scenarios:
@@ -552,6 +560,34 @@ def floor_ratios(bench: Bench) -> list[dict[str, Any]]:
     return ratios
 
 
+def worker_ratios(bench: Bench) -> list[dict[str, Any]]:
+    """Warm aggregate with N workers against N x one worker (goal 0.8), and cold and
+    warm against nginx with the same worker count."""
+    fig = bench.figures
+    ratios: list[dict[str, Any]] = []
+    one = fig.get("workers 1: pullgate warm")
+    count = 1
+    while f"workers {count}: nginx" in fig:
+        nginx = fig[f"workers {count}: nginx"].median
+        warm = fig[f"workers {count}: pullgate warm"].median
+        cold = fig[f"workers {count}: pullgate cold"].median
+        if one is not None and count > 1:
+            ratio = warm / (count * one.median)
+            ratios.append(
+                {"measure": f"warm, {count} workers vs {count} x one worker", "ratio": ratio,
+                 "goal": 0.8, "met": ratio >= 0.8}
+            )  # fmt: skip
+        for kind, value in (("warm", warm), ("cold", cold)):
+            ratio = value / nginx
+            goal = 0.9 if kind == "warm" else 0.0
+            ratios.append(
+                {"measure": f"{kind}, {count} workers vs nginx with {count}", "ratio": ratio,
+                 "goal": goal, "met": ratio >= goal}
+            )  # fmt: skip
+        count += 1
+    return ratios
+
+
 def report(bench: Bench, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     figures = {name: f.as_dict() for name, f in bench.figures.items()}
@@ -561,6 +597,7 @@ def report(bench: Bench, out: Path) -> None:
             ratio = bench.figures[a].median / bench.figures[b].median
             ratios.append({"measure": label, "ratio": ratio, "goal": goal, "met": ratio >= goal})
     ratios += floor_ratios(bench)
+    ratios += worker_ratios(bench)
     result = {
         "machine": machine(),
         "blob_bytes": bench.size,
@@ -619,8 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--only",
-        default="pull,ctr,fanin,restart,verify",
-        help="comma list of pull, ctr, fanin, restart, verify",
+        default="pull,ctr,fanin,workers,restart,verify",
+        help="comma list of pull, ctr, fanin, workers, restart, verify",
     )
     args = parser.parse_args(argv)
     size = 16 * MIB if args.smoke else parse_size(args.size)

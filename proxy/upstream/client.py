@@ -47,6 +47,9 @@ MAX_TOKEN_RESPONSE = 64 * 1024
 MAX_REDIRECTS = 5
 MAX_RETRY_AFTER = 30.0
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Bodies at least this long are read straight from the socket (``body_reader``); the
+# connection is then closed, not reused, which smaller bodies are not worth.
+TAKEOVER_MIN_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +118,8 @@ class UpstreamResponse:
 
     def body_reader(self) -> BodyReader:
         """The body, for a worker thread to read: straight from the socket when the
-        hop is plain HTTP with a known length and no transfer coding, else through
-        the event loop (``iter_body``). Close the response afterwards either way; a
+        hop is plain HTTP with a known length (of ``TAKEOVER_MIN_BYTES`` or more) and
+        no transfer coding, else through the event loop (``iter_body``). Close the response afterwards either way; a
         taken socket is never returned to the connection pool."""
         response = self._response
         length = response.content_length
@@ -126,6 +129,7 @@ class UpstreamResponse:
         sock = None
         if (
             length is not None
+            and length >= TAKEOVER_MIN_BYTES
             and transport is not None
             and protocol is not None
             and transport.get_extra_info("sslcontext") is None

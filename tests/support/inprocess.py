@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.cache import BlobStore
+from proxy.cache.verified import VerifiedManifestStore
 from proxy.config import CacheConfig, Config, RetryConfig, TimeoutConfig, UpstreamConfig, validate
 from proxy.gate import Gate
 from proxy.http.app import ROUTER_KEY, build_app
@@ -205,13 +206,17 @@ class Mirror:
 
 @asynccontextmanager
 async def start_mirror(
-    config: Config, *, gate: Gate | None = None, store: BlobStore | None = None
+    config: Config,
+    *,
+    gate: Gate | None = None,
+    store: BlobStore | None = None,
+    manifests: VerifiedManifestStore | None = None,
 ) -> AsyncIterator[Mirror]:
     """The app wired as ``pullgate serve`` wires it (``proxy.node``), served on loopback
-    with aiohttp's test client; ``gate`` and ``store`` replace what the config would
-    build. The upstream session and router live as long as the node runs, so they exist
+    with aiohttp's test client; ``gate``, ``store`` and ``manifests`` replace what the
+    config would build. The upstream session and router live as long as the node runs, so they exist
     (``Mirror.route``) only inside this context."""
-    node = Node.build(config, gate=gate, store=store)
+    node = Node.build(config, gate=gate, store=store, manifests=manifests)
     async with node.running():
         app = build_app(
             config=config, pipeline=node.pipeline, router=node.router, metrics=node.metrics

@@ -374,9 +374,10 @@ state = "{w}/state"
 class Nginx(_Process):
     """nginx-light serving ``root`` with sendfile, on a free loopback port."""
 
-    def __init__(self, workdir: Path, root: Path) -> None:
+    def __init__(self, workdir: Path, root: Path, *, workers: int = 1) -> None:
         self.workdir = workdir
         self.root = root
+        self.workers = workers
         self.port = free_port()
         self.log_path = workdir / "nginx.log"
 
@@ -391,7 +392,7 @@ class Nginx(_Process):
         (w / "nginx.conf").write_text(
             f"""daemon off;
 user root;
-worker_processes 1;
+worker_processes {self.workers};
 pid {w}/nginx.pid;
 error_log {w}/error.log;
 events {{ worker_connections 1024; }}

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from proxy.cache import NoStore, RecentVerdict
+from proxy.cache.verified import NoVerifiedManifests, RecentVerdict
 from proxy.gate import AllowAllGate, ArtifactSource, Gate, RepoKey, Verdict
 from proxy.oci.digest import Digest
 from proxy.oci.manifest import Manifest
@@ -50,17 +50,12 @@ class ProtocolGate:
         return (repo, digest) in self.allowed
 
 
-class RecordingStore(NoStore):
-    """Keeps nothing, but says it caches and records what the pipeline asks of it."""
-
-    caching = True
+class RecordingStore(NoVerifiedManifests):
+    """Keeps nothing, but records what the pipeline asks of its verified manifests."""
 
     def __init__(self) -> None:
         self.verdicts: list[Mapping[str, Any]] = []
         self.recent_asked = asyncio.Event()
-
-    def accepts(self, digest: Digest) -> bool:
-        return False  # blobs are streamed; only manifests and verdicts are recorded
 
     def put_manifest(
         self,
@@ -121,7 +116,7 @@ def test_both_gates_declare_the_gate_protocol() -> None:
 async def test_stored_verdict_carries_the_gate_revision(upstream_url: str) -> None:
     store = RecordingStore()
     gate = ProtocolGate(revision="rev-42")
-    async with start_mirror(mirror_config(upstream_url), gate=gate, store=store) as mirror:
+    async with start_mirror(mirror_config(upstream_url), gate=gate, manifests=store) as mirror:
         await mirror.pipeline.get_manifest(mirror.route(), "app/web", ManifestRef(tag="1.0"))
     (verdict,) = store.verdicts
     assert verdict["policyRevision"] == "rev-42"
@@ -152,7 +147,7 @@ async def test_restart_restore_runs_only_with_a_policy_in_force(
 ) -> None:
     store = RecordingStore()
     gate = ProtocolGate(policy_in_force=in_force)
-    async with start_mirror(mirror_config(upstream_url), gate=gate, store=store):
+    async with start_mirror(mirror_config(upstream_url), gate=gate, manifests=store):
         if in_force:
             await asyncio.wait_for(store.recent_asked.wait(), timeout=10)
         else:
