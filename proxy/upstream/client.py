@@ -119,8 +119,9 @@ class UpstreamResponse:
     def body_reader(self) -> BodyReader:
         """The body, for a worker thread to read: straight from the socket when the
         hop is plain HTTP with a known length (of ``TAKEOVER_MIN_BYTES`` or more) and
-        no transfer coding, else through the event loop (``iter_body``). Close the response afterwards either way; a
-        taken socket is never returned to the connection pool."""
+        no transfer coding, else through the event loop (``iter_body``). Close the
+        response afterwards either way; a taken socket is never returned to the
+        connection pool."""
         response = self._response
         length = response.content_length
         connection = response.connection
