@@ -1,6 +1,6 @@
 """Aggregate throughput with N worker processes and N concurrent layers.
 
-For N = 1 .. the core count, N different blobs are pulled at once with curl (which
+For N = 1, 2, 4, ... up to the core count, N different blobs are pulled at once with curl (which
 does not hash, so the client takes as little of the machine as it can), from:
 
 * ``nginx`` with ``worker_processes N``, sending the same files (the serving limit);
@@ -55,15 +55,19 @@ def scaling(
     max_workers: int | None = None,
 ) -> None:
     cores = max_workers or os.cpu_count() or 1
+    # 1, 2, 4, ... up to the core count (2 at least, so a small machine shows a step).
+    counts = [1]
+    while counts[-1] * 2 <= max(cores, 2):
+        counts.append(counts[-1] * 2)
     blobs = work / "worker-blobs"
     blobs.mkdir()
     digests: list[str] = []
-    for index in range(cores):
+    for index in range(counts[-1]):
         path = blobs / f"blob{index}.bin"
         digest = write_blob_file(path, size, seed=1000 + index)
         push_blob(registry.url, REPO, path, digest=digest)
         digests.append(digest)
-    for workers in range(1, cores + 1):
+    for workers in counts:
         mine = digests[:workers]
         for rep in range(reps):
             nginx = Nginx(work / f"nginx-w{workers}-{rep}", blobs, workers=workers).start()

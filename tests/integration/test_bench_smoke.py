@@ -19,7 +19,7 @@ def test_bench_smoke_reports_every_peer(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
@@ -33,9 +33,25 @@ def test_bench_smoke_reports_every_peer(tmp_path: Path) -> None:
         "ctr direct",
         "ctr proxy-cold",
         "ctr pullgate-cold",
+        "curl direct",
+        "curl pullgate-stream",
+        "curl pullgate-cold",
+        "workers 1: nginx",
+        "workers 1: pullgate cold",
+        "workers 1: pullgate warm",
+        "workers 2: pullgate warm",
+        "floor: sha256 CPU",
+        "floor: socket receive+send CPU",
+        "floor: new-page write CPU",
+        "pullgate-stream CPU",
+        "curl pullgate-stream all processes CPU",
     ):
         assert figures[peer]["samples"], peer
         assert figures[peer]["median"] > 0
+    measures = {r["measure"] for r in result["ratios"]}
+    assert "stream CPU vs floor (sha256 + receive + send)" in measures
+    assert "curl stream vs verifying limit" in measures
+    assert "warm, 2 workers vs 2 x one worker" in measures
     # Single-flight is a correctness property, so the smoke run checks it exactly.
     assert figures["fan-in upstream GETs"]["samples"] == [1]
     assert "32/32 clients got correct bytes" in result["notes"][0]
