@@ -17,9 +17,9 @@ from proxy.gate import RepoKey
 from proxy.oci.manifest import parse_manifest
 from proxy.verify.base import Limits, Subject, TrustConfig
 from proxy.verify.cosign import cosign_verifier_from_spec
-from proxy.verify.gate import SignatureGate
 from proxy.verify.notation import notation_verifier_from_spec
 from proxy.verify.policy import Leaf, Policy, Scope, glob_to_regex
+from proxy.verify.signature_gate import SignatureGate
 from tests.support import cosign_sign as cs
 from tests.support.notation_sign import TestNotary, descriptor_of, signature_artifact
 

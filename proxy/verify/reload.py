@@ -20,8 +20,8 @@ from pathlib import Path
 
 from proxy.metrics import Metrics
 from proxy.verify.base import PolicyError
-from proxy.verify.gate import SignatureGate
 from proxy.verify.policy import Policy, parse_policy
+from proxy.verify.signature_gate import SignatureGate
 
 log = logging.getLogger("pullgate.policy")
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from proxy import hoststoml
+from proxy.cli import hoststoml
 from proxy.oci.digest import Digest
 from proxy.oci.manifest import Descriptor
 from tests.support import cosign_sign as cs

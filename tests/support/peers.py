@@ -342,7 +342,7 @@ state = "{w}/state"
 
     def write_hosts(self, registry: str, server: str, *, plain_http: bool = True) -> Path:
         """certs.d/<registry>/hosts.toml with ``server`` = pullgate and no fallback host."""
-        from proxy import hoststoml
+        from proxy.cli import hoststoml
 
         return hoststoml.write(self.certs_dir, registry, server)
 

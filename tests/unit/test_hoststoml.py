@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy import hoststoml
-from proxy.hosts_cli import run as run_install_hosts
+from proxy.cli import hoststoml
+from proxy.cli.hosts import run as run_install_hosts
 
 SERVER = "http://127.0.0.1:5050"
 

@@ -14,8 +14,8 @@ from proxy.cache.disk import DiskBlobStore
 from proxy.config import CacheConfig, Config, UpstreamConfig, validate
 from proxy.gate import AllowAllGate
 from proxy.node import ALLOWANCES_FILE, Node, Role
-from proxy.verify.gate import COVERED, SignatureGate
 from proxy.verify.shared import SharedAllowances
+from proxy.verify.signature_gate import COVERED, SignatureGate
 from tests.support import cosign_sign as cs
 
 REGISTRY = "registry.example.test"

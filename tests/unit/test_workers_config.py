@@ -18,7 +18,7 @@ from proxy.config import (
     worker_count,
 )
 from proxy.node import CriEndpoints, Role
-from proxy.supervisor import WorkerSpec, receive_spec, send_spec
+from proxy.node.supervisor import WorkerSpec, receive_spec, send_spec
 
 
 def test_workers_default_to_one_per_core_at_most_eight(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,8 +20,8 @@ from proxy.oci.digest import Digest
 from proxy.oci.manifest import Manifest
 from proxy.oci.reference import ManifestRef
 from proxy.verify.base import Limits
-from proxy.verify.gate import SignatureGate
 from proxy.verify.policy import Policy
+from proxy.verify.signature_gate import SignatureGate
 from tests.support.inprocess import (
     FakeRegistry,
     Image,

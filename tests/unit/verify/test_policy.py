@@ -20,8 +20,6 @@ from proxy.oci.errors import ManifestTooLarge, TooManyRequests, UpstreamUnavaila
 from proxy.oci.manifest import Manifest
 from proxy.verify import policy as policy_module
 from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject
-from proxy.verify.cache import VerdictCache
-from proxy.verify.gate import SignatureGate
 from proxy.verify.policy import (
     AllOf,
     AnyOf,
@@ -34,6 +32,8 @@ from proxy.verify.policy import (
     policy_name,
 )
 from proxy.verify.reload import PolicyWatcher
+from proxy.verify.signature_gate import SignatureGate
+from proxy.verify.verdicts import VerdictCache
 from tests.support import cosign_sign as cs
 from tests.support.notation_sign import TestNotary
 

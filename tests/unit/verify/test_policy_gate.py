@@ -15,10 +15,10 @@ from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import UpstreamUnavailable
 from proxy.verify.base import CheckResult, Limits, PolicyError, Subject
-from proxy.verify.cache import VerdictCache
-from proxy.verify.gate import SignatureGate
 from proxy.verify.policy import AllOf, AnyOf, Leaf, Policy, Scope, glob_to_regex, parse_policy
 from proxy.verify.reload import PolicyWatcher
+from proxy.verify.signature_gate import SignatureGate
+from proxy.verify.verdicts import VerdictCache
 from tests.support import cosign_sign as cs
 
 from .manifests import image, index

@@ -17,10 +17,10 @@ from proxy.gate import ArtifactSource, RepoKey
 from proxy.oci.digest import Digest
 from proxy.oci.manifest import Manifest
 from proxy.verify.base import CheckResult, Limits, Subject
-from proxy.verify.cache import VerdictCache
-from proxy.verify.gate import COVERED, SignatureGate
 from proxy.verify.policy import Leaf, Policy, Scope, glob_to_regex
 from proxy.verify.shared import BLOBS, CHILDREN, SharedAllowances
+from proxy.verify.signature_gate import COVERED, SignatureGate
+from proxy.verify.verdicts import VerdictCache
 from tests.support import cosign_sign as cs
 
 from .manifests import image, index

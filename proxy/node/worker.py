@@ -1,6 +1,6 @@
-"""One serving process under the supervisor: ``python -m proxy.worker``.
+"""One serving process under the supervisor: ``python -m proxy.node.worker``.
 
-Started by ``proxy.supervisor`` with a socketpair as its stdin: it reads its spec
+Started by ``proxy.node.supervisor`` with a socketpair as its stdin: it reads its spec
 there, builds and serves the node (``proxy.node``), writes ``ready`` once it listens,
 and stops gracefully on SIGTERM/SIGINT or when the supervisor goes away.
 """
@@ -14,7 +14,7 @@ import sys
 
 from proxy.cli import LOG_FORMAT
 from proxy.node import Node, serve_node
-from proxy.supervisor import READY, WorkerSpec, receive_spec
+from proxy.node.supervisor import READY, WorkerSpec, receive_spec
 from proxy.verify.base import PolicyError
 
 log = logging.getLogger("pullgate.worker")

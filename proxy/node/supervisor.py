@@ -7,7 +7,7 @@ A small parent process that serves nothing itself. It
    (``PROMETHEUS_MULTIPROC_DIR``), and removes it when it exits;
 2. checks that the registry and admin ports are free, so that a stale pullgate holding
    them with ``SO_REUSEPORT`` cannot silently take a share of the connections;
-3. starts N workers (``python -m proxy.worker``), each the full app (``proxy.node``)
+3. starts N workers (``python -m proxy.node.worker``), each the full app (``proxy.node``)
    on the same ports, and waits until every one serves; if one fails first, it stops
    the others and exits with that worker's code (2: configuration or policy error);
 4. restarts a worker that dies, after a backoff that doubles with each quick failure
@@ -222,7 +222,7 @@ class Supervisor:
         ours, theirs = socket.socketpair()
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "proxy.worker"],
+                [sys.executable, "-m", "proxy.node.worker"],
                 stdin=theirs.fileno(),
                 env=self._worker_env,
                 close_fds=True,

@@ -58,9 +58,9 @@ from proxy.oci.digest import Digest
 from proxy.oci.errors import UpstreamUnavailable
 from proxy.oci.manifest import Manifest
 from proxy.verify.base import Subject
-from proxy.verify.cache import VerdictCache, VerdictKey
 from proxy.verify.policy import Policy, Scope, truncate
 from proxy.verify.shared import BLOBS, CHILDREN, Grant, SharedAllowances
+from proxy.verify.verdicts import VerdictCache, VerdictKey
 
 log = logging.getLogger("pullgate.gate")
 

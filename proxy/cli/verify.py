@@ -28,8 +28,8 @@ from proxy.pipeline import Pipeline, ServedManifest
 from proxy.upstream.router import Route, UpstreamRouter
 from proxy.upstream.session import new_upstream_session
 from proxy.verify.base import PolicyError
-from proxy.verify.gate import SignatureGate
 from proxy.verify.policy import load_policy
+from proxy.verify.signature_gate import SignatureGate
 
 EXIT_ALLOWED = 0
 EXIT_REFUSED = 1

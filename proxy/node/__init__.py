@@ -10,7 +10,7 @@ only handlers and middleware.
 
 ``serve`` runs one serving process until SIGTERM or SIGINT, then stops gracefully and
 returns 0: the only process with ``--workers 1``, or one of N under
-``proxy.supervisor``. With N workers, each one binds the registry and admin ports with
+``proxy.node.supervisor``. With N workers, each one binds the registry and admin ports with
 ``SO_REUSEPORT`` (the kernel spreads new connections over them) and shares the node's
 allowances and metrics through the supervisor's runtime directory; the CRI socket, the
 cache scrub and the restart restore run in worker 0 only (a unix socket cannot be
@@ -46,10 +46,10 @@ from proxy.pipeline import Pipeline
 from proxy.upstream.router import UpstreamRouter
 from proxy.upstream.session import new_upstream_session
 from proxy.verify.base import PolicyError
-from proxy.verify.gate import COVERED, SignatureGate
 from proxy.verify.policy import load_policy
 from proxy.verify.reload import PolicyWatcher
 from proxy.verify.shared import SharedAllowances
+from proxy.verify.signature_gate import COVERED, SignatureGate
 
 if TYPE_CHECKING:
     from grpc import aio as grpc_aio

@@ -1,5 +1,5 @@
 """Command line: reads and validates the config, then hands it to the wiring
-(``proxy.node``) or, with several workers, to the supervisor (``proxy.supervisor``)."""
+(``proxy.node``) or, with several workers, to the supervisor (``proxy.node.supervisor``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from proxy import __version__, hosts_cli, node
+from proxy import __version__, node
+from proxy.cli import hosts as hosts_cli
 from proxy.config import (
     DEFAULT_CONFIG,
     Config,
@@ -24,7 +25,7 @@ from proxy.config import (
     worker_count,
 )
 from proxy.node import CriEndpoints
-from proxy.supervisor import Supervisor
+from proxy.node.supervisor import Supervisor
 
 log = logging.getLogger("pullgate")
 
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "prefetch":
-        from proxy.prefetch_cli import run_prefetch
+        from proxy.cli.prefetch import run_prefetch
 
         return run_prefetch(args.admin, args.references, timeout=args.timeout)
     if args.command == "install-hosts":
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         cri = CriEndpoints(args.cri_listen, args.cri_runtime_endpoint) if args.cri_listen else None
         return serve(config, cri=cri)
     if args.command == "verify":
-        from proxy.verify_cli import verify_reference
+        from proxy.cli.verify import verify_reference
 
         return asyncio.run(verify_reference(config, args.reference))
     parser.error(f"unknown command {args.command}")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from proxy import hoststoml
+from proxy.cli import hoststoml
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
