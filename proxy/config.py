@@ -54,6 +54,9 @@ class CacheConfig:
     low_watermark: float = 0.85
     min_free_bytes: int = 1024**3
     complete_on_disconnect: bool = False
+    # Blobs of this size and more are written and read around the page cache
+    # (O_DIRECT, cache.directMinBytes); 0 = never.
+    direct_min_bytes: int = 64 * 1024**2
     # Background re-hash of stored blobs, in bytes per second; 0 disables it.
     scrub_bytes_per_second: int = 64 * 1024**2
     scrub_interval_seconds: float = 3600.0
@@ -212,7 +215,12 @@ def load_config_file(path: Path, base: Config = DEFAULT_CONFIG) -> Config:
             raise ConfigError(f"{path}: cache must be a mapping")
         raw_cache = {_snake(k): v for k, v in raw_cache.items()}
         cache_dir = raw_cache.pop("dir", None)
-        for size_key in ("max_bytes", "min_free_bytes", "scrub_bytes_per_second"):
+        for size_key in (
+            "max_bytes",
+            "min_free_bytes",
+            "scrub_bytes_per_second",
+            "direct_min_bytes",
+        ):
             if isinstance(raw_cache.get(size_key), str):
                 raw_cache[size_key] = parse_size(raw_cache[size_key])
         cache = _dataclass_from(CacheConfig, raw_cache, path)

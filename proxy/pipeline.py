@@ -206,6 +206,7 @@ class Pipeline:
         metrics: Metrics,
         hash_workers: int = 8,
         complete_on_disconnect: bool = False,
+        direct_min_bytes: int = DIRECT_MIN_BYTES,
         tag_staleness: float = 0.0,
         verdict_ttl: float | None = None,
         shared: SharedAllowances | None = None,
@@ -224,6 +225,7 @@ class Pipeline:
             datapath=self.datapath,
             metrics=metrics,
             complete_on_disconnect=complete_on_disconnect,
+            direct_min_bytes=direct_min_bytes,
         )
         # How long a tag may resolve to its last verified digest while the upstream is
         # down (seconds; 0 = off), and how long a verdict stays good (None = forever).
@@ -691,7 +693,8 @@ class Pipeline:
             self.store.unpin(blob.digest)
             raise StreamAborted(f"cached blob {blob.digest} vanished") from None
         try:
-            if blob.size >= DIRECT_MIN_BYTES and not resident(fd, blob.size):
+            direct = self.fills.direct_min_bytes
+            if direct and blob.size >= direct and not resident(fd, blob.size):
                 try:
                     reader = DirectReader(
                         str(blob.path), start, count, helpers=self.datapath.hashers

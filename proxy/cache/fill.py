@@ -60,12 +60,14 @@ class Fill:
         pool: Executor,
         datapath: DataPath,
         metrics: Metrics,
+        direct_min_bytes: int = DIRECT_MIN_BYTES,
     ) -> None:
         self.digest = digest
         self.registry = registry
         self._store = store
         self._pool = pool
         self._datapath = datapath
+        self._direct_min_bytes = direct_min_bytes
         self._metrics = metrics
         self.path: Path = store.new_ingest(digest)
         self.final_path: Path | None = None
@@ -131,7 +133,11 @@ class Fill:
         self._store.pin(self.digest)
         fd = -1
         try:
-            big = self.size is not None and self.size >= DIRECT_MIN_BYTES
+            big = (
+                bool(self._direct_min_bytes)
+                and self.size is not None
+                and self.size >= self._direct_min_bytes
+            )
             fd, direct = open_ingest(str(self.path), direct=big)
             self.state = "running"
             self._notify()
@@ -308,10 +314,13 @@ class FillTable:
         metrics: Metrics,
         complete_on_disconnect: bool,
         datapath: DataPath | None = None,
+        direct_min_bytes: int = DIRECT_MIN_BYTES,
     ) -> None:
         self._store = store
         self._pool = pool
         # A table built without the pipeline's data path owns one of its own.
+        # Fills of blobs this big or bigger bypass the page cache (0: never).
+        self.direct_min_bytes = direct_min_bytes
         self._own_datapath = datapath is None
         self._datapath = datapath or DataPath()
         self._metrics = metrics
@@ -344,6 +353,7 @@ class FillTable:
             pool=self._pool,
             datapath=self._datapath,
             metrics=self._metrics,
+            direct_min_bytes=self.direct_min_bytes,
         )
         self._fills[digest] = fill
         task = asyncio.get_running_loop().create_task(self._run(fill, open_response))

@@ -194,6 +194,7 @@ class Node:
             manifests=manifests,
             metrics=metrics,
             complete_on_disconnect=config.cache.complete_on_disconnect,
+            direct_min_bytes=config.cache.direct_min_bytes,
             tag_staleness=config.cache.tag_staleness,
             shared=shared,
         )

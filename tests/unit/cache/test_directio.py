@@ -101,14 +101,19 @@ def test_resident_tells_a_file_written_around_the_page_cache(tmp_path: Path) -> 
 
 @pytest.fixture
 async def big_fill_table(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> AsyncIterator[tuple[FillTable, DiskBlobStore, ThreadPoolExecutor]]:
-    # Every blob counts as big, so small test blobs take the O_DIRECT path.
-    monkeypatch.setattr(fill_module, "DIRECT_MIN_BYTES", 1)
     store = DiskBlobStore(root=tmp_path, limits=CacheLimits(max_bytes=1024**3, min_free_bytes=0))
     store.recover()
     pool = ThreadPoolExecutor(4)
-    table = FillTable(store=store, pool=pool, metrics=Metrics(), complete_on_disconnect=False)
+    # Every blob counts as big, so small test blobs take the O_DIRECT path.
+    table = FillTable(
+        store=store,
+        pool=pool,
+        metrics=Metrics(),
+        complete_on_disconnect=False,
+        direct_min_bytes=1,
+    )
     yield table, store, pool
     await table.close()
     pool.shutdown(wait=True)
