@@ -28,6 +28,7 @@ from typing import Any
 from proxy.cache import BlobSink, BlobStore
 from proxy.cache.directio import DIRECT_MIN_BYTES, DirectReader, resident
 from proxy.cache.fill import Fill, FillReader, FillTable
+from proxy.cache.follow import Follow
 from proxy.cache.verified import VerifiedManifestStore
 from proxy.gate import Gate, RepoKey, Verdict
 from proxy.metrics import Metrics
@@ -631,7 +632,7 @@ class Pipeline:
             raise BlobUnknown(f"blob {digest} not found in {route.registry}/{repository}")
         return response
 
-    async def start_fill(self, route: Route, repository: str, digest: Digest) -> Fill:
+    async def start_fill(self, route: Route, repository: str, digest: Digest) -> Fill | Follow:
         """Start (or join) a fill of an allowed blob, holding it as one reader.
 
         The caller must call ``self.fills.reader_left(fill)`` when done waiting.
@@ -648,16 +649,15 @@ class Pipeline:
     async def _join_fill(
         self, route: Route, repository: str, digest: Digest, range_header: str | None
     ) -> BlobFile | FillReader | BlobStream:
-        """Join (or start) the single upstream fetch of ``digest`` into the cache."""
+        """Join (or start) the single upstream fetch of ``digest`` into the cache; with
+        several processes on one cache, that fetch may run in another process."""
 
         async def open_response() -> UpstreamResponse:
             return await self._open_upstream_blob(route, repository, digest)
 
-        fill = self.fills.get_or_start(digest, route.registry, open_response)
-        # Count this reader before waiting, so the fill is not abandoned meanwhile.
-        reader = FillReader(fill=fill, table=self.fills, byte_range=None, pool=self.hash_pool)
+        reader = await self.fills.join(digest, route.registry, open_response)
+        fill = reader.fill
         try:
-            await fill.wait_started()
             if fill.open_error is not None:
                 raise fill.open_error
             if fill.no_room:
@@ -673,7 +673,6 @@ class Pipeline:
             if fill.state == "committed" and fill.final_path is not None:
                 reader.close()
                 return BlobFile(digest, fill.final_path, fill.size or 0)
-            reader.size = fill.size
             reader.byte_range = (
                 parse_range(range_header, fill.size) if fill.size is not None else None
             )

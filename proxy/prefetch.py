@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from proxy.cache.fill import Fill
+from proxy.cache.follow import Follow
 from proxy.index_walk import IndexWalk
 from proxy.oci.digest import Digest
 from proxy.oci.errors import Denied, OCIError, Unsupported
@@ -70,7 +71,7 @@ async def prefetch(
         for descriptor in (*manifest.layers, *([manifest.config] if manifest.config else [])):
             wanted[descriptor.digest] = descriptor.size
     total = sum(wanted.values())
-    fills: list[Fill] = []
+    fills: list[Fill | Follow] = []
     cached = 0
     for digest in wanted:
         if not pipeline.store.accepts(digest):
@@ -112,7 +113,7 @@ async def prefetch(
             pipeline.fills.reader_left(fill)
 
 
-async def _wait_fill(fill: Fill) -> None:
+async def _wait_fill(fill: Fill | Follow) -> None:
     while not fill.done:
         await fill.wait_change()
 

@@ -12,9 +12,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.oci.digest import Digest
+
+if TYPE_CHECKING:
+    from proxy.cache.ingest import FillFiles
+
+
+class FillLease(Protocol):
+    """The right to fill one blob: held by one process at a time, among all the
+    processes sharing a store."""
+
+    def publish(self, ingest_path: Path, size: int | None) -> None:
+        """Tell other processes where the fill writes and the size announced."""
+
+    def release(self) -> None:
+        """Give the right up (idempotent), once the ingest file was committed or
+        removed."""
 
 
 class BlobStore(Protocol):
@@ -31,6 +46,14 @@ class BlobStore(Protocol):
 
     def new_ingest(self, digest: Digest) -> Path:
         """A fresh path in the ingest area for a download of ``digest``."""
+
+    def claim_fill(self, digest: Digest) -> FillLease | None:
+        """The right to fill ``digest``, or None while another process sharing the
+        store fills it (a store no other process shares always grants it)."""
+
+    def fill_files(self, digest: Digest) -> FillFiles:
+        """The files of ``digest``'s fill, to follow one another process runs (asked
+        only after ``claim_fill`` returned None)."""
 
     def commit(self, digest: Digest, ingest_path: Path, size: int) -> Path:
         """Make a verified, fsynced ingest file visible (renamed, not copied); returns
@@ -62,6 +85,16 @@ class BlobSink(Protocol):
         """Send ``count`` bytes of file ``fd`` from ``offset`` (zero-copy)."""
 
 
+class SoleLease:
+    """The fill lease of a store no other process shares: always granted."""
+
+    def publish(self, ingest_path: Path, size: int | None) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
 class NoStore:
     """Keeps nothing: every blob is streamed from upstream."""
 
@@ -74,6 +107,12 @@ class NoStore:
         return None
 
     def new_ingest(self, digest: Digest) -> Path:
+        raise RuntimeError("NoStore keeps nothing")
+
+    def claim_fill(self, digest: Digest) -> FillLease | None:
+        return SoleLease()
+
+    def fill_files(self, digest: Digest) -> FillFiles:
         raise RuntimeError("NoStore keeps nothing")
 
     def commit(self, digest: Digest, ingest_path: Path, size: int) -> Path:

@@ -9,6 +9,11 @@ fsynced, renamed). A failed fill fails every reader, and their connections are c
 A blob the store cannot keep (bigger than the budget, disk under its floor) is not
 filled: the fill ends with ``no_room`` and hands its open upstream response to one
 reader, which streams it uncached; the others open their own.
+
+Across processes sharing the cache directory, a fill is also single-flight: it runs
+under the store's fill lease (``ingest/<hex>.lock``). A process that finds the lease
+held follows the other process's fill instead (``proxy.cache.follow``); its readers
+tail the same ingest file under the same hold-back rule.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Executor
 from pathlib import Path
 
-from proxy.cache import BlobSink, BlobStore
+from proxy.cache import BlobSink, BlobStore, FillLease, SoleLease
 from proxy.cache.directio import DIRECT_MIN_BYTES, IngestWriter, open_ingest
+from proxy.cache.follow import Follow
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import OCIError, StreamAborted
@@ -44,6 +50,8 @@ log = logging.getLogger("pullgate.fill")
 DISK_FULL_BACKOFF = 60.0
 # How long the mover waits for a claimed lead to attach before its first piece.
 LEAD_ATTACH_WAIT = 5.0
+# How often a request starts over when the process it followed ended before filling.
+JOIN_ATTEMPTS = 3
 
 
 class FillFailed(StreamAborted):
@@ -51,6 +59,9 @@ class FillFailed(StreamAborted):
 
 
 class Fill:
+    # Only a followed fill can lose its filler before it starts (``Follow``).
+    leader_gone = False
+
     def __init__(
         self,
         *,
@@ -60,9 +71,11 @@ class Fill:
         pool: Executor,
         datapath: DataPath,
         metrics: Metrics,
+        lease: FillLease,
         direct_min_bytes: int = DIRECT_MIN_BYTES,
     ) -> None:
         self.digest = digest
+        self.lease = lease
         self.registry = registry
         self._store = store
         self._pool = pool
@@ -139,6 +152,7 @@ class Fill:
                 and self.size >= self._direct_min_bytes
             )
             fd, direct = open_ingest(str(self.path), direct=big)
+            self.lease.publish(self.path, self.size)
             self.state = "running"
             self._notify()
             await self._download(response, fd, direct=direct)
@@ -175,6 +189,12 @@ class Fill:
         """The open upstream response of a no-room fill, to the first caller only."""
         response, self.bypass = self.bypass, None
         return response
+
+    def open_for_read(self) -> int:
+        """A descriptor of the fill's file for one reader (closed by the reader)."""
+        path = self.final_path if self.state == "committed" else self.path
+        assert path is not None
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
     async def _download(self, response: UpstreamResponse, fd: int, *, direct: bool) -> None:
         """Stream the body into the ingest file through the shared streamer, then
@@ -325,7 +345,7 @@ class FillTable:
         self._datapath = datapath or DataPath()
         self._metrics = metrics
         self.complete_on_disconnect = complete_on_disconnect
-        self._fills: dict[Digest, Fill] = {}
+        self._fills: dict[Digest, Fill | Follow] = {}
         self._disk_full_until = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -342,10 +362,31 @@ class FillTable:
         digest: Digest,
         registry: str,
         open_response: Callable[[], Awaitable[UpstreamResponse]],
-    ) -> Fill:
+    ) -> Fill | Follow:
+        """The fill of ``digest`` in progress here, or a new one: this process's own
+        if it gets the store's fill lease, else a ``Follow`` of the process that has it."""
         fill = self._fills.get(digest)
         if fill is not None and not fill.done:
             return fill
+        lease: FillLease | None
+        try:
+            lease = self._store.claim_fill(digest)
+        except OSError as exc:
+            # Without the lock file another process might fill it too: a wasted
+            # download at worst (both verify, the commit is the same bytes).
+            log.warning("cannot take the fill lock of blob %s: %s", digest, exc)
+            lease = SoleLease()
+        if lease is None:
+            follow = Follow(digest=digest, files=self._store.fill_files(digest))
+            self._start(follow, self._follow(follow))
+            return follow
+        stored = self._store.path_of(digest)
+        if stored is not None:
+            # Another process committed it between our lookup and our claim.
+            lease.release()
+            return Follow.of_committed(
+                digest=digest, files=self._store.fill_files(digest), size=stored.stat().st_size
+            )
         fill = Fill(
             digest=digest,
             registry=registry,
@@ -353,14 +394,49 @@ class FillTable:
             pool=self._pool,
             datapath=self._datapath,
             metrics=self._metrics,
+            lease=lease,
             direct_min_bytes=self.direct_min_bytes,
         )
-        self._fills[digest] = fill
-        task = asyncio.get_running_loop().create_task(self._run(fill, open_response))
+        task = self._start(fill, self._run(fill, open_response))
+        # A task cancelled before it ran never reaches ``_run``'s cleanup.
+        task.add_done_callback(lambda _: lease.release())
+        return fill
+
+    def _start(self, fill: Fill | Follow, work: Coroutine[None, None, None]) -> asyncio.Task[None]:
+        self._fills[fill.digest] = fill
+        task = asyncio.get_running_loop().create_task(work)
         fill.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return fill
+        return task
+
+    async def join(
+        self,
+        digest: Digest,
+        registry: str,
+        open_response: Callable[[], Awaitable[UpstreamResponse]],
+    ) -> FillReader:
+        """Join (or start) the fill of ``digest`` as one reader, once it started.
+
+        A followed fill whose process ended before it started writing (its upstream
+        failed, it had no room, it died) is joined afresh: this process may fill now,
+        or open the upstream itself and learn why.
+        """
+        for attempt in range(1, JOIN_ATTEMPTS + 1):
+            fill = self.get_or_start(digest, registry, open_response)
+            # Count this reader before waiting, so the fill is not abandoned meanwhile.
+            reader = FillReader(fill=fill, table=self, byte_range=None, pool=self._pool)
+            try:
+                await fill.wait_started()
+            except BaseException:
+                reader.close()
+                raise
+            if fill.leader_gone and attempt < JOIN_ATTEMPTS:
+                reader.close()
+                continue
+            reader.size = fill.size
+            return reader
+        raise AssertionError("unreachable")  # the last attempt always returns
 
     async def _run(
         self, fill: Fill, open_response: Callable[[], Awaitable[UpstreamResponse]]
@@ -368,20 +444,33 @@ class FillTable:
         try:
             await fill.run(open_response)
         finally:
+            # The lease goes before the table entry: a new request for this digest must
+            # not find our own lease still held and follow ourselves.
+            fill.lease.release()
             if fill.disk_full:
                 self._disk_full_until = time.monotonic() + DISK_FULL_BACKOFF
                 log.error("cache disk is full; serving uncached for %.0fs", DISK_FULL_BACKOFF)
             if self._fills.get(fill.digest) is fill:
                 del self._fills[fill.digest]
 
-    def reader_left(self, fill: Fill) -> None:
+    async def _follow(self, follow: Follow) -> None:
+        try:
+            await follow.run()
+        finally:
+            if self._fills.get(follow.digest) is follow:
+                del self._fills[follow.digest]
+
+    def reader_left(self, fill: Fill | Follow) -> None:
         fill.readers -= 1
         if fill.readers <= 0:
             # A no-room hand-off nobody took: free the upstream connection.
             unclaimed = fill.take_bypass()
             if unclaimed is not None:
                 unclaimed.close()
-        abandoned = fill.readers <= 0 and not fill.done and not self.complete_on_disconnect
+        # Completing on disconnect is the filling process's business: a follower with
+        # no reader left has nothing to do.
+        keep = self.complete_on_disconnect and isinstance(fill, Fill)
+        abandoned = fill.readers <= 0 and not fill.done and not keep
         if abandoned and fill.task is not None:
             fill.task.cancel()
 
@@ -403,7 +492,12 @@ class FillReader:
     """One client's view of a fill: tails the ingest file, holds back its tail."""
 
     def __init__(
-        self, *, fill: Fill, table: FillTable, byte_range: ByteRange | None, pool: Executor
+        self,
+        *,
+        fill: Fill | Follow,
+        table: FillTable,
+        byte_range: ByteRange | None,
+        pool: Executor,
     ) -> None:
         self.fill = fill
         self.digest = fill.digest
@@ -452,12 +546,10 @@ class FillReader:
         fill = self.fill
         offset = self.byte_range.start if self.byte_range else 0
         stop = (self.byte_range.end + 1) if self.byte_range else self.size  # exclusive
-        path = fill.final_path if fill.state == "committed" else fill.path
-        assert path is not None
         fd = -1
         try:
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = fill.open_for_read()
             except FileNotFoundError:
                 # The fill failed (ingest removed) or the blob left the store meanwhile.
                 raise FillFailed(

@@ -27,7 +27,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from proxy.cache import FillLease, SoleLease
 from proxy.cache.disk import CacheLimits
+from proxy.cache.ingest import FillFiles
 from proxy.cache.verified import RecentVerdict, StoredManifest, StoredTag, allowed_at
 from proxy.oci.digest import Digest
 
@@ -75,6 +77,12 @@ class MemoryBlobStore:
     def new_ingest(self, digest: Digest) -> Path:
         self._ingest_serial += 1
         return self.ingest_dir / f"{digest.hex}.{self._ingest_serial}"
+
+    def claim_fill(self, digest: Digest) -> FillLease | None:
+        return SoleLease()  # a private directory: no other process fills here
+
+    def fill_files(self, digest: Digest) -> FillFiles:
+        raise RuntimeError("the memory store is not shared: there is no fill to follow")
 
     def commit(self, digest: Digest, ingest_path: Path, size: int) -> Path:
         if not self.accepts(digest):

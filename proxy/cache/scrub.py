@@ -2,7 +2,11 @@
 
 Disk corruption and tampering both show up here. The scrub is rate-limited so it
 never competes with pulls for the disk, and a blob found bad is taken out of
-service at once: it is never served as complete again.
+service at once: it is never served as complete again, by any process.
+
+With several processes on one cache, one scrubs at a time (``locks/scrub``); a pass
+asked of another meanwhile is skipped. The scrubbing process rescans the store first,
+so it checks the blobs every process committed.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class ScrubReport:
     corrupt: int
     bytes: int
     seconds: float
+    # True when another process was scrubbing this cache: nothing was checked here.
+    skipped: bool = False
 
 
 def hash_file(
@@ -62,12 +68,19 @@ async def scrub_once(
     """One pass over every stored blob; quarantines the ones that fail.
 
     Pinned blobs (being read or filled) are skipped this pass. Passes never overlap:
-    the background loop and an admin trigger take turns.
+    the background loop and an admin trigger take turns, and while another process
+    scrubs this cache the pass is skipped.
     """
     async with store.scrub_lock:
-        return await _scrub_pass(
-            store, metrics=metrics, pool=pool, bytes_per_second=bytes_per_second
-        )
+        with store.scrubbing() as held:
+            if not held:
+                log.info("scrub: another process is scrubbing %s; pass skipped", store.root)
+                return ScrubReport(0, 0, 0, 0.0, skipped=True)
+            loop = asyncio.get_running_loop()
+            store.merge_scan(await loop.run_in_executor(pool, store.scan_blobs))
+            return await _scrub_pass(
+                store, metrics=metrics, pool=pool, bytes_per_second=bytes_per_second
+            )
 
 
 async def _scrub_pass(
