@@ -189,9 +189,8 @@ class Worker:
 async def main(argv: list[str]) -> None:
     root, upstream_url, limits_json = argv
     worker = Worker(Path(root), upstream_url, CacheLimits(**json.loads(limits_json)))
-    emit(
-        {"id": 0, "event": "ready", "pid": os.getpid(), "ingest_removed": worker.report.ingest_removed}
-    )
+    removed = worker.report.ingest_removed
+    emit({"id": 0, "event": "ready", "pid": os.getpid(), "ingest_removed": removed})
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)

@@ -23,7 +23,6 @@ import pytest
 from aiohttp import web
 
 from proxy.cache.fill import HOLD_BACK
-from proxy.oci.digest import Digest
 
 from .fakes import blob_of
 
@@ -389,7 +388,8 @@ async def test_a_restarting_process_keeps_a_live_fill_and_removes_a_dead_one(
     _, dead = blob_of(1000, seed=6)
     ingest = cache_dir / "ingest"
     (ingest / f"{dead.hex}.lock").write_bytes(b"")
-    (ingest / f"{dead.hex}.info").write_text(json.dumps({"ingest": f"{dead.hex}.0a0b", "size": 1000}))
+    info = {"ingest": f"{dead.hex}.0a0b", "size": 1000}
+    (ingest / f"{dead.hex}.info").write_text(json.dumps(info))
     (ingest / f"{dead.hex}.0a0b").write_bytes(b"half a blob")
 
     restarted = await start_worker()
