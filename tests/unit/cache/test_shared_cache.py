@@ -306,6 +306,7 @@ async def test_sigkill_of_the_filler_fails_followers_and_the_next_pull_fills_afr
     assert (cache_dir / "blobs" / "sha256" / digest.hex).read_bytes() == data
     usage = await survivor.call("usage")
     assert usage["total"] == len(data)
+    assert usage["reserved"] == 0, "the dead filler's reservation was given back"
 
 
 # -- store consistency ----------------------------------------------------------------
