@@ -220,12 +220,13 @@ class DiskBlobStore:
         self._used_at = {name: used_at for used_at, _, name, _ in ordered}
 
     def _resync(self) -> None:
-        """Index and shared accounting from the disk (other processes' commits,
-        evictions and dead fills included)."""
+        """Index and bytes stored from the disk (other processes' commits and
+        evictions included). Dead fills' files go, and their reservations with them;
+        live reservations stay counted (a fill reserves before it publishes)."""
         found = self.scan_blobs()
         self.merge_scan(found)
-        _, reserved = self._sweep_ingest(startup=False)
-        self._usage.set(stored=sum(blob.size for blob in found), reserved=reserved)
+        self._sweep_ingest(startup=False)
+        self._usage.set(stored=sum(blob.size for blob in found))
 
     # -- BlobStore protocol --------------------------------------------------------
 

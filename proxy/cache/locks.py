@@ -122,8 +122,11 @@ class SharedUsage:
             os.pwrite(fd, _USAGE.pack(*new), 0)
             return new
 
-    def set(self, *, stored: int, reserved: int) -> None:
+    def set(self, *, stored: int, reserved: int | None = None) -> None:
+        """Replace the pair (``reserved`` None: keep the reservations)."""
         with self._locked() as fd:
+            if reserved is None:
+                _, reserved = self._unpack(os.pread(fd, _USAGE.size, 0))
             os.pwrite(fd, _USAGE.pack(max(0, stored), max(0, reserved)), 0)
 
     @contextlib.contextmanager

@@ -246,3 +246,51 @@ def test_quarantine_takes_a_blob_out_of_service(tmp_path: Path) -> None:
     again = DiskBlobStore(root=tmp_path, limits=store.limits)
     again.recover()
     assert again.path_of(digest) is None
+
+
+# -- several processes on one directory (two stores here: flocks exclude alike) ----
+
+
+def test_a_fill_lease_excludes_every_other_store_on_the_directory(tmp_path: Path) -> None:
+    first = _store(tmp_path, max_bytes=10 * 1024**2, min_free_bytes=0)
+    second = DiskBlobStore(root=tmp_path, limits=first.limits)
+    _, digest = blob_of(1000, seed=40)
+    lease = first.claim_fill(digest)
+    assert lease is not None
+    assert second.claim_fill(digest) is None, "another store fills it: follow"
+    ingest = first.new_ingest(digest)
+    lease.publish(ingest, 1000)
+    info = second.fill_files(digest).read_info()
+    assert info is not None and (info.ingest_path, info.size) == (ingest, 1000)
+    lease.release()
+    assert os.listdir(first.ingest_dir) == [], "the lock and info files go with the lease"
+    again = second.claim_fill(digest)
+    assert again is not None
+    again.release()
+
+
+def test_a_commit_and_a_quarantine_elsewhere_are_seen_on_the_next_lookup(tmp_path: Path) -> None:
+    first = _store(tmp_path, max_bytes=10 * 1024**2, min_free_bytes=0)
+    second = _store(tmp_path, max_bytes=10 * 1024**2, min_free_bytes=0)
+    digest = _put(first, 4096, seed=41)
+    assert second.path_of(digest) is not None and len(second) == 1, "adopted"
+    assert second.total_bytes == first.total_bytes == 4096, "one shared account"
+    assert first.quarantine(digest, "test")
+    assert second.path_of(digest) is None and len(second) == 0
+    assert second.total_bytes == 0
+
+
+def test_recover_keeps_a_fill_another_store_holds(tmp_path: Path) -> None:
+    first = _store(tmp_path, max_bytes=10 * 1024**2, min_free_bytes=0)
+    _, digest = blob_of(1000, seed=42)
+    lease = first.claim_fill(digest)
+    assert lease is not None
+    ingest = first.new_ingest(digest)
+    ingest.write_bytes(b"half")
+    lease.publish(ingest, 1000)
+    first.make_room(1000)
+    restarted = DiskBlobStore(root=tmp_path, limits=first.limits)
+    assert restarted.recover().ingest_removed == 0
+    assert ingest.exists()
+    assert restarted.reserved_bytes == 1000, "the live fill's reservation is counted"
+    lease.release()

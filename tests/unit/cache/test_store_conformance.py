@@ -221,6 +221,21 @@ def test_make_room_for_an_unknown_size_reserves_nothing(store: BlobStore) -> Non
     assert all(_kept(store, digests))
 
 
+def test_a_fill_lease_is_granted_released_and_granted_again(store: BlobStore) -> None:
+    """One process alone on a store always gets the lease (another process's fill is
+    the disk store's business, tested beside it)."""
+    _, digest = blob_of(1000, seed=30)
+    lease = store.claim_fill(digest)
+    assert lease is not None
+    if store.caching:
+        lease.publish(store.new_ingest(digest), 1000)
+    lease.release()
+    lease.release()  # idempotent
+    again = store.claim_fill(digest)
+    assert again is not None
+    again.release()
+
+
 def test_disk_layout_is_blobs_sha256_hex(tmp_path: Path) -> None:
     store = DiskBlobStore(root=tmp_path, limits=LIMITS)
     store.recover()
