@@ -287,8 +287,8 @@ def _zombie(pid: int) -> bool:
 
 
 # ---- with a cache: restart continuity and outages -----------------------------------------
-# Until the cache is consistent across processes, each worker keeps its own index of the
-# shared directory, so two workers may both fetch a blob: these tests do not count fetches.
+# These tests do not count fetches: one fetch per blob across the workers is
+# tests/integration/test_workers_cache.py's subject.
 
 
 def cached_node(tmp_path: Path, node: Node, make_pullgate: Callable[..., Pullgate]) -> Node:
