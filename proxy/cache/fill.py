@@ -384,9 +384,7 @@ class FillTable:
         if stored is not None:
             # Another process committed it between our lookup and our claim.
             lease.release()
-            return Follow.of_committed(
-                digest=digest, files=self._store.fill_files(digest), size=stored.stat().st_size
-            )
+            return Follow.of_committed(digest=digest, path=stored, size=stored.stat().st_size)
         fill = Fill(
             digest=digest,
             registry=registry,

@@ -54,10 +54,10 @@ class Follow:
     lead_gone: str | None = None
 
     def __init__(
-        self, *, digest: Digest, files: FillFiles, poll_interval: float = POLL_INTERVAL
+        self, *, digest: Digest, files: FillFiles | None, poll_interval: float = POLL_INTERVAL
     ) -> None:
         self.digest = digest
-        self.files = files
+        self._files = files
         self.poll_interval = poll_interval
         self.path: Path | None = None  # the followed ingest file, once known
         self.final_path: Path | None = None
@@ -76,11 +76,17 @@ class Follow:
         self._data_id: tuple[int, int] | None = None
 
     @classmethod
-    def of_committed(cls, *, digest: Digest, files: FillFiles, size: int) -> Follow:
-        """A fill another process finished just before ours would have started."""
-        follow = cls(digest=digest, files=files)
-        follow._committed(size)
+    def of_committed(cls, *, digest: Digest, path: Path, size: int) -> Follow:
+        """A fill another process finished just before ours would have started: the
+        blob at ``path`` (nothing left to follow)."""
+        follow = cls(digest=digest, files=None)
+        follow._committed(size, path)
         return follow
+
+    @property
+    def files(self) -> FillFiles:
+        assert self._files is not None, "a committed follow has no files to follow"
+        return self._files
 
     @property
     def done(self) -> bool:
@@ -152,7 +158,7 @@ class Follow:
                     self.leader_gone = True
                     self._fail("the filling process ended before it started writing")
                     return False
-                self._committed(stored.st_size)  # it finished before we looked
+                self._committed(stored.st_size, self.files.blob_path)  # done before we looked
                 return False
             info = self.files.read_info()
             # Alive again after opening: the info was not a dead filler's leftover.
@@ -207,7 +213,7 @@ class Follow:
             return False
         if self.size is not None and stored.st_size != self.size:
             return False
-        self._committed(stored.st_size)
+        self._committed(stored.st_size, self.files.blob_path)
         return True
 
     def _filler_alive(self) -> bool:
@@ -230,8 +236,8 @@ class Follow:
             )
         return False
 
-    def _committed(self, size: int) -> None:
-        self.final_path = self.files.blob_path
+    def _committed(self, size: int, path: Path) -> None:
+        self.final_path = path
         self.size = self.written = size
         self.state = "committed"
         self._notify()

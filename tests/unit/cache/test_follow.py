@@ -19,6 +19,7 @@ from proxy.cache.disk import CacheLimits, DiskBlobStore
 from proxy.cache.fill import HOLD_BACK, Fill, FillFailed, FillReader, FillTable
 from proxy.cache.follow import Follow
 from proxy.cache.ingest import DiskFillLease
+from proxy.cache.memory import MemoryBlobStore
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.ranges import ByteRange
@@ -217,3 +218,27 @@ async def test_a_dead_fillers_files_are_removed_by_the_next_fill(
     assert sink.digest == str(digest)
     assert (store_b.blob_dir / digest.hex).read_bytes() == data
     assert os.listdir(store_b.ingest_dir) == []
+
+
+async def test_a_blob_stored_when_a_fill_would_start_is_handed_over_as_committed(
+    pool: ThreadPoolExecutor,
+) -> None:
+    """Another process committed it between our lookup and our claim; a store no other
+    process shares (memory) takes the same path."""
+    data, digest = blob_of(1000, seed=7)
+    store = MemoryBlobStore(limits=CacheLimits(max_bytes=1024**3, min_free_bytes=0))
+    table = FillTable(store=store, pool=pool, metrics=Metrics(), complete_on_disconnect=False)
+    try:
+        ingest = store.new_ingest(digest)
+        ingest.write_bytes(data)
+        final = store.commit(digest, ingest, len(data))
+        upstream = FakeUpstream(data)
+        reader = await table.join(digest, "registry.test", upstream.open)
+        assert reader.fill.state == "committed" and reader.fill.final_path == final
+        assert reader.size == len(data) and upstream.opens == 0
+        sink = HashSink()
+        await reader.send_to(sink)
+        assert sink.digest == str(digest)
+    finally:
+        await table.close()
+        store.close()
