@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.gate import RepoKey
 from proxy.oci.manifest import parse_manifest
+from proxy.pipeline.gate import RepoKey
 from proxy.verify.base import Limits, Subject, TrustConfig
 from proxy.verify.cosign import cosign_verifier_from_spec
 from proxy.verify.notation import notation_verifier_from_spec

@@ -4,7 +4,7 @@ A 100 GB model written through the page cache evicts what the node keeps there
 (containerd's content, the pods' files) for a file that is read again rarely: once
 containerd has the layer, it does not pull it again. So blobs of ``DIRECT_MIN_BYTES``
 and more are written with ``O_DIRECT`` through an aligned staging buffer, and the
-client that asked for them is fed from memory as they arrive (``proxy.cache.fill``).
+client that asked for them is fed from memory as they arrive (``proxy.pipeline.fills``).
 
 A hit on such a blob whose pages are not resident is read with ``O_DIRECT`` too,
 ahead of the sender by one buffer, instead of through ``sendfile``, which would

@@ -2,7 +2,7 @@
 
 One upstream fill per blob across processes: the process holding the exclusive flock
 on ``ingest/<hex>.lock`` is the only one downloading that blob. Others follow its
-files (``proxy.cache.follow``)::
+files (``proxy.pipeline.follow``)::
 
     ingest/<hex>.lock      the fill lock, held by the filling process for the whole fill
     ingest/<hex>.info      where it writes and the size the upstream announced (JSON,

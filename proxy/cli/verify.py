@@ -20,11 +20,11 @@ from typing import TextIO
 from proxy.cache import NoStore
 from proxy.cache.verified import NoVerifiedManifests
 from proxy.config import Config
-from proxy.index_walk import IndexWalk
 from proxy.metrics import Metrics
 from proxy.oci.errors import Denied, NameInvalid, OCIError, RegistryUnknown
 from proxy.oci.reference import ImageReference
 from proxy.pipeline import Pipeline, ServedManifest
+from proxy.pipeline.walk import IndexWalk
 from proxy.upstream.router import Route, UpstreamRouter
 from proxy.upstream.session import new_upstream_session
 from proxy.verify.base import PolicyError

@@ -18,7 +18,7 @@ from proxy.http.app import (
     oci_errors,
 )
 from proxy.oci.errors import OCIError, PathInvalid, Unsupported
-from proxy.prefetch import prefetch_all
+from proxy.pipeline.prefetch import prefetch_all
 
 MAIN_APP_KEY = web.AppKey("main_app", web.Application)
 

@@ -13,7 +13,6 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.cache.fill import FillReader
 from proxy.config import Config
 from proxy.http.sendfile import flush, sendfile, socket_fd
 from proxy.metrics import Metrics
@@ -21,7 +20,8 @@ from proxy.oci.errors import InternalError, OCIError, RouteUnknown, StreamAborte
 from proxy.oci.ranges import parse_range
 from proxy.oci.reference import DistributionPath, Endpoint, parse_distribution_path
 from proxy.pipeline import BlobFile, BlobStream, Pipeline
-from proxy.stream import SocketSender
+from proxy.pipeline.fills import FillReader
+from proxy.pipeline.stream import SocketSender
 from proxy.upstream.router import Route, UpstreamRouter
 
 log = logging.getLogger("pullgate.http")

@@ -38,11 +38,11 @@ from proxy.cache.scrub import scrub_forever
 from proxy.cache.verified import NoVerifiedManifests, VerifiedManifestStore
 from proxy.cache.verified_disk import DiskVerifiedManifests
 from proxy.config import Config
-from proxy.gate import AllowAllGate, Gate
 from proxy.http.admin import build_admin_app
 from proxy.http.app import build_app
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
+from proxy.pipeline.gate import AllowAllGate, Gate
 from proxy.upstream.router import UpstreamRouter
 from proxy.upstream.session import new_upstream_session
 from proxy.verify.base import PolicyError

@@ -133,3 +133,8 @@ def normalise_registry_key(key: str) -> str:
     if host in ("index.docker.io", "registry-1.docker.io"):
         return "docker.io"
     return host
+
+
+def pull_scope(upstream_repository: str) -> str:
+    """The token scope for reading ``upstream_repository``."""
+    return f"repository:{upstream_repository}:pull"

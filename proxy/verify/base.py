@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from proxy.gate import ArtifactSource
 from proxy.oci.digest import Digest
 from proxy.oci.manifest import Manifest
+from proxy.pipeline.gate import ArtifactSource
 
 
 class SignatureError(Exception):

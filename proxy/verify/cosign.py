@@ -30,11 +30,11 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from proxy.gate import ArtifactSource
 from proxy.oci import mediatypes as mt
 from proxy.oci.digest import Digest
 from proxy.oci.errors import OCIError, UpstreamUnavailable
 from proxy.oci.manifest import MAX_MANIFEST_BYTES, Descriptor, Manifest
+from proxy.pipeline.gate import ArtifactSource
 from proxy.verify.base import (
     CheckResult,
     Limits,

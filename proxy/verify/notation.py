@@ -46,7 +46,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from proxy.gate import ArtifactSource
 from proxy.oci.digest import Digest
 from proxy.oci.errors import (
     DigestInvalid,
@@ -56,6 +55,7 @@ from proxy.oci.errors import (
     UpstreamUnavailable,
 )
 from proxy.oci.manifest import Manifest
+from proxy.pipeline.gate import ArtifactSource
 from proxy.verify import cbor
 from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject
 

@@ -35,9 +35,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from proxy.gate import ArtifactSource
 from proxy.oci.errors import OCIError, UpstreamTimeout, UpstreamUnavailable
 from proxy.oci.manifest import Manifest
+from proxy.pipeline.gate import ArtifactSource
 from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject, TrustConfig
 from proxy.verify.bundle import dsse_pae, parse_bundle_json
 from proxy.verify.keys import KeyFormatError, VerificationKey, load_public_key_pem

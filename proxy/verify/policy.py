@@ -55,7 +55,6 @@ from typing import Any, Literal, Protocol, cast
 
 import yaml
 
-from proxy.gate import ArtifactSource, RepoKey
 from proxy.oci.errors import (
     OCIError,
     TooManyRequests,
@@ -64,6 +63,7 @@ from proxy.oci.errors import (
     UpstreamUnavailable,
 )
 from proxy.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES, upstream_repository
+from proxy.pipeline.gate import ArtifactSource, RepoKey
 from proxy.verify.base import (
     CheckResult,
     Limits,

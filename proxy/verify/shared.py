@@ -38,8 +38,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.gate import RepoKey
 from proxy.oci.digest import Digest
+from proxy.pipeline.gate import RepoKey
 
 log = logging.getLogger("pullgate.shared")
 

@@ -1,6 +1,6 @@
 """The signature gate: the policy decides every manifest; verified manifests allow blobs.
 
-``SignatureGate`` implements ``proxy.gate.Gate``. For each manifest it
+``SignatureGate`` implements ``proxy.pipeline.gate.Gate``. For each manifest it
 
 1. lets a child manifest through while a verified index of the same repository covers
    it (the index's scope says ``indexes: coverChildren``, the default): the index's
@@ -52,11 +52,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from proxy.gate import ArtifactSource, RepoKey, Verdict
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import UpstreamUnavailable
 from proxy.oci.manifest import Manifest
+from proxy.pipeline.gate import ArtifactSource, RepoKey, Verdict
 from proxy.verify.base import Subject
 from proxy.verify.policy import Policy, Scope, truncate
 from proxy.verify.shared import BLOBS, CHILDREN, Grant, SharedAllowances
@@ -236,7 +236,7 @@ class Allowances:
 
 
 class SignatureGate:
-    """The policy's gate over manifests and blobs (implements ``proxy.gate.Gate``)."""
+    """The policy's gate over manifests and blobs (implements ``proxy.pipeline.gate.Gate``)."""
 
     def __init__(
         self,

@@ -40,7 +40,7 @@ Pushing
     referrers fallback index.
 
 In-memory registry
-    ``MemoryRegistry`` implements ``proxy.gate.ArtifactSource`` and records fetches.
+    ``MemoryRegistry`` implements ``proxy.pipeline.gate.ArtifactSource`` and records fetches.
 """
 
 from __future__ import annotations
@@ -940,7 +940,7 @@ def _ca_usage() -> x509.KeyUsage:
 
 @dataclass
 class MemoryRegistry:
-    """One repository in memory, implementing ``proxy.gate.ArtifactSource``.
+    """One repository in memory, implementing ``proxy.pipeline.gate.ArtifactSource``.
 
     ``fetched_blobs`` / ``fetched_manifests`` record every fetch, so tests can prove that
     work stayed bounded. ``spoofed_referrers`` lists extra descriptors under a subject

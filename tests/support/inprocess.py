@@ -21,12 +21,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.cache import BlobStore
 from proxy.cache.verified import VerifiedManifestStore
 from proxy.config import CacheConfig, Config, RetryConfig, TimeoutConfig, UpstreamConfig, validate
-from proxy.gate import Gate
 from proxy.http.app import ROUTER_KEY, build_app
 from proxy.metrics import Metrics
 from proxy.node import Node
 from proxy.oci.digest import Digest
 from proxy.pipeline import Pipeline
+from proxy.pipeline.gate import Gate
 from proxy.upstream.router import Route
 
 REGISTRY = "registry.example.test"

@@ -7,13 +7,13 @@ from typing import Any, cast
 
 import pytest
 
-from proxy.gate import Verdict
-from proxy.index_walk import MAX_INDEX_CHILDREN, IndexWalk, is_attestation
 from proxy.oci.digest import Digest
 from proxy.oci.errors import UpstreamUnavailable, VerificationFailed
 from proxy.oci.manifest import Manifest, parse_manifest
 from proxy.oci.reference import ManifestRef
 from proxy.pipeline import ServedManifest
+from proxy.pipeline.gate import Verdict
+from proxy.pipeline.walk import MAX_INDEX_CHILDREN, IndexWalk, is_attestation
 from proxy.upstream.router import Route
 from tests.unit.verify.manifests import OCI_INDEX, image, index
 

@@ -13,12 +13,12 @@ from proxy.cache import NoStore
 from proxy.cache.disk import CacheLimits
 from proxy.cache.memory import MemoryBlobStore, MemoryVerifiedManifests
 from proxy.cache.verified import NoVerifiedManifests, VerifiedManifestStore
-from proxy.gate import AllowAllGate
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import UpstreamUnavailable
 from proxy.oci.reference import ManifestRef
 from proxy.pipeline import BlobFile, Pipeline
+from proxy.pipeline.gate import AllowAllGate
 from proxy.upstream.router import Route
 from tests.unit.cache.fakes import FakeUpstream, blob_of
 

@@ -23,11 +23,11 @@ from typing import Any
 import aiohttp
 
 from proxy.cache.disk import CacheLimits, DiskBlobStore
-from proxy.cache.fill import Fill, FillReader, FillTable
 from proxy.cache.scrub import scrub_once
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import UpstreamError
+from proxy.pipeline.fills import Fill, FillReader, FillTable
 from proxy.upstream.client import UpstreamResponse
 
 from .fakes import HashSink

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-import proxy.cache.fill as fill_module
+import proxy.pipeline.fills as fill_module
 from proxy.cache import directio
 from proxy.cache.directio import DirectReader, IngestWriter, open_ingest, resident
 from proxy.cache.disk import CacheLimits, DiskBlobStore
-from proxy.cache.fill import HOLD_BACK, FillReader, FillTable
 from proxy.metrics import Metrics
 from proxy.oci.ranges import ByteRange
+from proxy.pipeline.fills import HOLD_BACK, FillReader, FillTable
 
 from .fakes import FakeUpstream, HashSink, blob_of
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-import proxy.cache.fill as fill_module
+import proxy.pipeline.fills as fill_module
 from proxy.cache.disk import CacheLimits, DiskBlobStore
-from proxy.cache.fill import HOLD_BACK, Fill, FillFailed, FillReader, FillTable
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import UpstreamUnavailable
 from proxy.oci.ranges import ByteRange
+from proxy.pipeline.fills import HOLD_BACK, Fill, FillFailed, FillReader, FillTable
 
 from .fakes import FakeUpstream, HashSink, blob_of
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from proxy.cache.disk import CacheLimits, DiskBlobStore
-from proxy.cache.fill import HOLD_BACK, Fill, FillFailed, FillReader, FillTable
-from proxy.cache.follow import Follow
 from proxy.cache.ingest import DiskFillLease
 from proxy.cache.memory import MemoryBlobStore
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.ranges import ByteRange
+from proxy.pipeline.fills import HOLD_BACK, Fill, FillFailed, FillReader, FillTable
+from proxy.pipeline.follow import Follow
 
 from .fakes import FakeUpstream, HashSink, blob_of
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.cache.fill import HOLD_BACK
+from proxy.pipeline.fills import HOLD_BACK
 
 from .fakes import blob_of
 

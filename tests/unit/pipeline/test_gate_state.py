@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from proxy.cache.verified import NoVerifiedManifests, RecentVerdict
-from proxy.gate import AllowAllGate, ArtifactSource, Gate, RepoKey, Verdict
 from proxy.oci.digest import Digest
 from proxy.oci.manifest import Manifest
 from proxy.oci.reference import ManifestRef
+from proxy.pipeline.gate import AllowAllGate, ArtifactSource, Gate, RepoKey, Verdict
 from proxy.verify.base import Limits
 from proxy.verify.policy import Policy
 from proxy.verify.signature_gate import SignatureGate

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.gate import ArtifactSource, RepoKey
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import ManifestTooLarge, TooManyRequests, UpstreamUnavailable
 from proxy.oci.manifest import Manifest
+from proxy.pipeline.gate import ArtifactSource, RepoKey
 from proxy.verify import policy as policy_module
 from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject
 from proxy.verify.policy import (

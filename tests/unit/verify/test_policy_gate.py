@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy.gate import ArtifactSource, RepoKey
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import UpstreamUnavailable
+from proxy.pipeline.gate import ArtifactSource, RepoKey
 from proxy.verify.base import CheckResult, Limits, PolicyError, Subject
 from proxy.verify.policy import AllOf, AnyOf, Leaf, Policy, Scope, glob_to_regex, parse_policy
 from proxy.verify.reload import PolicyWatcher
@@ -269,7 +269,7 @@ async def test_verdicts_are_cached_per_digest_and_policy_revision() -> None:
 def test_verdict_cache_expires_entries() -> None:
     now = [0.0]
     cache = VerdictCache(clock=lambda: now[0])
-    from proxy.gate import Verdict
+    from proxy.pipeline.gate import Verdict
 
     cache.put(("r", "p", "d", "v"), Verdict(True, "ok"), ttl=10)
     assert cache.get(("r", "p", "d", "v")) is not None

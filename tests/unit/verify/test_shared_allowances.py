@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.gate import ArtifactSource, RepoKey
 from proxy.oci.digest import Digest
 from proxy.oci.manifest import Manifest
+from proxy.pipeline.gate import ArtifactSource, RepoKey
 from proxy.verify.base import CheckResult, Limits, Subject
 from proxy.verify.policy import Leaf, Policy, Scope, glob_to_regex
 from proxy.verify.shared import BLOBS, CHILDREN, SharedAllowances
@@ -161,7 +161,7 @@ def test_a_grant_recorded_in_one_process_is_found_in_another(store_path: Path) -
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from proxy.gate import RepoKey\n"
+        "from proxy.pipeline.gate import RepoKey\n"
         "from proxy.oci.digest import Digest\n"
         "from proxy.verify.shared import BLOBS, SharedAllowances\n"
         "store = SharedAllowances(Path(sys.argv[1]), covered_fingerprint='(index)')\n"

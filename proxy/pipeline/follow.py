@@ -35,7 +35,7 @@ from proxy.oci.errors import OCIError
 from proxy.upstream.client import UpstreamResponse
 
 if TYPE_CHECKING:
-    from proxy.stream import HeldBackSender
+    from proxy.pipeline.stream import HeldBackSender
 
 log = logging.getLogger("pullgate.fill")
 

@@ -12,14 +12,14 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from proxy.cache.fill import Fill
-from proxy.cache.follow import Follow
-from proxy.index_walk import IndexWalk
 from proxy.oci.digest import Digest
 from proxy.oci.errors import Denied, OCIError, Unsupported
 from proxy.oci.manifest import Manifest
 from proxy.oci.reference import ImageReference
 from proxy.pipeline import Pipeline
+from proxy.pipeline.fills import Fill
+from proxy.pipeline.follow import Follow
+from proxy.pipeline.walk import IndexWalk
 from proxy.upstream.router import UpstreamRouter
 
 

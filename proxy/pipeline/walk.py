@@ -24,7 +24,7 @@ from typing import Protocol
 from proxy.oci.errors import OCIError
 from proxy.oci.manifest import Descriptor, Manifest
 from proxy.oci.reference import ManifestRef
-from proxy.pipeline import ServedManifest
+from proxy.pipeline.manifests import ServedManifest
 from proxy.upstream.router import Route
 
 MAX_INDEX_CHILDREN = 64

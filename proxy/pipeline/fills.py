@@ -12,7 +12,7 @@ reader, which streams it uncached; the others open their own.
 
 Across processes sharing the cache directory, a fill is also single-flight: it runs
 under the store's fill lease (``ingest/<hex>.lock``). A process that finds the lease
-held follows the other process's fill instead (``proxy.cache.follow``); its readers
+held follows the other process's fill instead (``proxy.pipeline.follow``); its readers
 tail the same ingest file under the same hold-back rule.
 """
 
@@ -31,12 +31,12 @@ from pathlib import Path
 
 from proxy.cache import BlobSink, BlobStore, FillLease, SoleLease
 from proxy.cache.directio import DIRECT_MIN_BYTES, IngestWriter, open_ingest
-from proxy.cache.follow import Follow
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import OCIError, StreamAborted
 from proxy.oci.ranges import ByteRange
-from proxy.stream import (
+from proxy.pipeline.follow import Follow
+from proxy.pipeline.stream import (
     HOLD_BACK,
     BodyBroken,
     DataPath,

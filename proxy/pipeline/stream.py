@@ -9,7 +9,7 @@ submission and one delivery; per GiB that is about a thousand calls.
 The rule is the same on every path: the last ``HOLD_BACK`` bytes of what a client
 asked for leave only after the whole blob matched its digest. An uncached stream
 keeps them in ``HeldBackSender`` and releases them after the check; a fill's readers
-(``proxy.cache.fill.FillReader``) stop that far short of what is written until the
+(``proxy.pipeline.fills.FillReader``) stop that far short of what is written until the
 fill committed.
 """
 

@@ -1,0 +1,113 @@
+"""Which blobs may be served: the gate's allowances, and those of manifests served
+from the store while the upstream was down (shared with sibling worker processes).
+
+A blob is served only when a verified manifest of the same repository references it.
+After a restart, a blob that the background restore may still allow waits for it (at
+most ``RESTORE_WAIT`` seconds) before it is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+
+from proxy.metrics import Metrics
+from proxy.oci.digest import Digest
+from proxy.oci.errors import BlobNotAllowed
+from proxy.oci.manifest import Manifest
+from proxy.pipeline.gate import Gate, RepoKey
+from proxy.upstream.router import Route
+from proxy.verify.shared import OFFLINE, SharedAllowances
+
+log = logging.getLogger("pullgate.pipeline")
+
+# Blobs allowed by manifests served from the store while the upstream was down.
+OFFLINE_ALLOWED_ENTRIES = 65536
+# How long a blob request that would be refused waits for the restart restore.
+RESTORE_WAIT = 30.0
+
+
+class BlobAllowances:
+    """The blob-side question of the gate, with the offline and restart cases."""
+
+    def __init__(
+        self, *, gate: Gate, metrics: Metrics, shared: SharedAllowances | None = None
+    ) -> None:
+        self.gate = gate
+        self.metrics = metrics
+        # The node's allowances shared with sibling worker processes (None: no siblings):
+        # what this worker served offline lets them serve its blobs too.
+        self.shared = shared
+        self._offline_allowed: OrderedDict[tuple[str, str, Digest], None] = OrderedDict()
+        # The restart restore in progress (or done), this process's or a sibling's.
+        self.restoring: asyncio.Task[int] | None = None
+
+    def allow_offline(self, repo: RepoKey, manifest: Manifest, verified_at: float) -> None:
+        """Allow the blobs of ``manifest``, served from the store while the upstream is
+        down (bounded, least recently allowed first out), here and in siblings."""
+        for blob in manifest.blob_digests:
+            key = (repo.registry, repo.repository, blob)
+            self._offline_allowed[key] = None
+            self._offline_allowed.move_to_end(key)
+        while len(self._offline_allowed) > OFFLINE_ALLOWED_ENTRIES:
+            self._offline_allowed.popitem(last=False)
+        if self.shared is not None:
+            self._share_offline(repo, manifest, verified_at)
+
+    async def require(self, route: Route, repository: str, digest: Digest) -> None:
+        """``check``, but a blob the restart restore may still allow waits
+        for it (at most ``RESTORE_WAIT`` seconds) before being refused."""
+        restoring = self.restoring
+        if (
+            restoring is not None
+            and not restoring.done()
+            and not self.allowed(route, repository, digest)
+        ):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(restoring), RESTORE_WAIT)
+        self.check(route, repository, digest)
+
+    def allowed(self, route: Route, repository: str, digest: Digest) -> bool:
+        repo = RepoKey(route.registry, repository)
+        offline_key = (route.registry, repository, digest)
+        return (
+            self.gate.blob_allowed(repo, digest)
+            or offline_key in self._offline_allowed
+            or self._shared_offline(repo, digest)
+        )
+
+    def _share_offline(self, repo: RepoKey, manifest: Manifest, verified_at: float) -> None:
+        """Let sibling workers serve the blobs of a manifest served offline here."""
+        assert self.shared is not None
+        try:
+            self.shared.record(
+                repo,
+                manifest.digest,
+                {OFFLINE: manifest.blob_digests},
+                artifact_type=manifest.effective_artifact_type,
+                fingerprint="",
+                revision=self.gate.revision,
+                decided_at=verified_at,
+                decision="{}",
+            )
+        except Exception:
+            log.exception("could not share the offline allowances of %s@%s", repo, manifest.digest)
+
+    def _shared_offline(self, repo: RepoKey, digest: Digest) -> bool:
+        """A sibling served, offline and under the policy revision in force here, a
+        manifest of ``repo`` that references ``digest``."""
+        if self.shared is None:
+            return False
+        revision = self.gate.revision
+        return any(g.revision == revision for g in self.shared.grants_for(OFFLINE, repo, digest))
+
+    def check(self, route: Route, repository: str, digest: Digest) -> None:
+        repo = RepoKey(route.registry, repository)
+        if not self.allowed(route, repository, digest):
+            self.metrics.denied.labels("blob").inc()
+            raise BlobNotAllowed(
+                f"blob {digest} is not referenced by any verified manifest of {repo}; "
+                "pull a verified manifest that references it first"
+            )
