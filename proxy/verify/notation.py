@@ -44,7 +44,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from proxy.gate import ArtifactSource
 from proxy.oci.digest import Digest
@@ -58,6 +58,7 @@ from proxy.oci.errors import (
 from proxy.oci.manifest import Manifest
 from proxy.verify import cbor
 from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject
+from proxy.verify.chains import NOTATION, ChainError, verify_chain
 
 log = logging.getLogger("pullgate.verify.notation")
 
@@ -435,46 +436,6 @@ def _parse_dn(text: str) -> set[tuple[str, str]]:
     return out
 
 
-def _chain_error(
-    chain: tuple[x509.Certificate, ...], anchors: list[x509.Certificate], at: dt.datetime
-) -> str | None:
-    """Why ``chain`` does not reach one of ``anchors`` valid at ``at``, or None."""
-    leaf = chain[0]
-    try:
-        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        if ExtendedKeyUsageOID.CODE_SIGNING not in usage:
-            return "the signing certificate lacks the code-signing extended key usage"
-    except x509.ExtensionNotFound:
-        pass
-    for position, cert in enumerate(chain):
-        if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
-            return (
-                f"certificate {cert.subject.rfc4514_string()[:120]} is not valid at "
-                f"{at:%Y-%m-%dT%H:%M:%SZ} (valid {cert.not_valid_before_utc:%Y-%m-%d} to "
-                f"{cert.not_valid_after_utc:%Y-%m-%d})"
-            )
-        if position + 1 < len(chain):
-            issuer = chain[position + 1]
-            try:
-                constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints)
-                if not constraints.value.ca:
-                    return "an intermediate certificate is not a CA"
-                cert.verify_directly_issued_by(issuer)
-            except (x509.ExtensionNotFound, ValueError, TypeError, InvalidSignature):
-                return "the certificate chain is broken"
-    top = chain[-1]
-    for anchor in anchors:
-        if anchor == top:
-            return None
-        try:
-            top.verify_directly_issued_by(anchor)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        if anchor.not_valid_before_utc <= at <= anchor.not_valid_after_utc:
-            return None
-    return "the certificate chain does not reach a certificate in the trust store"
-
-
 # ---- the verifier ----------------------------------------------------------------------
 
 
@@ -615,9 +576,7 @@ class NotationVerifier:
         at = envelope.authentic_signing_time if kind == "signingAuthority" else now
         if at is None:
             return "signingAuthority signature has no authenticSigningTime"
-        problem = _chain_error(envelope.chain, anchors, at)
-        if problem is not None:
-            check = "authenticTimestamp" if "not valid at" in problem else "authenticity"
+        for check, problem in _chain_problems(envelope.chain, anchors, at):
             if actions[check] == "enforce":
                 return problem
             log.warning("notation: %s (%s is set to %s)", problem, check, actions[check])
@@ -636,6 +595,42 @@ class NotationVerifier:
         if actions["revocation"] != "skip":
             log.debug("notation: revocation not checked (offline verification)")
         return None
+
+
+def _chain_problems(
+    chain: tuple[x509.Certificate, ...], anchors: list[x509.Certificate], at: dt.datetime
+) -> list[tuple[str, str]]:
+    """The (check, reason) pairs the x5c chain fails, for ``authenticTimestamp`` and
+    ``authenticity``; empty when it verifies to ``anchors`` at ``at``."""
+    try:
+        verify_chain(chain[0], chain[1:], anchors=anchors, at=at, profile=NOTATION)
+    except ChainError as exc:
+        expired = exc.outside_validity
+        if expired is None:
+            return [
+                ("authenticity", f"the certificate chain does not verify to the trust store: {exc}")
+            ]
+        problems = [
+            (
+                "authenticTimestamp",
+                f"certificate {expired.subject.rfc4514_string()[:120]} is not valid at "
+                f"{at:%Y-%m-%dT%H:%M:%SZ} (valid {expired.not_valid_before_utc:%Y-%m-%d} to "
+                f"{expired.not_valid_after_utc:%Y-%m-%d})",
+            )
+        ]
+        # A time check that is only logged must not waive authenticity: the path is
+        # built again at a time when every presented certificate is valid.
+        start = max(c.not_valid_before_utc for c in chain)
+        if start > min(c.not_valid_after_utc for c in chain):
+            reason = "the certificates' validity periods do not overlap"
+            return [*problems, ("authenticity", reason)]
+        try:
+            verify_chain(chain[0], chain[1:], anchors=anchors, at=start, profile=NOTATION)
+        except ChainError as again:
+            reason = f"the certificate chain does not verify to the trust store: {again}"
+            return [*problems, ("authenticity", reason)]
+        return problems
+    return []
 
 
 def _signature_manifest_problem(manifest: Manifest, subject: Subject) -> str | None:

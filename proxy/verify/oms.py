@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import datetime as dt
 import hashlib
 import json
 from collections.abc import Mapping
@@ -33,14 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from proxy.gate import ArtifactSource
 from proxy.oci.errors import OCIError, UpstreamTimeout, UpstreamUnavailable
 from proxy.oci.manifest import Manifest
 from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject, TrustConfig
 from proxy.verify.bundle import dsse_pae, parse_bundle_json
-from proxy.verify.keys import KeyFormatError, VerificationKey, load_public_key_pem
+from proxy.verify.chains import MAX_CHAIN, OMS, ChainError, verify_chain
+from proxy.verify.keys import KeyFormatError, VerificationKey, certificate_key, load_public_key_pem
 
 BUNDLE_ARTIFACT_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 IN_TOTO = "application/vnd.in-toto+json"
@@ -100,11 +101,13 @@ def verify_with_key(raw: bytes, key: VerificationKey) -> bytes:
     return payload
 
 
-def verify_with_ca(raw: bytes, roots: list[x509.Certificate]) -> bytes:
-    import datetime as dt
+def verify_with_ca(
+    raw: bytes, roots: list[x509.Certificate], *, now: dt.datetime | None = None
+) -> bytes:
+    """The DSSE payload of a certificate-signed bundle whose chain reaches ``roots``.
 
-    from proxy.verify.keys import certificate_key
-
+    A bundle carries no trusted signing time, so the chain must be valid ``now``.
+    """
     doc = parse_bundle_json(raw)
     material = doc.get("verificationMaterial")
     if not isinstance(material, dict):
@@ -118,29 +121,25 @@ def verify_with_ca(raw: bytes, roots: list[x509.Certificate]) -> bytes:
     try:
         chain = [
             x509.load_der_x509_certificate(_b64(e.get("rawBytes"), "certificate"))
-            for e in entries[:8]
+            for e in entries[: MAX_CHAIN + 1]
         ]
     except (ValueError, AttributeError) as exc:
         raise SignatureError("bundle certificate does not parse") from exc
     if not chain:
         raise SignatureError("bundle certificate chain is empty")
-    now = dt.datetime.now(dt.UTC)
-    # The chain in the bundle, then a root from the CA file.
-    for position, cert in enumerate(chain):
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise SignatureError(
-                f"certificate {cert.subject.rfc4514_string()[:80]} is not valid now"
-            )
-        if position + 1 < len(chain):
-            try:
-                cert.verify_directly_issued_by(chain[position + 1])
-            except (ValueError, TypeError, InvalidSignature) as exc:
-                raise SignatureError("bundle certificate chain is broken") from exc
-    top = chain[-1]
-    if not any(_issued_by_or_is(top, root) for root in roots):
-        raise SignatureError("bundle certificate does not chain to the configured CA")
+    try:
+        verify_chain(
+            chain[0], chain[1:], anchors=roots, at=now or dt.datetime.now(dt.UTC), profile=OMS
+        )
+    except ChainError as exc:
+        raise SignatureError(
+            f"bundle certificate does not chain to the configured CA: {exc}"
+        ) from exc
     payload_type, payload, signatures = _envelope(doc)
-    key = certificate_key(chain[0])
+    try:
+        key = certificate_key(chain[0])
+    except KeyFormatError as exc:
+        raise SignatureError(str(exc)) from exc
     if not any(key.verify(sig, pae) for pae in _paes(payload_type, payload) for sig in signatures):
         raise SignatureError("DSSE signature does not verify with the certificate's key")
     return payload
@@ -154,16 +153,6 @@ def _paes(payload_type: str, payload: bytes) -> list[bytes]:
         legacy = f"DSSEV1 {len(payload_type)} {payload_type} {len(payload)} {payload!r}"
         encodings.append(legacy.encode())
     return encodings
-
-
-def _issued_by_or_is(cert: x509.Certificate, root: x509.Certificate) -> bool:
-    if cert == root:
-        return True
-    try:
-        cert.verify_directly_issued_by(root)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def verify_with_sigstore(raw: bytes, verifier: Any, identity: Any) -> bytes:

@@ -16,16 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
-from cryptography.x509.verification import (
-    Criticality,
-    ExtensionPolicy,
-    PolicyBuilder,
-    Store,
-    VerificationError,
-)
+from cryptography.x509.oid import ObjectIdentifier
 
 from proxy.verify.base import PolicyError, SignatureError
+from proxy.verify.chains import SIGSTORE, ChainError, verify_chain
 from proxy.verify.keys import (
     KeyFormatError,
     VerificationKey,
@@ -365,11 +359,6 @@ def check_identity(cert: x509.Certificate, identity: KeylessIdentity) -> None:
             )
 
 
-def _ca_key_usage(policy: Any, cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
-    if usage is not None and not usage.key_cert_sign:
-        raise ValueError("CA key usage does not allow certificate signing")
-
-
 def verify_certificate_chain(
     trust: SigstoreTrustRoot,
     leaf: x509.Certificate,
@@ -381,33 +370,15 @@ def verify_certificate_chain(
 
     The CA certificates of the trusted root (intermediates included) are trust anchors,
     as in sigstore-python; ``intermediates`` come from the signature and are untrusted.
-    The CA must also be inside its own ``validFor`` window at ``at``. The leaf must allow
-    digital signatures and, if it has an EKU extension, code signing.
+    The path rules (CA bits, path length, Fulcio key usages) are ``chains.SIGSTORE``;
+    the CA must also be inside its own ``validFor`` window at ``at``.
     """
     anchors = trust.fulcio_certificates()
     if not anchors:
         raise SignatureError("the trusted root has no certificate authorities")
-    # Fulcio leaves carry codeSigning, not the clientAuth EKU a client verifier expects.
-    # Private PKI roots often omit keyUsage (Go's x509, which cosign uses, accepts that);
-    # when a CA has one, it must allow certificate signing.
-    ca_policy = (
-        ExtensionPolicy.webpki_defaults_ca()
-        .may_be_present(x509.ExtendedKeyUsage, Criticality.NON_CRITICAL, None)
-        .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _ca_key_usage)
-    )
-    ee_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
-        x509.ExtendedKeyUsage, Criticality.NON_CRITICAL, None
-    )
-    verifier = (
-        PolicyBuilder()
-        .store(Store(anchors))
-        .time(at)
-        .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
-        .build_client_verifier()
-    )
     try:
-        chain = verifier.verify(leaf, intermediates).chain
-    except (VerificationError, x509.UnsupportedGeneralNameType, ValueError) as exc:
+        chain = verify_chain(leaf, intermediates, anchors=anchors, at=at, profile=SIGSTORE)
+    except ChainError as exc:
         raise SignatureError(
             f"certificate does not chain to a trusted CA at {at:%Y-%m-%dT%H:%M:%SZ}: {exc}"
         ) from exc
@@ -417,18 +388,6 @@ def verify_certificate_chain(
         for ca in trust.certificate_authorities
     ):
         raise SignatureError("the certificate authority was not valid at signing time")
-    try:
-        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound as exc:
-        raise SignatureError("certificate has no key usage extension") from exc
-    if not usage.digital_signature:
-        raise SignatureError("certificate is not for digital signatures")
-    try:
-        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        eku = None
-    if eku is not None and ExtendedKeyUsageOID.CODE_SIGNING not in eku:
-        raise SignatureError("certificate is not for code signing")
     try:
         return certificate_key(leaf)
     except KeyFormatError as exc:
