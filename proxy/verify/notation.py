@@ -32,6 +32,7 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
+import io
 import json
 import logging
 from collections.abc import Mapping
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cbor2
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -56,7 +58,6 @@ from proxy.oci.errors import (
     UpstreamUnavailable,
 )
 from proxy.oci.manifest import Manifest
-from proxy.verify import cbor
 from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject
 from proxy.verify.chains import NOTATION, ChainError, verify_chain
 
@@ -102,6 +103,7 @@ LEVELS: dict[str, dict[str, str]] = {
 STORE_TYPES = ("ca", "signingAuthority", "tsa")
 MAX_STORE_FILES = 256
 MAX_CHAIN = 10
+MAX_CBOR_DEPTH = 16
 
 
 # ---- trust policy and store ------------------------------------------------------------
@@ -242,7 +244,7 @@ def _b64url(text: Any, what: str) -> bytes:
 
 
 def _certificates(ders: Any) -> tuple[x509.Certificate, ...]:
-    if not isinstance(ders, list) or not ders or len(ders) > MAX_CHAIN:
+    if not isinstance(ders, list | tuple) or not ders or len(ders) > MAX_CHAIN:
         raise SignatureError("the envelope's certificate chain is missing or too long")
     try:
         return tuple(x509.load_der_x509_certificate(bytes(d)) for d in ders)
@@ -253,8 +255,8 @@ def _certificates(ders: Any) -> tuple[x509.Certificate, ...]:
 def _time(value: Any, what: str) -> dt.datetime | None:
     if value is None:
         return None
-    if isinstance(value, cbor.Tagged) and value.tag == 1 and isinstance(value.value, int | float):
-        return dt.datetime.fromtimestamp(value.value, dt.UTC)
+    if isinstance(value, dt.datetime):  # COSE: CBOR tag 1 (epoch) or 0, decoded by cbor2
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
     if isinstance(value, str):
         try:
             parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -264,6 +266,40 @@ def _time(value: Any, what: str) -> dt.datetime | None:
     raise SignatureError(f"{what} is not a time")
 
 
+def cbor_item(data: bytes, what: str) -> Any:
+    """Exactly one CBOR item spanning ``data``, decoded by cbor2, or ``SignatureError``.
+
+    Refused: duplicate map keys and indefinite lengths (two readers could disagree on
+    what was signed), nesting deeper than ``MAX_CBOR_DEPTH``, trailing bytes. cbor2
+    checks lengths against the input before it allocates. Map keys that are arrays or
+    maps come back as tuples or frozendicts, so nothing is unhashable.
+    """
+    stream = io.BytesIO(data)
+    decoder = cbor2.CBORDecoder(
+        stream, max_depth=MAX_CBOR_DEPTH, allow_indefinite=False, allow_duplicate_keys=False
+    )
+    try:
+        item = decoder.decode()
+    except (cbor2.CBORDecodeError, ValueError, OverflowError, TypeError, RecursionError) as exc:
+        raise SignatureError(f"{what} is not valid CBOR: {str(exc)[:200]}") from exc
+    if stream.tell() != len(data):
+        raise SignatureError(f"{len(data) - stream.tell()} trailing bytes after {what}")
+    return item
+
+
+def _cose_header(value: Any, what: str) -> Mapping[Any, Any]:
+    # RFC 9052 section 3: labels are integers or text. Python would take the CBOR
+    # simple value true (or 1.0) for label 1 (alg); Go would not.
+    if not isinstance(value, Mapping) or not all(type(k) in (int, str) for k in value):
+        raise SignatureError(f"COSE {what} header is not a map with integer or text labels")
+    return value
+
+
+# JWS: no maintained library parses Notation's envelope without loss. PyJWT reads the
+# compact serialization only and refuses any "crit" entry but "b64", so it rejects
+# every Notation signature (io.cncf.notary.signingScheme is always critical); the
+# general JOSE libraries likewise check "crit" against their own registries. Parsing
+# here is JSON and base64url; the signature is verified with cryptography.
 def parse_jws(raw: bytes) -> Envelope:
     try:
         doc = json.loads(raw)
@@ -311,33 +347,34 @@ def parse_jws(raw: bytes) -> Envelope:
 
 
 def parse_cose(raw: bytes) -> Envelope:
-    try:
-        item = cbor.decode(raw)
-    except cbor.CBORError as exc:
-        raise SignatureError(f"COSE envelope is not valid CBOR: {exc}") from exc
-    if isinstance(item, cbor.Tagged):
+    item = cbor_item(raw, "COSE envelope")
+    if isinstance(item, cbor2.CBORTag):
         if item.tag != 18:
             raise SignatureError(f"COSE envelope has tag {item.tag}, not COSE_Sign1 (18)")
         item = item.value
-    if not isinstance(item, list) or len(item) != 4:
+    # cbor2 decodes the contents of a tag immutably: arrays as tuples, maps as frozendicts.
+    if not isinstance(item, list | tuple) or len(item) != 4:
         raise SignatureError("COSE_Sign1 must be an array of 4 items")
-    protected_raw, unprotected, payload_raw, signature = item
+    protected_raw, unprotected_raw, payload_raw, signature = item
     if not all(isinstance(x, bytes) for x in (protected_raw, payload_raw, signature)):
         raise SignatureError("COSE_Sign1 fields have the wrong types")
+    protected = _cose_header(cbor_item(protected_raw, "COSE protected header"), "protected")
+    unprotected = _cose_header(unprotected_raw, "unprotected")
     try:
-        protected = cbor.decode(protected_raw)
         payload = json.loads(payload_raw)
-    except (cbor.CBORError, ValueError) as exc:
-        raise SignatureError("COSE protected header or payload does not parse") from exc
-    if not isinstance(protected, dict) or not isinstance(unprotected, dict):
-        raise SignatureError("COSE headers are not maps")
+    except ValueError as exc:
+        raise SignatureError("COSE payload is not JSON") from exc
     if protected.get(3) != PAYLOAD_TYPE:
         raise SignatureError(f"COSE content type is not {PAYLOAD_TYPE}")
     critical = protected.get(2) or []
     critical_names = tuple(map(str, critical)) if isinstance(critical, list) else ("<invalid>",)
-    signing_input = cbor.encode(["Signature1", protected_raw, b"", payload_raw])
+    # RFC 9052 section 4.4: Sig_structure = ["Signature1", protected, external_aad, payload]
+    signing_input = cbor2.dumps(["Signature1", protected_raw, b"", payload_raw])
+    algorithm = protected.get(1)
     return Envelope(
-        algorithm=COSE_ALGORITHMS.get(protected.get(1), str(protected.get(1))),  # type: ignore[arg-type]
+        algorithm=COSE_ALGORITHMS.get(algorithm, str(algorithm)[:20])
+        if isinstance(algorithm, int)
+        else str(algorithm)[:20],
         signing_input=signing_input,
         signature=signature,
         payload=payload,

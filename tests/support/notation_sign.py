@@ -20,13 +20,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import cbor2
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.oci.digest import Digest
-from proxy.verify import cbor
 from tests.support.cosign_sign import Artifact
 
 PAYLOAD_TYPE = "application/vnd.cncf.notary.payload.v1+json"
@@ -171,16 +171,16 @@ class TestNotary:
             2: ["io.cncf.notary.signingScheme"],
             3: PAYLOAD_TYPE,
             "io.cncf.notary.signingScheme": "notary.x509",
-            "io.cncf.notary.signingTime": cbor.Tagged(1, int(dt.datetime.now(UTC).timestamp())),
+            "io.cncf.notary.signingTime": cbor2.CBORTag(1, int(dt.datetime.now(UTC).timestamp())),
         }
         if expiry is not None:
             protected[2].append("io.cncf.notary.expiry")
-            protected["io.cncf.notary.expiry"] = cbor.Tagged(1, int(expiry.timestamp()))
-        protected_raw = cbor.encode(protected)
+            protected["io.cncf.notary.expiry"] = cbor2.CBORTag(1, int(expiry.timestamp()))
+        protected_raw = cbor2.dumps(protected)
         payload = json.dumps({"targetArtifact": descriptor}).encode()
-        signature = self._sign(cbor.encode(["Signature1", protected_raw, b"", payload]))
+        signature = self._sign(cbor2.dumps(["Signature1", protected_raw, b"", payload]))
         unprotected = {33: self._chain(), "io.cncf.notary.signingAgent": "pullgate-tests"}
-        return cbor.encode(cbor.Tagged(18, [protected_raw, unprotected, payload, signature]))
+        return cbor2.dumps(cbor2.CBORTag(18, [protected_raw, unprotected, payload, signature]))
 
     def write_trust(self, directory: Path, *, scope: str = "*", level: str = "strict") -> None:
         store = directory / "truststore" / "x509" / "ca" / "test"
