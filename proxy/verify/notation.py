@@ -295,11 +295,9 @@ def _cose_header(value: Any, what: str) -> Mapping[Any, Any]:
     return value
 
 
-# JWS: no maintained library parses Notation's envelope without loss. PyJWT reads the
-# compact serialization only and refuses any "crit" entry but "b64", so it rejects
-# every Notation signature (io.cncf.notary.signingScheme is always critical); the
-# general JOSE libraries likewise check "crit" against their own registries. Parsing
-# here is JSON and base64url; the signature is verified with cryptography.
+# JWS stays hand-parsed (JSON and base64url; cryptography verifies). PyJWT, already
+# installed, reads only the compact form and refuses every Notation envelope:
+# "Unsupported critical extension: io.cncf.notary.signingScheme".
 def parse_jws(raw: bytes) -> Envelope:
     try:
         doc = json.loads(raw)
@@ -326,23 +324,14 @@ def parse_jws(raw: bytes) -> Envelope:
         ders = [base64.b64decode(c, validate=True) for c in chain_b64]
     except (binascii.Error, ValueError, TypeError) as exc:
         raise SignatureError("JWS x5c is not base64") from exc
-    critical = protected.get("crit") or []
-    return Envelope(
+    return _envelope(
         algorithm=str(protected.get("alg")),
         signing_input=f"{protected_b64}.{payload_b64}".encode("ascii"),
         signature=_b64url(doc.get("signature"), "JWS signature"),
         payload=payload,
         chain=_certificates(ders),
-        scheme=str(protected.get("io.cncf.notary.signingScheme")),
-        critical=tuple(map(str, critical)) if isinstance(critical, list) else ("<invalid>",),
-        signing_time=_time(protected.get("io.cncf.notary.signingTime"), "signingTime"),
-        authentic_signing_time=_time(
-            protected.get("io.cncf.notary.authenticSigningTime"), "authenticSigningTime"
-        ),
-        expiry=_time(protected.get("io.cncf.notary.expiry"), "expiry"),
-        extra_critical=tuple(c for c in map(str, critical) if c not in KNOWN_CRITICAL)
-        if isinstance(critical, list)
-        else (),
+        headers=protected,
+        critical=protected.get("crit") or [],
     )
 
 
@@ -366,27 +355,34 @@ def parse_cose(raw: bytes) -> Envelope:
         raise SignatureError("COSE payload is not JSON") from exc
     if protected.get(3) != PAYLOAD_TYPE:
         raise SignatureError(f"COSE content type is not {PAYLOAD_TYPE}")
-    critical = protected.get(2) or []
-    critical_names = tuple(map(str, critical)) if isinstance(critical, list) else ("<invalid>",)
-    # RFC 9052 section 4.4: Sig_structure = ["Signature1", protected, external_aad, payload]
-    signing_input = cbor2.dumps(["Signature1", protected_raw, b"", payload_raw])
     algorithm = protected.get(1)
-    return Envelope(
+    return _envelope(
         algorithm=COSE_ALGORITHMS.get(algorithm, str(algorithm)[:20])
         if isinstance(algorithm, int)
         else str(algorithm)[:20],
-        signing_input=signing_input,
+        # RFC 9052 section 4.4: Sig_structure = ["Signature1", protected, aad, payload]
+        signing_input=cbor2.dumps(["Signature1", protected_raw, b"", payload_raw]),
         signature=signature,
         payload=payload,
         chain=_certificates(unprotected.get(33)),
-        scheme=str(protected.get("io.cncf.notary.signingScheme")),
-        critical=critical_names,
-        signing_time=_time(protected.get("io.cncf.notary.signingTime"), "signingTime"),
+        headers=protected,
+        critical=protected.get(2) or [],
+    )
+
+
+def _envelope(*, headers: Mapping[Any, Any], critical: Any, **fields: Any) -> Envelope:
+    """An ``Envelope`` with the Notary Project headers, named alike in JWS and COSE."""
+    names = tuple(map(str, critical)) if isinstance(critical, list | tuple) else ("<invalid>",)
+    return Envelope(
+        **fields,
+        scheme=str(headers.get("io.cncf.notary.signingScheme")),
+        critical=names,
+        signing_time=_time(headers.get("io.cncf.notary.signingTime"), "signingTime"),
         authentic_signing_time=_time(
-            protected.get("io.cncf.notary.authenticSigningTime"), "authenticSigningTime"
+            headers.get("io.cncf.notary.authenticSigningTime"), "authenticSigningTime"
         ),
-        expiry=_time(protected.get("io.cncf.notary.expiry"), "expiry"),
-        extra_critical=tuple(c for c in critical_names if c not in KNOWN_CRITICAL),
+        expiry=_time(headers.get("io.cncf.notary.expiry"), "expiry"),
+        extra_critical=tuple(c for c in names if c not in KNOWN_CRITICAL),
     )
 
 
@@ -637,37 +633,33 @@ class NotationVerifier:
 def _chain_problems(
     chain: tuple[x509.Certificate, ...], anchors: list[x509.Certificate], at: dt.datetime
 ) -> list[tuple[str, str]]:
-    """The (check, reason) pairs the x5c chain fails, for ``authenticTimestamp`` and
-    ``authenticity``; empty when it verifies to ``anchors`` at ``at``."""
+    """The (check, reason) pairs the x5c chain fails at ``at``: ``authenticTimestamp``
+    for a certificate outside its validity, ``authenticity`` for the path."""
+    untrusted = "the certificate chain does not verify to the trust store: {}"
     try:
         verify_chain(chain[0], chain[1:], anchors=anchors, at=at, profile=NOTATION)
+        return []
     except ChainError as exc:
-        expired = exc.outside_validity
-        if expired is None:
-            return [
-                ("authenticity", f"the certificate chain does not verify to the trust store: {exc}")
-            ]
+        if (cert := exc.outside_validity) is None:
+            return [("authenticity", untrusted.format(exc))]
+        valid = f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}"
+        name = cert.subject.rfc4514_string()[:120]
         problems = [
             (
                 "authenticTimestamp",
-                f"certificate {expired.subject.rfc4514_string()[:120]} is not valid at "
-                f"{at:%Y-%m-%dT%H:%M:%SZ} (valid {expired.not_valid_before_utc:%Y-%m-%d} to "
-                f"{expired.not_valid_after_utc:%Y-%m-%d})",
+                f"certificate {name} is not valid at {at:%Y-%m-%dT%H:%M:%SZ} (valid {valid})",
             )
         ]
-        # A time check that is only logged must not waive authenticity: the path is
-        # built again at a time when every presented certificate is valid.
-        start = max(c.not_valid_before_utc for c in chain)
+    # A time check that is only logged must not waive authenticity: the path is built
+    # again at the latest notBefore (refused if the validity periods do not overlap).
+    start = max(c.not_valid_before_utc for c in chain)
+    try:
         if start > min(c.not_valid_after_utc for c in chain):
-            reason = "the certificates' validity periods do not overlap"
-            return [*problems, ("authenticity", reason)]
-        try:
-            verify_chain(chain[0], chain[1:], anchors=anchors, at=start, profile=NOTATION)
-        except ChainError as again:
-            reason = f"the certificate chain does not verify to the trust store: {again}"
-            return [*problems, ("authenticity", reason)]
-        return problems
-    return []
+            raise ChainError("the certificates' validity periods do not overlap")
+        verify_chain(chain[0], chain[1:], anchors=anchors, at=start, profile=NOTATION)
+    except ChainError as exc:
+        problems.append(("authenticity", untrusted.format(exc)))
+    return problems
 
 
 def _signature_manifest_problem(manifest: Manifest, subject: Subject) -> str | None:

@@ -1,31 +1,18 @@
 """OMS model signing (OpenSSF ``model_signing``) for models shipped as OCI artifacts.
 
 A signed model (``model.sig``) is a Sigstore bundle v0.3 whose DSSE envelope carries an
-in-toto statement: ``predicateType`` ``https://model_signing/signature/v1.0`` with
-``predicate.resources`` = ``[{name, algorithm: sha256, digest}]``, one per file, and a
-subject whose sha256 is taken over the concatenated raw file digests (the older
-``https://model_signing/Digests/v0.1`` lists each file as a subject).
+in-toto statement listing each file's sha256; in a registry it is a referrer of the model
+manifest, whose raw layers (titled ``org.opencontainers.image.title``) have the files'
+sha256 as digests. So pullgate verifies a model **without downloading its weights**:
 
-In a registry the bundle is a referrer of the model manifest (``artifactType``
-``application/vnd.dev.sigstore.bundle.v0.3+json``, told apart from cosign bundles by its
-predicate type). A ModelPack/KitOps-style model stores each file as a raw layer titled
-``org.opencontainers.image.title``, and a raw layer's digest *is* the file's sha256, so
-pullgate verifies a model **without downloading its weights**:
-
-1. the bundle's DSSE signature verifies: with a PEM key or a certificate, by
-   ``model_signing``'s own verifiers; keyless, by sigstore-python against the policy's
-   trusted root, offline. model_signing checks a certificate chain with OpenSSL at the
-   signing certificate's own notBefore (so never for expiry) and without key-usage
-   rules, so the chain is first checked by ``chains.verify_chain`` (profile ``OMS``);
-2. the payload is in-toto with an OMS predicate type; ``model_signing`` turns it into
-   its manifest, checking the subject digest against the resources;
-3. pullgate's own part: the signed files are exactly the manifest's layers (every
-   resource matches a layer with that title and sha256, every layer not ignored is
-   covered).
-
-model_signing's verifiers are reached through ``_verify_signed_content``, the hook its
-verifier classes implement: its public entry point hashes a model directory, which a
-pull-through mirror does not have. model-signing is pinned below 1.2 for that reason.
+1. the DSSE signature verifies: with a PEM key or a certificate by ``model_signing``'s
+   own verifiers (reached through ``_verify_signed_content``, the hook its verifier
+   classes implement: its public entry point hashes a model directory, so model-signing
+   is pinned below 1.2); keyless by sigstore-python, offline. model_signing checks a
+   chain with OpenSSL at the leaf's own notBefore (never for expiry) and without
+   key-usage rules, so ``chains.verify_chain`` (profile ``OMS``) checks it first;
+2. ``model_signing`` reads the statement into its manifest (subject digest checked);
+3. pullgate's own part: the signed files are exactly the manifest's layers.
 """
 
 from __future__ import annotations
@@ -47,9 +34,8 @@ from proxy.gate import ArtifactSource
 from proxy.oci.errors import OCIError, UpstreamTimeout, UpstreamUnavailable
 from proxy.oci.manifest import Manifest
 from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject, TrustConfig
-from proxy.verify.bundle import parse_bundle_json
 from proxy.verify.chains import MAX_CHAIN, OMS, ChainError, verify_chain
-from proxy.verify.keys import KeyFormatError, VerificationKey, b64decode_strict, load_public_key_pem
+from proxy.verify.keys import KeyFormatError, VerificationKey, load_public_key_pem
 
 BUNDLE_ARTIFACT_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 IN_TOTO = "application/vnd.in-toto+json"
@@ -83,12 +69,18 @@ def _with_temp_file(data: bytes, name: str, use: Callable[[Path], Any]) -> Any:
         return use(path)
 
 
-def _model_signing_payload(raw: bytes, verifier: Any) -> bytes:
-    """The in-toto payload of ``raw`` once ``verifier`` (model_signing) verified it."""
+def _read(raw: bytes) -> Any:
     try:
-        signature = _with_temp_file(raw, "model.sig", sign_sigstore_pb.Signature.read)
-        payload_type, payload = verifier._verify_signed_content(signature)
+        return _with_temp_file(raw, "model.sig", sign_sigstore_pb.Signature.read)
     except Exception as exc:  # model_signing raises many types on hostile bundles
+        raise SignatureError(f"bundle does not parse: {_short(exc)}") from exc
+
+
+def _payload(signature: Any, verifier: Any) -> bytes:
+    """The in-toto payload of ``signature`` once ``verifier`` (model_signing) verified it."""
+    try:
+        payload_type, payload = verifier._verify_signed_content(signature)
+    except Exception as exc:  # InvalidSignature, ValueError, OpenSSL's X509StoreContextError
         raise SignatureError(f"model_signing: {_short(exc)}") from exc
     if payload_type != IN_TOTO:
         raise SignatureError(f"DSSE payloadType {str(payload_type)[:80]!r} is not in-toto")
@@ -114,10 +106,10 @@ def certificate_verifier(roots: list[x509.Certificate]) -> Any:
 
 def verify_with_key(raw: bytes, key: VerificationKey, *, verifier: Any = None) -> bytes:
     """The payload of a key-signed bundle (``verifier``: a prebuilt ``key_verifier``)."""
-    material = parse_bundle_json(raw).get("verificationMaterial")
-    if not isinstance(material, dict) or "publicKey" not in material:
+    signature = _read(raw)
+    if signature.bundle.verification_material.public_key is None:
         raise SignatureError("bundle has no public-key material (signed with a certificate?)")
-    return _model_signing_payload(raw, verifier or key_verifier(key))
+    return _payload(signature, verifier or key_verifier(key))
 
 
 def verify_with_ca(
@@ -131,28 +123,16 @@ def verify_with_ca(
 
     A bundle carries no trusted signing time, so the chain must be valid ``now``.
     """
+    signature = _read(raw)
+    presented = signature.bundle.verification_material.x509_certificate_chain
+    if presented is None or not presented.certificates:
+        raise SignatureError("bundle has no certificate chain (signed with a key?)")
     # 1a. pullgate's chain rules (CA bits, path length, validity now, key usages).
-    material = parse_bundle_json(raw).get("verificationMaterial")
-    if not isinstance(material, dict):
-        raise SignatureError("bundle has no verification material")
-    if "x509CertificateChain" in material:
-        entries = material["x509CertificateChain"].get("certificates") or []
-    elif "certificate" in material:
-        entries = [material["certificate"]]
-    else:
-        raise SignatureError("bundle has no certificate (signed with a key?)")
     try:
         chain = [
-            x509.load_der_x509_certificate(
-                b64decode_strict(str(e.get("rawBytes")), what="certificate")
-            )
-            for e in entries[: MAX_CHAIN + 1]
+            x509.load_der_x509_certificate(bytes(c.raw_bytes))
+            for c in presented.certificates[: MAX_CHAIN + 1]
         ]
-    except (ValueError, AttributeError) as exc:
-        raise SignatureError("bundle certificate does not parse") from exc
-    if not chain:
-        raise SignatureError("bundle certificate chain is empty")
-    try:
         verify_chain(
             chain[0], chain[1:], anchors=roots, at=now or dt.datetime.now(dt.UTC), profile=OMS
         )
@@ -160,8 +140,10 @@ def verify_with_ca(
         raise SignatureError(
             f"bundle certificate does not chain to the configured CA: {exc}"
         ) from exc
+    except ValueError as exc:
+        raise SignatureError("bundle certificate does not parse") from exc
     # 1b. model_signing: its own chain check, then the DSSE signature.
-    return _model_signing_payload(raw, verifier or certificate_verifier(roots))
+    return _payload(signature, verifier or certificate_verifier(roots))
 
 
 def verify_with_sigstore(raw: bytes, verifier: Any, identity: Any) -> bytes:

@@ -4,8 +4,8 @@ The file is parsed once, by sigstore-python (``sigstore.models.TrustedRoot`` ove
 ``sigstore_models``): certificate bundles are verified by sigstore-python with that
 object. The legacy cosign verifier (``.sig`` images with a Rekor SET in an annotation)
 needs what sigstore-python keeps to itself, read here from the same parsed object: the
-Fulcio certificate authorities and the Rekor and CT log keys, each with its log ID and
-validity window.
+Fulcio certificate authorities and the Rekor log keys, each with its log ID and validity
+window.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat import asn1
 from cryptography.x509.oid import ObjectIdentifier
 
 from proxy.verify.base import PolicyError, SignatureError
@@ -54,16 +55,14 @@ class Window:
 class CertificateAuthority:
     """A Fulcio CA: its chain, leaf-most first, root last."""
 
-    uri: str
     certificates: tuple[x509.Certificate, ...]
     valid_for: Window
 
 
 @dataclass(frozen=True, slots=True)
 class LogKey:
-    """A transparency (Rekor) or CT log public key."""
+    """A transparency (Rekor) log public key."""
 
-    base_url: str
     log_id: bytes
     key: VerificationKey
     valid_for: Window
@@ -78,7 +77,6 @@ class SigstoreTrustRoot:
     """The ``sigstore.models.TrustedRoot`` every sigstore-python verifier is built on."""
     certificate_authorities: tuple[CertificateAuthority, ...]
     tlogs: tuple[LogKey, ...]
-    ctlogs: tuple[LogKey, ...]
 
     def tlog(self, log_id: bytes) -> LogKey | None:
         """The Rekor key whose log ID is ``log_id`` (sha256 of its DER SPKI)."""
@@ -108,7 +106,6 @@ def _log_keys(instances: Any) -> tuple[LogKey, ...]:
         log_id = instance.log_id.key_id if instance.log_id is not None else None
         out.append(
             LogKey(
-                base_url=str(instance.base_url or ""),
                 log_id=bytes(log_id) if log_id else key.key_id,
                 key=key,
                 valid_for=_window(instance.public_key.valid_for),
@@ -128,7 +125,6 @@ def _authorities(authorities: Any) -> tuple[CertificateAuthority, ...]:
             raise ValueError("a certificate authority has no certificates")
         out.append(
             CertificateAuthority(
-                uri=str(authority.uri or ""),
                 certificates=certificates,
                 valid_for=_window(authority.valid_for),
             )
@@ -157,7 +153,6 @@ def load_trusted_root(path: Path) -> SigstoreTrustRoot:
             sigstore=sigstore_root,
             certificate_authorities=_authorities(document.certificate_authorities),
             tlogs=_log_keys(document.tlogs),
-            ctlogs=_log_keys(document.ctlogs),
         )
     except Exception as exc:  # pydantic, sigstore and cryptography errors: all "bad file"
         first = str(exc).strip().splitlines()
@@ -223,20 +218,10 @@ class KeylessIdentity:
 
 
 def _der_utf8(raw: bytes) -> str | None:
-    # Just enough DER for a single UTF8String (tag 0x0c): Fulcio's v2 extensions.
-    if len(raw) < 2 or raw[0] != 0x0C:
-        return None
-    length, offset = raw[1], 2
-    if length & 0x80:
-        count = length & 0x7F
-        if count == 0 or count > 3 or len(raw) < 2 + count:
-            return None
-        length, offset = int.from_bytes(raw[2 : 2 + count], "big"), 2 + count
-    if len(raw) != offset + length:
-        return None
+    """A DER UTF8String (Fulcio's v2 extensions), decoded by cryptography's ASN.1."""
     try:
-        return raw[offset:].decode("utf-8")
-    except UnicodeDecodeError:
+        return asn1.decode_der(str, raw)
+    except ValueError:
         return None
 
 
