@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
 from cryptography.x509.verification import (
     Criticality,
@@ -46,11 +47,20 @@ class ChainError(SignatureError):
 
     ``outside_validity``: the first presented certificate not valid at the signing time,
     if any (Notation reports that under ``authenticTimestamp``, not ``authenticity``).
+    ``reaches_anchor``: whether a presented certificate is an anchor or was signed by
+    one, i.e. whether a rule failed rather than the trust itself.
     """
 
-    def __init__(self, reason: str, *, outside_validity: x509.Certificate | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        outside_validity: x509.Certificate | None = None,
+        reaches_anchor: bool = True,
+    ) -> None:
         super().__init__(reason)
         self.outside_validity = outside_validity
+        self.reaches_anchor = reaches_anchor
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +252,10 @@ def verify_chain(
     try:
         return list(verifier.verify(leaf, list(intermediates)).chain)
     except (VerificationError, x509.UnsupportedGeneralNameType, ValueError) as exc:
-        # 3. Whether a presented certificate was outside its validity at ``at``.
+        # 3. For the reason only: was a presented certificate outside its validity at
+        #    ``at``, and does the chain reach the anchors at all?
+        presented = (leaf, *intermediates)
+        reaches = any(c == a or _issued_by(c, a) for c in presented for a in anchors)
         expired = next(
             (
                 c
@@ -251,4 +264,12 @@ def verify_chain(
             ),
             None,
         )
-        raise ChainError(str(exc), outside_validity=expired) from exc
+        raise ChainError(str(exc), outside_validity=expired, reaches_anchor=reaches) from exc
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

@@ -104,6 +104,7 @@ STORE_TYPES = ("ca", "signingAuthority", "tsa")
 MAX_STORE_FILES = 256
 MAX_CHAIN = 10
 MAX_CBOR_DEPTH = 16
+UNTRUSTED = "the certificate chain does not reach a certificate in the trust store"
 
 
 # ---- trust policy and store ------------------------------------------------------------
@@ -641,7 +642,7 @@ def _chain_problems(
         return []
     except ChainError as exc:
         if (cert := exc.outside_validity) is None:
-            return [("authenticity", untrusted.format(exc))]
+            return [("authenticity", untrusted.format(exc) if exc.reaches_anchor else UNTRUSTED)]
         valid = f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}"
         name = cert.subject.rfc4514_string()[:120]
         problems = [
@@ -658,7 +659,9 @@ def _chain_problems(
             raise ChainError("the certificates' validity periods do not overlap")
         verify_chain(chain[0], chain[1:], anchors=anchors, at=start, profile=NOTATION)
     except ChainError as exc:
-        problems.append(("authenticity", untrusted.format(exc)))
+        problems.append(
+            ("authenticity", untrusted.format(exc) if exc.reaches_anchor else UNTRUSTED)
+        )
     return problems
 
 
