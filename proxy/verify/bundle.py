@@ -78,14 +78,13 @@ class CosignPolicy:
 
 
 def sigstore_verifier_for(trust: SigstoreTrustRoot) -> Any:
-    """Load ``trust.path`` into sigstore-python (offline) and build its ``Verifier``."""
-    from sigstore.models import TrustedRoot
+    """sigstore-python's ``Verifier`` over the already-parsed trusted root (offline)."""
     from sigstore.verify import Verifier
 
     try:
-        return Verifier(trusted_root=TrustedRoot.from_file(str(trust.path)))
-    except Exception as exc:  # sigstore raises many types while loading; all mean "bad file"
-        raise PolicyError(f"sigstore cannot load trusted root {trust.path}: {exc}") from exc
+        return Verifier(trusted_root=trust.sigstore)
+    except Exception as exc:  # sigstore raises many types on a bad root; all mean "bad file"
+        raise PolicyError(f"sigstore cannot use trusted root {trust.path}: {exc}") from exc
 
 
 def _obj(value: Any, what: str) -> dict[str, Any]:

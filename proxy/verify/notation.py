@@ -32,6 +32,7 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
+import io
 import json
 import logging
 from collections.abc import Mapping
@@ -39,12 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cbor2
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from proxy.oci.digest import Digest
 from proxy.oci.errors import (
@@ -56,8 +58,8 @@ from proxy.oci.errors import (
 )
 from proxy.oci.manifest import Manifest
 from proxy.pipeline.gate import ArtifactSource
-from proxy.verify import cbor
 from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject
+from proxy.verify.chains import NOTATION, ChainError, verify_chain
 
 log = logging.getLogger("pullgate.verify.notation")
 
@@ -101,6 +103,8 @@ LEVELS: dict[str, dict[str, str]] = {
 STORE_TYPES = ("ca", "signingAuthority", "tsa")
 MAX_STORE_FILES = 256
 MAX_CHAIN = 10
+MAX_CBOR_DEPTH = 16
+UNTRUSTED = "the certificate chain does not reach a certificate in the trust store"
 
 
 # ---- trust policy and store ------------------------------------------------------------
@@ -241,7 +245,7 @@ def _b64url(text: Any, what: str) -> bytes:
 
 
 def _certificates(ders: Any) -> tuple[x509.Certificate, ...]:
-    if not isinstance(ders, list) or not ders or len(ders) > MAX_CHAIN:
+    if not isinstance(ders, list | tuple) or not ders or len(ders) > MAX_CHAIN:
         raise SignatureError("the envelope's certificate chain is missing or too long")
     try:
         return tuple(x509.load_der_x509_certificate(bytes(d)) for d in ders)
@@ -252,8 +256,8 @@ def _certificates(ders: Any) -> tuple[x509.Certificate, ...]:
 def _time(value: Any, what: str) -> dt.datetime | None:
     if value is None:
         return None
-    if isinstance(value, cbor.Tagged) and value.tag == 1 and isinstance(value.value, int | float):
-        return dt.datetime.fromtimestamp(value.value, dt.UTC)
+    if isinstance(value, dt.datetime):  # COSE: CBOR tag 1 (epoch) or 0, decoded by cbor2
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
     if isinstance(value, str):
         try:
             parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -263,6 +267,38 @@ def _time(value: Any, what: str) -> dt.datetime | None:
     raise SignatureError(f"{what} is not a time")
 
 
+def cbor_item(data: bytes, what: str) -> Any:
+    """Exactly one CBOR item spanning ``data``, decoded by cbor2, or ``SignatureError``.
+
+    Refused: duplicate map keys and indefinite lengths (two readers could disagree on
+    what was signed), nesting deeper than ``MAX_CBOR_DEPTH``, trailing bytes. cbor2
+    checks lengths against the input before it allocates. Map keys that are arrays or
+    maps come back as tuples or frozendicts, so nothing is unhashable.
+    """
+    stream = io.BytesIO(data)
+    decoder = cbor2.CBORDecoder(
+        stream, max_depth=MAX_CBOR_DEPTH, allow_indefinite=False, allow_duplicate_keys=False
+    )
+    try:
+        item = decoder.decode()
+    except (cbor2.CBORDecodeError, ValueError, OverflowError, TypeError, RecursionError) as exc:
+        raise SignatureError(f"{what} is not valid CBOR: {str(exc)[:200]}") from exc
+    if stream.tell() != len(data):
+        raise SignatureError(f"{len(data) - stream.tell()} trailing bytes after {what}")
+    return item
+
+
+def _cose_header(value: Any, what: str) -> Mapping[Any, Any]:
+    # RFC 9052 section 3: labels are integers or text. Python would take the CBOR
+    # simple value true (or 1.0) for label 1 (alg); Go would not.
+    if not isinstance(value, Mapping) or not all(type(k) in (int, str) for k in value):
+        raise SignatureError(f"COSE {what} header is not a map with integer or text labels")
+    return value
+
+
+# JWS stays hand-parsed (JSON and base64url; cryptography verifies). PyJWT, already
+# installed, reads only the compact form and refuses every Notation envelope:
+# "Unsupported critical extension: io.cncf.notary.signingScheme".
 def parse_jws(raw: bytes) -> Envelope:
     try:
         doc = json.loads(raw)
@@ -289,66 +325,65 @@ def parse_jws(raw: bytes) -> Envelope:
         ders = [base64.b64decode(c, validate=True) for c in chain_b64]
     except (binascii.Error, ValueError, TypeError) as exc:
         raise SignatureError("JWS x5c is not base64") from exc
-    critical = protected.get("crit") or []
-    return Envelope(
+    return _envelope(
         algorithm=str(protected.get("alg")),
         signing_input=f"{protected_b64}.{payload_b64}".encode("ascii"),
         signature=_b64url(doc.get("signature"), "JWS signature"),
         payload=payload,
         chain=_certificates(ders),
-        scheme=str(protected.get("io.cncf.notary.signingScheme")),
-        critical=tuple(map(str, critical)) if isinstance(critical, list) else ("<invalid>",),
-        signing_time=_time(protected.get("io.cncf.notary.signingTime"), "signingTime"),
-        authentic_signing_time=_time(
-            protected.get("io.cncf.notary.authenticSigningTime"), "authenticSigningTime"
-        ),
-        expiry=_time(protected.get("io.cncf.notary.expiry"), "expiry"),
-        extra_critical=tuple(c for c in map(str, critical) if c not in KNOWN_CRITICAL)
-        if isinstance(critical, list)
-        else (),
+        headers=protected,
+        critical=protected.get("crit") or [],
     )
 
 
 def parse_cose(raw: bytes) -> Envelope:
-    try:
-        item = cbor.decode(raw)
-    except cbor.CBORError as exc:
-        raise SignatureError(f"COSE envelope is not valid CBOR: {exc}") from exc
-    if isinstance(item, cbor.Tagged):
+    item = cbor_item(raw, "COSE envelope")
+    if isinstance(item, cbor2.CBORTag):
         if item.tag != 18:
             raise SignatureError(f"COSE envelope has tag {item.tag}, not COSE_Sign1 (18)")
         item = item.value
-    if not isinstance(item, list) or len(item) != 4:
+    # cbor2 decodes the contents of a tag immutably: arrays as tuples, maps as frozendicts.
+    if not isinstance(item, list | tuple) or len(item) != 4:
         raise SignatureError("COSE_Sign1 must be an array of 4 items")
-    protected_raw, unprotected, payload_raw, signature = item
+    protected_raw, unprotected_raw, payload_raw, signature = item
     if not all(isinstance(x, bytes) for x in (protected_raw, payload_raw, signature)):
         raise SignatureError("COSE_Sign1 fields have the wrong types")
+    protected = _cose_header(cbor_item(protected_raw, "COSE protected header"), "protected")
+    unprotected = _cose_header(unprotected_raw, "unprotected")
     try:
-        protected = cbor.decode(protected_raw)
         payload = json.loads(payload_raw)
-    except (cbor.CBORError, ValueError) as exc:
-        raise SignatureError("COSE protected header or payload does not parse") from exc
-    if not isinstance(protected, dict) or not isinstance(unprotected, dict):
-        raise SignatureError("COSE headers are not maps")
+    except ValueError as exc:
+        raise SignatureError("COSE payload is not JSON") from exc
     if protected.get(3) != PAYLOAD_TYPE:
         raise SignatureError(f"COSE content type is not {PAYLOAD_TYPE}")
-    critical = protected.get(2) or []
-    critical_names = tuple(map(str, critical)) if isinstance(critical, list) else ("<invalid>",)
-    signing_input = cbor.encode(["Signature1", protected_raw, b"", payload_raw])
-    return Envelope(
-        algorithm=COSE_ALGORITHMS.get(protected.get(1), str(protected.get(1))),  # type: ignore[arg-type]
-        signing_input=signing_input,
+    algorithm = protected.get(1)
+    return _envelope(
+        algorithm=COSE_ALGORITHMS.get(algorithm, str(algorithm)[:20])
+        if isinstance(algorithm, int)
+        else str(algorithm)[:20],
+        # RFC 9052 section 4.4: Sig_structure = ["Signature1", protected, aad, payload]
+        signing_input=cbor2.dumps(["Signature1", protected_raw, b"", payload_raw]),
         signature=signature,
         payload=payload,
         chain=_certificates(unprotected.get(33)),
-        scheme=str(protected.get("io.cncf.notary.signingScheme")),
-        critical=critical_names,
-        signing_time=_time(protected.get("io.cncf.notary.signingTime"), "signingTime"),
+        headers=protected,
+        critical=protected.get(2) or [],
+    )
+
+
+def _envelope(*, headers: Mapping[Any, Any], critical: Any, **fields: Any) -> Envelope:
+    """An ``Envelope`` with the Notary Project headers, named alike in JWS and COSE."""
+    names = tuple(map(str, critical)) if isinstance(critical, list | tuple) else ("<invalid>",)
+    return Envelope(
+        **fields,
+        scheme=str(headers.get("io.cncf.notary.signingScheme")),
+        critical=names,
+        signing_time=_time(headers.get("io.cncf.notary.signingTime"), "signingTime"),
         authentic_signing_time=_time(
-            protected.get("io.cncf.notary.authenticSigningTime"), "authenticSigningTime"
+            headers.get("io.cncf.notary.authenticSigningTime"), "authenticSigningTime"
         ),
-        expiry=_time(protected.get("io.cncf.notary.expiry"), "expiry"),
-        extra_critical=tuple(c for c in critical_names if c not in KNOWN_CRITICAL),
+        expiry=_time(headers.get("io.cncf.notary.expiry"), "expiry"),
+        extra_critical=tuple(c for c in names if c not in KNOWN_CRITICAL),
     )
 
 
@@ -433,46 +468,6 @@ def _parse_dn(text: str) -> set[tuple[str, str]]:
             return {("invalid", text)}
         out.add((oid.dotted_string, value.strip()))
     return out
-
-
-def _chain_error(
-    chain: tuple[x509.Certificate, ...], anchors: list[x509.Certificate], at: dt.datetime
-) -> str | None:
-    """Why ``chain`` does not reach one of ``anchors`` valid at ``at``, or None."""
-    leaf = chain[0]
-    try:
-        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        if ExtendedKeyUsageOID.CODE_SIGNING not in usage:
-            return "the signing certificate lacks the code-signing extended key usage"
-    except x509.ExtensionNotFound:
-        pass
-    for position, cert in enumerate(chain):
-        if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
-            return (
-                f"certificate {cert.subject.rfc4514_string()[:120]} is not valid at "
-                f"{at:%Y-%m-%dT%H:%M:%SZ} (valid {cert.not_valid_before_utc:%Y-%m-%d} to "
-                f"{cert.not_valid_after_utc:%Y-%m-%d})"
-            )
-        if position + 1 < len(chain):
-            issuer = chain[position + 1]
-            try:
-                constraints = issuer.extensions.get_extension_for_class(x509.BasicConstraints)
-                if not constraints.value.ca:
-                    return "an intermediate certificate is not a CA"
-                cert.verify_directly_issued_by(issuer)
-            except (x509.ExtensionNotFound, ValueError, TypeError, InvalidSignature):
-                return "the certificate chain is broken"
-    top = chain[-1]
-    for anchor in anchors:
-        if anchor == top:
-            return None
-        try:
-            top.verify_directly_issued_by(anchor)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        if anchor.not_valid_before_utc <= at <= anchor.not_valid_after_utc:
-            return None
-    return "the certificate chain does not reach a certificate in the trust store"
 
 
 # ---- the verifier ----------------------------------------------------------------------
@@ -615,9 +610,7 @@ class NotationVerifier:
         at = envelope.authentic_signing_time if kind == "signingAuthority" else now
         if at is None:
             return "signingAuthority signature has no authenticSigningTime"
-        problem = _chain_error(envelope.chain, anchors, at)
-        if problem is not None:
-            check = "authenticTimestamp" if "not valid at" in problem else "authenticity"
+        for check, problem in _chain_problems(envelope.chain, anchors, at):
             if actions[check] == "enforce":
                 return problem
             log.warning("notation: %s (%s is set to %s)", problem, check, actions[check])
@@ -636,6 +629,40 @@ class NotationVerifier:
         if actions["revocation"] != "skip":
             log.debug("notation: revocation not checked (offline verification)")
         return None
+
+
+def _chain_problems(
+    chain: tuple[x509.Certificate, ...], anchors: list[x509.Certificate], at: dt.datetime
+) -> list[tuple[str, str]]:
+    """The (check, reason) pairs the x5c chain fails at ``at``: ``authenticTimestamp``
+    for a certificate outside its validity, ``authenticity`` for the path."""
+    untrusted = "the certificate chain does not verify to the trust store: {}"
+    try:
+        verify_chain(chain[0], chain[1:], anchors=anchors, at=at, profile=NOTATION)
+        return []
+    except ChainError as exc:
+        if (cert := exc.outside_validity) is None:
+            return [("authenticity", untrusted.format(exc) if exc.reaches_anchor else UNTRUSTED)]
+        valid = f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}"
+        name = cert.subject.rfc4514_string()[:120]
+        problems = [
+            (
+                "authenticTimestamp",
+                f"certificate {name} is not valid at {at:%Y-%m-%dT%H:%M:%SZ} (valid {valid})",
+            )
+        ]
+    # A time check that is only logged must not waive authenticity: the path is built
+    # again at the latest notBefore (refused if the validity periods do not overlap).
+    start = max(c.not_valid_before_utc for c in chain)
+    try:
+        if start > min(c.not_valid_after_utc for c in chain):
+            raise ChainError("the certificates' validity periods do not overlap")
+        verify_chain(chain[0], chain[1:], anchors=anchors, at=start, profile=NOTATION)
+    except ChainError as exc:
+        problems.append(
+            ("authenticity", untrusted.format(exc) if exc.reaches_anchor else UNTRUSTED)
+        )
+    return problems
 
 
 def _signature_manifest_problem(manifest: Manifest, subject: Subject) -> str | None:

@@ -1,45 +1,40 @@
 """OMS model signing (OpenSSF ``model_signing``) for models shipped as OCI artifacts.
 
 A signed model (``model.sig``) is a Sigstore bundle v0.3 whose DSSE envelope carries an
-in-toto statement: ``predicateType`` ``https://model_signing/signature/v1.0`` with
-``predicate.resources`` = ``[{name, algorithm: sha256, digest}]``, one per file, and a
-subject whose sha256 is taken over the concatenated raw file digests in name order
-(the older ``https://model_signing/Digests/v0.1`` lists each file as a subject).
+in-toto statement listing each file's sha256; in a registry it is a referrer of the model
+manifest, whose raw layers (titled ``org.opencontainers.image.title``) have the files'
+sha256 as digests. So pullgate verifies a model **without downloading its weights**:
 
-In a registry the bundle is a referrer of the model manifest (``artifactType``
-``application/vnd.dev.sigstore.bundle.v0.3+json``, told apart from cosign bundles by its
-predicate type). A ModelPack/KitOps-style model stores each file as a raw layer titled
-``org.opencontainers.image.title``, and a raw layer's digest *is* the file's sha256, so
-pullgate verifies a model **without downloading its weights**:
-
-1. the bundle's DSSE signature verifies (a PEM key; a certificate chain to a CA file;
-   or Sigstore keyless, offline, against the policy's trusted root);
-2. the payload is in-toto with an OMS predicate type;
-3. the signed files are exactly the manifest's layers: every resource matches a layer
-   with that title and digest, and every layer not ignored is covered;
-4. for v1.0 statements, the subject digest equals sha256 over the resource digests.
+1. the DSSE signature verifies: with a PEM key or a certificate by ``model_signing``'s
+   own verifiers (reached through ``_verify_signed_content``, the hook its verifier
+   classes implement: its public entry point hashes a model directory, so model-signing
+   is pinned below 1.2); keyless by sigstore-python, offline. model_signing checks a
+   chain with OpenSSL at the leaf's own notBefore (never for expiry) and without
+   key-usage rules, so ``chains.verify_chain`` (profile ``OMS``) checks it first;
+2. ``model_signing`` reads the statement into its manifest (subject digest checked);
+3. pullgate's own part: the signed files are exactly the manifest's layers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import hashlib
+import datetime as dt
 import json
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from model_signing._signing import sign_certificate, sign_ec_key, sign_sigstore_pb, signing
 
 from proxy.oci.errors import OCIError, UpstreamTimeout, UpstreamUnavailable
 from proxy.oci.manifest import Manifest
 from proxy.pipeline.gate import ArtifactSource
 from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject, TrustConfig
-from proxy.verify.bundle import dsse_pae, parse_bundle_json
+from proxy.verify.chains import MAX_CHAIN, OMS, ChainError, verify_chain
 from proxy.verify.keys import KeyFormatError, VerificationKey, load_public_key_pem
 
 BUNDLE_ARTIFACT_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -52,118 +47,103 @@ MAX_RESOURCES = 100_000
 
 @dataclass(frozen=True, slots=True)
 class ModelSignature:
-    """What a verified OMS bundle says was signed: file name -> sha256 hex."""
+    """What a verified OMS statement says was signed: file name -> sha256 hex."""
 
     files: dict[str, str]
-    subject_digest: str | None
     predicate_type: str
 
 
 # ---- 1. signature ---------------------------------------------------------------------
 
 
-def _b64(value: Any, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise SignatureError(f"{what} is missing")
+def _short(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _with_temp_file(data: bytes, name: str, use: Callable[[Path], Any]) -> Any:
+    """model_signing reads bundles and trust material from paths only."""
+    with tempfile.TemporaryDirectory(prefix="pullgate-oms-") as directory:
+        path = Path(directory) / name
+        path.write_bytes(data)
+        return use(path)
+
+
+def _read(raw: bytes) -> Any:
     try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise SignatureError(f"{what} is not base64") from exc
+        return _with_temp_file(raw, "model.sig", sign_sigstore_pb.Signature.read)
+    except Exception as exc:  # model_signing raises many types on hostile bundles
+        raise SignatureError(f"bundle does not parse: {_short(exc)}") from exc
 
 
-def _envelope(doc: Mapping[str, Any]) -> tuple[str, bytes, list[bytes]]:
-    envelope = doc.get("dsseEnvelope")
-    if not isinstance(envelope, dict):
-        raise SignatureError("OMS bundle has no DSSE envelope")
-    payload_type = envelope.get("payloadType")
+def _payload(signature: Any, verifier: Any) -> bytes:
+    """The in-toto payload of ``signature`` once ``verifier`` (model_signing) verified it."""
+    try:
+        payload_type, payload = verifier._verify_signed_content(signature)
+    except Exception as exc:  # InvalidSignature, ValueError, OpenSSL's X509StoreContextError
+        raise SignatureError(f"model_signing: {_short(exc)}") from exc
     if payload_type != IN_TOTO:
         raise SignatureError(f"DSSE payloadType {str(payload_type)[:80]!r} is not in-toto")
-    payload = _b64(envelope.get("payload"), "DSSE payload")
-    signatures = envelope.get("signatures")
-    if not isinstance(signatures, list) or not signatures:
-        raise SignatureError("DSSE envelope has no signatures")
-    sigs = [
-        _b64(s.get("sig") if isinstance(s, dict) else None, "DSSE signature")
-        for s in signatures[:8]
-    ]
-    return payload_type, payload, sigs
+    return bytes(payload)
 
 
-def verify_with_key(raw: bytes, key: VerificationKey) -> bytes:
-    doc = parse_bundle_json(raw)
-    material = doc.get("verificationMaterial")
-    if not isinstance(material, dict) or "publicKey" not in material:
+def key_verifier(key: VerificationKey) -> Any:
+    """model_signing's verifier for an ECDSA public key (the only kind it signs with)."""
+    pem = key.key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    try:
+        return _with_temp_file(pem, "key.pub", sign_ec_key.Verifier)
+    except ValueError as exc:
+        raise PolicyError(f"model signing key: {_short(exc)}") from exc
+
+
+def certificate_verifier(roots: list[x509.Certificate]) -> Any:
+    """model_signing's verifier for certificates chaining to ``roots``."""
+    pem = b"".join(root.public_bytes(serialization.Encoding.PEM) for root in roots)
+    return _with_temp_file(pem, "ca.pem", lambda path: sign_certificate.Verifier([path]))
+
+
+def verify_with_key(raw: bytes, key: VerificationKey, *, verifier: Any = None) -> bytes:
+    """The payload of a key-signed bundle (``verifier``: a prebuilt ``key_verifier``)."""
+    signature = _read(raw)
+    if signature.bundle.verification_material.public_key is None:
         raise SignatureError("bundle has no public-key material (signed with a certificate?)")
-    payload_type, payload, signatures = _envelope(doc)
-    if not any(key.verify(sig, pae) for pae in _paes(payload_type, payload) for sig in signatures):
-        raise SignatureError(f"DSSE signature does not verify with the {key.kind} key")
-    return payload
+    return _payload(signature, verifier or key_verifier(key))
 
 
-def verify_with_ca(raw: bytes, roots: list[x509.Certificate]) -> bytes:
-    import datetime as dt
+def verify_with_ca(
+    raw: bytes,
+    roots: list[x509.Certificate],
+    *,
+    verifier: Any = None,
+    now: dt.datetime | None = None,
+) -> bytes:
+    """The payload of a certificate-signed bundle whose chain reaches ``roots``.
 
-    from proxy.verify.keys import certificate_key
-
-    doc = parse_bundle_json(raw)
-    material = doc.get("verificationMaterial")
-    if not isinstance(material, dict):
-        raise SignatureError("bundle has no verification material")
-    if "x509CertificateChain" in material:
-        entries = material["x509CertificateChain"].get("certificates") or []
-    elif "certificate" in material:
-        entries = [material["certificate"]]
-    else:
-        raise SignatureError("bundle has no certificate (signed with a key?)")
+    A bundle carries no trusted signing time, so the chain must be valid ``now``.
+    """
+    signature = _read(raw)
+    presented = signature.bundle.verification_material.x509_certificate_chain
+    if presented is None or not presented.certificates:
+        raise SignatureError("bundle has no certificate chain (signed with a key?)")
+    # 1a. pullgate's chain rules (CA bits, path length, validity now, key usages).
     try:
         chain = [
-            x509.load_der_x509_certificate(_b64(e.get("rawBytes"), "certificate"))
-            for e in entries[:8]
+            x509.load_der_x509_certificate(bytes(c.raw_bytes))
+            for c in presented.certificates[: MAX_CHAIN + 1]
         ]
-    except (ValueError, AttributeError) as exc:
+        verify_chain(
+            chain[0], chain[1:], anchors=roots, at=now or dt.datetime.now(dt.UTC), profile=OMS
+        )
+    except ChainError as exc:
+        raise SignatureError(
+            f"bundle certificate does not chain to the configured CA: {exc}"
+        ) from exc
+    except ValueError as exc:
         raise SignatureError("bundle certificate does not parse") from exc
-    if not chain:
-        raise SignatureError("bundle certificate chain is empty")
-    now = dt.datetime.now(dt.UTC)
-    # The chain in the bundle, then a root from the CA file.
-    for position, cert in enumerate(chain):
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise SignatureError(
-                f"certificate {cert.subject.rfc4514_string()[:80]} is not valid now"
-            )
-        if position + 1 < len(chain):
-            try:
-                cert.verify_directly_issued_by(chain[position + 1])
-            except (ValueError, TypeError, InvalidSignature) as exc:
-                raise SignatureError("bundle certificate chain is broken") from exc
-    top = chain[-1]
-    if not any(_issued_by_or_is(top, root) for root in roots):
-        raise SignatureError("bundle certificate does not chain to the configured CA")
-    payload_type, payload, signatures = _envelope(doc)
-    key = certificate_key(chain[0])
-    if not any(key.verify(sig, pae) for pae in _paes(payload_type, payload) for sig in signatures):
-        raise SignatureError("DSSE signature does not verify with the certificate's key")
-    return payload
-
-
-def _paes(payload_type: str, payload: bytes) -> list[bytes]:
-    """The DSSE PAE, plus, for statements of the pre-1.0 ``Digests/v0.1`` format only, the
-    encoding model_signing 0.2 signed by mistake (its payload went through ``str()``)."""
-    encodings = [dsse_pae(payload_type, payload)]
-    if PREDICATE_V01.encode() in payload:
-        legacy = f"DSSEV1 {len(payload_type)} {payload_type} {len(payload)} {payload!r}"
-        encodings.append(legacy.encode())
-    return encodings
-
-
-def _issued_by_or_is(cert: x509.Certificate, root: x509.Certificate) -> bool:
-    if cert == root:
-        return True
-    try:
-        cert.verify_directly_issued_by(root)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
+    # 1b. model_signing: its own chain check, then the DSSE signature.
+    return _payload(signature, verifier or certificate_verifier(roots))
 
 
 def verify_with_sigstore(raw: bytes, verifier: Any, identity: Any) -> bytes:
@@ -184,10 +164,15 @@ def verify_with_sigstore(raw: bytes, verifier: Any, identity: Any) -> bytes:
     return bytes(payload)
 
 
-# ---- 2.-4. what was signed ------------------------------------------------------------
+# ---- 2. what was signed ---------------------------------------------------------------
+
+# pullgate hashes nothing, so these parameters (which tell model_signing how to hash a
+# model directory) do not affect it; statements that omit them are still read.
+_SERIALIZATION_DEFAULTS = {"method": "files", "hash_type": "sha256", "allow_symlinks": False}
 
 
 def parse_statement(payload: bytes) -> ModelSignature:
+    """The files an OMS in-toto statement signs, read by model_signing."""
     try:
         statement = json.loads(payload)
     except ValueError as exc:
@@ -195,30 +180,42 @@ def parse_statement(payload: bytes) -> ModelSignature:
     if not isinstance(statement, dict):
         raise SignatureError("in-toto statement is not an object")
     predicate_type = statement.get("predicateType")
-    subjects = statement.get("subject") or []
-    if not isinstance(subjects, list):
-        raise SignatureError("in-toto subject is not a list")
-    files: dict[str, str] = {}
+    if predicate_type not in (PREDICATE_V1, PREDICATE_V01):
+        shown = str(predicate_type)[:100]
+        raise SignatureError(f"predicate type {shown!r} is not OMS model signing")
+    predicate = statement.get("predicate")
+    resources = predicate.get("resources") if isinstance(predicate, dict) else None
     if predicate_type == PREDICATE_V1:
-        predicate = statement.get("predicate")
-        resources = predicate.get("resources") if isinstance(predicate, dict) else None
         if not isinstance(resources, list) or len(resources) > MAX_RESOURCES:
             raise SignatureError("OMS predicate has no resources list")
-        for item in resources:
-            if not isinstance(item, dict) or item.get("algorithm") != "sha256":
-                raise SignatureError("OMS resource is not a sha256 file digest")
-            files[str(item.get("name"))] = str(item.get("digest"))
-        first = subjects[0] if subjects and isinstance(subjects[0], dict) else {}
-        digest = (
-            first.get("digest", {}).get("sha256") if isinstance(first.get("digest"), dict) else None
-        )
-        return ModelSignature(files, digest, PREDICATE_V1)
-    if predicate_type == PREDICATE_V01:
-        for item in subjects[:MAX_RESOURCES]:
-            if isinstance(item, dict) and isinstance(item.get("digest"), dict):
-                files[str(item.get("name"))] = str(item["digest"].get("sha256"))
-        return ModelSignature(files, None, PREDICATE_V01)
-    raise SignatureError(f"predicate type {str(predicate_type)[:100]!r} is not OMS model signing")
+        serialization = predicate.get("serialization") or {}  # type: ignore[union-attr]
+        if not isinstance(serialization, dict):
+            raise SignatureError("OMS serialization is not an object")
+        statement["predicate"] = {
+            **predicate,  # type: ignore[dict-item]
+            "serialization": {**_SERIALIZATION_DEFAULTS, **serialization},
+        }
+    elif len(statement.get("subject") or []) > MAX_RESOURCES:
+        raise SignatureError("OMS statement lists too many files")
+    try:
+        manifest = signing.dsse_payload_to_manifest(statement)
+        method = manifest.serialization_type.get("method")
+        descriptors = list(manifest.resource_descriptors())
+    except Exception as exc:  # model_signing: KeyError, TypeError, ValueError, ...
+        raise SignatureError(f"OMS statement: {_short(exc)}") from exc
+    if method != "files":
+        raise SignatureError(f"OMS serialization {str(method)[:40]!r} is not by files")
+    if isinstance(resources, list) and len(descriptors) != len(resources):
+        raise SignatureError("OMS statement lists a file twice")
+    files: dict[str, str] = {}
+    for descriptor in descriptors:
+        if descriptor.digest.algorithm != "sha256":
+            raise SignatureError("OMS resource is not a sha256 file digest")
+        files[descriptor.identifier] = descriptor.digest.digest_hex
+    return ModelSignature(files, str(predicate_type))
+
+
+# ---- 3. the files are the layers ------------------------------------------------------
 
 
 def check_files(
@@ -237,12 +234,6 @@ def check_files(
     unsigned = sorted(set(wanted) - set(signature.files))
     if unsigned:
         raise SignatureError(f"file {unsigned[0][:120]} is not covered by the signature")
-    if signature.subject_digest is not None:
-        combined = hashlib.sha256(
-            b"".join(bytes.fromhex(signature.files[n]) for n in sorted(signature.files))
-        ).hexdigest()
-        if combined != signature.subject_digest:
-            raise SignatureError("statement subject digest does not match its resources")
 
 
 def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
@@ -348,9 +339,10 @@ def oms_verifier_from_spec(
             key = load_public_key_pem(path.read_bytes())
         except (OSError, KeyFormatError) as exc:
             raise PolicyError(f"cannot load key {path}: {exc}") from exc
+        prebuilt_key = key_verifier(key)
         return OMSVerifier(
             label=f"modelSigning key {spec['key']}",
-            check=lambda raw: verify_with_key(raw, key),
+            check=lambda raw: verify_with_key(raw, key, verifier=prebuilt_key),
             ignore=tuple(ignore),
         )
     if method == "certificate":
@@ -361,9 +353,12 @@ def oms_verifier_from_spec(
             roots = x509.load_pem_x509_certificates((base_dir / ca).read_bytes())
         except (OSError, ValueError) as exc:
             raise PolicyError(f"cannot load CA file {ca}: {exc}") from exc
+        if not roots:
+            raise PolicyError(f"CA file {ca} holds no certificates")
+        prebuilt_ca = certificate_verifier(roots)
         return OMSVerifier(
             label=f"modelSigning certificate caFile {ca}",
-            check=lambda raw: verify_with_ca(raw, roots),
+            check=lambda raw: verify_with_ca(raw, roots, verifier=prebuilt_ca),
             ignore=tuple(ignore),
         )
     options = spec["sigstore"]

@@ -1,35 +1,30 @@
 """A sigstore ``trusted_root.json``, loaded once from a file (never fetched).
 
-It carries the Fulcio certificate authorities, the transparency-log (Rekor) keys by log
-ID, the CT log keys and the timestamp authorities, each with its validity window. The
-legacy cosign verifier reads it directly; certificate bundles are handed to
-sigstore-python together with the same file loaded as a ``sigstore.models.TrustedRoot``.
+The file is parsed once, by sigstore-python (``sigstore.models.TrustedRoot`` over
+``sigstore_models``): certificate bundles are verified by sigstore-python with that
+object. The legacy cosign verifier (``.sig`` images with a Rekor SET in an annotation)
+needs what sigstore-python keeps to itself, read here from the same parsed object: the
+Fulcio certificate authorities and the Rekor log keys, each with its log ID and validity
+window.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
-from cryptography.x509.verification import (
-    Criticality,
-    ExtensionPolicy,
-    PolicyBuilder,
-    Store,
-    VerificationError,
-)
+from cryptography.hazmat import asn1
+from cryptography.x509.oid import ObjectIdentifier
 
 from proxy.verify.base import PolicyError, SignatureError
+from proxy.verify.chains import SIGSTORE, ChainError, verify_chain
 from proxy.verify.keys import (
     KeyFormatError,
     VerificationKey,
-    b64decode_strict,
     certificate_key,
     load_public_key_der,
 )
@@ -41,12 +36,6 @@ OID_OTHERNAME_USERNAME = ObjectIdentifier("1.3.6.1.4.1.57264.1.7")
 MAX_REGEXP_LENGTH = 1024
 
 MAX_TRUSTED_ROOT_BYTES = 4 * 1024 * 1024
-TRUSTED_ROOT_MEDIA_TYPES = frozenset(
-    {
-        "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
-        "application/vnd.dev.sigstore.trustedroot.v0.2+json",
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,18 +53,16 @@ class Window:
 
 @dataclass(frozen=True, slots=True)
 class CertificateAuthority:
-    """A Fulcio (or TSA) CA: its chain, leaf-most first, root last."""
+    """A Fulcio CA: its chain, leaf-most first, root last."""
 
-    uri: str
     certificates: tuple[x509.Certificate, ...]
     valid_for: Window
 
 
 @dataclass(frozen=True, slots=True)
 class LogKey:
-    """A transparency (Rekor) or CT log public key."""
+    """A transparency (Rekor) log public key."""
 
-    base_url: str
     log_id: bytes
     key: VerificationKey
     valid_for: Window
@@ -83,13 +70,13 @@ class LogKey:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SigstoreTrustRoot:
-    """The parsed trusted root; ``path`` lets sigstore-python load the same file."""
+    """The trusted root: sigstore-python's object, and what the legacy path reads of it."""
 
     path: Path
+    sigstore: Any
+    """The ``sigstore.models.TrustedRoot`` every sigstore-python verifier is built on."""
     certificate_authorities: tuple[CertificateAuthority, ...]
     tlogs: tuple[LogKey, ...]
-    ctlogs: tuple[LogKey, ...]
-    timestamp_authorities: tuple[CertificateAuthority, ...]
 
     def tlog(self, log_id: bytes) -> LogKey | None:
         """The Rekor key whose log ID is ``log_id`` (sha256 of its DER SPKI)."""
@@ -103,97 +90,43 @@ class SigstoreTrustRoot:
         return [cert for ca in self.certificate_authorities for cert in ca.certificates]
 
 
-def parse_time(value: Any, *, where: str) -> datetime:
-    """RFC 3339 (``2021-01-12T11:53:27.000Z``) to an aware UTC datetime."""
-    if not isinstance(value, str):
-        raise PolicyError(f"{where}: time must be a string")
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise PolicyError(f"{where}: bad time {value!r}") from exc
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
-
-
-def _window(raw: Any, *, where: str) -> Window:
-    if raw is None:
+def _window(time_range: Any) -> Window:
+    if time_range is None:
         return Window(None, None)
-    if not isinstance(raw, dict):
-        raise PolicyError(f"{where}: validFor must be an object")
-    start = parse_time(raw["start"], where=where) if raw.get("start") is not None else None
-    end = parse_time(raw["end"], where=where) if raw.get("end") is not None else None
-    return Window(start, end)
+    return Window(time_range.start, time_range.end)
 
 
-def _b64(raw: Any, *, where: str) -> bytes:
-    if not isinstance(raw, str) or not raw:
-        raise PolicyError(f"{where}: expected base64 text")
-    try:
-        return b64decode_strict(raw, what=where)
-    except KeyFormatError as exc:
-        raise PolicyError(str(exc)) from exc
-
-
-def _log_keys(items: Any, *, where: str) -> tuple[LogKey, ...]:
-    if items is None:
-        return ()
-    if not isinstance(items, list):
-        raise PolicyError(f"{where} must be a list")
+def _log_keys(instances: Any) -> tuple[LogKey, ...]:
     out: list[LogKey] = []
-    for i, item in enumerate(items):
-        here = f"{where}[{i}]"
-        if not isinstance(item, dict) or not isinstance(item.get("publicKey"), dict):
-            raise PolicyError(f"{here}: no publicKey")
-        public_key = item["publicKey"]
+    for instance in instances or ():
         try:
-            key = load_public_key_der(_b64(public_key.get("rawBytes"), where=f"{here}.rawBytes"))
-        except KeyFormatError as exc:
-            # A root may list key types we do not support; skip them like sigstore does.
-            if "unsupported" in str(exc):
-                continue
-            raise PolicyError(f"{here}: {exc}") from exc
-        log_id_raw = (item.get("logId") or {}).get("keyId")
-        log_id = _b64(log_id_raw, where=f"{here}.logId") if log_id_raw else key.key_id
+            key = load_public_key_der(bytes(instance.public_key.raw_bytes or b""))
+        except KeyFormatError:
+            continue  # a key type pullgate does not verify with (sigstore skips them too)
+        log_id = instance.log_id.key_id if instance.log_id is not None else None
         out.append(
             LogKey(
-                base_url=str(item.get("baseUrl", "")),
-                log_id=log_id,
+                log_id=bytes(log_id) if log_id else key.key_id,
                 key=key,
-                valid_for=_window(public_key.get("validFor"), where=f"{here}.validFor"),
+                valid_for=_window(instance.public_key.valid_for),
             )
         )
     return tuple(out)
 
 
-def _authorities(items: Any, *, where: str) -> tuple[CertificateAuthority, ...]:
-    if items is None:
-        return ()
-    if not isinstance(items, list):
-        raise PolicyError(f"{where} must be a list")
-    out: list[CertificateAuthority] = []
-    for i, item in enumerate(items):
-        here = f"{where}[{i}]"
-        chain = (
-            (item.get("certChain") or {}).get("certificates") if isinstance(item, dict) else None
+def _authorities(authorities: Any) -> tuple[CertificateAuthority, ...]:
+    out = []
+    for authority in authorities or ():
+        certificates = tuple(
+            x509.load_der_x509_certificate(bytes(c.raw_bytes))
+            for c in authority.cert_chain.certificates
         )
-        if not isinstance(chain, list) or not chain:
-            raise PolicyError(f"{here}: certChain has no certificates")
-        certs: list[x509.Certificate] = []
-        for j, entry in enumerate(chain):
-            der = _b64((entry or {}).get("rawBytes"), where=f"{here}.certificates[{j}]")
-            try:
-                certs.append(x509.load_der_x509_certificate(der))
-            except ValueError as exc:
-                raise PolicyError(f"{here}.certificates[{j}]: not a DER certificate") from exc
+        if not certificates:
+            raise ValueError("a certificate authority has no certificates")
         out.append(
             CertificateAuthority(
-                uri=str(item.get("uri", "")),
-                certificates=tuple(certs),
-                valid_for=_window(item.get("validFor"), where=f"{here}.validFor"),
+                certificates=certificates,
+                valid_for=_window(authority.valid_for),
             )
         )
     return tuple(out)
@@ -201,6 +134,9 @@ def _authorities(items: Any, *, where: str) -> tuple[CertificateAuthority, ...]:
 
 def load_trusted_root(path: Path) -> SigstoreTrustRoot:
     """Load and check a ``trusted_root.json``; any problem is a ``PolicyError``."""
+    from sigstore.models import TrustedRoot
+    from sigstore_models.trustroot.v1 import TrustedRoot as TrustedRootDocument
+
     try:
         with path.open("rb") as handle:
             raw = handle.read(MAX_TRUSTED_ROOT_BYTES + 1)
@@ -209,28 +145,20 @@ def load_trusted_root(path: Path) -> SigstoreTrustRoot:
     if len(raw) > MAX_TRUSTED_ROOT_BYTES:
         raise PolicyError(f"trusted root {path} is larger than {MAX_TRUSTED_ROOT_BYTES} bytes")
     try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise PolicyError(f"trusted root {path} is not valid JSON") from exc
-    if not isinstance(doc, dict):
-        raise PolicyError(f"trusted root {path} is not a JSON object")
-    media_type = doc.get("mediaType")
-    if media_type not in TRUSTED_ROOT_MEDIA_TYPES:
-        raise PolicyError(f"trusted root {path}: unsupported mediaType {media_type!r}")
-    try:
+        # What TrustedRoot.from_file does, on the bytes already read (and size-capped).
+        sigstore_root = TrustedRoot(TrustedRootDocument.from_json(raw))
+        document = sigstore_root._inner
         root = SigstoreTrustRoot(
             path=path,
-            certificate_authorities=_authorities(
-                doc.get("certificateAuthorities"), where="certificateAuthorities"
-            ),
-            tlogs=_log_keys(doc.get("tlogs"), where="tlogs"),
-            ctlogs=_log_keys(doc.get("ctlogs"), where="ctlogs"),
-            timestamp_authorities=_authorities(
-                doc.get("timestampAuthorities"), where="timestampAuthorities"
-            ),
+            sigstore=sigstore_root,
+            certificate_authorities=_authorities(document.certificate_authorities),
+            tlogs=_log_keys(document.tlogs),
         )
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise PolicyError(f"trusted root {path} is malformed: {exc}") from exc
+    except Exception as exc:  # pydantic, sigstore and cryptography errors: all "bad file"
+        first = str(exc).strip().splitlines()
+        raise PolicyError(
+            f"trusted root {path} is malformed: {first[0][:200] if first else exc!r}"
+        ) from exc
     if not root.certificate_authorities and not root.tlogs:
         raise PolicyError(f"trusted root {path} has neither certificate authorities nor tlogs")
     return root
@@ -290,20 +218,10 @@ class KeylessIdentity:
 
 
 def _der_utf8(raw: bytes) -> str | None:
-    # Just enough DER for a single UTF8String (tag 0x0c): Fulcio's v2 extensions.
-    if len(raw) < 2 or raw[0] != 0x0C:
-        return None
-    length, offset = raw[1], 2
-    if length & 0x80:
-        count = length & 0x7F
-        if count == 0 or count > 3 or len(raw) < 2 + count:
-            return None
-        length, offset = int.from_bytes(raw[2 : 2 + count], "big"), 2 + count
-    if len(raw) != offset + length:
-        return None
+    """A DER UTF8String (Fulcio's v2 extensions), decoded by cryptography's ASN.1."""
     try:
-        return raw[offset:].decode("utf-8")
-    except UnicodeDecodeError:
+        return asn1.decode_der(str, raw)
+    except ValueError:
         return None
 
 
@@ -365,11 +283,6 @@ def check_identity(cert: x509.Certificate, identity: KeylessIdentity) -> None:
             )
 
 
-def _ca_key_usage(policy: Any, cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
-    if usage is not None and not usage.key_cert_sign:
-        raise ValueError("CA key usage does not allow certificate signing")
-
-
 def verify_certificate_chain(
     trust: SigstoreTrustRoot,
     leaf: x509.Certificate,
@@ -381,33 +294,15 @@ def verify_certificate_chain(
 
     The CA certificates of the trusted root (intermediates included) are trust anchors,
     as in sigstore-python; ``intermediates`` come from the signature and are untrusted.
-    The CA must also be inside its own ``validFor`` window at ``at``. The leaf must allow
-    digital signatures and, if it has an EKU extension, code signing.
+    The path rules (CA bits, path length, Fulcio key usages) are ``chains.SIGSTORE``;
+    the CA must also be inside its own ``validFor`` window at ``at``.
     """
     anchors = trust.fulcio_certificates()
     if not anchors:
         raise SignatureError("the trusted root has no certificate authorities")
-    # Fulcio leaves carry codeSigning, not the clientAuth EKU a client verifier expects.
-    # Private PKI roots often omit keyUsage (Go's x509, which cosign uses, accepts that);
-    # when a CA has one, it must allow certificate signing.
-    ca_policy = (
-        ExtensionPolicy.webpki_defaults_ca()
-        .may_be_present(x509.ExtendedKeyUsage, Criticality.NON_CRITICAL, None)
-        .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _ca_key_usage)
-    )
-    ee_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
-        x509.ExtendedKeyUsage, Criticality.NON_CRITICAL, None
-    )
-    verifier = (
-        PolicyBuilder()
-        .store(Store(anchors))
-        .time(at)
-        .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
-        .build_client_verifier()
-    )
     try:
-        chain = verifier.verify(leaf, intermediates).chain
-    except (VerificationError, x509.UnsupportedGeneralNameType, ValueError) as exc:
+        chain = verify_chain(leaf, intermediates, anchors=anchors, at=at, profile=SIGSTORE)
+    except ChainError as exc:
         raise SignatureError(
             f"certificate does not chain to a trusted CA at {at:%Y-%m-%dT%H:%M:%SZ}: {exc}"
         ) from exc
@@ -417,18 +312,6 @@ def verify_certificate_chain(
         for ca in trust.certificate_authorities
     ):
         raise SignatureError("the certificate authority was not valid at signing time")
-    try:
-        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound as exc:
-        raise SignatureError("certificate has no key usage extension") from exc
-    if not usage.digital_signature:
-        raise SignatureError("certificate is not for digital signatures")
-    try:
-        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        eku = None
-    if eku is not None and ExtendedKeyUsageOID.CODE_SIGNING not in eku:
-        raise SignatureError("certificate is not for code signing")
     try:
         return certificate_key(leaf)
     except KeyFormatError as exc:

@@ -1,7 +1,8 @@
 """A test Notation signer: a test CA, JWS and COSE envelopes, signature manifests.
 
 ``TestNotary()`` holds a root CA and a code-signing leaf (RSA, PS256);
-``notary.signer(name)`` is another leaf under the same root.
+``notary.signer(name)`` is another leaf under the same root. ``notary.intermediates``
+(empty) go into x5c between the leaf and the root.
 ``notary.jws(descriptor, ...)`` / ``notary.cose(descriptor, ...)`` return envelope bytes
 over a target descriptor dict (``mediaType``, ``digest``, ``size``); options: ``expiry``,
 ``signing_time``, ``extra_critical``, ``tamper`` (flip a signature byte).
@@ -19,13 +20,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import cbor2
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.oci.digest import Digest
-from proxy.verify import cbor
 from tests.support.cosign_sign import Artifact
 
 PAYLOAD_TYPE = "application/vnd.cncf.notary.payload.v1+json"
@@ -43,6 +44,22 @@ def _name(cn: str) -> x509.Name:
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pullgate"),
             x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
         ]
+    )
+
+
+def key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False) -> x509.KeyUsage:
+    """A keyUsage extension with only the given bits (the Notary Project certificate
+    requirements: digitalSignature on signing certificates, keyCertSign on CAs)."""
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=key_cert_sign,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
@@ -67,8 +84,10 @@ class TestNotary:
             .not_valid_before(now - dt.timedelta(days=1))
             .not_valid_after(now + dt.timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .add_extension(key_usage(key_cert_sign=True), critical=True)
             .sign(self.root_key, hashes.SHA256())
         )
+        self.intermediates: list[x509.Certificate] = []
         self._issue_leaf(name, leaf_not_before or now - dt.timedelta(hours=1), leaf_lifetime)
 
     def _issue_leaf(self, name: str, start: dt.datetime, lifetime: dt.timedelta) -> None:
@@ -82,6 +101,7 @@ class TestNotary:
             .not_valid_before(start)
             .not_valid_after(start + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(key_usage(digital_signature=True), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
             )
@@ -106,7 +126,8 @@ class TestNotary:
         )
 
     def _chain(self) -> list[bytes]:
-        return [c.public_bytes(serialization.Encoding.DER) for c in (self.leaf, self.root)]
+        certificates = (self.leaf, *self.intermediates, self.root)
+        return [c.public_bytes(serialization.Encoding.DER) for c in certificates]
 
     def jws(
         self,
@@ -150,16 +171,16 @@ class TestNotary:
             2: ["io.cncf.notary.signingScheme"],
             3: PAYLOAD_TYPE,
             "io.cncf.notary.signingScheme": "notary.x509",
-            "io.cncf.notary.signingTime": cbor.Tagged(1, int(dt.datetime.now(UTC).timestamp())),
+            "io.cncf.notary.signingTime": cbor2.CBORTag(1, int(dt.datetime.now(UTC).timestamp())),
         }
         if expiry is not None:
             protected[2].append("io.cncf.notary.expiry")
-            protected["io.cncf.notary.expiry"] = cbor.Tagged(1, int(expiry.timestamp()))
-        protected_raw = cbor.encode(protected)
+            protected["io.cncf.notary.expiry"] = cbor2.CBORTag(1, int(expiry.timestamp()))
+        protected_raw = cbor2.dumps(protected)
         payload = json.dumps({"targetArtifact": descriptor}).encode()
-        signature = self._sign(cbor.encode(["Signature1", protected_raw, b"", payload]))
+        signature = self._sign(cbor2.dumps(["Signature1", protected_raw, b"", payload]))
         unprotected = {33: self._chain(), "io.cncf.notary.signingAgent": "pullgate-tests"}
-        return cbor.encode(cbor.Tagged(18, [protected_raw, unprotected, payload, signature]))
+        return cbor2.dumps(cbor2.CBORTag(18, [protected_raw, unprotected, payload, signature]))
 
     def write_trust(self, directory: Path, *, scope: str = "*", level: str = "strict") -> None:
         store = directory / "truststore" / "x509" / "ca" / "test"

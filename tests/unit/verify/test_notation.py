@@ -7,6 +7,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
+import cbor2
 import pytest
 from cryptography import x509
 from hypothesis import given, settings
@@ -14,17 +15,18 @@ from hypothesis import strategies as st
 
 from proxy.oci.digest import Digest
 from proxy.oci.manifest import Descriptor
-from proxy.verify import cbor
-from proxy.verify.base import Limits, PolicyError, Subject
+from proxy.verify.base import Limits, PolicyError, SignatureError, Subject
 from proxy.verify.notation import (
     COSE,
     JWS,
     LEVELS,
     NotationVerifier,
     TrustStatement,
+    cbor_item,
     load_store,
     load_trust_policy,
     notation_verifier_from_spec,
+    parse_cose,
 )
 from tests.support import cosign_sign as cs
 from tests.support.notation_sign import TestNotary, descriptor_of, signature_artifact
@@ -197,25 +199,46 @@ def test_refuses_invalid_trust_policy_files(tmp_path: Path) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_cbor_decoder_never_crashes(data: bytes) -> None:
-    with contextlib.suppress(cbor.CBORError):
-        cbor.decode(data)
+    with contextlib.suppress(SignatureError):
+        cbor_item(data, "fuzz")
+    with contextlib.suppress(SignatureError):
+        parse_cose(data)
 
 
 def test_cbor_refuses_unhashable_map_keys() -> None:
     # Found by the fuzz suite: a tagged map as a map key made the decoder crash.
-    with pytest.raises(cbor.CBORError):
-        cbor.decode(b"\xa3\x00\x00\x01\x00\xc0\xa0")
-    with pytest.raises(cbor.CBORError):
-        cbor.decode(b"\xa1\x80\x00")  # an array as a key
+    with pytest.raises(SignatureError):
+        cbor_item(b"\xa3\x00\x00\x01\x00\xc0\xa0", "map")
+    # An array as a key decodes (as a tuple), but is no COSE header label.
+    with pytest.raises(SignatureError, match="integer or text labels"):
+        parse_cose(cbor2.dumps(cbor2.CBORTag(18, [b"\xa1\x80\x00", {}, b"{}", b"sig"])))
 
 
 def test_cbor_round_trip_and_limits() -> None:
-    value = cbor.Tagged(18, [b"\x01", {33: [b"der"], "k": -7}, b"payload", b"sig"])
-    assert cbor.decode(cbor.encode(value)) == value
-    with pytest.raises(cbor.CBORError):
-        cbor.decode(b"\x81" * 100 + b"\x00")  # too deep
-    with pytest.raises(cbor.CBORError):
-        cbor.decode(b"\x5b\xff\xff\xff\xff\xff\xff\xff\xff")  # length past the input
+    value = cbor2.CBORTag(18, [b"\x01", {33: [b"der"], "k": -7}, b"payload", b"sig"])
+    # cbor2 decodes a tag's contents immutably: arrays come back as tuples.
+    decoded = cbor2.CBORTag(18, (b"\x01", {33: (b"der",), "k": -7}, b"payload", b"sig"))
+    assert cbor_item(cbor2.dumps(value), "value") == decoded
+    with pytest.raises(SignatureError):
+        cbor_item(b"\x81" * 100 + b"\x00", "deep")  # too deep
+    with pytest.raises(SignatureError):
+        cbor_item(b"\x5b\xff\xff\xff\xff\xff\xff\xff\xff", "long")  # length past the input
+
+
+def test_refuses_ambiguous_cose_encodings() -> None:
+    """What two CBOR readers could read differently is refused before any crypto."""
+    protected = cbor2.dumps({1: -37, 3: "application/vnd.cncf.notary.payload.v1+json"})
+    for raw, reason in [
+        (b"\xa2\x01\x26\x01\x24", "not valid CBOR"),  # duplicate label 1 (alg)
+        (b"\xa1\xf5\x26", "integer or text labels"),  # `true` as label, equal to 1 in Python
+        (b"\xbf\x01\x26\xff", "not valid CBOR"),  # indefinite-length map
+    ]:
+        envelope = cbor2.dumps(cbor2.CBORTag(18, [raw, {}, b"{}", b"sig"]))
+        with pytest.raises(SignatureError, match=reason):
+            parse_cose(envelope)
+    valid = cbor2.dumps(cbor2.CBORTag(18, [protected, {33: [b"x"]}, b"{}", b"sig"]))
+    with pytest.raises(SignatureError, match="trailing bytes"):
+        parse_cose(valid + b"\x00")
 
 
 # ---- real vectors (../shared/vectors/notation-go) ------------------------------------

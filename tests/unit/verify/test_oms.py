@@ -279,3 +279,140 @@ def test_model_manifest_parses_with_titles() -> None:
     model = model_manifest(FILES)
     parsed = parse_manifest(model.manifest, model.media_type)
     assert [layer.annotations[TITLE] for layer in parsed.layers] == list(FILES)
+
+
+# ---- signatures made by model_signing itself -------------------------------------------
+
+
+def _write_private_key(path: Path, key: object) -> Path:
+    from cryptography.hazmat.primitives import serialization
+
+    path.write_bytes(
+        key.private_bytes(  # type: ignore[attr-defined]
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
+
+
+def _model_dir(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, data in FILES.items():
+        (model / name).write_bytes(data)
+    return model
+
+
+def _gate_case(tmp_path: Path, signature: bytes, spec: dict[str, object], served: dict[str, bytes]):  # type: ignore[no-untyped-def]
+    registry = cs.MemoryRegistry()
+    model = model_manifest(served)
+    registry.add(model)
+    descriptor = Descriptor(
+        media_type=model.media_type, digest=model.digest, size=len(model.manifest)
+    )
+    registry.add(cs.bundle_referrer(signature, descriptor))
+    verifier = oms_verifier_from_spec(spec, base_dir=tmp_path, trust=TrustConfig())
+    subject = Subject(
+        registry="registry.example.test",
+        repository="models/llm",
+        digest=model.digest,
+        media_type=model.media_type,
+        size=len(model.manifest),
+    )
+    return verifier, subject, registry
+
+
+async def test_model_signing_key_signature_verifies_at_the_gate(tmp_path: Path) -> None:
+    import model_signing
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = _write_private_key(tmp_path / "signing.key", key)
+    from cryptography.hazmat.primitives import serialization
+
+    (tmp_path / "signing.pub").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    model_signing.signing.Config().use_elliptic_key_signer(private_key=private).sign(
+        _model_dir(tmp_path), tmp_path / "model.sig"
+    )
+    signature = (tmp_path / "model.sig").read_bytes()
+    verifier, subject, registry = _gate_case(tmp_path, signature, {"key": "signing.pub"}, FILES)
+    result = await verifier.verify(subject, registry, Limits())
+    assert result.ok, result.reason
+    poisoned = dict(FILES, **{"model.safetensors": b"poisoned"})
+    verifier, subject, registry = _gate_case(tmp_path, signature, {"key": "signing.pub"}, poisoned)
+    result = await verifier.verify(subject, registry, Limits())
+    assert not result.ok and "model.safetensors" in result.reason
+
+
+async def test_model_signing_certificate_signature_verifies_at_the_gate(tmp_path: Path) -> None:
+    import model_signing
+
+    from tests.support.pki_sign import CODE_SIGNING, issue
+
+    root = issue("model root", ca=True, key_usage="ca")
+    intermediate = issue("model intermediate", issuer=root, ca=True, key_usage="ca")
+    leaf = issue("model signer", issuer=intermediate, key_usage="sign", eku=[CODE_SIGNING])
+    (tmp_path / "signer.pem").write_bytes(leaf.pem)
+    (tmp_path / "chain.pem").write_bytes(intermediate.pem)
+    (tmp_path / "ca.pem").write_bytes(root.pem)
+    model_signing.signing.Config().use_certificate_signer(
+        private_key=_write_private_key(tmp_path / "signer.key", leaf.key),
+        signing_certificate=tmp_path / "signer.pem",
+        certificate_chain=[tmp_path / "chain.pem"],
+    ).sign(_model_dir(tmp_path), tmp_path / "model.sig")
+    signature = (tmp_path / "model.sig").read_bytes()
+    spec = {"certificate": {"caFile": "ca.pem"}}
+    verifier, subject, registry = _gate_case(tmp_path, signature, spec, FILES)
+    result = await verifier.verify(subject, registry, Limits())
+    assert result.ok, result.reason
+    (tmp_path / "ca.pem").write_bytes(issue("other root", ca=True, key_usage="ca").pem)
+    verifier, subject, registry = _gate_case(tmp_path, signature, spec, FILES)
+    result = await verifier.verify(subject, registry, Limits())
+    assert not result.ok and "does not chain to the configured CA" in result.reason
+
+
+def test_refuses_key_bundle_whose_hint_names_another_key() -> None:
+    key, other = cs.generate_key("ecdsa-p384"), cs.generate_key("ecdsa-p384")
+    bundle = json.loads(cs.dsse_bundle(key, oms_statement(FILES)))
+    bundle["verificationMaterial"]["publicKey"]["hint"] = hashlib.sha256(
+        other.public_pem
+    ).hexdigest()
+    with pytest.raises(SignatureError, match="Key mismatch"):
+        verify_with_key(json.dumps(bundle).encode(), load_public_key_pem(key.public_pem))
+
+
+def test_refuses_statement_listing_a_file_twice() -> None:
+    statement = json.loads(oms_statement(FILES))
+    resources = statement["predicate"]["resources"]
+    resources.append({**resources[0], "digest": hashlib.sha256(b"other").hexdigest()})
+    combined = hashlib.sha256(b"".join(bytes.fromhex(r["digest"]) for r in resources))
+    statement["subject"][0]["digest"]["sha256"] = combined.hexdigest()
+    with pytest.raises(SignatureError, match="twice"):
+        parse_statement(json.dumps(statement).encode())
+
+
+def test_refuses_statement_whose_subject_does_not_match_its_resources() -> None:
+    statement = json.loads(oms_statement(FILES))
+    statement["subject"][0]["digest"]["sha256"] = "00" * 32
+    with pytest.raises(SignatureError, match="inconsistent"):
+        parse_statement(json.dumps(statement).encode())
+
+
+def test_refuses_shard_serialization() -> None:
+    statement = json.loads(oms_statement(FILES))
+    statement["predicate"]["serialization"] = {
+        "method": "shards",
+        "hash_type": "sha256",
+        "shard_size": 1024,
+        "allow_symlinks": False,
+    }
+    for resource in statement["predicate"]["resources"]:
+        resource["name"] += ":0:1024"
+    with pytest.raises(SignatureError, match="not by files"):
+        parse_statement(json.dumps(statement).encode())
