@@ -36,6 +36,7 @@ from proxy.oci.digest import Digest
 from proxy.oci.errors import OCIError, StreamAborted
 from proxy.oci.ranges import ByteRange
 from proxy.pipeline.follow import Follow
+from proxy.pipeline.progress import FillProgress
 from proxy.pipeline.stream import (
     HOLD_BACK,
     BodyBroken,
@@ -58,7 +59,7 @@ class FillFailed(StreamAborted):
     """A fill that did not produce a verified blob; readers must cut their clients."""
 
 
-class Fill:
+class Fill(FillProgress):
     # Only a followed fill can lose its filler before it starts (``Follow``).
     leader_gone = False
 
@@ -86,7 +87,7 @@ class Fill:
         self.final_path: Path | None = None
         self.size: int | None = None
         self.written = 0
-        self.state = "starting"  # starting -> running -> committed | failed
+        super().__init__()
         self.error: str | None = None
         self.open_error: OCIError | None = None
         self.disk_full = False
@@ -96,7 +97,6 @@ class Fill:
         self._reserved: int | None = None
         self.readers = 0
         self.task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
         # The lead reader (see ``claim_lead``); the lock orders attach and delivery.
         self.lead_claimed = False
         self.lead_gone: str | None = None
@@ -104,21 +104,6 @@ class Fill:
         self._lead_lock = threading.Lock()
         self._lead_decided = threading.Event()
         self._delivered = False
-
-    @property
-    def done(self) -> bool:
-        return self.state in ("committed", "failed")
-
-    def _notify(self) -> None:
-        event, self._changed = self._changed, asyncio.Event()
-        event.set()
-
-    async def wait_change(self) -> None:
-        await self._changed.wait()
-
-    async def wait_started(self) -> None:
-        while self.state == "starting":
-            await self.wait_change()
 
     async def run(self, open_response: Callable[[], Awaitable[UpstreamResponse]]) -> None:
         try:

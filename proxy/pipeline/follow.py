@@ -32,6 +32,7 @@ from proxy.cache.ingest import FillFiles, FillInfo, reap_locked
 from proxy.cache.locks import try_flock
 from proxy.oci.digest import Digest
 from proxy.oci.errors import OCIError
+from proxy.pipeline.progress import FillProgress
 from proxy.upstream.client import UpstreamResponse
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ log = logging.getLogger("pullgate.fill")
 POLL_INTERVAL = 0.01
 
 
-class Follow:
+class Follow(FillProgress):
     """A fill of ``digest`` that another process runs, followed through its files."""
 
     # What a ``Fill`` may report that a follower never does: the filling process
@@ -63,14 +64,13 @@ class Follow:
         self.final_path: Path | None = None
         self.size: int | None = None
         self.written = 0
-        self.state = "starting"  # starting -> running -> committed | failed
+        super().__init__()
         self.error: str | None = None
         # The filler ended before it published its fill (its upstream failed, it had
         # no room, or it died early): nothing was sent, so the caller may start over.
         self.leader_gone = False
         self.readers = 0
         self.task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
         self._lock_fd = -1
         self._data_fd = -1
         self._data_id: tuple[int, int] | None = None
@@ -87,21 +87,6 @@ class Follow:
     def files(self) -> FillFiles:
         assert self._files is not None, "a committed follow has no files to follow"
         return self._files
-
-    @property
-    def done(self) -> bool:
-        return self.state in ("committed", "failed")
-
-    def _notify(self) -> None:
-        event, self._changed = self._changed, asyncio.Event()
-        event.set()
-
-    async def wait_change(self) -> None:
-        await self._changed.wait()
-
-    async def wait_started(self) -> None:
-        while self.state == "starting":
-            await self.wait_change()
 
     def take_bypass(self) -> UpstreamResponse | None:
         return None  # the no-room hand-off happens in the filling process only
