@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
-import select
+import socket
+import struct
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -28,6 +29,8 @@ from proxy.oci.errors import UpstreamError, UpstreamTimeout
 
 # How often a thread blocked on the socket looks whether it was cancelled.
 CANCEL_POLL_MS = 200
+# The first read of a body asks for this much (see ``SocketBody``).
+FIRST_READ = 64 * 1024
 
 
 class BodyCancelled(Exception):
@@ -59,14 +62,23 @@ class SocketBody:
     """
 
     def __init__(self, *, fd: int, prefix: bytes, remaining: int, idle_timeout: float) -> None:
-        self._fd = fd
+        self._sock = socket.socket(fileno=fd)
+        # Blocking reads that wait for a whole piece (MSG_WAITALL): one system call per
+        # piece instead of one per segment the socket happened to hold. The loop never
+        # touches this connection again, so its blocking mode is ours to set; the
+        # receive timeout wakes the reader to look for cancellation and idleness.
+        self._sock.setblocking(True)
+        self._sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, CANCEL_POLL_MS * 1000)
+        )
         self._prefix = memoryview(prefix)
         self._remaining = remaining
-        self._idle_ms = idle_timeout * 1000
+        self._idle = idle_timeout
         self._cancelled = threading.Event()
-        self._poller = select.poll()
-        self._poller.register(fd, select.POLLIN)
         self._closed = False
+        # The first reads ask for little, so the first bytes go on without waiting
+        # for a whole piece; each read asks for twice as much, up to the buffer.
+        self._ask = FIRST_READ
 
     def readinto(self, view: memoryview) -> int:
         filled = 0
@@ -74,37 +86,35 @@ class SocketBody:
             filled = min(len(self._prefix), len(view))
             view[:filled] = self._prefix[:filled]
             self._prefix = self._prefix[filled:]
+        idle_since = time.monotonic()
         while filled < len(view) and self._remaining > 0:
-            want = min(len(view) - filled, self._remaining)
+            want = min(len(view) - filled, self._remaining, self._ask)
             try:
-                count = os.readv(self._fd, [view[filled : filled + want]])
-            except BlockingIOError:
-                if filled:
-                    break  # pass on what is here; the caller comes back for more
-                self._wait_readable()
-                continue
+                count = self._sock.recv_into(view[filled:], want, socket.MSG_WAITALL)
+            except (BlockingIOError, TimeoutError):
+                count = -1
             except OSError as exc:
                 raise UpstreamError(f"upstream connection broke: {exc.strerror}") from None
             if count == 0:
                 raise UpstreamError(
                     f"upstream closed the connection with {self._remaining} body bytes missing"
                 )
+            if count < 0 or count < want:
+                # The receive timeout passed: pass on what is here, or keep waiting.
+                if count > 0:
+                    filled += count
+                    self._remaining -= count
+                if filled:
+                    break
+                if self._cancelled.is_set():
+                    raise BodyCancelled()
+                if time.monotonic() - idle_since >= self._idle:
+                    raise UpstreamTimeout(f"upstream sent nothing for {self._idle:.0f}s mid-body")
+                continue
             filled += count
             self._remaining -= count
+            self._ask = min(self._ask * 2, len(view))
         return filled
-
-    def _wait_readable(self) -> None:
-        waited = 0.0
-        while True:
-            if self._cancelled.is_set():
-                raise BodyCancelled()
-            if self._poller.poll(CANCEL_POLL_MS):
-                return
-            waited += CANCEL_POLL_MS
-            if waited >= self._idle_ms:
-                raise UpstreamTimeout(
-                    f"upstream sent nothing for {self._idle_ms / 1000:.0f}s mid-body"
-                )
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -112,7 +122,7 @@ class SocketBody:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            os.close(self._fd)
+            self._sock.close()
 
 
 class LoopBody:
