@@ -5,7 +5,10 @@ does not hash, so the client takes as little of the machine as it can), from:
 
 * ``nginx`` with ``worker_processes N``, sending the same files (the serving limit);
 * ``pullgate --workers N`` with an empty cache (cold: N verifying fills at once);
-* the same pullgate again (warm: N hits).
+* the same pullgate again (warm: N hits; big blobs were filled around the page cache,
+  so these are read from the disk with ``O_DIRECT``);
+* a pullgate that fills through the page cache (``--direct-min-bytes 0``), then its
+  hits (warm, resident: the case nginx's hot files are, and what more workers scale).
 
 Each figure is N x blob size / the time until the last of the N pulls finished.
 """
@@ -92,6 +95,26 @@ def scaling(
                 shutil.rmtree(cache, ignore_errors=True)
             add(f"workers {workers}: pullgate cold", "GB/s", workers * size / cold / 1e9)
             add(f"workers {workers}: pullgate warm", "GB/s", workers * size / warm / 1e9)
+            # The same hits with the blobs in the page cache (filled through it), as
+            # nginx's files are: what the workers scale, apart from the disk.
+            peer = Pullgate(
+                work / f"pullgate-w{workers}-{rep}-resident",
+                upstreams={REGISTRY: registry.url},
+                cache_dir=cache,
+                extra_args=["--workers", str(workers), "--direct-min-bytes", "0"],
+            ).start()
+            try:
+                urls = [f"{peer.url}/v2/{REPO}/blobs/{d}?ns={REGISTRY}" for d in mine]
+                pull_all(urls, size)
+                resident = pull_all(urls, size)
+            finally:
+                peer.stop()
+                shutil.rmtree(cache, ignore_errors=True)
+            add(
+                f"workers {workers}: pullgate warm, resident",
+                "GB/s",
+                workers * size / resident / 1e9,
+            )
             print(
                 f"  workers {workers} rep {rep}: nginx {workers * size / seconds / 1e9:.2f}, "
                 f"cold {workers * size / cold / 1e9:.2f}, warm {workers * size / warm / 1e9:.2f}"

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--cache-max-bytes", metavar="SIZE", help="cache budget, e.g. 500G")
     serve.add_argument(
+        "--direct-min-bytes",
+        metavar="SIZE",
+        help="blobs this big bypass the page cache (O_DIRECT; default 64M, 0 = never)",
+    )
+    serve.add_argument(
         "--cri-listen",
         metavar="ENDPOINT",
         help="serve the CRI ImageService here (e.g. unix:///run/pullgate/cri.sock)",
@@ -146,6 +151,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
         cache = replace(cache, dir=args.cache_dir)
     if getattr(args, "cache_max_bytes", None):
         cache = replace(cache, max_bytes=parse_size(args.cache_max_bytes))
+    if getattr(args, "direct_min_bytes", None) is not None:
+        text = args.direct_min_bytes.strip()
+        cache = replace(cache, direct_min_bytes=0 if text == "0" else parse_size(text))
     if getattr(args, "complete_on_disconnect", None):
         cache = replace(cache, complete_on_disconnect=True)
     config = replace(config, cache=cache)

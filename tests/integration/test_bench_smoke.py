@@ -40,6 +40,7 @@ def test_bench_smoke_reports_every_peer(tmp_path: Path) -> None:
         "workers 1: pullgate cold",
         "workers 1: pullgate warm",
         "workers 2: pullgate warm",
+        "workers 2: pullgate warm, resident",
         "floor: sha256 CPU",
         "floor: socket receive+send CPU",
         "floor: new-page write CPU",
@@ -51,7 +52,7 @@ def test_bench_smoke_reports_every_peer(tmp_path: Path) -> None:
     measures = {r["measure"] for r in result["ratios"]}
     assert "stream CPU vs floor (sha256 + receive + send)" in measures
     assert "curl stream vs verifying limit" in measures
-    assert "warm, 2 workers vs 2 x one worker" in measures
+    assert "warm resident, 2 workers vs 2 x one worker" in measures
     # Single-flight is a correctness property, so the smoke run checks it exactly.
     assert figures["fan-in upstream GETs"]["samples"] == [1]
     assert "32/32 clients got correct bytes" in result["notes"][0]

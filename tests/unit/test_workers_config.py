@@ -88,3 +88,18 @@ def _config_file(tmp_path: Path) -> Path:
         "workers: 3\n"
     )
     return path
+
+
+def test_direct_min_bytes_from_the_config_file_and_the_flag(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("cache: {dir: cache, directMinBytes: 8M}\n")
+    args = build_parser().parse_args(["serve", "--config", str(path)])
+    assert resolve_config(args).cache.direct_min_bytes == 8 * 1024**2
+    for flag, expected in (("0", 0), ("1G", 1024**3)):
+        args = build_parser().parse_args(
+            ["serve", "--config", str(path), "--direct-min-bytes", flag]
+        )
+        assert resolve_config(args).cache.direct_min_bytes == expected
+    assert resolve_config(build_parser().parse_args(["serve"])).cache.direct_min_bytes == (
+        64 * 1024**2
+    )
