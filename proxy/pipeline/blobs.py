@@ -72,10 +72,14 @@ class BlobStream:
         is raised instead, and the caller must abort the client connection."""
         metrics = self._metrics
         datapath = self._datapath
-        body = self._response.body_reader()
         sender = HeldBackSender(
             await sink.thread_sender(), byte_range=self.byte_range, size=self.size
         )
+        try:
+            body = self._response.body_reader()
+        except OCIError as exc:
+            self._response.close()
+            raise self._broken(exc.message, truncated=True) from None
 
         def move() -> int:
             received = hash_and_deliver(

@@ -1,10 +1,13 @@
 """Single-flight fills: one upstream fetch per digest, shared by every reader.
 
-A ``Fill`` downloads a blob into the store's ingest area while hashing it, in a task
-of its own. Every request for that digest (the first one included) is a
-``FillReader`` tailing the growing ingest file; readers send everything but their
-last piece at once, and the last piece only after the fill committed (digest matched,
-fsynced, renamed). A failed fill fails every reader, and their connections are cut.
+A ``Fill`` downloads a blob into the store's ingest area through the shared streamer
+(``proxy.pipeline.stream``), in a task of its own. Every request for that digest is a
+``FillReader``: the one that started the fill (the lead) is sent each piece from
+memory by the streamer's thread as it arrives; the others tail the growing ingest
+file. All send everything but the last ``HOLD_BACK`` bytes of what they asked for at
+once, and those only after the fill committed (digest matched, fsynced, renamed). A
+failed fill fails every reader, and their connections are cut. Big blobs are written
+around the page cache (``proxy.cache.directio``).
 
 A blob the store cannot keep (bigger than the budget, disk under its floor) is not
 filled: the fill ends with ``no_room`` and hands its open upstream response to one
@@ -187,8 +190,13 @@ class Fill(FillProgress):
         and sends it to the lead reader, if one attached (``attach_lead``)."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        body = response.body_reader()
         writer = IngestWriter(fd, direct=direct, write_at=_write_at)
+        try:
+            body = response.body_reader()
+        except OCIError as exc:
+            writer.close()
+            self._metrics.upstream_truncated.labels(self.registry).inc()
+            raise FillFailed(exc.message) from None
 
         def deliver(piece: memoryview, offset: int) -> None:
             lead = self._lead_for(offset)
