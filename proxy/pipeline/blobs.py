@@ -21,7 +21,13 @@ from proxy.oci.reference import upstream_repository
 from proxy.pipeline.allowances import BlobAllowances
 from proxy.pipeline.fills import Fill, FillReader, FillTable
 from proxy.pipeline.follow import Follow
-from proxy.pipeline.stream import BodyBroken, DataPath, HeldBackSender, hash_and_deliver
+from proxy.pipeline.stream import (
+    BodyBroken,
+    DataPath,
+    HeldBackSender,
+    RangedBody,
+    hash_and_deliver,
+)
 from proxy.upstream.auth import pull_scope
 from proxy.upstream.client import UpstreamResponse
 from proxy.upstream.router import Route
@@ -38,7 +44,7 @@ class BlobFile:
     size: int
 
 
-class BlobStream:
+class BlobStream(RangedBody):
     """A blob streamed from the upstream, hashed inline, tail held back."""
 
     def __init__(
@@ -59,12 +65,6 @@ class BlobStream:
         self._response = response
         self.size = size
         self.byte_range = byte_range
-
-    @property
-    def content_length(self) -> int | None:
-        if self.byte_range is not None:
-            return self.byte_range.length
-        return self.size
 
     async def send_to(self, sink: BlobSink) -> None:
         """Send the (ranged) body. The last ``HOLD_BACK`` bytes go out only once the

@@ -45,6 +45,7 @@ from proxy.pipeline.stream import (
     BodyBroken,
     DataPath,
     HeldBackSender,
+    RangedBody,
     hash_and_deliver,
 )
 from proxy.upstream.client import UpstreamResponse
@@ -479,7 +480,7 @@ class FillTable:
             self._datapath.close()
 
 
-class FillReader:
+class FillReader(RangedBody):
     """One client's view of a fill: tails the ingest file, holds back its tail."""
 
     def __init__(
@@ -499,12 +500,6 @@ class FillReader:
         fill.readers += 1
         self._closed = False
         self._lead = fill.claim_lead()
-
-    @property
-    def content_length(self) -> int | None:
-        if self.byte_range is not None:
-            return self.byte_range.length
-        return self.size
 
     async def send_to(self, sink: BlobSink) -> None:
         """Send the (ranged) body as the fill gets it: the lead from memory, the

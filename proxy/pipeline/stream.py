@@ -166,6 +166,17 @@ class SocketSender:
             data = data[sent:]
 
 
+class RangedBody:
+    """A blob body answered to one request: the whole blob, or one range of it."""
+
+    size: int | None
+    byte_range: ByteRange | None
+
+    @property
+    def content_length(self) -> int | None:
+        return self.byte_range.length if self.byte_range is not None else self.size
+
+
 class HeldBackSender:
     """Delivers the part of each piece inside ``byte_range`` (the whole blob if None)
     to ``send``, except the last ``HOLD_BACK`` bytes of that range, which it keeps

@@ -18,29 +18,10 @@ import pytest
 from tests.support.faultproxy import FaultProxy, drip
 from tests.support.ocilayout import PushedArtifact, deterministic_bytes, push_blob, push_image
 from tests.support.peers import Containerd, Pullgate, Registry
+from tests.support.pulls import fetch
 
 pytestmark = pytest.mark.integration
 REGISTRY = "registry.example.test"
-
-
-def fetch(pullgate: Pullgate, path: str) -> tuple[int, str, int]:
-    """GET ``path``; (status, sha256 of the body, bytes received) without keeping it."""
-    host, port = pullgate.host.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=120)
-    hasher = hashlib.sha256()
-    received = 0
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        try:
-            while chunk := response.read(1 << 20):
-                hasher.update(chunk)
-                received += len(chunk)
-        except (http.client.IncompleteRead, ConnectionError):
-            pass
-        return response.status, "sha256:" + hasher.hexdigest(), received
-    finally:
-        conn.close()
 
 
 def blob_path(repo: str, digest: str) -> str:

@@ -3,8 +3,6 @@ and the death of the worker that fills."""
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import os
 import re
 import signal
@@ -18,33 +16,12 @@ import pytest
 from tests.support.faultproxy import FaultProxy, drip
 from tests.support.ocilayout import deterministic_bytes, push_blob
 from tests.support.peers import Pullgate, Registry
+from tests.support.pulls import fetch
 
 pytestmark = pytest.mark.integration
 
 REGISTRY = "registry.example.test"
 SIZE = 16 << 20
-
-
-def fetch(pullgate: Pullgate, path: str) -> tuple[int, str, int]:
-    """GET ``path``; (status, sha256 of the body, bytes received) without keeping it."""
-    host, port = pullgate.host.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=120)
-    hasher = hashlib.sha256()
-    received = 0
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        try:
-            while chunk := response.read(1 << 20):
-                hasher.update(chunk)
-                received += len(chunk)
-        except (http.client.IncompleteRead, ConnectionError):
-            pass
-        return response.status, "sha256:" + hasher.hexdigest(), received
-    except ConnectionError:
-        return 0, "", received
-    finally:
-        conn.close()
 
 
 def fetch_all(pullgate: Pullgate, path: str, count: int) -> list[tuple[int, str, int]]:
