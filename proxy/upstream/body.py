@@ -5,7 +5,8 @@ top of it. Read through aiohttp, a body arrives in the loop a socket read at a t
 each one parsed, buffered and handed over by Python. ``SocketBody`` instead takes the
 connection of a plain-HTTP response with a known length once its headers are parsed:
 the loop stops reading it, and a worker thread reads the rest straight from the
-socket into its own reused buffer (``readv``), many socket reads per Python call.
+socket into its own reused buffer, with blocking reads that wait for a whole piece
+(``MSG_WAITALL``): one system call per piece, not one per segment.
 
 Anything else (TLS, chunked transfer, a test fake) is a ``LoopBody``: the loop's
 async iterator, read from the worker thread one piece at a time.
@@ -27,7 +28,7 @@ from typing import Protocol
 
 from proxy.oci.errors import UpstreamError, UpstreamTimeout
 
-# How often a thread blocked on the socket looks whether it was cancelled.
+# How often a thread blocked on the socket looks whether it was cancelled or idle.
 CANCEL_POLL_MS = 200
 # The first read of a body asks for this much (see ``SocketBody``).
 FIRST_READ = 64 * 1024
