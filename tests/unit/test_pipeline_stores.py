@@ -3,7 +3,6 @@ their verdicts and tag resolutions (``manifests=``), here the in-memory ones."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -21,8 +20,8 @@ from proxy.pipeline import BlobFile, Pipeline
 from proxy.pipeline.gate import AllowAllGate
 from proxy.upstream.router import Route
 from tests.unit.cache.fakes import FakeUpstream, blob_of
+from tests.unit.verify.manifests import OCI_MANIFEST, image
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 REGISTRY = "r.test"
 LIMITS = CacheLimits(max_bytes=64 * 1024**2, min_free_bytes=0)
 
@@ -45,24 +44,7 @@ class FakeClient:
 
 def _push(client: FakeClient, layer: bytes) -> Digest:
     """An image with one layer under ``app:v1`` and by digest; its manifest digest."""
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": str(Digest.of(b"{}")),
-                "size": 2,
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": str(Digest.of(layer)),
-                    "size": len(layer),
-                }
-            ],
-        }
-    ).encode()
+    manifest = image(layer).raw
     digest = Digest.of(manifest)
     served = FakeUpstream(manifest, headers={"Content-Type": OCI_MANIFEST})
     client.paths["/v2/app/manifests/v1"] = served

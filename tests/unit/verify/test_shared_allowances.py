@@ -129,7 +129,13 @@ def refuses_blobs(gate: SignatureGate, repo: RepoKey, manifest: Manifest) -> boo
 # ---- the store ---------------------------------------------------------------------------
 
 
-def record(store: SharedAllowances, manifest: Manifest, *, repo: RepoKey = REPO) -> bool:
+def record(
+    store: SharedAllowances,
+    manifest: Manifest,
+    *,
+    repo: RepoKey = REPO,
+    unless_revoked_after: int | None = None,
+) -> bool:
     return store.record(
         repo,
         manifest.digest,
@@ -139,6 +145,7 @@ def record(store: SharedAllowances, manifest: Manifest, *, repo: RepoKey = REPO)
         revision="r1",
         decided_at=time.time(),
         decision="{}",
+        unless_revoked_after=unless_revoked_after,
     )
 
 
@@ -229,30 +236,10 @@ def test_nothing_is_recorded_for_a_manifest_refused_after_the_decision_began(
     manifest = image(b"refused meanwhile")
     mark = store.revocation_mark()
     store.revoke(REPO, manifest.digest)
-    assert not store.record(
-        REPO,
-        manifest.digest,
-        {BLOBS: manifest.blob_digests},
-        artifact_type=None,
-        fingerprint="fp",
-        revision="r1",
-        decided_at=time.time(),
-        decision="{}",
-        unless_revoked_after=mark,
-    )
+    assert not record(store, manifest, unless_revoked_after=mark)
     assert len(store) == 0
     # A decision begun after the refusal is newer than it: recorded.
-    assert store.record(
-        REPO,
-        manifest.digest,
-        {BLOBS: manifest.blob_digests},
-        artifact_type=None,
-        fingerprint="fp",
-        revision="r1",
-        decided_at=time.time(),
-        decision="{}",
-        unless_revoked_after=store.revocation_mark(),
-    )
+    assert record(store, manifest, unless_revoked_after=store.revocation_mark())
 
 
 def test_the_store_is_bounded_oldest_grants_first(store_path: Path) -> None:
