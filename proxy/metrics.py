@@ -40,7 +40,11 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
         )
         self.bytes_served = Counter(
-            "pullgate_bytes_served", "Blob bytes sent to clients", ["source"], registry=r
+            "pullgate_bytes_served",
+            "Blob bytes sent to clients, by source: cache, upstream (uncached), fill (from"
+            " the growing cache file), fill_memory (the fill's first reader, from memory)",
+            ["source"],
+            registry=r,
         )
         self.upstream_bytes = Counter(
             "pullgate_upstream_bytes", "Blob bytes read from upstreams", ["registry"], registry=r
@@ -106,6 +110,13 @@ class Metrics:
             "Blobs evicted since start",
             registry=r,
             multiprocess_mode="sum",
+        )
+        self.fill_bytes = Counter(
+            "pullgate_cache_fill_bytes",
+            "Blob bytes written into the cache, by how: direct (O_DIRECT, around the page"
+            " cache) or page_cache",
+            ["io"],
+            registry=r,
         )
         self.fills_active = Gauge(
             "pullgate_cache_fills_active",

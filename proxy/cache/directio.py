@@ -65,6 +65,7 @@ class IngestWriter:
         self._stage = mmap.mmap(-1, STAGE) if direct else None
         self._staged = 0
         self.in_file = 0
+        self.direct_bytes = 0  # how many of ``in_file`` were written around the page cache
 
     def write(self, piece: memoryview) -> int:
         stage = self._stage
@@ -82,6 +83,7 @@ class IngestWriter:
                 if self._staged == STAGE:
                     self._write_at(self._fd, view, self.in_file)
                     self.in_file += STAGE
+                    self.direct_bytes += STAGE
                     self._staged = 0
         finally:
             view.release()
@@ -99,6 +101,7 @@ class IngestWriter:
             if aligned:
                 self._write_at(self._fd, view[:aligned], self.in_file)
                 self.in_file += aligned
+                self.direct_bytes += aligned
             if aligned < self._staged:
                 flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
                 fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)

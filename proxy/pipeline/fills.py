@@ -237,6 +237,8 @@ class Fill(FillProgress):
             body.close()
             writer.close()
         self._metrics.upstream_bytes.labels(self.registry).inc(received)
+        self._metrics.fill_bytes.labels("direct").inc(writer.direct_bytes)
+        self._metrics.fill_bytes.labels("page_cache").inc(received - writer.direct_bytes)
         await loop.run_in_executor(self._pool, os.fsync, fd)
         self._release()
         self.final_path = self._store.commit(self.digest, self.path, received)
@@ -526,7 +528,8 @@ class FillReader(RangedBody):
         if fill.state != "committed":
             raise FillFailed(fill.error or "fill failed")
         await asyncio.get_running_loop().run_in_executor(self._pool, sender.release)
-        self._table._metrics.bytes_served.labels("fill").inc(self.content_length or fill.size or 0)
+        served = self.content_length or fill.size or 0
+        self._table._metrics.bytes_served.labels("fill_memory").inc(served)
 
     async def _tail_file(self, sink: BlobSink) -> None:
         fill = self.fill

@@ -361,7 +361,7 @@ def test_refuses_blobs_after_a_restart_that_no_recent_verdict_allowed(
 def test_a_big_blob_is_filled_and_served_around_the_page_cache_with_exact_bytes(
     tmp_path: Path, registry: Registry, make_pullgate: Callable[..., Pullgate]
 ) -> None:
-    from proxy.cache.directio import DIRECT_MIN_BYTES, resident
+    from proxy.cache.directio import ALIGN, DIRECT_MIN_BYTES, open_ingest
 
     blob = deterministic_bytes(DIRECT_MIN_BYTES + (16 << 20) + 4321, seed=91)
     digest = push_blob(registry.url, "cache/big", blob)
@@ -369,14 +369,20 @@ def test_a_big_blob_is_filled_and_served_around_the_page_cache_with_exact_bytes(
     pullgate = make_pullgate(upstreams={REGISTRY: registry.url}, cache_dir=cache)
     status, got, received = fetch(pullgate, blob_path("cache/big", digest))
     assert (status, got, received) == (200, digest, len(blob))
-    path = cache / "blobs" / "sha256" / digest.split(":", 1)[1]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        # Written with O_DIRECT: the middle of the blob never entered the page cache.
-        assert not resident(fd, len(blob) - 1)
-    finally:
-        os.close(fd)
-    # Hits of a blob that is not resident are read with O_DIRECT: whole and ranged.
+    fd, direct = open_ingest(str(tmp_path / "probe"), direct=True)
+    os.close(fd)
+    # pullgate's own account: all but the unaligned tail went around the page cache
+    # (where the filesystem takes O_DIRECT), and the client that started the fill got
+    # every byte from memory, none read back from the file.
+    tail = len(blob) % ALIGN
+    metrics = pullgate.metrics()
+    expected_direct = len(blob) - tail if direct else 0
+    assert metrics['pullgate_cache_fill_bytes_total{io="direct"}'] == expected_direct
+    buffered = metrics['pullgate_cache_fill_bytes_total{io="page_cache"}']
+    assert buffered == len(blob) - expected_direct
+    assert metrics['pullgate_bytes_served_total{source="fill_memory"}'] == len(blob)
+    assert metrics.get('pullgate_bytes_served_total{source="fill"}', 0.0) == 0.0
+    # Hits (read with O_DIRECT where its pages are not resident): whole and ranged.
     assert fetch(pullgate, blob_path("cache/big", digest))[:2] == (200, digest)
     host, port = pullgate.host.rsplit(":", 1)
     for first, last in ((0, 0), (4097, 4097 + (9 << 20)), (len(blob) - 10, len(blob) - 1)):

@@ -51,6 +51,7 @@ def test_ingest_writer_writes_every_byte_with_an_unaligned_tail(tmp_path: Path, 
     if direct:
         assert all(n % directio.ALIGN == 0 for n in seen), "O_DIRECT writes whole blocks"
     assert writer.finish() == size
+    assert writer.direct_bytes == (size - size % directio.ALIGN if direct else 0)
     writer.close()
     os.close(fd)
     assert (tmp_path / "ingest").read_bytes() == data
