@@ -111,6 +111,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="sum",
         )
+        self.access_checks = Counter(
+            "pullgate_access_checks",
+            "Requests for private repositories, by outcome: accepted, refused (the"
+            " upstream refused the credentials), cached (accepted within the TTL),"
+            " no_credentials",
+            ["result"],
+            registry=r,
+        )
         self.fill_bytes = Counter(
             "pullgate_cache_fill_bytes",
             "Blob bytes written into the cache, by how: direct (O_DIRECT, around the page"

@@ -22,6 +22,7 @@ from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
 from proxy.oci import errors
 from proxy.oci.reference import ImageReference
 from proxy.pipeline import Pipeline
+from proxy.upstream.auth import Credentials, credentials_from_parts
 from proxy.upstream.router import UpstreamRouter
 
 log = logging.getLogger("pullgate.cri")
@@ -84,30 +85,52 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         self, request: api_pb2.PullImageRequest, context: Context
     ) -> api_pb2.PullImageResponse:
         image = request.image.image
+        pod = _pod_of(request)
         try:
             # 1. Parse as kubelet sends it: docker.io names may omit the registry.
             reference = ImageReference.parse(image)
-            # 2. Resolve and verify through the one pipeline (the same verdict cache).
+            credentials = _credentials_of(request)
+            # 2. Resolve and verify through the one pipeline (the same verdict cache),
+            #    as the pod: a private repository needs the pod's own pull secret,
+            #    checked upstream even when everything is cached.
             route = self._router().route(reference.registry)
-            served = await self._pipeline.get_manifest(
-                route, reference.repository, reference.reference
+            ref = reference.reference
+            served = await self._pipeline.guard(
+                route,
+                reference.repository,
+                f"manifests/{ref}",
+                credentials,
+                lambda: self._pipeline.get_manifest(route, reference.repository, ref),
             )
         except errors.OCIError as exc:
-            log.warning("CRI PullImage %s refused: %s %s", image[:300], exc.code, exc.message)
+            log.warning(
+                "CRI PullImage %s for %s refused: %s %s", image[:300], pod, exc.code, exc.message
+            )
             await context.abort(grpc_code_for(exc), f"{exc.code}: {exc.message}")
         except Exception:
             # A bug, not a refusal: INTERNAL (never PERMISSION_DENIED or UNAVAILABLE).
             log.exception("CRI PullImage %s: internal error", image[:300])
             internal = errors.InternalError("internal error while verifying; see pullgate's log")
             await context.abort(grpc_code_for(internal), f"{internal.code}: {internal.message}")
+        digest = served.manifest.digest
         log.info(
-            "CRI PullImage %s verified as %s (%s); pulling through containerd",
+            "CRI PullImage %s for %s verified as %s (%s); pulling through containerd",
             image[:300],
-            served.manifest.digest,
+            pod,
+            digest,
             served.verdict.reason,
         )
-        # 3. containerd pulls through the mirror, which checks every byte again.
-        return await self.forward("PullImage", request, context, api_pb2.PullImageResponse)
+        # 3. containerd pulls through the mirror, which checks every byte again. It is
+        #    asked for the verified digest, not the tag: a tag moved upstream meanwhile
+        #    cannot hand it another manifest. The credentials go to whichever host
+        #    containerd asks (its hosts.toml names pullgate's mirror): containerd gives
+        #    them only to the host ``server_address`` names, and that is the registry.
+        forwarded = api_pb2.PullImageRequest()
+        forwarded.CopyFrom(request)
+        forwarded.image.image = f"{reference.registry}/{reference.repository}@{digest}"
+        if forwarded.HasField("auth"):
+            forwarded.auth.server_address = ""
+        return await self.forward("PullImage", forwarded, context, api_pb2.PullImageResponse)
 
     # Every other ImageService call passes through unchanged.
     ListImages = _forwarded("ListImages", api_pb2.ListImagesResponse)
@@ -128,6 +151,31 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         except aio.AioRpcError as exc:
             await context.abort(exc.code(), exc.details() or "runtime error")
         return response
+
+
+def _credentials_of(request: api_pb2.PullImageRequest) -> Credentials | None:
+    """The pod's pull secret for this image, as kubelet hands it over."""
+    if not request.HasField("auth"):
+        return None
+    auth = request.auth
+    try:
+        return credentials_from_parts(
+            username=auth.username,
+            password=auth.password,
+            auth=auth.auth,
+            identity_token=auth.identity_token,
+            registry_token=auth.registry_token,
+        )
+    except ValueError as exc:
+        raise errors.CredentialsRequired(f"the pull's credentials are unusable: {exc}") from None
+
+
+def _pod_of(request: api_pb2.PullImageRequest) -> str:
+    """``namespace/name`` of the pod the pull is for, for logs ("-" if none given)."""
+    if not request.HasField("sandbox_config"):
+        return "-"
+    metadata = request.sandbox_config.metadata
+    return f"{metadata.namespace or '-'}/{metadata.name or '-'}"
 
 
 async def start_cri_server(

@@ -16,12 +16,20 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from proxy.config import Config
 from proxy.http.sendfile import flush, sendfile, socket_fd
 from proxy.metrics import Metrics
-from proxy.oci.errors import InternalError, OCIError, RouteUnknown, StreamAborted, Unsupported
+from proxy.oci.errors import (
+    CredentialsRequired,
+    InternalError,
+    OCIError,
+    RouteUnknown,
+    StreamAborted,
+    Unsupported,
+)
 from proxy.oci.ranges import parse_range
 from proxy.oci.reference import DistributionPath, Endpoint, parse_distribution_path
 from proxy.pipeline import BlobFile, BlobStream, Pipeline
 from proxy.pipeline.fills import FillReader
 from proxy.pipeline.stream import SocketSender
+from proxy.upstream.auth import credentials_from_header
 from proxy.upstream.router import Route, UpstreamRouter
 
 log = logging.getLogger("pullgate.http")
@@ -42,6 +50,8 @@ def error_response(error: OCIError, *, head: bool = False) -> web.Response:
     headers = dict(API_VERSION_HEADER)
     if isinstance(error, Unsupported):
         headers["Allow"] = "GET, HEAD"
+    if isinstance(error, CredentialsRequired):
+        headers["WWW-Authenticate"] = 'Basic realm="pullgate", charset="UTF-8"'
     if head:
         return web.Response(status=error.status, headers=headers)
     return web.json_response(error.to_json(), status=error.status, headers=headers)
@@ -103,13 +113,20 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     headers = dict(API_VERSION_HEADER)
     if route.explicit_ns:
         headers["OCI-Namespace"] = route.registry
-    if parsed.endpoint is Endpoint.MANIFEST:
-        return await _manifest(request, parsed, route, headers)
-    if parsed.endpoint is Endpoint.BLOB:
-        return await _blob(request, parsed, route, headers)
-    if parsed.endpoint is Endpoint.TAGS:
-        return await _tags(request, parsed, route, headers)
-    return await _referrers(request, parsed, route, headers)
+    handler, probe = _ENDPOINTS[parsed.endpoint]
+    try:
+        credentials = credentials_from_header(request.headers.get("Authorization"))
+    except ValueError as exc:
+        raise CredentialsRequired(f"unusable Authorization header: {exc}") from None
+    # Private repositories answer only to credentials the upstream accepts, cached
+    # or not (``proxy.pipeline.access``).
+    return await request.app[PIPELINE_KEY].guard(
+        route,
+        parsed.repository,
+        probe(parsed),
+        credentials,
+        lambda: handler(request, parsed, route, headers),
+    )
 
 
 async def _admin(request: web.Request, path: str) -> web.StreamResponse:
@@ -269,6 +286,18 @@ async def _referrers(
     if request.method == "HEAD":
         return web.Response(status=200, headers=headers)
     return web.Response(body=body, headers=headers)
+
+
+EndpointHandler = Callable[
+    [web.Request, DistributionPath, Route, dict[str, str]], Awaitable[web.StreamResponse]
+]
+# Each endpoint's handler, and what a HEAD checks a private repository's access with.
+_ENDPOINTS: dict[Endpoint, tuple[EndpointHandler, Callable[[DistributionPath], str]]] = {
+    Endpoint.MANIFEST: (_manifest, lambda parsed: f"manifests/{parsed.reference}"),
+    Endpoint.BLOB: (_blob, lambda parsed: f"blobs/{parsed.digest}"),
+    Endpoint.TAGS: (_tags, lambda parsed: "tags/list"),
+    Endpoint.REFERRERS: (_referrers, lambda parsed: f"manifests/{parsed.digest}"),
+}
 
 
 def build_app(

@@ -197,6 +197,7 @@ class Node:
             direct_min_bytes=config.cache.direct_min_bytes,
             tag_staleness=config.cache.tag_staleness,
             shared=shared,
+            private_marks=config.cache.dir / "private" if config.cache.dir else None,
         )
         watcher = None
         if isinstance(gate, SignatureGate) and config.policy is not None:

@@ -93,6 +93,11 @@ class Unauthorized(OCIError):
     code = "UNAUTHORIZED"
 
 
+class CredentialsRequired(Unauthorized):
+    """A private repository asked for without credentials: the HTTP front end adds a
+    Basic challenge, so a client that has credentials for it sends them."""
+
+
 class Denied(OCIError):
     """A policy refusal: the client may not have this content."""
 

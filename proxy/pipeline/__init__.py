@@ -2,6 +2,8 @@
 
 Its rooms:
 
+* ``access``: private repositories, readable only with credentials the upstream
+  accepts, cached or not;
 * ``gate``: the protocol a signature gate implements (what the pipeline asks of it);
 * ``manifests``: resolve, fetch the exact bytes, verify, store, serve offline, restore;
 * ``allowances``: which blobs may be served (the gate's, offline, across workers);
@@ -21,11 +23,13 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from proxy.cache import BlobStore
 from proxy.cache.directio import DIRECT_MIN_BYTES
 from proxy.cache.verified import VerifiedManifestStore
 from proxy.metrics import Metrics
+from proxy.pipeline.access import RepositoryAccess
 from proxy.pipeline.allowances import BlobAllowances
 from proxy.pipeline.blobs import BlobFile, BlobPath, BlobStream
 from proxy.pipeline.fills import FillTable
@@ -54,6 +58,7 @@ class Pipeline:
         tag_staleness: float = 0.0,
         verdict_ttl: float | None = None,
         shared: SharedAllowances | None = None,
+        private_marks: Path | None = None,
     ) -> None:
         self.gate = gate
         # Verified blobs; and, apart, verified manifests with their verdicts and tags.
@@ -72,6 +77,7 @@ class Pipeline:
             complete_on_disconnect=complete_on_disconnect,
             direct_min_bytes=direct_min_bytes,
         )
+        self.access = RepositoryAccess(marks_dir=private_marks, metrics=metrics)
         self.allowances = BlobAllowances(gate=gate, metrics=metrics, shared=shared)
         self.manifest_path = ManifestPath(
             gate=gate,
@@ -91,6 +97,7 @@ class Pipeline:
             allowances=self.allowances,
         )
         # The front ends' calls, answered by the room that owns them.
+        self.guard = self.access.guard
         self.get_manifest = self.manifest_path.get_manifest
         self.fetch_manifest = self.manifest_path.fetch_manifest
         self.fetch_small_blob = self.manifest_path.fetch_small_blob

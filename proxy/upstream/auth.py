@@ -1,15 +1,24 @@
-"""Registry token auth: challenges, node credentials, and the trust boundary.
+"""Registry token auth: challenges, credentials, and the trust boundary.
+
+Two identities reach an upstream: the node's (its docker config, or anonymous) and a
+requester's (a pod's pull secret handed over by kubelet, or a mirror client's
+``Authorization``), which a request acts under through ``acting_as``.
 
 Credentials are sent only to hosts inside the upstream's trust boundary: the upstream
 host itself, or a token realm host the operator listed for that upstream. A realm
-that points anywhere else gets an anonymous token request, never the node's password.
+that points anywhere else gets an anonymous token request, never a password.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
+import contextvars
+import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,12 +29,85 @@ MAX_CHALLENGE_LENGTH = 4096
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    username: str
-    password: str
+    """One identity at a registry: a username and password, an identity token (an
+    OAuth2 refresh token, exchanged at the token realm) or a registry token (a bearer
+    token sent as is)."""
+
+    username: str = ""
+    password: str = ""
+    identity_token: str = ""
+    registry_token: str = ""
+
+    def __repr__(self) -> str:  # never print a secret into a log line
+        return f"Credentials(username={self.username!r}, fingerprint={self.fingerprint[:12]})"
 
     def basic_header(self) -> str:
         token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
         return f"Basic {token}"
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the whole identity: what caches are keyed by, never the secret."""
+        parts = (self.username, self.password, self.identity_token, self.registry_token)
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def credentials_from_parts(
+    *,
+    username: str = "",
+    password: str = "",
+    auth: str = "",
+    identity_token: str = "",
+    registry_token: str = "",
+) -> Credentials | None:
+    """Credentials as kubelet hands them over (CRI ``AuthConfig``), or None if empty.
+
+    ``auth`` is base64 of ``user:password``, used when no username is given.
+    """
+    if not username and auth:
+        try:
+            username, sep, password = base64.b64decode(auth, validate=True).decode().partition(":")
+        except (binascii.Error, ValueError, UnicodeDecodeError):
+            username, sep = "", ""
+        if not sep:
+            raise ValueError("the auth field is not base64 of user:password")
+    if username or password or identity_token or registry_token:
+        return Credentials(username, password, identity_token, registry_token)
+    return None
+
+
+def credentials_from_header(header: str | None) -> Credentials | None:
+    """A mirror client's ``Authorization``: Basic user/password, or a Bearer token."""
+    if not header:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "basic" and value:
+        return credentials_from_parts(auth=value)
+    if scheme.lower() == "bearer" and value:
+        return Credentials(registry_token=value)
+    raise ValueError(f"unsupported Authorization scheme {scheme[:20]!r}")
+
+
+_ACTING_AS: contextvars.ContextVar[Credentials | None] = contextvars.ContextVar(
+    "pullgate_acting_as", default=None
+)
+
+
+@contextlib.contextmanager
+def acting_as(credentials: Credentials | None) -> Iterator[None]:
+    """Upstream requests made within (and by tasks started within) use
+    ``credentials`` instead of the node's; None keeps the node's."""
+    token = _ACTING_AS.set(credentials)
+    try:
+        yield
+    finally:
+        _ACTING_AS.reset(token)
+
+
+def requester_credentials() -> Credentials | None:
+    """The requester's credentials this request acts under, if any."""
+    return _ACTING_AS.get()
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,12 +38,15 @@ from proxy.upstream.auth import (
     parse_challenge,
     realm_is_fetchable,
     realm_is_trusted,
+    requester_credentials,
 )
 from proxy.upstream.body import BodyReader, LoopBody, SocketBody
 
 log = logging.getLogger("pullgate.upstream")
 
 MAX_TOKEN_RESPONSE = 64 * 1024
+# Tokens kept per client (scopes times identities); expired ones go first.
+MAX_TOKENS = 4096
 MAX_REDIRECTS = 5
 MAX_RETRY_AFTER = 30.0
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -203,8 +206,9 @@ class UpstreamClient:
         self._ssl: ssl.SSLContext | bool = True
         if config.ca_file is not None:
             self._ssl = ssl.create_default_context(cafile=str(config.ca_file))
-        self._tokens: dict[str, _Token] = {}
-        self._token_locks: dict[str, asyncio.Lock] = {}
+        # Keyed by (scope, identity): the node's ("") or a requester's fingerprint.
+        self._tokens: dict[tuple[str, str], _Token] = {}
+        self._token_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     def url(self, path: str) -> str:
         return self.config.url + path
@@ -269,10 +273,30 @@ class UpstreamClient:
         base: float = min(self._retries.max_backoff, self._retries.backoff * 2.0 ** (attempt - 1))
         return base * (0.5 + random.random() / 2)
 
+    def _identity(self) -> tuple[Credentials | None, str]:
+        """Who this request acts as: a requester's credentials (``acting_as``) or the
+        node's; and the key its tokens are cached under."""
+        requester = requester_credentials()
+        if requester is not None:
+            return requester, requester.fingerprint
+        return self._credentials, ""
+
+    def _refused_identity(self) -> str:
+        credentials, key = self._identity()
+        if key:
+            return "the request's credentials were refused"
+        if credentials is not None:
+            return "the node credentials were refused"
+        return f"no node credentials are configured for {self.name}"
+
     async def _send_authorized(
         self, method: str, path: str, scope: str, headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
-        auth = self._cached_auth(scope)
+        credentials, identity = self._identity()
+        key = (scope, identity)
+        auth = self._cached_auth(key)
+        if auth is None and credentials is not None and credentials.registry_token:
+            auth = f"Bearer {credentials.registry_token}"
         response = await self._send(method, self.url(path), headers, auth)
         if response.status != 401:
             return response
@@ -282,16 +306,14 @@ class UpstreamClient:
             raise Unauthorized(
                 f"upstream {self.name} requires authentication but sent no usable challenge"
             )
-        auth = await self._authorize(challenge, scope)
+        auth = await self._authorize(challenge, key, credentials)
         response = await self._send(method, self.url(path), headers, auth)
         if response.status == 401:
             response.release()
-            who = (
-                "the node credentials were refused"
-                if self._credentials
-                else (f"no node credentials are configured for {self.name}")
+            self._tokens.pop(key, None)
+            raise Unauthorized(
+                f"upstream {self.name} requires authentication: {self._refused_identity()}"
             )
-            raise Unauthorized(f"upstream {self.name} requires authentication: {who}")
         return response
 
     async def _send(
@@ -327,32 +349,47 @@ class UpstreamClient:
             return response
         raise UpstreamError(f"upstream {self.name} redirected more than {MAX_REDIRECTS} times")
 
-    def _cached_auth(self, scope: str) -> str | None:
-        token = self._tokens.get(scope)
+    def _cached_auth(self, key: tuple[str, str]) -> str | None:
+        token = self._tokens.get(key)
         if token is not None and token.expires_at > time.monotonic():
             return token.header
         return None
 
-    async def _authorize(self, challenge: Challenge, scope: str) -> str | None:
+    def _keep_token(self, key: tuple[str, str], token: _Token) -> None:
+        if len(self._tokens) >= MAX_TOKENS:
+            now = time.monotonic()
+            for stale in [k for k, t in self._tokens.items() if t.expires_at <= now]:
+                del self._tokens[stale]
+                self._token_locks.pop(stale, None)
+            while len(self._tokens) >= MAX_TOKENS:  # the oldest entries go
+                oldest = next(iter(self._tokens))
+                del self._tokens[oldest]
+                self._token_locks.pop(oldest, None)
+        self._tokens[key] = token
+
+    async def _authorize(
+        self, challenge: Challenge, key: tuple[str, str], credentials: Credentials | None
+    ) -> str | None:
         if challenge.scheme == "basic":
-            if self._credentials is None:
+            if credentials is None or not (credentials.username or credentials.password):
                 raise Unauthorized(
-                    f"upstream {self.name} requires basic auth: "
-                    f"no node credentials are configured for {self.name}"
+                    f"upstream {self.name} requires basic auth: {self._refused_identity()}"
                 )
-            header = self._credentials.basic_header()
-            self._tokens[scope] = _Token(header, time.monotonic() + 3600)
+            header = credentials.basic_header()
+            self._keep_token(key, _Token(header, time.monotonic() + 3600))
             return header
-        lock = self._token_locks.setdefault(scope, asyncio.Lock())
+        lock = self._token_locks.setdefault(key, asyncio.Lock())
         async with lock:
-            cached = self._cached_auth(scope)
+            cached = self._cached_auth(key)
             if cached is not None:
                 return cached
-            token = await self._fetch_token(challenge, scope)
-            self._tokens[scope] = token
+            token = await self._fetch_token(challenge, key[0], credentials)
+            self._keep_token(key, token)
             return token.header
 
-    async def _fetch_token(self, challenge: Challenge, scope: str) -> _Token:
+    async def _fetch_token(
+        self, challenge: Challenge, scope: str, credentials: Credentials | None
+    ) -> _Token:
         realm = challenge.realm
         if not realm or not realm_is_fetchable(realm):
             raise Unauthorized(
@@ -361,25 +398,43 @@ class UpstreamClient:
         query = {"service": challenge.params.get("service", "")}
         query["scope"] = challenge.params.get("scope") or scope
         headers: dict[str, str] = {}
-        if self._credentials is not None:
-            if realm_is_trusted(realm, self.config.url, self.config.token_realm_hosts):
-                headers["Authorization"] = self._credentials.basic_header()
-            else:
-                log.warning(
-                    "token realm %s is outside the trust boundary of upstream %s; "
-                    "requesting an anonymous token instead of sending node credentials",
-                    realm,
-                    self.name,
-                )
-        url = realm + ("&" if "?" in realm else "?") + urlencode(query)
+        form: dict[str, str] | None = None
+        trusted = realm_is_trusted(realm, self.config.url, self.config.token_realm_hosts)
+        if credentials is not None and not trusted:
+            log.warning(
+                "token realm %s is outside the trust boundary of upstream %s; "
+                "requesting an anonymous token instead of sending credentials",
+                realm,
+                self.name,
+            )
+        elif credentials is not None and credentials.identity_token:
+            # An identity token is an OAuth2 refresh token: exchanged by POST.
+            form = {
+                **query,
+                "grant_type": "refresh_token",
+                "refresh_token": credentials.identity_token,
+                "client_id": "pullgate",
+            }
+        elif credentials is not None:
+            headers["Authorization"] = credentials.basic_header()
+        if form is None:
+            url, method = realm + ("&" if "?" in realm else "?") + urlencode(query), "GET"
+        else:
+            url, method = realm, "POST"
         try:
-            async with self._session.get(
-                url, headers=headers, allow_redirects=False, timeout=self._timeout, ssl=self._ssl
+            async with self._session.request(
+                method,
+                url,
+                headers=headers,
+                data=form,
+                allow_redirects=False,
+                timeout=self._timeout,
+                ssl=self._ssl,
             ) as response:
                 if response.status != 200:
+                    refused = " (credentials refused)" if headers or form else ""
                     raise Unauthorized(
-                        f"token service of {self.name} answered {response.status}"
-                        + (" (node credentials refused)" if headers else "")
+                        f"token service of {self.name} answered {response.status}{refused}"
                     )
                 body = await UpstreamResponse(response).read_capped(
                     MAX_TOKEN_RESPONSE, what="token response"

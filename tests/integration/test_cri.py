@@ -75,12 +75,14 @@ def test_cri_pull_verifies_first_and_denies_with_the_policy_reason(
         assert "DENIED" in (refused.value.details() or "")
         assert "cosign key keys/release.pub" in (refused.value.details() or "")
 
+        # containerd was asked for the verified digest, not the tag.
         listed = images.ListImages(api_pb2.ListImagesRequest(), timeout=30)
-        tags = {tag for image in listed.images for tag in image.repo_tags}
-        assert f"{REGISTRY}/cri/app:signed" in tags
-        assert f"{REGISTRY}/cri/app:unsigned" not in tags
+        digests = {d for image in listed.images for d in image.repo_digests}
+        assert digests == {f"{REGISTRY}/cri/app@{signed.manifest_digest}"}
         status = images.ImageStatus(
-            api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=f"{REGISTRY}/cri/app:signed")),
+            api_pb2.ImageStatusRequest(
+                image=api_pb2.ImageSpec(image=f"{REGISTRY}/cri/app@{signed.manifest_digest}")
+            ),
             timeout=30,
         )
         assert status.image.id == pulled.image_ref

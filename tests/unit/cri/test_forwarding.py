@@ -20,9 +20,11 @@ from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
 from proxy.cri.server import ImageServiceProxy
 from proxy.oci import errors
 from proxy.pipeline import Pipeline
+from proxy.upstream.auth import Credentials
 from proxy.upstream.router import UpstreamRouter
 
 IMAGE = "registry.example.test/app/web:1.0"
+VERIFIED = "sha256:" + "d" * 64
 
 
 class FakeRuntime(api_pb2_grpc.ImageServiceServicer):
@@ -70,17 +72,25 @@ class FakeRuntime(api_pb2_grpc.ImageServiceServicer):
 
 @dataclass
 class FakePipeline:
-    """``Pipeline.get_manifest`` only: returns a verified manifest or raises ``error``."""
+    """``Pipeline.guard`` and ``get_manifest`` only: records the credentials the pull
+    acts as, and returns a verified manifest or raises ``error``."""
 
     error: BaseException | None = None
     asked: list[tuple[str, str]] = field(default_factory=list)
+    guarded: list[tuple[str, Credentials | None]] = field(default_factory=list)
+
+    async def guard(
+        self, route: Any, repository: str, probe: str, credentials: Any, call: Any
+    ) -> Any:
+        self.guarded.append((probe, credentials))
+        return await call()
 
     async def get_manifest(self, route: Any, repository: str, reference: Any) -> Any:
         self.asked.append((route.registry, repository))
         if self.error is not None:
             raise self.error
         return SimpleNamespace(
-            manifest=SimpleNamespace(digest="sha256:" + "d" * 64),
+            manifest=SimpleNamespace(digest=VERIFIED),
             verdict=SimpleNamespace(reason="cosign key verified"),
         )
 
@@ -159,13 +169,68 @@ async def test_runtime_status_and_message_pass_through_unchanged(cri: Cri) -> No
     assert refused.value.details() == "image missing not found"
 
 
-async def test_pull_is_verified_then_forwarded(cri: Cri) -> None:
-    request = api_pb2.PullImageRequest(image={"image": IMAGE}, auth={"username": "u"})
+async def test_pull_is_verified_as_the_pod_then_forwarded_pinned_to_the_verified_digest(
+    cri: Cri,
+) -> None:
+    request = api_pb2.PullImageRequest(
+        image={"image": IMAGE},
+        auth={"username": "u", "password": "p", "server_address": "registry.example.test"},
+        sandbox_config={"metadata": {"name": "web-0", "namespace": "ml-dev"}},
+    )
     response = await cri.stub.PullImage(request, timeout=20)
     assert response.image_ref == "sha256:cc"
     assert cri.pipeline.asked == [("registry.example.test", "app/web")]
+    # Checked as the pod: its credentials, against the tag it asked for.
+    assert cri.pipeline.guarded == [("manifests/1.0", Credentials("u", "p"))]
     ((called, received, _),) = cri.runtime.calls
-    assert (called, received) == ("PullImage", request)
+    assert called == "PullImage"
+    # containerd is asked for the digest that was verified, never the tag, which may
+    # have moved upstream; the pod's credentials go along, for whichever host
+    # containerd asks (pullgate's mirror).
+    assert received.image.image == f"registry.example.test/app/web@{VERIFIED}"
+    assert (received.auth.username, received.auth.password) == ("u", "p")
+    assert received.auth.server_address == ""
+    assert received.sandbox_config == request.sandbox_config
+
+
+async def test_pull_credentials_come_from_the_auth_field_too(cri: Cri) -> None:
+    request = api_pb2.PullImageRequest(image={"image": IMAGE}, auth={"auth": "YWxpY2U6czNjcmV0"})
+    await cri.stub.PullImage(request, timeout=20)
+    assert cri.pipeline.guarded == [("manifests/1.0", Credentials("alice", "s3cret"))]
+    await cri.stub.PullImage(api_pb2.PullImageRequest(image={"image": IMAGE}), timeout=20)
+    assert cri.pipeline.guarded[1] == ("manifests/1.0", None)
+
+
+async def test_refuses_a_pull_whose_auth_field_is_not_user_and_password(cri: Cri) -> None:
+    request = api_pb2.PullImageRequest(image={"image": IMAGE}, auth={"auth": "bm9jb2xvbg=="})
+    with pytest.raises(aio.AioRpcError) as refused:
+        await cri.stub.PullImage(request, timeout=20)
+    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "not base64 of user:password" in (refused.value.details() or "")
+    assert cri.runtime.calls == []
+
+
+async def test_pull_with_the_runtime_unreachable_is_unavailable() -> None:
+    # Nothing listens on the runtime's port: UNAVAILABLE, never UNKNOWN.
+    runtime_channel = aio.insecure_channel("127.0.0.1:1")
+    proxy = ImageServiceProxy(
+        pipeline=cast(Pipeline, FakePipeline()),
+        router=lambda: cast(UpstreamRouter, FakeRouter()),
+        runtime=api_pb2_grpc.ImageServiceStub(runtime_channel),
+    )
+    server = aio.server()
+    api_pb2_grpc.add_ImageServiceServicer_to_server(proxy, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = api_pb2_grpc.ImageServiceStub(channel)
+            with pytest.raises(aio.AioRpcError) as refused:
+                await stub.PullImage(api_pb2.PullImageRequest(image={"image": IMAGE}), timeout=20)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(grace=None)
+        await runtime_channel.close()
 
 
 async def test_refuses_pull_denied_by_policy_before_the_runtime_is_asked(cri: Cri) -> None:

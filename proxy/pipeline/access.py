@@ -1,0 +1,229 @@
+"""Private repositories: who may read them, even from the cache.
+
+A node cache serves what it holds to anyone on the node: once one pod pulled a
+private image, every pod could. pullgate closes that hole with one rule, applied by
+both front ends before anything is served:
+
+* A repository the node's own identity reads (its docker config, or anonymous) is
+  served as before: the node's operator decided that the node may have it.
+* A repository the upstream refuses the node's identity for is *private*. It is
+  marked (in memory and, so that a restart does not forget it, as an empty file named
+  after it in the cache directory; the mark holds no secret). A request for it must
+  carry credentials (a pod's pull secret through the CRI, or a mirror client's
+  ``Authorization``), and they are checked against the upstream with an authenticated
+  HEAD, cached or not. An accepted check is remembered for ``GRANT_TTL`` seconds,
+  keyed by (registry, repository, a digest of the credentials), in memory only and
+  bounded. The request then acts under those credentials upstream (``acting_as``).
+* A mark is re-checked with the node's identity after ``MARK_RECHECK`` seconds, so a
+  repository made public, or newly covered by the node's credentials, opens again.
+
+Without credentials the answer is ``UNAUTHORIZED`` with a Basic challenge (so a
+client that has credentials sends them); with credentials the upstream refuses, it is
+``DENIED`` with the upstream's reason. While the upstream cannot be reached, a private
+repository is refused (credentials cannot be checked); anything else is served from
+the cache as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from proxy.metrics import Metrics
+from proxy.oci import mediatypes as mt
+from proxy.oci.errors import CredentialsRequired, Denied, OCIError, Unauthorized
+from proxy.oci.reference import upstream_repository
+from proxy.upstream.auth import Credentials, acting_as, pull_scope
+from proxy.upstream.router import Route
+
+log = logging.getLogger("pullgate.access")
+
+T = TypeVar("T")
+
+GRANT_TTL = 60.0
+MARK_RECHECK = 60.0
+MAX_GRANTS = 4096
+
+RepoKey = tuple[str, str]  # (registry, repository)
+
+
+class RepositoryAccess:
+    """The private-repository rule (see the module's docstring), for both front ends."""
+
+    def __init__(self, *, marks_dir: Path | None, metrics: Metrics) -> None:
+        self._marks_dir = marks_dir
+        if marks_dir is not None:
+            marks_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = metrics
+        # Private repositories known to this process: when each was last confirmed.
+        self._private: dict[RepoKey, float] = {}
+        # (registry, repository, credentials fingerprint) -> accepted until (monotonic).
+        self._grants: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        self._checks: dict[tuple[str, str, str], asyncio.Future[OCIError | None]] = {}
+
+    async def guard(
+        self,
+        route: Route,
+        repository: str,
+        probe: str,
+        credentials: Credentials | None,
+        call: Callable[[], Awaitable[T]],
+    ) -> T:
+        """Run ``call`` (a pipeline call for ``repository``) under the rule.
+
+        ``probe`` is the path under ``/v2/<repository>/`` a HEAD checks access with
+        (``manifests/<reference>``, ``blobs/<digest>``; ``tags/list`` is a GET).
+        """
+        key = (route.registry, repository)
+        if not await self._is_private(route, key, probe):
+            try:
+                return await call()
+            except Unauthorized as exc:
+                if isinstance(exc, CredentialsRequired):
+                    raise
+                self._mark(key)
+                log.info("repository %s/%s is private: %s", route.registry, repository, exc.message)
+                if credentials is None:
+                    raise self._required(key, exc.message) from None
+        fetch_as = await self.check_credentials(route, repository, probe, credentials)
+        with acting_as(fetch_as):
+            return await call()
+
+    async def check_credentials(
+        self, route: Route, repository: str, probe: str, credentials: Credentials | None
+    ) -> Credentials:
+        """The requester's credentials, once the upstream accepted them for a private
+        ``repository``; else ``CredentialsRequired`` or ``Denied``."""
+        key = (route.registry, repository)
+        if credentials is None:
+            raise self._required(key, "the upstream refuses the node's own identity")
+        grant = (route.registry, repository, credentials.fingerprint)
+        until = self._grants.get(grant)
+        if until is not None and until > time.monotonic():
+            self._metrics.access_checks.labels("cached").inc()
+            return credentials
+        refused = await self._single_flight(
+            grant, lambda: self._probe(route, repository, probe, credentials)
+        )
+        if refused is not None:
+            self._metrics.access_checks.labels("refused").inc()
+            raise Denied(
+                f"{route.registry}/{repository} is private and the upstream refused the "
+                f"request's credentials: {refused.message}"
+            )
+        self._metrics.access_checks.labels("accepted").inc()
+        self._grants[grant] = time.monotonic() + GRANT_TTL
+        self._grants.move_to_end(grant)
+        while len(self._grants) > MAX_GRANTS:
+            self._grants.popitem(last=False)
+        return credentials
+
+    def _required(self, key: RepoKey, why: str) -> CredentialsRequired:
+        self._metrics.access_checks.labels("no_credentials").inc()
+        return CredentialsRequired(
+            f"{key[0]}/{key[1]} is private ({why}) and the request carried no credentials"
+        )
+
+    async def _is_private(self, route: Route, key: RepoKey, probe: str) -> bool:
+        confirmed = self._private.get(key)
+        if confirmed is None:
+            confirmed = self._read_mark(key)
+            if confirmed is None:
+                return False
+            self._private[key] = confirmed
+        if time.time() - confirmed < MARK_RECHECK:
+            return True
+        # Re-check with the node's own identity: the repository may have opened.
+        try:
+            refused = await self._single_flight(
+                (*key, ""), lambda: self._probe(route, key[1], probe, None)
+            )
+        except OCIError as exc:  # cannot tell (upstream down): it stays private
+            log.info("cannot re-check private repository %s/%s: %s", *key, exc.message)
+            return True
+        if refused is None:
+            self._unmark(key)
+            return False
+        self._mark(key)
+        return True
+
+    async def _probe(
+        self, route: Route, repository: str, probe: str, credentials: Credentials | None
+    ) -> OCIError | None:
+        """HEAD ``probe`` as ``credentials`` (None: the node's identity): None if the
+        upstream let it through (a 404 counts: access was granted, the thing is not
+        there), the refusal if it did not. Other upstream errors propagate."""
+        urepo = upstream_repository(route.registry, repository)
+        # The tag list has no HEAD in every registry; it is small.
+        method = "GET" if probe.startswith("tags/") else "HEAD"
+        headers = {"Accept": mt.ACCEPT_MANIFESTS} if probe.startswith("manifests/") else None
+        with acting_as(credentials):
+            try:
+                response = await route.client.get(
+                    f"/v2/{urepo}/{probe}",
+                    scope=pull_scope(urepo),
+                    method=method,
+                    headers=headers,
+                )
+            except Unauthorized as exc:
+                return exc
+        response.close()
+        return None
+
+    async def _single_flight(
+        self, key: tuple[str, str, str], probe: Callable[[], Awaitable[OCIError | None]]
+    ) -> OCIError | None:
+        running = self._checks.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[OCIError | None] = asyncio.get_running_loop().create_future()
+        self._checks[key] = future
+        try:
+            result = await probe()
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters get it; nobody else must log it
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._checks[key]
+
+    # -- marks on disk --------------------------------------------------------------
+
+    def _mark_path(self, key: RepoKey) -> Path | None:
+        if self._marks_dir is None:
+            return None
+        return self._marks_dir / hashlib.sha256(f"{key[0]}/{key[1]}".encode()).hexdigest()
+
+    def _mark(self, key: RepoKey) -> None:
+        self._private[key] = time.time()
+        path = self._mark_path(key)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.touch()
+
+    def _unmark(self, key: RepoKey) -> None:
+        self._private.pop(key, None)
+        path = self._mark_path(key)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def _read_mark(self, key: RepoKey) -> float | None:
+        path = self._mark_path(key)
+        if path is None:
+            return None
+        try:
+            return path.stat().st_mtime
+        except FileNotFoundError:
+            return None
