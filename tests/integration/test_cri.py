@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -11,7 +13,13 @@ import pytest
 from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
 from proxy.oci.digest import Digest
 from tests.support import cosign_sign as cs
-from tests.support.ocilayout import MODEL_ARTIFACT, deterministic_bytes, push_image, push_model
+from tests.support.ocilayout import (
+    MODEL_ARTIFACT,
+    PushedArtifact,
+    deterministic_bytes,
+    push_image,
+    push_model,
+)
 from tests.support.peers import Containerd, Pullgate, Registry
 
 pytestmark = pytest.mark.integration
@@ -164,3 +172,106 @@ def test_cri_refuses_an_unsigned_model_artifact_as_image_volumes_pull_it(
             assert "failed to unpack image" in (exc.details() or "")
             assert exc.code() is not grpc.StatusCode.PERMISSION_DENIED
         assert f"verified as {signed.manifest_digest}" in pullgate.log_text()
+
+
+class _MovesTheTagFirst(api_pb2_grpc.ImageServiceServicer):
+    """Between pullgate and containerd: moves the tag upstream just before containerd
+    is asked to pull, i.e. after pullgate verified what the tag named."""
+
+    def __init__(self, runtime: Any, move: Callable[[], None]) -> None:
+        self._runtime = runtime
+        self._move = move
+        self.forwarded: list[str] = []
+
+    def PullImage(self, request: Any, context: Any) -> Any:
+        self._move()
+        self.forwarded.append(request.image.image)
+        return self._runtime.PullImage(request, timeout=120)
+
+    def ImageStatus(self, request: Any, context: Any) -> Any:
+        return self._runtime.ImageStatus(request, timeout=30)
+
+    def ListImages(self, request: Any, context: Any) -> Any:
+        return self._runtime.ListImages(request, timeout=30)
+
+
+def test_cri_pull_of_a_tag_moved_after_verification_gets_the_verified_digest(
+    tmp_path: Path,
+    registry: Registry,
+    containerd: Containerd,
+    make_pullgate: Callable[..., Pullgate],
+) -> None:
+    key = cs.generate_key()
+    key.write_public(tmp_path / "policy" / "keys" / "release.pub")
+    policy = tmp_path / "policy" / "policy.yaml"
+    policy.write_text(
+        "default: deny\nscopes:\n"
+        '  - match: "registry.example.test/**"\n'
+        "    require: {cosign: {key: keys/release.pub}}\n"
+    )
+    signed = push_image(registry.url, "cri/moving", "v1", layers=[deterministic_bytes(4096, 65)])
+    payload = cs.simple_signing_payload(
+        Digest.parse(signed.manifest_digest), f"{REGISTRY}/cri/moving"
+    )
+    cs.push_to_registry(
+        registry.url,
+        "cri/moving",
+        cs.signature_image(Digest.parse(signed.manifest_digest), [cs.sign_layer(key, payload)]),
+    )
+    moved: list[PushedArtifact] = []
+
+    def move_the_tag() -> None:
+        layer = deterministic_bytes(4096, 66)
+        moved.append(push_image(registry.url, "cri/moving", "v1", layers=[layer]))
+
+    runtime_channel = grpc.insecure_channel(f"unix://{containerd.socket}")
+    interposer = _MovesTheTagFirst(
+        api_pb2_grpc.ImageServiceStub(runtime_channel),  # type: ignore[no-untyped-call]
+        move_the_tag,
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    api_pb2_grpc.add_ImageServiceServicer_to_server(interposer, server)  # type: ignore[no-untyped-call]
+    between = tmp_path / "between.sock"
+    server.add_insecure_port(f"unix://{between}")
+    server.start()
+    try:
+        socket = tmp_path / "pullgate-cri.sock"
+        pullgate = make_pullgate(
+            upstreams={REGISTRY: registry.url},
+            policy=policy,
+            extra_args=[
+                "--cri-listen",
+                f"unix://{socket}",
+                "--cri-runtime-endpoint",
+                f"unix://{between}",
+            ],
+        )
+        containerd.write_hosts(REGISTRY, pullgate.url)
+        with grpc.insecure_channel(f"unix://{socket}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=20)
+            images = api_pb2_grpc.ImageServiceStub(channel)  # type: ignore[no-untyped-call]
+            pulled = images.PullImage(
+                api_pb2.PullImageRequest(
+                    image=api_pb2.ImageSpec(image=f"{REGISTRY}/cri/moving:v1")
+                ),
+                timeout=120,
+            )
+            (new,) = moved
+            assert new.manifest_digest != signed.manifest_digest
+            # containerd was asked for the digest pullgate verified, and has it.
+            assert interposer.forwarded == [f"{REGISTRY}/cri/moving@{signed.manifest_digest}"]
+            status = images.ImageStatus(
+                api_pb2.ImageStatusRequest(
+                    image=api_pb2.ImageSpec(image=f"{REGISTRY}/cri/moving@{signed.manifest_digest}")
+                ),
+                timeout=30,
+            )
+            assert status.image.id == pulled.image_ref
+            listed = images.ListImages(api_pb2.ListImagesRequest(), timeout=30)
+            digests = {d for image in listed.images for d in image.repo_digests}
+            assert f"{REGISTRY}/cri/moving@{new.manifest_digest}" not in digests
+        # Not one byte of the unverified manifest's content was fetched.
+        assert all(registry.blob_gets(layer) == 0 for layer in new.layer_digests)
+    finally:
+        server.stop(grace=None)
+        runtime_channel.close()
