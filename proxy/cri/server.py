@@ -1,13 +1,14 @@
 """CRI ImageService front end: kubelet's image endpoint, in front of containerd.
 
 A thin shell, like ``proxy/http``. ``PullImage`` first resolves and verifies the
-image's manifest through the same pipeline the HTTP mirror uses, so a refusal
-reaches kubelet (and the pod's events) as ``PERMISSION_DENIED`` with the policy's
-reason, before containerd starts. An allowed pull is forwarded to containerd, which
-fetches through pullgate's HTTP mirror (its hosts.toml points there), where every
-manifest and blob is checked again: the CRI check gives the clear early answer, the
-mirror stays the enforcement point. Every other ImageService call is forwarded as is.
-"""
+image's manifest through the same pipeline the HTTP mirror uses, as the pod (its pull
+secret, for private repositories: ``proxy.pipeline.access``), so a refusal reaches
+kubelet (and the pod's events) as ``PERMISSION_DENIED``/``UNAUTHENTICATED`` with the
+reason, before containerd starts. An allowed pull is forwarded to containerd pinned to
+the verified digest; containerd fetches through pullgate's HTTP mirror (its hosts.toml
+points there), where every manifest and blob is checked again: the CRI check gives the
+clear early answer, the mirror stays the enforcement point. Every other ImageService
+call is forwarded as is."""
 
 from __future__ import annotations
 
