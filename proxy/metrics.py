@@ -73,10 +73,13 @@ class Metrics:
             ["registry"],
             registry=r,
         )
+        # ``front``: which front end asked: mirror (HTTP) or cri (kubelet's PullImage).
         self.verdicts = Counter(
-            "pullgate_verdicts", "Manifest verdicts", ["result", "mode"], registry=r
+            "pullgate_verdicts", "Manifest verdicts", ["result", "mode", "front"], registry=r
         )
-        self.denied = Counter("pullgate_denied", "Requests refused by policy", ["kind"], registry=r)
+        self.denied = Counter(
+            "pullgate_denied", "Requests refused by policy", ["kind", "front"], registry=r
+        )
         self.streams_active = Gauge(
             "pullgate_blob_streams_active",
             "Blob streams in progress",

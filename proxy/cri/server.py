@@ -101,7 +101,7 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
                 reference.repository,
                 f"manifests/{ref}",
                 credentials,
-                lambda: self._pipeline.get_manifest(route, reference.repository, ref),
+                lambda: self._pipeline.get_manifest(route, reference.repository, ref, front="cri"),
             )
         except errors.OCIError as exc:
             log.warning(

@@ -106,7 +106,7 @@ class BlobAllowances:
     def check(self, route: Route, repository: str, digest: Digest) -> None:
         repo = RepoKey(route.registry, repository)
         if not self.allowed(route, repository, digest):
-            self.metrics.denied.labels("blob").inc()
+            self.metrics.denied.labels("blob", "mirror").inc()
             raise BlobNotAllowed(
                 f"blob {digest} is not referenced by any verified manifest of {repo}; "
                 "pull a verified manifest that references it first"

@@ -116,9 +116,16 @@ class ManifestPath:
         self._verified: OrderedDict[tuple[str, str, Digest], ServedManifest] = OrderedDict()
 
     async def get_manifest(
-        self, route: Route, repository: str, ref: ManifestRef, *, accept: str | None = None
+        self,
+        route: Route,
+        repository: str,
+        ref: ManifestRef,
+        *,
+        accept: str | None = None,
+        front: str = "mirror",
     ) -> ServedManifest:
-        """The manifest to serve for ``ref``: fetched once, checked, gated.
+        """The manifest to serve for ``ref``: fetched once, checked, gated. ``front``
+        (mirror or cri) labels the verdict metrics.
 
         If the upstream cannot be reached, falls back to verified content in the store
         (see ``_serve_stored``).
@@ -147,9 +154,10 @@ class ManifestPath:
         except (UpstreamUnavailable, UpstreamTimeout) as exc:
             return await self._serve_stored(repo, ref, exc)
         verified_at = time.time()
-        self.metrics.verdicts.labels("allow" if verdict.allowed else "deny", verdict.mode).inc()
+        result = "allow" if verdict.allowed else "deny"
+        self.metrics.verdicts.labels(result, verdict.mode, front).inc()
         if not verdict.allowed:
-            self.metrics.denied.labels("manifest").inc()
+            self.metrics.denied.labels("manifest", front).inc()
             log.warning("denied %s@%s: %s", repo, manifest.digest, verdict.reason)
             raise VerificationFailed(
                 f"{repo}@{manifest.digest}: {verdict.reason}",

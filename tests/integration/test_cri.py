@@ -95,6 +95,11 @@ def test_cri_pull_verifies_first_and_denies_with_the_policy_reason(
         )
         assert status.image.id == pulled.image_ref
     assert sum(registry.blob_gets(b) for b in unsigned.blobs) == 0
+    # CRI decisions show in the same metrics, labelled by front end.
+    metrics = pullgate.metrics()
+    assert metrics['pullgate_denied_total{front="cri",kind="manifest"}'] == 1
+    assert metrics['pullgate_verdicts_total{front="cri",mode="enforce",result="allow"}'] >= 1
+    assert metrics['pullgate_verdicts_total{front="mirror",mode="enforce",result="allow"}'] >= 1
 
 
 def test_cri_refuses_an_unsigned_model_artifact_as_image_volumes_pull_it(

@@ -85,7 +85,10 @@ class FakePipeline:
         self.guarded.append((probe, credentials))
         return await call()
 
-    async def get_manifest(self, route: Any, repository: str, reference: Any) -> Any:
+    async def get_manifest(
+        self, route: Any, repository: str, reference: Any, *, front: str = "mirror"
+    ) -> Any:
+        assert front == "cri"
         self.asked.append((route.registry, repository))
         if self.error is not None:
             raise self.error
