@@ -418,8 +418,9 @@ def test_containerd_and_the_cri_pull_through_two_workers(
             )
         assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
         listed = images.ListImages(api_pb2.ListImagesRequest(), timeout=30)
-    tags = {tag for image in listed.images for tag in image.repo_tags}
-    assert f"{REGISTRY}/team/cri:v1" in tags and f"{REGISTRY}/team/cri:unsigned" not in tags
+    # containerd was asked for the verified digest (never the tag), and holds only it.
+    digests = {d for image in listed.images for d in image.repo_digests}
+    assert digests == {f"{REGISTRY}/team/cri@{signed.manifest_digest}"}
     assert all(node.registry.blob_gets(blob) >= 1 for blob in signed.blobs)
     assert sum(node.registry.blob_gets(blob) for blob in unsigned.blobs) == 0
     after = node.responses()
