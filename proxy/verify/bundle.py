@@ -27,15 +27,12 @@ from proxy.oci.digest import Digest
 from proxy.verify.base import PolicyError, SignatureError
 from proxy.verify.keys import KeyFormatError, VerificationKey, b64decode_strict
 from proxy.verify.rekor import (
-    InclusionProof,
-    RekorEntry,
+    LogEntry,
     SignerIdentity,
     check_dsse_binding,
     check_hashedrekord_binding,
-    find_log,
-    parse_int,
-    verify_inclusion,
-    verify_set,
+    parse_bundle_entry,
+    verify_entry,
 )
 from proxy.verify.sigstore_trust import KeylessIdentity, SigstoreTrustRoot, check_identity
 
@@ -273,7 +270,7 @@ def _verify_key_bundle(
             material,
             policy,
             lambda entry: check_dsse_binding(
-                entry, payload=payload, pae=pae, signature=sig_bytes, signer=signer
+                entry, payload=payload, signature=sig_bytes, signer=signer
             ),
         )
         return "bundle DSSE attestation"
@@ -318,47 +315,10 @@ def _check_statement(
         raise SignatureError(f"predicate type {got!r} is not {predicate_type!r}")
 
 
-def _tlog_entry(raw: Any) -> tuple[RekorEntry, InclusionProof | None]:
-    entry = _obj(raw, "tlog entry")
-    log_id = _b64(_obj(entry.get("logId"), "logId").get("keyId"), "logId")
-    body = _b64(entry.get("canonicalizedBody"), "canonicalizedBody")
-    promise = entry.get("inclusionPromise")
-    set_bytes = (
-        _b64(_obj(promise, "inclusionPromise").get("signedEntryTimestamp"), "SET")
-        if promise is not None
-        else None
-    )
-    rekor_entry = RekorEntry(
-        body=body,
-        integrated_time=parse_int(entry.get("integratedTime", "0"), what="integratedTime"),
-        log_index=parse_int(entry.get("logIndex", "0"), what="logIndex"),
-        log_id=log_id,
-        signed_entry_timestamp=set_bytes,
-    )
-    proof_raw = entry.get("inclusionProof")
-    proof = None
-    if proof_raw is not None:
-        p = _obj(proof_raw, "inclusionProof")
-        hashes_raw = p.get("hashes") or []
-        if not isinstance(hashes_raw, list):
-            raise SignatureError("inclusion proof hashes are not a list")
-        checkpoint = _obj(p.get("checkpoint"), "checkpoint").get("envelope")
-        if not isinstance(checkpoint, str):
-            raise SignatureError("inclusion proof has no checkpoint")
-        proof = InclusionProof(
-            log_index=parse_int(p.get("logIndex"), what="inclusion proof logIndex"),
-            tree_size=parse_int(p.get("treeSize"), what="inclusion proof treeSize"),
-            root_hash=_b64(p.get("rootHash"), "rootHash"),
-            hashes=tuple(_b64(h, "proof hash") for h in hashes_raw[:64]),
-            checkpoint=checkpoint,
-        )
-    return rekor_entry, proof
-
-
 def _check_tlog(
     material: dict[str, Any],
     policy: CosignPolicy,
-    bind: Callable[[RekorEntry], None],
+    bind: Callable[[LogEntry], None],
 ) -> None:
     """Verify the bundle's log entries: signed by a trusted log and bound to this signature.
 
@@ -376,13 +336,6 @@ def _check_tlog(
     if policy.trust is None:
         return
     for raw in entries[:MAX_TLOG_ENTRIES]:
-        entry, proof = _tlog_entry(raw)
-        if entry.signed_entry_timestamp is not None:
-            verify_set(policy.trust, entry)
-        elif proof is not None:
-            verify_inclusion(find_log(policy.trust, entry), entry, proof)
-        else:
-            raise SignatureError("tlog entry has neither an inclusion promise nor a proof")
-        if proof is not None and entry.signed_entry_timestamp is not None:
-            verify_inclusion(find_log(policy.trust, entry), entry, proof)
+        entry = parse_bundle_entry(raw)
+        verify_entry(policy.trust, entry)
         bind(entry)
