@@ -21,6 +21,12 @@ class SignatureError(Exception):
     """A signature, certificate or envelope that does not verify. Carries the reason."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """A library error as a short reason: its first line, or its type's name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
 @dataclass(frozen=True, slots=True)
 class Subject:
     """The manifest being verified, as signatures refer to it."""

@@ -24,8 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from proxy.oci.digest import Digest
-from proxy.verify.base import PolicyError, SignatureError
-from proxy.verify.keys import KeyFormatError, VerificationKey, b64decode_strict
+from proxy.verify.base import PolicyError, SignatureError, first_line
+from proxy.verify.keys import VerificationKey, b64_field
 from proxy.verify.rekor import (
     LogEntry,
     SignerIdentity,
@@ -91,12 +91,7 @@ def _obj(value: Any, what: str) -> dict[str, Any]:
 
 
 def _b64(value: Any, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise SignatureError(f"bundle {what} is missing")
-    try:
-        return b64decode_strict(value, what=f"bundle {what}")
-    except KeyFormatError as exc:
-        raise SignatureError(str(exc)) from exc
+    return b64_field(value, what=f"bundle {what}")
 
 
 def parse_bundle_json(raw: bytes) -> dict[str, Any]:
@@ -188,21 +183,11 @@ def _verify_certificate_bundle(
         )
         verifier.verify_artifact(hashed, bundle, identity_policy)
     except SigstoreError as exc:
-        raise SignatureError(_sigstore_reason(exc)) from exc
+        raise SignatureError(first_line(exc, 300)) from exc
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         # sigstore-python's models raise these on hostile documents; they are refusals.
-        raise SignatureError(f"bundle is malformed: {_short(exc)}") from exc
+        raise SignatureError(f"bundle is malformed: {first_line(exc, 300)}") from exc
     return f"bundle signature by {policy.identity.describe()}"
-
-
-def _sigstore_reason(exc: Exception) -> str:
-    text = _short(exc)
-    return text if text else type(exc).__name__
-
-
-def _short(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 # ---- public-key bundles: our own code ----------------------------------------------

@@ -45,11 +45,11 @@ from sigstore.errors import VerificationError
 from sigstore.models import TransparencyLogEntry
 from sigstore_models.rekor import v1 as rekor_v1
 
-from proxy.verify.base import SignatureError
+from proxy.verify.base import SignatureError, first_line
 from proxy.verify.keys import (
     KeyFormatError,
     VerificationKey,
-    b64decode_strict,
+    b64_field,
     load_certificates_pem,
     load_public_key_pem,
 )
@@ -91,8 +91,7 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, ValidationError) and exc.errors():
         error = exc.errors()[0]
         return f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"[:200]
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
+    return first_line(exc)
 
 
 def parse_bundle_entry(raw: Any) -> LogEntry:
@@ -114,15 +113,6 @@ def parse_int(value: Any, *, what: str) -> int:
     raise SignatureError(f"{what} is not an integer")
 
 
-def _b64(value: Any, *, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise SignatureError(f"{what} is missing")
-    try:
-        return b64decode_strict(value, what=what)
-    except KeyFormatError as exc:
-        raise SignatureError(str(exc)) from exc
-
-
 def parse_legacy_bundle(annotation: str) -> LogEntry:
     """Parse cosign's ``dev.sigstore.cosign/bundle`` annotation (the SET and its payload).
 
@@ -139,7 +129,7 @@ def parse_legacy_bundle(annotation: str) -> LogEntry:
     if not isinstance(doc, dict) or not isinstance(doc.get("Payload"), dict):
         raise SignatureError("Rekor bundle annotation has no Payload")
     payload = doc["Payload"]
-    body = _b64(payload.get("body"), what="Rekor entry body")
+    body = b64_field(payload.get("body"), what="Rekor entry body")
     if len(body) > MAX_ENTRY_BODY_BYTES:
         raise SignatureError("Rekor entry body is too large")
     log_id_hex = payload.get("logID")
@@ -147,7 +137,7 @@ def parse_legacy_bundle(annotation: str) -> LogEntry:
         raise SignatureError("Rekor logID is not 64 hex characters")
     integrated_time = parse_int(payload.get("integratedTime"), what="Rekor integratedTime")
     log_index = parse_int(payload.get("logIndex"), what="Rekor logIndex")
-    signed_entry_timestamp = _b64(doc.get("SignedEntryTimestamp"), what="Rekor SET")
+    signed_entry_timestamp = b64_field(doc.get("SignedEntryTimestamp"), what="Rekor SET")
     try:
         return LogEntry.model_validate(
             {
@@ -264,11 +254,11 @@ def check_hashedrekord_binding(
     data_hash = spec.data.hash
     if data_hash is None or data_hash.algorithm != "sha256" or data_hash.value != digest_hex:
         raise SignatureError("Rekor entry is for another artifact hash (not bound to payload)")
-    if _b64(spec.signature.content, what="Rekor entry signature") != signature:
+    if b64_field(spec.signature.content, what="Rekor entry signature") != signature:
         raise SignatureError("Rekor entry is for another signature (not bound to signature)")
     if spec.signature.public_key is None:
         raise SignatureError("Rekor entry has no public key")
-    logged = _b64(spec.signature.public_key.content, what="Rekor entry public key")
+    logged = b64_field(spec.signature.public_key.content, what="Rekor entry public key")
     _check_signer(logged, signer)
 
 
@@ -291,8 +281,8 @@ def check_dsse_binding(
     ):
         raise SignatureError("Rekor entry is for another DSSE payload (not bound to payload)")
     for item in (spec.signatures or [])[:MAX_ENTRY_SIGNATURES]:
-        if _b64(item.signature, what="Rekor entry signature") == signature:
-            _check_signer(_b64(item.verifier, what="Rekor entry verifier"), signer)
+        if b64_field(item.signature, what="Rekor entry signature") == signature:
+            _check_signer(b64_field(item.verifier, what="Rekor entry verifier"), signer)
             return
     raise SignatureError("Rekor entry is for another signature (not bound to signature)")
 
