@@ -15,7 +15,6 @@ and a DSSE statement must list that digest among its subjects.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from proxy.oci.digest import Digest
-from proxy.verify.base import PolicyError, SignatureError, first_line
+from proxy.verify.base import PolicyError, SignatureError, first_line, json_object
 from proxy.verify.keys import VerificationKey, b64_field
 from proxy.verify.rekor import (
     LogEntry,
@@ -96,12 +95,7 @@ def _b64(value: Any, what: str) -> bytes:
 
 def parse_bundle_json(raw: bytes) -> dict[str, Any]:
     """Parse the bundle JSON and check its media type (cheap checks before any crypto)."""
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise SignatureError("bundle is not valid JSON") from exc
-    if not isinstance(doc, dict):
-        raise SignatureError("bundle is not a JSON object")
+    doc = json_object(raw, "bundle")
     media_type = doc.get("mediaType")
     if media_type not in BUNDLE_MEDIA_TYPES:
         raise SignatureError(f"unsupported bundle mediaType {str(media_type)[:80]!r}")
@@ -274,12 +268,7 @@ def _check_statement(
     """The in-toto statement must be about the artifact (GHSA-w6c6-c85g-mmv6)."""
     if payload_type != IN_TOTO_PAYLOAD_TYPE:
         raise SignatureError(f"DSSE payloadType {payload_type[:80]!r} is not in-toto")
-    try:
-        statement = json.loads(payload)
-    except (ValueError, RecursionError) as exc:
-        raise SignatureError("in-toto statement is not valid JSON") from exc
-    if not isinstance(statement, dict):
-        raise SignatureError("in-toto statement is not a JSON object")
+    statement = json_object(payload, "in-toto statement")
     if statement.get("_type") not in IN_TOTO_STATEMENT_TYPES:
         raise SignatureError("in-toto statement has an unknown _type")
     subjects = statement.get("subject")

@@ -58,7 +58,14 @@ from proxy.oci.errors import (
 )
 from proxy.oci.manifest import Manifest
 from proxy.pipeline.gate import ArtifactSource
-from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject
+from proxy.verify.base import (
+    CheckResult,
+    Limits,
+    PolicyError,
+    SignatureError,
+    Subject,
+    json_object,
+)
 from proxy.verify.chains import NOTATION, ChainError, verify_chain
 
 log = logging.getLogger("pullgate.verify.notation")
@@ -300,12 +307,7 @@ def _cose_header(value: Any, what: str) -> Mapping[Any, Any]:
 # installed, reads only the compact form and refuses every Notation envelope:
 # "Unsupported critical extension: io.cncf.notary.signingScheme".
 def parse_jws(raw: bytes) -> Envelope:
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise SignatureError("JWS envelope is not JSON") from exc
-    if not isinstance(doc, dict):
-        raise SignatureError("JWS envelope is not a JSON object")
+    doc = json_object(raw, "JWS envelope")
     protected_b64 = doc.get("protected")
     payload_b64 = doc.get("payload")
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from proxy.verify.base import (
     Subject,
     TrustConfig,
     first_line,
+    json_object,
 )
 from proxy.verify.chains import MAX_CHAIN, OMS, ChainError, verify_chain
 from proxy.verify.keys import KeyFormatError, VerificationKey, load_public_key_pem
@@ -176,12 +176,7 @@ _SERIALIZATION_DEFAULTS = {"method": "files", "hash_type": "sha256", "allow_syml
 
 def parse_statement(payload: bytes) -> ModelSignature:
     """The files an OMS in-toto statement signs, read by model_signing."""
-    try:
-        statement = json.loads(payload)
-    except ValueError as exc:
-        raise SignatureError("in-toto statement is not JSON") from exc
-    if not isinstance(statement, dict):
-        raise SignatureError("in-toto statement is not an object")
+    statement = json_object(payload, "in-toto statement")
     predicate_type = statement.get("predicateType")
     if predicate_type not in (PREDICATE_V1, PREDICATE_V01):
         shown = str(predicate_type)[:100]

@@ -45,7 +45,7 @@ from sigstore.errors import VerificationError
 from sigstore.models import TransparencyLogEntry
 from sigstore_models.rekor import v1 as rekor_v1
 
-from proxy.verify.base import SignatureError, first_line
+from proxy.verify.base import SignatureError, first_line, json_object
 from proxy.verify.keys import (
     KeyFormatError,
     VerificationKey,
@@ -289,12 +289,7 @@ def check_dsse_binding(
 
 def _body(entry: LogEntry, model: type[_Body]) -> _Body:
     """The entry body as a sigstore-rekor-types model of kind ``model``, version 0.0.1."""
-    try:
-        doc = json.loads(entry.canonicalized_body)
-    except (ValueError, RecursionError) as exc:
-        raise SignatureError("Rekor entry body is not valid JSON") from exc
-    if not isinstance(doc, dict):
-        raise SignatureError("Rekor entry body is not a JSON object")
+    doc = json_object(entry.canonicalized_body, "Rekor entry body")
     kind = model.model_fields["kind"].default
     if doc.get("kind") != kind or doc.get("apiVersion") != "0.0.1":
         raise SignatureError(
