@@ -58,14 +58,7 @@ from proxy.oci.errors import (
 )
 from proxy.oci.manifest import Manifest
 from proxy.pipeline.gate import ArtifactSource
-from proxy.verify.base import (
-    CheckResult,
-    Limits,
-    PolicyError,
-    SignatureError,
-    Subject,
-    json_object,
-)
+from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject, json_object
 from proxy.verify.chains import NOTATION, ChainError, verify_chain
 
 log = logging.getLogger("pullgate.verify.notation")
