@@ -240,7 +240,14 @@ def certificate_identities(cert: x509.Certificate) -> list[str]:
 
 
 def check_identity(cert: x509.Certificate, identity: KeylessIdentity) -> None:
-    """Refuse a certificate whose SAN or OIDC issuer does not match ``identity``."""
+    """Refuse a certificate whose SAN or OIDC issuer does not match ``identity``.
+
+    Also the ``VerificationPolicy`` of sigstore-python's ``Verifier`` (``bundle.py``), so
+    one check serves both paths. sigstore-python's ``Identity`` policy cannot: it matches
+    exactly (pullgate also matches ``regexp:``, as cosign does), skips DNS SANs and reads
+    only the v1 issuer extension. The values come from cryptography's SAN parsing and
+    its DER decoder; nothing is parsed by hand.
+    """
     names = certificate_identities(cert)
     if not any(identity.subject.matches(name) for name in names):
         shown = ", ".join(names[:3]) or "none"
