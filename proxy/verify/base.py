@@ -8,9 +8,10 @@ not a bug) or returns a failing ``CheckResult`` with the reason.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.oci.digest import Digest
 from proxy.oci.manifest import Manifest
@@ -19,6 +20,23 @@ from proxy.pipeline.gate import ArtifactSource
 
 class SignatureError(Exception):
     """A signature, certificate or envelope that does not verify. Carries the reason."""
+
+
+def json_object(raw: str | bytes, what: str) -> dict[str, Any]:
+    """Parse a JSON document that must be an object; else ``SignatureError``."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise SignatureError(f"{what} is not valid JSON") from exc
+    if not isinstance(doc, dict):
+        raise SignatureError(f"{what} is not a JSON object")
+    return doc
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """A library error as a short reason: its first line, or its type's name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)

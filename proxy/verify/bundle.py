@@ -15,7 +15,6 @@ and a DSSE statement must list that digest among its subjects.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,18 +23,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from proxy.oci.digest import Digest
-from proxy.verify.base import PolicyError, SignatureError
-from proxy.verify.keys import KeyFormatError, VerificationKey, b64decode_strict
+from proxy.verify.base import PolicyError, SignatureError, first_line, json_object
+from proxy.verify.keys import VerificationKey, b64_field
 from proxy.verify.rekor import (
-    InclusionProof,
-    RekorEntry,
+    LogEntry,
     SignerIdentity,
     check_dsse_binding,
     check_hashedrekord_binding,
-    find_log,
-    parse_int,
-    verify_inclusion,
-    verify_set,
+    parse_bundle_entry,
+    verify_entry,
 )
 from proxy.verify.sigstore_trust import KeylessIdentity, SigstoreTrustRoot, check_identity
 
@@ -94,22 +90,12 @@ def _obj(value: Any, what: str) -> dict[str, Any]:
 
 
 def _b64(value: Any, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise SignatureError(f"bundle {what} is missing")
-    try:
-        return b64decode_strict(value, what=f"bundle {what}")
-    except KeyFormatError as exc:
-        raise SignatureError(str(exc)) from exc
+    return b64_field(value, what=f"bundle {what}")
 
 
 def parse_bundle_json(raw: bytes) -> dict[str, Any]:
     """Parse the bundle JSON and check its media type (cheap checks before any crypto)."""
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise SignatureError("bundle is not valid JSON") from exc
-    if not isinstance(doc, dict):
-        raise SignatureError("bundle is not a JSON object")
+    doc = json_object(raw, "bundle")
     media_type = doc.get("mediaType")
     if media_type not in BUNDLE_MEDIA_TYPES:
         raise SignatureError(f"unsupported bundle mediaType {str(media_type)[:80]!r}")
@@ -191,21 +177,11 @@ def _verify_certificate_bundle(
         )
         verifier.verify_artifact(hashed, bundle, identity_policy)
     except SigstoreError as exc:
-        raise SignatureError(_sigstore_reason(exc)) from exc
+        raise SignatureError(first_line(exc, 300)) from exc
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         # sigstore-python's models raise these on hostile documents; they are refusals.
-        raise SignatureError(f"bundle is malformed: {_short(exc)}") from exc
+        raise SignatureError(f"bundle is malformed: {first_line(exc, 300)}") from exc
     return f"bundle signature by {policy.identity.describe()}"
-
-
-def _sigstore_reason(exc: Exception) -> str:
-    text = _short(exc)
-    return text if text else type(exc).__name__
-
-
-def _short(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 # ---- public-key bundles: our own code ----------------------------------------------
@@ -273,7 +249,7 @@ def _verify_key_bundle(
             material,
             policy,
             lambda entry: check_dsse_binding(
-                entry, payload=payload, pae=pae, signature=sig_bytes, signer=signer
+                entry, payload=payload, signature=sig_bytes, signer=signer
             ),
         )
         return "bundle DSSE attestation"
@@ -292,12 +268,7 @@ def _check_statement(
     """The in-toto statement must be about the artifact (GHSA-w6c6-c85g-mmv6)."""
     if payload_type != IN_TOTO_PAYLOAD_TYPE:
         raise SignatureError(f"DSSE payloadType {payload_type[:80]!r} is not in-toto")
-    try:
-        statement = json.loads(payload)
-    except (ValueError, RecursionError) as exc:
-        raise SignatureError("in-toto statement is not valid JSON") from exc
-    if not isinstance(statement, dict):
-        raise SignatureError("in-toto statement is not a JSON object")
+    statement = json_object(payload, "in-toto statement")
     if statement.get("_type") not in IN_TOTO_STATEMENT_TYPES:
         raise SignatureError("in-toto statement has an unknown _type")
     subjects = statement.get("subject")
@@ -318,47 +289,10 @@ def _check_statement(
         raise SignatureError(f"predicate type {got!r} is not {predicate_type!r}")
 
 
-def _tlog_entry(raw: Any) -> tuple[RekorEntry, InclusionProof | None]:
-    entry = _obj(raw, "tlog entry")
-    log_id = _b64(_obj(entry.get("logId"), "logId").get("keyId"), "logId")
-    body = _b64(entry.get("canonicalizedBody"), "canonicalizedBody")
-    promise = entry.get("inclusionPromise")
-    set_bytes = (
-        _b64(_obj(promise, "inclusionPromise").get("signedEntryTimestamp"), "SET")
-        if promise is not None
-        else None
-    )
-    rekor_entry = RekorEntry(
-        body=body,
-        integrated_time=parse_int(entry.get("integratedTime", "0"), what="integratedTime"),
-        log_index=parse_int(entry.get("logIndex", "0"), what="logIndex"),
-        log_id=log_id,
-        signed_entry_timestamp=set_bytes,
-    )
-    proof_raw = entry.get("inclusionProof")
-    proof = None
-    if proof_raw is not None:
-        p = _obj(proof_raw, "inclusionProof")
-        hashes_raw = p.get("hashes") or []
-        if not isinstance(hashes_raw, list):
-            raise SignatureError("inclusion proof hashes are not a list")
-        checkpoint = _obj(p.get("checkpoint"), "checkpoint").get("envelope")
-        if not isinstance(checkpoint, str):
-            raise SignatureError("inclusion proof has no checkpoint")
-        proof = InclusionProof(
-            log_index=parse_int(p.get("logIndex"), what="inclusion proof logIndex"),
-            tree_size=parse_int(p.get("treeSize"), what="inclusion proof treeSize"),
-            root_hash=_b64(p.get("rootHash"), "rootHash"),
-            hashes=tuple(_b64(h, "proof hash") for h in hashes_raw[:64]),
-            checkpoint=checkpoint,
-        )
-    return rekor_entry, proof
-
-
 def _check_tlog(
     material: dict[str, Any],
     policy: CosignPolicy,
-    bind: Callable[[RekorEntry], None],
+    bind: Callable[[LogEntry], None],
 ) -> None:
     """Verify the bundle's log entries: signed by a trusted log and bound to this signature.
 
@@ -376,13 +310,6 @@ def _check_tlog(
     if policy.trust is None:
         return
     for raw in entries[:MAX_TLOG_ENTRIES]:
-        entry, proof = _tlog_entry(raw)
-        if entry.signed_entry_timestamp is not None:
-            verify_set(policy.trust, entry)
-        elif proof is not None:
-            verify_inclusion(find_log(policy.trust, entry), entry, proof)
-        else:
-            raise SignatureError("tlog entry has neither an inclusion promise nor a proof")
-        if proof is not None and entry.signed_entry_timestamp is not None:
-            verify_inclusion(find_log(policy.trust, entry), entry, proof)
+        entry = parse_bundle_entry(raw)
+        verify_entry(policy.trust, entry)
         bind(entry)

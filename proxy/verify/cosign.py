@@ -21,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,21 @@ class LegacySignature:
 
 
 # ---- the verifier -------------------------------------------------------------------
+
+
+async def _verified(check: Callable[[], object], what: str, failures: list[str]) -> bool:
+    """Run one signature check off the event loop; a refusal is recorded in ``failures``."""
+    try:
+        await asyncio.to_thread(check)
+    except SignatureError as exc:
+        failures.append(str(exc))
+        return False
+    except ValueError as exc:
+        # cryptography parses certificate extensions lazily and raises ValueError on
+        # hostile DER: a refusal, not a crash.
+        failures.append(f"malformed {what}: {str(exc)[:160]}")
+        return False
+    return True
 
 
 class CosignVerifier:
@@ -168,17 +184,9 @@ class CosignVerifier:
                     continue
                 payloads[layer.digest] = payload
             signature = LegacySignature(payload, dict(layer.annotations))
-            try:
-                await asyncio.to_thread(self.verify_legacy_signature, signature, subject)
-            except SignatureError as exc:
-                failures.append(str(exc))
-                continue
-            except ValueError as exc:
-                # cryptography parses certificate extensions lazily and raises ValueError
-                # on hostile DER: a refusal, not a crash.
-                failures.append(f"malformed signature material: {str(exc)[:160]}")
-                continue
-            return True
+            check = partial(self.verify_legacy_signature, signature, subject)
+            if await _verified(check, "signature material", failures):
+                return True
         if len(layers) > limits.max_signatures:
             failures.append(f"only the first {limits.max_signatures} signatures were examined")
         return False
@@ -306,21 +314,15 @@ class CosignVerifier:
                 continue
             if raw is None:
                 continue
-            try:
-                await asyncio.to_thread(
-                    verify_bundle,
-                    raw,
-                    artifact_digest=subject.digest,
-                    artifact=artifact,
-                    policy=self._policy,
-                )
-            except SignatureError as exc:
-                failures.append(str(exc))
-                continue
-            except ValueError as exc:
-                failures.append(f"malformed bundle: {str(exc)[:160]}")
-                continue
-            return True
+            check = partial(
+                verify_bundle,
+                raw,
+                artifact_digest=subject.digest,
+                artifact=artifact,
+                policy=self._policy,
+            )
+            if await _verified(check, "bundle", failures):
+                return True
         if len(candidates) > limits.max_signatures:
             failures.append(f"only the first {limits.max_signatures} bundles were examined")
         return False

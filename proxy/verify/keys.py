@@ -13,12 +13,15 @@ import base64
 import binascii
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from proxy.verify.base import SignatureError, first_line
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 
@@ -142,7 +145,7 @@ def load_public_key_pem(data: bytes) -> VerificationKey:
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise KeyFormatError(f"not a PEM public key: {_first_line(exc)}") from exc
+        raise KeyFormatError(f"not a PEM public key: {first_line(exc, 120)}") from exc
     return wrap_key(key)
 
 
@@ -151,7 +154,7 @@ def load_public_key_der(data: bytes) -> VerificationKey:
     try:
         key = serialization.load_der_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise KeyFormatError(f"not a DER public key: {_first_line(exc)}") from exc
+        raise KeyFormatError(f"not a DER public key: {first_line(exc, 120)}") from exc
     return wrap_key(key)
 
 
@@ -164,7 +167,7 @@ def load_certificates_pem(data: bytes, *, max_count: int = 10) -> list[x509.Cert
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as exc:
-        raise KeyFormatError(f"not a PEM certificate: {_first_line(exc)}") from exc
+        raise KeyFormatError(f"not a PEM certificate: {first_line(exc, 120)}") from exc
     if not certs:
         raise KeyFormatError("no certificate found")
     return certs
@@ -175,7 +178,7 @@ def certificate_key(cert: x509.Certificate) -> VerificationKey:
     try:
         return wrap_key(cert.public_key())
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise KeyFormatError(f"certificate key: {_first_line(exc)}") from exc
+        raise KeyFormatError(f"certificate key: {first_line(exc, 120)}") from exc
 
 
 def b64decode_strict(text: str | bytes, *, what: str) -> bytes:
@@ -188,6 +191,11 @@ def b64decode_strict(text: str | bytes, *, what: str) -> bytes:
         raise KeyFormatError(f"{what} is not valid base64") from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:120] if text else type(exc).__name__
+def b64_field(value: Any, *, what: str) -> bytes:
+    """A base64 field of a signature document, strictly decoded; else ``SignatureError``."""
+    if not isinstance(value, str):
+        raise SignatureError(f"{what} is missing")
+    try:
+        return b64decode_strict(value, what=what)
+    except KeyFormatError as exc:
+        raise SignatureError(str(exc)) from exc

@@ -23,7 +23,9 @@ Verification of one envelope, numbered as the checks run:
 The statement's level (strict, permissive, audit, skip, with overrides) decides which
 of 5-7 are enforced and which only logged, as Notation defines. Revocation is not
 checked: that needs the network at verify time, which pullgate never uses; it is logged.
-RFC 3161 timestamp countersignatures are not verified.
+RFC 3161 timestamp countersignatures are neither parsed nor verified (nothing here reads
+them): rfc3161-client, installed with sigstore-python, could; using it would be a new
+check against the ``tsa`` store, not a move of existing code.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from proxy.oci.errors import (
 )
 from proxy.oci.manifest import Manifest
 from proxy.pipeline.gate import ArtifactSource
-from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject
+from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject, json_object
 from proxy.verify.chains import NOTATION, ChainError, verify_chain
 
 log = logging.getLogger("pullgate.verify.notation")
@@ -300,12 +302,7 @@ def _cose_header(value: Any, what: str) -> Mapping[Any, Any]:
 # installed, reads only the compact form and refuses every Notation envelope:
 # "Unsupported critical extension: io.cncf.notary.signingScheme".
 def parse_jws(raw: bytes) -> Envelope:
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise SignatureError("JWS envelope is not JSON") from exc
-    if not isinstance(doc, dict):
-        raise SignatureError("JWS envelope is not a JSON object")
+    doc = json_object(raw, "JWS envelope")
     protected_b64 = doc.get("protected")
     payload_b64 = doc.get("payload")
     try:

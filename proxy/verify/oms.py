@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,7 +32,16 @@ from model_signing._signing import sign_certificate, sign_ec_key, sign_sigstore_
 from proxy.oci.errors import OCIError, UpstreamTimeout, UpstreamUnavailable
 from proxy.oci.manifest import Manifest
 from proxy.pipeline.gate import ArtifactSource
-from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject, TrustConfig
+from proxy.verify.base import (
+    CheckResult,
+    Limits,
+    PolicyError,
+    SignatureError,
+    Subject,
+    TrustConfig,
+    first_line,
+    json_object,
+)
 from proxy.verify.chains import MAX_CHAIN, OMS, ChainError, verify_chain
 from proxy.verify.keys import KeyFormatError, VerificationKey, load_public_key_pem
 
@@ -56,11 +64,6 @@ class ModelSignature:
 # ---- 1. signature ---------------------------------------------------------------------
 
 
-def _short(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
-
-
 def _with_temp_file(data: bytes, name: str, use: Callable[[Path], Any]) -> Any:
     """model_signing reads bundles and trust material from paths only."""
     with tempfile.TemporaryDirectory(prefix="pullgate-oms-") as directory:
@@ -73,7 +76,7 @@ def _read(raw: bytes) -> Any:
     try:
         return _with_temp_file(raw, "model.sig", sign_sigstore_pb.Signature.read)
     except Exception as exc:  # model_signing raises many types on hostile bundles
-        raise SignatureError(f"bundle does not parse: {_short(exc)}") from exc
+        raise SignatureError(f"bundle does not parse: {first_line(exc)}") from exc
 
 
 def _payload(signature: Any, verifier: Any) -> bytes:
@@ -81,7 +84,7 @@ def _payload(signature: Any, verifier: Any) -> bytes:
     try:
         payload_type, payload = verifier._verify_signed_content(signature)
     except Exception as exc:  # InvalidSignature, ValueError, OpenSSL's X509StoreContextError
-        raise SignatureError(f"model_signing: {_short(exc)}") from exc
+        raise SignatureError(f"model_signing: {first_line(exc)}") from exc
     if payload_type != IN_TOTO:
         raise SignatureError(f"DSSE payloadType {str(payload_type)[:80]!r} is not in-toto")
     return bytes(payload)
@@ -95,7 +98,7 @@ def key_verifier(key: VerificationKey) -> Any:
     try:
         return _with_temp_file(pem, "key.pub", sign_ec_key.Verifier)
     except ValueError as exc:
-        raise PolicyError(f"model signing key: {_short(exc)}") from exc
+        raise PolicyError(f"model signing key: {first_line(exc)}") from exc
 
 
 def certificate_verifier(roots: list[x509.Certificate]) -> Any:
@@ -173,12 +176,7 @@ _SERIALIZATION_DEFAULTS = {"method": "files", "hash_type": "sha256", "allow_syml
 
 def parse_statement(payload: bytes) -> ModelSignature:
     """The files an OMS in-toto statement signs, read by model_signing."""
-    try:
-        statement = json.loads(payload)
-    except ValueError as exc:
-        raise SignatureError("in-toto statement is not JSON") from exc
-    if not isinstance(statement, dict):
-        raise SignatureError("in-toto statement is not an object")
+    statement = json_object(payload, "in-toto statement")
     predicate_type = statement.get("predicateType")
     if predicate_type not in (PREDICATE_V1, PREDICATE_V01):
         shown = str(predicate_type)[:100]
@@ -202,7 +200,7 @@ def parse_statement(payload: bytes) -> ModelSignature:
         method = manifest.serialization_type.get("method")
         descriptors = list(manifest.resource_descriptors())
     except Exception as exc:  # model_signing: KeyError, TypeError, ValueError, ...
-        raise SignatureError(f"OMS statement: {_short(exc)}") from exc
+        raise SignatureError(f"OMS statement: {first_line(exc)}") from exc
     if method != "files":
         raise SignatureError(f"OMS serialization {str(method)[:40]!r} is not by files")
     if isinstance(resources, list) and len(descriptors) != len(resources):

@@ -3,9 +3,10 @@
 The file is parsed once, by sigstore-python (``sigstore.models.TrustedRoot`` over
 ``sigstore_models``): certificate bundles are verified by sigstore-python with that
 object. The legacy cosign verifier (``.sig`` images with a Rekor SET in an annotation)
-needs what sigstore-python keeps to itself, read here from the same parsed object: the
-Fulcio certificate authorities and the Rekor log keys, each with its log ID and validity
-window.
+and public-key bundles need what sigstore-python keeps to itself, taken here from the
+same parsed object as sigstore-python's own types: the Fulcio certificate authorities
+(``sigstore._internal.trust.CertificateAuthority``) and, per Rekor log, its log ID,
+validity window and a one-key ``sigstore._internal.trust.Keyring``.
 """
 
 from __future__ import annotations
@@ -19,15 +20,12 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat import asn1
 from cryptography.x509.oid import ObjectIdentifier
+from sigstore._internal.trust import CertificateAuthority, Key, Keyring, RekorKeyring
+from sigstore.errors import VerificationError
 
 from proxy.verify.base import PolicyError, SignatureError
 from proxy.verify.chains import SIGSTORE, ChainError, verify_chain
-from proxy.verify.keys import (
-    KeyFormatError,
-    VerificationKey,
-    certificate_key,
-    load_public_key_der,
-)
+from proxy.verify.keys import KeyFormatError, VerificationKey, certificate_key
 
 # Fulcio's OIDC issuer extensions: v1 holds the raw string, v2 a DER UTF8String.
 OID_ISSUER_V1 = ObjectIdentifier("1.3.6.1.4.1.57264.1.1")
@@ -40,7 +38,11 @@ MAX_TRUSTED_ROOT_BYTES = 4 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """A validity window; ``end`` None means open-ended."""
+    """A validity window; ``end`` None means open-ended.
+
+    sigstore-python only asks whether a window holds *now*; pullgate asks it of the
+    log's integration time.
+    """
 
     start: datetime | None
     end: datetime | None
@@ -52,19 +54,11 @@ class Window:
 
 
 @dataclass(frozen=True, slots=True)
-class CertificateAuthority:
-    """A Fulcio CA: its chain, leaf-most first, root last."""
-
-    certificates: tuple[x509.Certificate, ...]
-    valid_for: Window
-
-
-@dataclass(frozen=True, slots=True)
 class LogKey:
-    """A transparency (Rekor) log public key."""
+    """A transparency (Rekor) log: its ID, its key as sigstore-python holds it, its window."""
 
     log_id: bytes
-    key: VerificationKey
+    keyring: RekorKeyring
     valid_for: Window
 
 
@@ -79,15 +73,11 @@ class SigstoreTrustRoot:
     tlogs: tuple[LogKey, ...]
 
     def tlog(self, log_id: bytes) -> LogKey | None:
-        """The Rekor key whose log ID is ``log_id`` (sha256 of its DER SPKI)."""
+        """The Rekor log whose log ID is ``log_id``."""
         for log in self.tlogs:
             if log.log_id == log_id:
                 return log
         return None
-
-    def fulcio_certificates(self) -> list[x509.Certificate]:
-        """Every CA certificate (intermediates and roots), as trust anchors."""
-        return [cert for ca in self.certificate_authorities for cert in ca.certificates]
 
 
 def _window(time_range: Any) -> Window:
@@ -100,33 +90,15 @@ def _log_keys(instances: Any) -> tuple[LogKey, ...]:
     out: list[LogKey] = []
     for instance in instances or ():
         try:
-            key = load_public_key_der(bytes(instance.public_key.raw_bytes or b""))
-        except KeyFormatError:
-            continue  # a key type pullgate does not verify with (sigstore skips them too)
+            key = Key(instance.public_key)
+        except (VerificationError, ValueError):
+            continue  # a key type sigstore-python does not verify with (it skips them too)
         log_id = instance.log_id.key_id if instance.log_id is not None else None
         out.append(
             LogKey(
                 log_id=bytes(log_id) if log_id else key.key_id,
-                key=key,
+                keyring=RekorKeyring(Keyring([instance.public_key])),
                 valid_for=_window(instance.public_key.valid_for),
-            )
-        )
-    return tuple(out)
-
-
-def _authorities(authorities: Any) -> tuple[CertificateAuthority, ...]:
-    out = []
-    for authority in authorities or ():
-        certificates = tuple(
-            x509.load_der_x509_certificate(bytes(c.raw_bytes))
-            for c in authority.cert_chain.certificates
-        )
-        if not certificates:
-            raise ValueError("a certificate authority has no certificates")
-        out.append(
-            CertificateAuthority(
-                certificates=certificates,
-                valid_for=_window(authority.valid_for),
             )
         )
     return tuple(out)
@@ -151,7 +123,9 @@ def load_trusted_root(path: Path) -> SigstoreTrustRoot:
         root = SigstoreTrustRoot(
             path=path,
             sigstore=sigstore_root,
-            certificate_authorities=_authorities(document.certificate_authorities),
+            certificate_authorities=tuple(
+                CertificateAuthority(authority) for authority in document.certificate_authorities
+            ),
             tlogs=_log_keys(document.tlogs),
         )
     except Exception as exc:  # pydantic, sigstore and cryptography errors: all "bad file"
@@ -266,7 +240,14 @@ def certificate_identities(cert: x509.Certificate) -> list[str]:
 
 
 def check_identity(cert: x509.Certificate, identity: KeylessIdentity) -> None:
-    """Refuse a certificate whose SAN or OIDC issuer does not match ``identity``."""
+    """Refuse a certificate whose SAN or OIDC issuer does not match ``identity``.
+
+    Also the ``VerificationPolicy`` of sigstore-python's ``Verifier`` (``bundle.py``), so
+    one check serves both paths. sigstore-python's ``Identity`` policy cannot: it matches
+    exactly (pullgate also matches ``regexp:``, as cosign does), skips DNS SANs and reads
+    only the v1 issuer extension. The values come from cryptography's SAN parsing and
+    its DER decoder; nothing is parsed by hand.
+    """
     names = certificate_identities(cert)
     if not any(identity.subject.matches(name) for name in names):
         shown = ", ".join(names[:3]) or "none"
@@ -297,7 +278,10 @@ def verify_certificate_chain(
     The path rules (CA bits, path length, Fulcio key usages) are ``chains.SIGSTORE``;
     the CA must also be inside its own ``validFor`` window at ``at``.
     """
-    anchors = trust.fulcio_certificates()
+    # Every CA certificate, as sigstore-python's ``TrustedRoot.get_fulcio_certs`` lists them.
+    anchors = [
+        cert for ca in trust.certificate_authorities for cert in ca.certificates(allow_expired=True)
+    ]
     if not anchors:
         raise SignatureError("the trusted root has no certificate authorities")
     try:
@@ -308,7 +292,8 @@ def verify_certificate_chain(
         ) from exc
     anchor = chain[-1]
     if not any(
-        anchor in ca.certificates and ca.valid_for.contains(at)
+        anchor in ca.certificates(allow_expired=True)
+        and Window(ca.validity_period_start, ca.validity_period_end).contains(at)
         for ca in trust.certificate_authorities
     ):
         raise SignatureError("the certificate authority was not valid at signing time")

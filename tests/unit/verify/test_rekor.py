@@ -9,24 +9,23 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sigstore_models.rekor.v1 import Checkpoint
 
 from proxy.verify.base import SignatureError
 from proxy.verify.keys import load_certificates_pem, load_public_key_pem
 from proxy.verify.rekor import (
-    InclusionProof,
-    RekorEntry,
+    LogEntry,
     SignerIdentity,
     check_hashedrekord_binding,
-    leaf_hash,
+    parse_bundle_entry,
     parse_legacy_bundle,
-    root_from_inclusion_proof,
-    set_payload,
+    sigstore_entry,
     verify_checkpoint,
     verify_inclusion,
     verify_set,
 )
-from proxy.verify.sigstore_trust import load_trusted_root
-from tests.support.cosign_sign import TestSigstore, _audit_path, _mth, generate_key
+from proxy.verify.sigstore_trust import SigstoreTrustRoot, load_trusted_root
+from tests.support.cosign_sign import TestSigstore, _audit_path, _b64, _mth, generate_key
 
 FIX = (
     Path(__file__).resolve().parents[3]
@@ -49,62 +48,119 @@ def trust(sigstore: TestSigstore, tmp_path: Path):  # type: ignore[no-untyped-de
     return load_trusted_root(sigstore.write_trusted_root(tmp_path / "root.json"))
 
 
+@pytest.fixture(scope="module")
+def module_trust(sigstore: TestSigstore, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    return load_trusted_root(sigstore.write_trusted_root(tmp_path_factory.mktemp("t") / "r.json"))
+
+
+def _proved_entry(
+    sigstore: TestSigstore,
+    body: bytes,
+    *,
+    index: int,
+    size: int,
+    proof: tuple[bytes, ...],
+    root: bytes,
+) -> LogEntry:
+    """A bundle entry for ``body`` at ``index`` with this audit path and a signed root."""
+    return parse_bundle_entry(
+        {
+            "logIndex": "1",
+            "logId": {"keyId": _b64(sigstore.log_id)},
+            "kindVersion": {"kind": "hashedrekord", "version": "0.0.1"},
+            "integratedTime": str(int(sigstore.epoch.timestamp()) + 1),
+            "canonicalizedBody": _b64(body),
+            "inclusionProof": {
+                "logIndex": str(index),
+                "rootHash": _b64(root),
+                "treeSize": str(size),
+                "hashes": [_b64(h) for h in proof],
+                "checkpoint": {"envelope": sigstore.checkpoint(size, root)},
+            },
+        }
+    )
+
+
 @settings(max_examples=60, deadline=None)
 @given(size=st.integers(min_value=1, max_value=70), data=st.data())
-def test_inclusion_proofs_round_trip(size: int, data: st.DataObject) -> None:
+def test_inclusion_proofs_round_trip(
+    sigstore: TestSigstore,
+    module_trust: SigstoreTrustRoot,
+    size: int,
+    data: st.DataObject,
+) -> None:
     leaves = [f"leaf-{i}".encode() for i in range(size)]
     index = data.draw(st.integers(min_value=0, max_value=size - 1))
     proof = tuple(_audit_path(index, leaves))
-    assert root_from_inclusion_proof(index, size, leaf_hash(leaves[index]), proof) == _mth(leaves)
+    log = module_trust.tlogs[0]
+    good = _proved_entry(
+        sigstore, leaves[index], index=index, size=size, proof=proof, root=_mth(leaves)
+    )
+    verify_inclusion(log, good)
     if proof:
         bad = (bytes(32), *proof[1:])
-        assert root_from_inclusion_proof(index, size, leaf_hash(leaves[index]), bad) != _mth(leaves)
+        forged = _proved_entry(
+            sigstore, leaves[index], index=index, size=size, proof=bad, root=_mth(leaves)
+        )
+        with pytest.raises(SignatureError, match="does not lead to its root hash"):
+            verify_inclusion(log, forged)
 
 
 @pytest.mark.parametrize(
     ("index", "size", "proof", "why"),
     [
-        (5, 5, (), "outside the tree"),
-        (-1, 5, (), "outside the tree"),
-        (0, 4, (bytes(32),), "shorter than the tree"),
-        (0, 1, (bytes(32),), "longer than the tree"),
-        (0, 2, (b"short",), "malformed"),
-        (0, 2, (bytes(32),) * 65, "malformed"),
+        (5, 5, (), "logIndex 5 must be less than treeSize 5"),
+        (-1, 5, (), "exceeds uint64 domain"),
+        (0, 4, (bytes(32),), "wrong size: expected 2, got 1"),
+        (0, 1, (bytes(32),), "wrong size: expected 0, got 1"),
+        (0, 2, (b"short",), "does not lead to its root hash"),
+        (0, 2, (bytes(32),) * 65, "wrong size: expected 1, got 65"),
     ],
 )
 def test_refuses_malformed_inclusion_proofs(
-    index: int, size: int, proof: tuple[bytes, ...], why: str
+    sigstore: TestSigstore,
+    trust: SigstoreTrustRoot,
+    index: int,
+    size: int,
+    proof: tuple[bytes, ...],
+    why: str,
 ) -> None:
     with pytest.raises(SignatureError, match=why):
-        root_from_inclusion_proof(index, size, leaf_hash(b"x"), proof)
+        entry = _proved_entry(sigstore, b"x", index=index, size=size, proof=proof, root=bytes(32))
+        verify_inclusion(trust.tlogs[0], entry)
 
 
 def _entry_and_proof(sigstore: TestSigstore, body: bytes = b'{"kind":"x"}'):  # type: ignore[no-untyped-def]
-    from proxy.verify.bundle import _tlog_entry
+    entry = parse_bundle_entry(sigstore.tlog_entry(body, kind="hashedrekord"))
+    return entry, entry.inclusion_proof
 
-    return _tlog_entry(sigstore.tlog_entry(body, kind="hashedrekord"))
+
+def _entry_with_body(body: bytes) -> LogEntry:
+    return LogEntry.model_validate(
+        {
+            "logIndex": "1",
+            "logId": {"keyId": _b64(bytes(32))},
+            "kindVersion": {"kind": "hashedrekord", "version": "0.0.1"},
+            "integratedTime": "1",
+            "canonicalizedBody": _b64(body),
+        }
+    )
 
 
 def test_inclusion_proof_with_checkpoint_verifies(sigstore: TestSigstore, trust) -> None:  # type: ignore[no-untyped-def]
     entry, proof = _entry_and_proof(sigstore)
     assert proof is not None
-    log = trust.tlog(entry.log_id)
-    verify_inclusion(log, entry, proof)
+    log = trust.tlog(entry.log_id.key_id)
+    verify_inclusion(log, entry)
     verify_set(trust, entry)
 
 
 def test_refuses_inclusion_proof_for_other_body(sigstore: TestSigstore, trust) -> None:  # type: ignore[no-untyped-def]
     entry, proof = _entry_and_proof(sigstore)
     assert proof is not None
-    other = RekorEntry(
-        body=b"other",
-        integrated_time=entry.integrated_time,
-        log_index=entry.log_index,
-        log_id=entry.log_id,
-        signed_entry_timestamp=None,
-    )
+    other = entry.model_copy(update={"canonicalized_body": b"other", "inclusion_promise": None})
     with pytest.raises(SignatureError, match="does not lead to its root"):
-        verify_inclusion(trust.tlog(entry.log_id), other, proof)
+        verify_inclusion(trust.tlog(entry.log_id.key_id), other)
 
 
 def test_refuses_checkpoint_signed_by_other_log(sigstore: TestSigstore, trust) -> None:  # type: ignore[no-untyped-def]
@@ -112,21 +168,18 @@ def test_refuses_checkpoint_signed_by_other_log(sigstore: TestSigstore, trust) -
     assert proof is not None
     forged = TestSigstore().checkpoint(proof.tree_size, proof.root_hash)
     with pytest.raises(SignatureError, match="not signed by the trusted log key"):
-        verify_checkpoint(trust.tlog(entry.log_id), forged)
+        verify_checkpoint(trust.tlog(entry.log_id.key_id), forged)
 
 
 def test_refuses_checkpoint_for_other_root(sigstore: TestSigstore, trust) -> None:  # type: ignore[no-untyped-def]
     entry, proof = _entry_and_proof(sigstore)
     assert proof is not None
-    swapped = InclusionProof(
-        log_index=proof.log_index,
-        tree_size=proof.tree_size,
-        root_hash=proof.root_hash,
-        hashes=proof.hashes,
-        checkpoint=sigstore.checkpoint(proof.tree_size, bytes(32)),
+    checkpoint = Checkpoint(envelope=sigstore.checkpoint(proof.tree_size, bytes(32)))
+    swapped = entry.model_copy(
+        update={"inclusion_proof": proof.model_copy(update={"checkpoint": checkpoint})}
     )
     with pytest.raises(SignatureError, match="checkpoint does not sign"):
-        verify_inclusion(trust.tlog(entry.log_id), entry, swapped)
+        verify_inclusion(trust.tlog(entry.log_id.key_id), swapped)
 
 
 @pytest.mark.parametrize(
@@ -139,10 +192,12 @@ def test_malformed_checkpoints_fail_cleanly(sigstore: TestSigstore, trust, check
 
 
 def test_set_payload_is_canonical(sigstore: TestSigstore) -> None:
-    entry = RekorEntry(
-        body=b"{}", integrated_time=5, log_index=7, log_id=bytes(32), signed_entry_timestamp=None
-    )
-    assert set_payload(entry) == (
+    annotation = {
+        "SignedEntryTimestamp": "AA==",
+        "Payload": {"body": "e30=", "integratedTime": 5, "logIndex": 7, "logID": "00" * 32},
+    }
+    entry = parse_legacy_bundle(json.dumps(annotation))
+    assert sigstore_entry(entry)._encode_canonical() == (
         b'{"body":"e30=","integratedTime":5,"logID":"' + b"00" * 32 + b'","logIndex":7}'
     )
 
@@ -181,9 +236,7 @@ def test_refuses_entry_naming_bare_key_for_certificate_signature(sigstore: TestS
     body = sigstore.hashedrekord_body(
         digest_hex="ab" * 32, signature=b"sig", signer_pem=signer.public_pem
     )
-    entry = RekorEntry(
-        body=body, integrated_time=1, log_index=1, log_id=bytes(32), signed_entry_timestamp=None
-    )
+    entry = _entry_with_body(body)
     with pytest.raises(SignatureError, match="bare key"):
         check_hashedrekord_binding(
             entry, digest_hex="ab" * 32, signature=b"sig", signer=SignerIdentity(key, cert)
@@ -195,9 +248,7 @@ def test_refuses_entry_naming_bare_key_for_certificate_signature(sigstore: TestS
 
 def test_refuses_entry_of_other_kind(sigstore: TestSigstore) -> None:
     body = json.dumps({"kind": "intoto", "apiVersion": "0.0.2", "spec": {}}).encode()
-    entry = RekorEntry(
-        body=body, integrated_time=1, log_index=1, log_id=bytes(32), signed_entry_timestamp=None
-    )
+    entry = _entry_with_body(body)
     key = load_public_key_pem(generate_key().public_pem)
     with pytest.raises(SignatureError, match="unsupported Rekor entry kind 'intoto'"):
         check_hashedrekord_binding(
