@@ -23,6 +23,7 @@ from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
 from proxy.oci import errors
 from proxy.oci.reference import ImageReference
 from proxy.pipeline import Pipeline
+from proxy.pipeline.access import PullGrant
 from proxy.upstream.auth import Credentials, credentials_from_parts
 from proxy.upstream.router import UpstreamRouter
 
@@ -87,6 +88,7 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
     ) -> api_pb2.PullImageResponse:
         image = request.image.image
         pod = _pod_of(request)
+        namespace = request.sandbox_config.metadata.namespace or None
         try:
             # 1. Parse as kubelet sends it: docker.io names may omit the registry.
             reference = ImageReference.parse(image)
@@ -101,7 +103,9 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
                 reference.repository,
                 f"manifests/{ref}",
                 credentials,
-                lambda: self._pipeline.get_manifest(route, reference.repository, ref, front="cri"),
+                lambda: self._pipeline.get_manifest(
+                    route, reference.repository, ref, front="cri", namespace=namespace
+                ),
             )
         except errors.OCIError as exc:
             log.warning(
@@ -123,14 +127,25 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         )
         # 3. containerd pulls through the mirror, which checks every byte again. It is
         #    asked for the verified digest, not the tag: a tag moved upstream meanwhile
-        #    cannot hand it another manifest. The credentials go to whichever host
-        #    containerd asks (its hosts.toml names pullgate's mirror): containerd gives
-        #    them only to the host ``server_address`` names, and that is the registry.
+        #    cannot hand it another manifest. Its credentials for the pull are the
+        #    pod's grant, sealed for the mirror: the pod's namespace (for its scopes)
+        #    and the pod's own credentials. With ``server_address`` empty, containerd
+        #    offers them to the hosts its hosts.toml names for the registry (pullgate).
+        grant = self._pipeline.grants.seal(
+            PullGrant(
+                registry=route.registry,
+                repository=reference.repository,
+                digest=str(digest),
+                namespace=namespace,
+                credentials=credentials,
+            )
+        )
         forwarded = api_pb2.PullImageRequest()
         forwarded.CopyFrom(request)
         forwarded.image.image = f"{reference.registry}/{reference.repository}@{digest}"
-        if forwarded.HasField("auth"):
-            forwarded.auth.server_address = ""
+        forwarded.auth.CopyFrom(
+            api_pb2.AuthConfig(username=grant.username, password=grant.password)
+        )
         return await self.forward("PullImage", forwarded, context, api_pb2.PullImageResponse)
 
     # Every other ImageService call passes through unchanged.

@@ -18,15 +18,18 @@ from proxy.http.sendfile import flush, sendfile, socket_fd
 from proxy.metrics import Metrics
 from proxy.oci.errors import (
     CredentialsRequired,
+    DeniedWithoutPod,
     InternalError,
     OCIError,
     RouteUnknown,
     StreamAborted,
     Unsupported,
+    VerificationFailed,
 )
 from proxy.oci.ranges import parse_range
 from proxy.oci.reference import DistributionPath, Endpoint, parse_distribution_path
 from proxy.pipeline import BlobFile, BlobStream, Pipeline
+from proxy.pipeline.access import PullGrant
 from proxy.pipeline.fills import FillReader
 from proxy.pipeline.stream import SocketSender
 from proxy.upstream.auth import credentials_from_header
@@ -38,6 +41,8 @@ PIPELINE_KEY = web.AppKey("pipeline", Pipeline)
 ROUTER_KEY = web.AppKey("router", UpstreamRouter)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 CONFIG_KEY = web.AppKey("config", Config)
+
+POD_GRANT_KEY = web.RequestKey("pod_grant", PullGrant)
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = frozenset({"GET", "HEAD"})
@@ -114,13 +119,21 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if route.explicit_ns:
         headers["OCI-Namespace"] = route.registry
     handler, probe = _ENDPOINTS[parsed.endpoint]
+    pipeline = request.app[PIPELINE_KEY]
     try:
         credentials = credentials_from_header(request.headers.get("Authorization"))
     except ValueError as exc:
         raise CredentialsRequired(f"unusable Authorization header: {exc}") from None
+    # containerd pulling for a pod the CRI front end checked carries that pod's grant:
+    # its namespace (for the manifest it was granted) and its own credentials.
+    grant = pipeline.grants.open(credentials)
+    if grant is not None:
+        credentials = grant.credentials
+        if (grant.registry, grant.repository) == (route.registry, parsed.repository):
+            request[POD_GRANT_KEY] = grant
     # Private repositories answer only to credentials the upstream accepts, cached
     # or not (``proxy.pipeline.access``).
-    return await request.app[PIPELINE_KEY].guard(
+    return await pipeline.guard(
         route,
         parsed.repository,
         probe(parsed),
@@ -147,9 +160,28 @@ async def _manifest(
 ) -> web.StreamResponse:
     pipeline = request.app[PIPELINE_KEY]
     assert parsed.reference is not None
-    served = await pipeline.get_manifest(
-        route, parsed.repository, parsed.reference, accept=request.headers.get("Accept")
-    )
+    grant = request.get(POD_GRANT_KEY)
+    namespace = None
+    if grant is not None and str(parsed.reference) == grant.digest:
+        namespace = grant.namespace
+    try:
+        served = await pipeline.get_manifest(
+            route,
+            parsed.repository,
+            parsed.reference,
+            accept=request.headers.get("Accept"),
+            namespace=namespace,
+        )
+    except VerificationFailed as exc:
+        if grant is None and pipeline.gate.namespaced:
+            # A scope for some pods' namespaces might allow it: challenge, so that
+            # containerd pulling for a pod presents the grant the CRI front end sealed.
+            raise DeniedWithoutPod(
+                f"{exc.message} (no pod context: scopes for pods' namespaces apply only "
+                "to pulls through the CRI front end)",
+                detail=exc.detail,
+            ) from None
+        raise
     manifest = served.manifest
     headers["Docker-Content-Digest"] = str(manifest.digest)
     headers["Content-Type"] = manifest.media_type

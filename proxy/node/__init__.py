@@ -77,6 +77,9 @@ class Role:
     workers: int = 1
     runtime_dir: Path | None = None
     """The supervisor's private directory (shared allowances, metrics); N > 1 only."""
+    grant_key: bytes | None = None
+    """The key pull grants are sealed with, the same in every worker (None: one
+    process, which makes its own)."""
 
     @property
     def primary(self) -> bool:
@@ -198,6 +201,7 @@ class Node:
             tag_staleness=config.cache.tag_staleness,
             shared=shared,
             private_marks=config.cache.dir / "private" if config.cache.dir else None,
+            grant_key=role.grant_key,
         )
         watcher = None
         if isinstance(gate, SignatureGate) and config.policy is not None:

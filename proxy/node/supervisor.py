@@ -122,6 +122,8 @@ class Supervisor:
         self._signals: list[int] = []
         self._runtime: Path | None = None
         self._worker_env: dict[str, str] = {}
+        # Pull grants sealed by the CRI front end (worker 0) open in every worker.
+        self._grant_key = os.urandom(32)
 
     # -- the whole life --------------------------------------------------------------
 
@@ -229,7 +231,12 @@ class Supervisor:
             )
         finally:
             theirs.close()
-        role = Role(index=slot.index, workers=self.workers, runtime_dir=self._runtime)
+        role = Role(
+            index=slot.index,
+            workers=self.workers,
+            runtime_dir=self._runtime,
+            grant_key=self._grant_key,
+        )
         with contextlib.suppress(OSError):  # it died at once: its end of file tells
             send_spec(ours, WorkerSpec(config=self.config, role=role, cri=self.cri))
         ours.setblocking(False)

@@ -98,6 +98,13 @@ class CredentialsRequired(Unauthorized):
     Basic challenge, so a client that has credentials for it sends them."""
 
 
+class DeniedWithoutPod(CredentialsRequired):
+    """A policy refusal that a scope for some pods' namespaces might lift: answered
+    with a challenge, so containerd pulling for a pod presents the pod's grant."""
+
+    code = "DENIED"
+
+
 class Denied(OCIError):
     """A policy refusal: the client may not have this content."""
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +30,7 @@ from proxy.cache import BlobStore
 from proxy.cache.directio import DIRECT_MIN_BYTES
 from proxy.cache.verified import VerifiedManifestStore
 from proxy.metrics import Metrics
-from proxy.pipeline.access import RepositoryAccess
+from proxy.pipeline.access import PullGrants, RepositoryAccess
 from proxy.pipeline.allowances import BlobAllowances
 from proxy.pipeline.blobs import BlobFile, BlobPath, BlobStream
 from proxy.pipeline.fills import FillTable
@@ -59,6 +60,7 @@ class Pipeline:
         verdict_ttl: float | None = None,
         shared: SharedAllowances | None = None,
         private_marks: Path | None = None,
+        grant_key: bytes | None = None,
     ) -> None:
         self.gate = gate
         # Verified blobs; and, apart, verified manifests with their verdicts and tags.
@@ -78,6 +80,8 @@ class Pipeline:
             direct_min_bytes=direct_min_bytes,
         )
         self.access = RepositoryAccess(marks_dir=private_marks, metrics=metrics)
+        # Sealed under a key every process of this node shares (``Role.grant_key``).
+        self.grants = PullGrants(grant_key or os.urandom(32))
         self.allowances = BlobAllowances(gate=gate, metrics=metrics, shared=shared)
         self.manifest_path = ManifestPath(
             gate=gate,

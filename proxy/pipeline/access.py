@@ -27,15 +27,21 @@ the cache as before.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.metrics import Metrics
 from proxy.oci import mediatypes as mt
@@ -227,3 +233,75 @@ class RepositoryAccess:
             return path.stat().st_mtime
         except FileNotFoundError:
             return None
+
+
+# -- pull grants: a CRI decision carried to the mirror by containerd --------------------
+
+GRANT_USER = "pullgate-pod-pull"
+GRANT_TTL_SECONDS = 3600.0
+_GRANT_AAD = b"pullgate pull grant v1"
+
+
+@dataclass(frozen=True, slots=True)
+class PullGrant:
+    """What the CRI front end decided for one pod's pull, for the mirror requests
+    containerd makes for it: the pod's namespace (for its scopes) and its credentials."""
+
+    registry: str
+    repository: str
+    digest: str
+    namespace: str | None
+    credentials: Credentials | None
+
+
+class PullGrants:
+    """Seals ``PullGrant``s into the Basic credentials containerd forwards to the mirror.
+
+    containerd takes the pull's credentials from the CRI request and sends them to the
+    mirror after its 401. The CRI front end replaces them with a grant sealed (AES-GCM)
+    under a key only this node's pullgate processes hold, so the mirror learns which
+    pod the pull is for, and the pod's own credentials, and nobody can forge either.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+
+    def seal(self, grant: PullGrant, *, ttl: float = GRANT_TTL_SECONDS) -> Credentials:
+        creds = grant.credentials
+        doc = {
+            "r": grant.registry,
+            "p": grant.repository,
+            "d": grant.digest,
+            "n": grant.namespace,
+            "e": time.time() + ttl,
+            "c": None
+            if creds is None
+            else [creds.username, creds.password, creds.identity_token, creds.registry_token],
+        }
+        nonce = os.urandom(12)
+        sealed = self._aead.encrypt(nonce, json.dumps(doc).encode(), _GRANT_AAD)
+        return Credentials(GRANT_USER, base64.urlsafe_b64encode(nonce + sealed).decode())
+
+    def open(self, credentials: Credentials | None) -> PullGrant | None:
+        """The grant ``credentials`` carry (None if they are ordinary credentials);
+        ``Denied`` if they claim to be a grant and are not a valid, unexpired one."""
+        if credentials is None or credentials.username != GRANT_USER:
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(credentials.password.encode())
+            doc = json.loads(self._aead.decrypt(raw[:12], raw[12:], _GRANT_AAD))
+            inner = doc["c"]
+            grant = PullGrant(
+                registry=str(doc["r"]),
+                repository=str(doc["p"]),
+                digest=str(doc["d"]),
+                namespace=None if doc["n"] is None else str(doc["n"]),
+                credentials=None if inner is None else Credentials(*map(str, inner)),
+            )
+            expires = float(doc["e"])
+        except (InvalidTag, ValueError, KeyError, TypeError) as exc:
+            reason = f"the pull grant is not one this node issued ({type(exc).__name__})"
+            raise Denied(reason) from None
+        if expires < time.time():
+            raise Denied("the pull grant has expired; pull again through the CRI")
+        return grant

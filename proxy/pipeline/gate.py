@@ -70,10 +70,20 @@ class Gate(Protocol):
     def positive_ttl(self) -> float | None:
         """Seconds an allowing verdict stays good (0: not kept); None: forever."""
 
+    @property
+    def namespaced(self) -> bool:
+        """Whether decisions may differ by the pod's namespace (a scope names one)."""
+
     async def check_manifest(
-        self, repo: RepoKey, manifest: Manifest, source: ArtifactSource
+        self,
+        repo: RepoKey,
+        manifest: Manifest,
+        source: ArtifactSource,
+        *,
+        namespace: str | None = None,
     ) -> Verdict:
-        """Decide whether ``manifest`` may be served from ``repo``.
+        """Decide whether ``manifest`` may be served from ``repo``, for a pod in
+        ``namespace`` (None: no pod context).
 
         On an allowing verdict, the gate records the blobs and child manifests the
         manifest references, so ``blob_allowed``/``child_allowed`` accept them.
@@ -89,9 +99,15 @@ class AllowAllGate:
     policy_in_force = False
     revision = ""
     positive_ttl: float | None = None
+    namespaced = False
 
     async def check_manifest(
-        self, repo: RepoKey, manifest: Manifest, source: ArtifactSource
+        self,
+        repo: RepoKey,
+        manifest: Manifest,
+        source: ArtifactSource,
+        *,
+        namespace: str | None = None,
     ) -> Verdict:
         return Verdict(allowed=True, reason="no policy configured (allow-all)", mode="allow")
 

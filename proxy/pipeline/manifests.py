@@ -123,9 +123,11 @@ class ManifestPath:
         *,
         accept: str | None = None,
         front: str = "mirror",
+        namespace: str | None = None,
     ) -> ServedManifest:
-        """The manifest to serve for ``ref``: fetched once, checked, gated. ``front``
-        (mirror or cri) labels the verdict metrics.
+        """The manifest to serve for ``ref``: fetched once, checked, gated (for a pod in
+        ``namespace``, if the request is one's). ``front`` (mirror or cri) labels the
+        verdict metrics.
 
         If the upstream cannot be reached, falls back to verified content in the store
         (see ``_serve_stored``).
@@ -149,7 +151,7 @@ class ManifestPath:
                 route, repository, ref, accept=accept
             )
             verdict = await self.gate.check_manifest(
-                repo, manifest, _RepoSource(self, route, repository)
+                repo, manifest, _RepoSource(self, route, repository), namespace=namespace
             )
         except (UpstreamUnavailable, UpstreamTimeout) as exc:
             return await self._serve_stored(repo, ref, exc)

@@ -13,6 +13,7 @@ Format (paths are relative to the policy file)::
         artifactTypes: ["application/vnd.cncf.model.manifest.v1+json"]   # optional
         mode: enforce                                 # enforce | warn | allow
         indexes: coverChildren                        # or eachChild
+        namespaces: [ml-dev]          # optional: only CRI pulls for pods in these namespaces
         require:
           anyOf:                                      # or allOf; nest freely
             - cosign: {key: keys/release.pub}
@@ -26,10 +27,13 @@ are normalised on both sides, so ``docker.io/nginx`` is matched as
 ``docker.io/library/nginx``; a one-segment Hub pattern without ``**`` gets ``library/``
 too (``docker.io/*`` is the official images, ``docker.io/**`` is all of Hub).
 
-When several scopes match, the most specific wins: the one with the most literal
-(non-wildcard) characters, then the fewest wildcard characters (``**`` counts two), then
-the first in the file. A scope with ``artifactTypes`` applies only to manifests of those
-types (the manifest's ``artifactType``, else its config media type).
+When several scopes match, a scope naming the pod's namespace (``namespaces``: it applies
+only to kubelet's pulls through the CRI front end for pods in those namespaces, and to
+containerd's pull that follows) wins over one that names none; then the most specific
+wins: the one with the most literal (non-wildcard) characters, then the fewest wildcard
+characters (``**`` counts two), then the first in the file. A scope with
+``artifactTypes`` applies only to manifests of those types (the manifest's
+``artifactType``, else its config media type).
 
 ``revision`` is the sha256 (64 hex digits; logs print the first 16) of the file's bytes
 and of every trust file it names (keys, CA files, trusted roots, Notation trust policies
@@ -210,23 +214,31 @@ class Scope:
     artifact_types: frozenset[str] | None = None
     cover_children: bool = True
     order: int = 0
+    namespaces: frozenset[str] | None = None
+    """Pods' namespaces the scope is for (CRI pulls only); None: every request."""
     _regex: re.Pattern[str] = field(default=re.compile(""), repr=False, compare=False)
     fingerprint: str = field(default="", repr=False, compare=False)
     """sha256 of the scope's YAML (canonical); "" for a scope not read from a file."""
 
     @property
-    def specificity(self) -> tuple[int, int, int]:
-        """Sort key: more literal characters, then fewer wildcards, then earlier in file."""
+    def specificity(self) -> tuple[int, int, int, int]:
+        """Sort key: naming namespaces, then more literal characters, then fewer
+        wildcards, then earlier in file."""
         literal = len(self.match) - sum(self.match.count(c) for c in "*?")
         wildcards = self.match.count("*") + self.match.count("?")
-        return (literal, -wildcards, -self.order)
+        return (self.namespaces is not None, literal, -wildcards, -self.order)
 
-    def applies(self, name: str, artifact_type: str | None) -> bool:
+    def applies(self, name: str, artifact_type: str | None, namespace: str | None = None) -> bool:
         if self.artifact_types is not None and artifact_type not in self.artifact_types:
+            return False
+        if self.namespaces is not None and namespace not in self.namespaces:
             return False
         return self._regex.fullmatch(name) is not None
 
     def label(self) -> str:
+        if self.namespaces is not None:
+            names = ",".join(sorted(self.namespaces))
+            return f'scope "{self.match}" for namespaces {names} ({self.mode})'
         return f'scope "{self.match}" ({self.mode})'
 
 
@@ -244,12 +256,20 @@ class Policy:
     trust_digest: str = ""
     """sha256 over the trust files alone: unchanged when only the YAML changed."""
 
-    def scope_for(self, repo: RepoKey, artifact_type: str | None) -> Scope | None:
-        """The most specific scope for ``repo`` and ``artifact_type``, or None."""
+    @property
+    def namespaced(self) -> bool:
+        """Whether a scope names pods' namespaces (decisions may then differ by pod)."""
+        return any(scope.namespaces is not None for scope in self.scopes)
+
+    def scope_for(
+        self, repo: RepoKey, artifact_type: str | None, namespace: str | None = None
+    ) -> Scope | None:
+        """The most specific scope for ``repo``, ``artifact_type`` and the pod's
+        ``namespace`` (None: no pod, e.g. a mirror request), or None."""
         name = policy_name(repo.registry, repo.repository)
         best: Scope | None = None
         for scope in self.scopes:
-            if scope.applies(name, artifact_type) and (
+            if scope.applies(name, artifact_type, namespace) and (
                 best is None or scope.specificity > best.specificity
             ):
                 best = scope
@@ -382,7 +402,7 @@ def _scope(
     item: Any, order: int, base_dir: Path, trust: TrustConfig, material: _Material, where: str
 ) -> Scope:
     item = _mapping(item, where)
-    _known(item, {"match", "artifactTypes", "mode", "require", "indexes"}, where)
+    _known(item, {"match", "artifactTypes", "mode", "require", "indexes", "namespaces"}, where)
     match = item.get("match")
     if not isinstance(match, str) or not match or len(match) > MAX_MATCH_LENGTH:
         raise PolicyError(f"{where}.match must be a non-empty glob like 'registry/repo/**'")
@@ -394,6 +414,12 @@ def _scope(
         if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
             raise PolicyError(f"{where}.artifactTypes must be a non-empty list of media types")
         artifact_types = frozenset(types)
+    names = item.get("namespaces")
+    namespaces: frozenset[str] | None = None
+    if names is not None:
+        if not isinstance(names, list) or not names or not all(_is_namespace(n) for n in names):
+            raise PolicyError(f"{where}.namespaces must be a non-empty list of namespace names")
+        namespaces = frozenset(names)
     indexes = _choice(
         item.get("indexes", "coverChildren"), f"{where}.indexes", ("coverChildren", "eachChild")
     )
@@ -414,9 +440,18 @@ def _scope(
         artifact_types=artifact_types,
         cover_children=indexes == "coverChildren",
         order=order,
+        namespaces=namespaces,
         _regex=glob_to_regex(match),
         fingerprint=hashlib.sha256(canonical.encode()).hexdigest(),
     )
+
+
+_NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _is_namespace(name: object) -> bool:
+    """A Kubernetes namespace name (a DNS label)."""
+    return isinstance(name, str) and _NAMESPACE_RE.fullmatch(name) is not None
 
 
 def _requirement(

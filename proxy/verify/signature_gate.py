@@ -346,13 +346,23 @@ class SignatureGate:
             if fingerprint != COVERED or (repo, manifest) in self._children
         )
 
+    @property
+    def namespaced(self) -> bool:
+        """Whether the policy in force has scopes for pods' namespaces."""
+        return self._policy.namespaced
+
     async def check_manifest(
-        self, repo: RepoKey, manifest: Manifest, source: ArtifactSource
+        self,
+        repo: RepoKey,
+        manifest: Manifest,
+        source: ArtifactSource,
+        *,
+        namespace: str | None = None,
     ) -> Verdict:
         for _ in range(MAX_POLICY_ATTEMPTS):
             policy = self._policy
             mark = self._sync()
-            decision, fresh = await self._lookup(policy, repo, manifest, source)
+            decision, fresh = await self._lookup(policy, repo, manifest, source, namespace)
             if policy is not self._policy:
                 # The policy was replaced while verifying: decide again under the new
                 # one, so no allowance is recorded on the strength of a superseded policy.
@@ -367,25 +377,38 @@ class SignatureGate:
         )
 
     async def _lookup(
-        self, policy: Policy, repo: RepoKey, manifest: Manifest, source: ArtifactSource
+        self,
+        policy: Policy,
+        repo: RepoKey,
+        manifest: Manifest,
+        source: ArtifactSource,
+        namespace: str | None,
     ) -> tuple[Decision, bool]:
         """1. index coverage, 2. a decision made under this revision, else an evaluation.
 
         The flag says whether the decision was evaluated just now (not cached).
+
+        Where a scope for the pod's ``namespace`` applies, the decision is that pod's:
+        cached under its namespace, never taken from (or for) another context.
         """
         if self.child_allowed(repo, manifest.digest):
             return _COVERED_DECISION, False
-        key = (repo.registry, repo.repository, str(manifest.digest), policy.revision)
+        pod_scope = None
+        if policy.namespaced:
+            scope = policy.scope_for(repo, manifest.effective_artifact_type, namespace)
+            pod_scope = namespace if scope is not None and scope.namespaces else None
+        revision = policy.revision if pod_scope is None else f"{policy.revision}/ns={pod_scope}"
+        key = (repo.registry, repo.repository, str(manifest.digest), revision)
         decision = self._verdicts.get(key)
-        if decision is None and self._shared is not None:
-            decision = self._shared_decision(policy, key, repo, manifest.digest)
+        if decision is None and self._shared is not None and pod_scope is None:
+            decision = self._shared_decision(policy, key, repo, manifest)
         if decision is not None:
             if self._cache_hits is not None:
                 self._cache_hits.inc()
             return decision, False
         if self._cache_misses is not None:
             self._cache_misses.inc()
-        return await self._decide_once(key, policy, repo, manifest, source), True
+        return await self._decide_once(key, policy, repo, manifest, source, pod_scope), True
 
     def blob_allowed(self, repo: RepoKey, digest: Digest) -> bool:
         if self._shared is None:
@@ -467,12 +490,17 @@ class SignatureGate:
         return fingerprint
 
     def _shared_decision(
-        self, policy: Policy, key: VerdictKey, repo: RepoKey, manifest: Digest
+        self, policy: Policy, key: VerdictKey, repo: RepoKey, manifest: Manifest
     ) -> Decision | None:
-        """2b. An allowing decision a sibling recorded within the positive TTL."""
+        """2b. An allowing decision a sibling recorded within the positive TTL (not one
+        a pod's namespace scope made: it is that pod's alone)."""
         assert self._shared is not None
-        grant = self._shared.grant(BLOBS, repo, manifest)
+        grant = self._shared.grant(BLOBS, repo, manifest.digest)
         if grant is None or grant.fingerprint == COVERED:
+            return None
+        if policy.namespaced and grant.fingerprint != _fingerprint(
+            policy, policy.scope_for(repo, manifest.effective_artifact_type)
+        ):
             return None
         left = policy.positive_ttl - (self._wall_clock() - grant.decided_at)
         if left <= 0 or not self._counts_here(grant, depth=0):
@@ -604,13 +632,14 @@ class SignatureGate:
         repo: RepoKey,
         manifest: Manifest,
         source: ArtifactSource,
+        namespace: str | None,
     ) -> Decision:
         # Concurrent pulls of one digest share one verification; a caller that goes
         # away does not cancel it for the others (shield), and the deadline bounds it.
         future = self._inflight.get(key)
         if future is None:
             future = asyncio.ensure_future(
-                self._decide_and_cache(key, policy, repo, manifest, source)
+                self._decide_and_cache(key, policy, repo, manifest, source, namespace)
             )
             self._inflight[key] = future
             future.add_done_callback(lambda done: self._finished(key, done))
@@ -629,10 +658,11 @@ class SignatureGate:
         repo: RepoKey,
         manifest: Manifest,
         source: ArtifactSource,
+        namespace: str | None,
     ) -> Decision:
         # Dated from the start: the TTL counts from when the material was fetched.
         decided_at = self._wall_clock()
-        decision = await self._decide(policy, repo, manifest, source)
+        decision = await self._decide(policy, repo, manifest, source, namespace)
         decision = replace(decision, decided_at=decided_at)
         ttl = policy.positive_ttl if decision.verdict.allowed else policy.negative_ttl
         if policy is self._policy:
@@ -640,10 +670,15 @@ class SignatureGate:
         return decision
 
     async def _decide(
-        self, policy: Policy, repo: RepoKey, manifest: Manifest, source: ArtifactSource
+        self,
+        policy: Policy,
+        repo: RepoKey,
+        manifest: Manifest,
+        source: ArtifactSource,
+        namespace: str | None = None,
     ) -> Decision:
-        # 3. The most specific scope, or the default.
-        scope = policy.scope_for(repo, manifest.effective_artifact_type)
+        # 3. The most specific scope (for the pod's namespace, if any), or the default.
+        scope = policy.scope_for(repo, manifest.effective_artifact_type, namespace)
         fingerprint = _fingerprint(policy, scope)
         if scope is None:
             return self._default_decision(policy, repo, fingerprint)

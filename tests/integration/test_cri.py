@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
@@ -280,3 +284,82 @@ def test_cri_pull_of_a_tag_moved_after_verification_gets_the_verified_digest(
     finally:
         server.stop(grace=None)
         runtime_channel.close()
+
+
+def test_cri_namespace_warn_scope_lets_an_unsigned_image_through_for_that_namespace_only(
+    tmp_path: Path,
+    registry: Registry,
+    containerd: Containerd,
+    make_pullgate: Callable[..., Pullgate],
+) -> None:
+    key = cs.generate_key()
+    key.write_public(tmp_path / "policy" / "keys" / "release.pub")
+    policy = tmp_path / "policy" / "policy.yaml"
+    policy.write_text(
+        "default: deny\nscopes:\n"
+        '  - match: "registry.example.test/**"\n'
+        "    require: {cosign: {key: keys/release.pub}}\n"
+        '  - match: "registry.example.test/**"\n'
+        "    namespaces: [ml-dev]\n"
+        "    mode: warn\n"
+        "    require: {cosign: {key: keys/release.pub}}\n"
+    )
+    unsigned = push_image(registry.url, "cri/dev", "v1", layers=[deterministic_bytes(6000, 67)])
+    socket = tmp_path / "pullgate-cri.sock"
+    pullgate = make_pullgate(
+        upstreams={REGISTRY: registry.url},
+        policy=policy,
+        extra_args=[
+            "--cri-listen",
+            f"unix://{socket}",
+            "--cri-runtime-endpoint",
+            f"unix://{containerd.socket}",
+        ],
+    )
+    containerd.write_hosts(REGISTRY, pullgate.url)
+
+    def pull(namespace: str) -> Any:
+        return images.PullImage(
+            api_pb2.PullImageRequest(
+                image=api_pb2.ImageSpec(image=f"{REGISTRY}/cri/dev:v1"),
+                sandbox_config=api_pb2.PodSandboxConfig(
+                    metadata=api_pb2.PodSandboxMetadata(name="job", namespace=namespace)
+                ),
+            ),
+            timeout=120,
+        )
+
+    with grpc.insecure_channel(f"unix://{socket}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=20)
+        images = api_pb2_grpc.ImageServiceStub(channel)  # type: ignore[no-untyped-call]
+        # Another namespace: the enforcing scope refuses it, before containerd is asked.
+        with pytest.raises(grpc.RpcError) as refused:
+            pull("prod")
+        assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "no cosign signature verified" in (refused.value.details() or "")
+        assert sum(registry.blob_gets(b) for b in unsigned.blobs) == 0
+        # ml-dev: the warn scope lets it through, all the way into containerd (whose
+        # pull through the mirror carries the pod's grant).
+        pulled = pull("ml-dev")
+        assert pulled.image_ref.startswith("sha256:")
+        # prod again, with everything cached and ml-dev's decision fresh: still refused.
+        with pytest.raises(grpc.RpcError) as again:
+            pull("prod")
+        assert again.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "for namespaces ml-dev (warn)" in pullgate.log_text()
+    # The mirror without a pod's grant: refused, with a challenge and the reason.
+    url = f"{pullgate.url}/v2/cri/dev/manifests/{unsigned.manifest_digest}?ns={REGISTRY}"
+    request = urllib.request.Request(url, headers={"Accept": unsigned.media_type})
+    with pytest.raises(urllib.error.HTTPError) as mirror:
+        urllib.request.urlopen(request, timeout=30)
+    assert mirror.value.code == 401
+    assert mirror.value.headers["WWW-Authenticate"].startswith("Basic")
+    (error,) = json.loads(mirror.value.read())["errors"]
+    assert error["code"] == "DENIED" and "no pod context" in error["message"]
+    # A forged grant is refused too.
+    forged = base64.b64encode(b"pullgate-pod-pull:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA").decode()
+    request.add_header("Authorization", f"Basic {forged}")
+    with pytest.raises(urllib.error.HTTPError) as forged_pull:
+        urllib.request.urlopen(request, timeout=30)
+    assert forged_pull.value.code == 403
+    assert "not one this node issued" in forged_pull.value.read().decode()

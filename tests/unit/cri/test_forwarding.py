@@ -7,6 +7,7 @@ gRPC codes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
 from proxy.cri.server import ImageServiceProxy
 from proxy.oci import errors
 from proxy.pipeline import Pipeline
+from proxy.pipeline.access import PullGrant, PullGrants
 from proxy.upstream.auth import Credentials
 from proxy.upstream.router import UpstreamRouter
 
@@ -78,6 +80,8 @@ class FakePipeline:
     error: BaseException | None = None
     asked: list[tuple[str, str]] = field(default_factory=list)
     guarded: list[tuple[str, Credentials | None]] = field(default_factory=list)
+    namespaces: list[str | None] = field(default_factory=list)
+    grants: PullGrants = field(default_factory=lambda: PullGrants(os.urandom(32)))
 
     async def guard(
         self, route: Any, repository: str, probe: str, credentials: Any, call: Any
@@ -86,10 +90,17 @@ class FakePipeline:
         return await call()
 
     async def get_manifest(
-        self, route: Any, repository: str, reference: Any, *, front: str = "mirror"
+        self,
+        route: Any,
+        repository: str,
+        reference: Any,
+        *,
+        front: str = "mirror",
+        namespace: str | None = None,
     ) -> Any:
         assert front == "cri"
         self.asked.append((route.registry, repository))
+        self.namespaces.append(namespace)
         if self.error is not None:
             raise self.error
         return SimpleNamespace(
@@ -191,9 +202,19 @@ async def test_pull_is_verified_as_the_pod_then_forwarded_pinned_to_the_verified
     # have moved upstream; the pod's credentials go along, for whichever host
     # containerd asks (pullgate's mirror).
     assert received.image.image == f"registry.example.test/app/web@{VERIFIED}"
-    assert (received.auth.username, received.auth.password) == ("u", "p")
-    assert received.auth.server_address == ""
     assert received.sandbox_config == request.sandbox_config
+    # Decided for the pod's namespace; containerd's credentials for the pull are the
+    # pod's grant, sealed for the mirror (for whichever host containerd asks).
+    assert cri.pipeline.namespaces == ["ml-dev"]
+    assert received.auth.server_address == ""
+    grant = cri.pipeline.grants.open(Credentials(received.auth.username, received.auth.password))
+    assert grant == PullGrant(
+        registry="registry.example.test",
+        repository="app/web",
+        digest=VERIFIED,
+        namespace="ml-dev",
+        credentials=Credentials("u", "p"),
+    )
 
 
 async def test_pull_credentials_come_from_the_auth_field_too(cri: Cri) -> None:

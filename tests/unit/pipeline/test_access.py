@@ -7,7 +7,9 @@ the rule runs against it through the mirror's real router and upstream clients.
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+import dataclasses
+import os
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from aiohttp.test_utils import TestServer
 import proxy.pipeline.access as access_module
 from proxy.metrics import Metrics
 from proxy.oci.errors import CredentialsRequired, Denied, UpstreamError
-from proxy.pipeline.access import RepositoryAccess
+from proxy.pipeline.access import GRANT_USER, PullGrant, PullGrants, RepositoryAccess
 from proxy.upstream.auth import Credentials, pull_scope, requester_credentials
 from proxy.upstream.router import Route
 from tests.support.inprocess import Mirror, mirror_config, start_mirror
@@ -196,3 +198,47 @@ def test_credentials_never_print_their_secret() -> None:
     text = repr(Credentials("alice", "s3cret", identity_token="tok"))
     assert "s3cret" not in text and "tok" not in text and "alice" in text
     assert base64.b64encode(b"alice:s3cret").decode() not in text
+
+
+GRANT = PullGrant(
+    registry="registry.example.test",
+    repository="team/secret",
+    digest="sha256:" + "a" * 64,
+    namespace="ml-dev",
+    credentials=ALICE,
+)
+
+
+def test_a_sealed_pull_grant_opens_to_what_the_cri_front_end_decided() -> None:
+    grants = PullGrants(os.urandom(32))
+    sealed = grants.seal(GRANT)
+    assert sealed.username == GRANT_USER
+    assert "s3cret" not in sealed.password and "ml-dev" not in sealed.password
+    assert grants.open(sealed) == GRANT
+    assert grants.open(ALICE) is None  # ordinary credentials are not a grant
+    assert grants.open(None) is None
+    anonymous = dataclasses.replace(GRANT, namespace=None, credentials=None)
+    assert grants.open(grants.seal(anonymous)) == anonymous
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda sealed, _: Credentials(GRANT_USER, sealed.password[:-4] + "AAAA"),
+        lambda sealed, _: Credentials(GRANT_USER, "not base64 at all!"),
+        lambda sealed, _: Credentials(GRANT_USER, ""),
+        lambda _, grant: PullGrants(os.urandom(32)).seal(grant),  # another node's key
+    ],
+)
+def test_refuses_a_pull_grant_this_node_did_not_seal(
+    forge: Callable[[Credentials, PullGrant], Credentials],
+) -> None:
+    grants = PullGrants(os.urandom(32))
+    with pytest.raises(Denied, match="not one this node issued"):
+        grants.open(forge(grants.seal(GRANT), GRANT))
+
+
+def test_refuses_an_expired_pull_grant() -> None:
+    grants = PullGrants(os.urandom(32))
+    with pytest.raises(Denied, match="expired"):
+        grants.open(grants.seal(GRANT, ttl=-1))

@@ -38,10 +38,16 @@ class ProtocolGate:
     policy_in_force: bool = True
     revision: str = "rev-7"
     positive_ttl: float | None = 300.0
+    namespaced: bool = False
     allowed: set[tuple[RepoKey, Digest]] = field(default_factory=set)
 
     async def check_manifest(
-        self, repo: RepoKey, manifest: Manifest, source: ArtifactSource
+        self,
+        repo: RepoKey,
+        manifest: Manifest,
+        source: ArtifactSource,
+        *,
+        namespace: str | None = None,
     ) -> Verdict:
         self.allowed.update((repo, d) for d in manifest.blob_digests)
         return Verdict(allowed=True, reason="allowed by the test gate")

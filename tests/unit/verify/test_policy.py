@@ -109,13 +109,20 @@ class FakeVerifier:
         return CheckResult(self.ok, "verified" if self.ok else "payload digest does not match")
 
 
-def scope(match: str, *, order: int = 0, types: frozenset[str] | None = None) -> Scope:
+def scope(
+    match: str,
+    *,
+    order: int = 0,
+    types: frozenset[str] | None = None,
+    namespaces: frozenset[str] | None = None,
+) -> Scope:
     return Scope(
         match=match,
         mode="allow",
         require=None,
         artifact_types=types,
         order=order,
+        namespaces=namespaces,
         _regex=glob_to_regex(match),
     )
 
@@ -311,6 +318,12 @@ def test_refuses_trust_material_that_changes_while_the_policy_loads(
         ("scopes:\n  - match: 'a/**'\n    require: {cosign: key}\n", "cosign must be a mapping"),
         ("scopes:\n  - match: 'a/**'\n    indexes: some\n    mode: allow\n", "indexes"),
         ("scopes:\n  - match: 'a/**'\n    artifactTypes: []\n    mode: allow\n", "artifactTypes"),
+        ("scopes:\n  - match: 'a/**'\n    namespaces: []\n    mode: allow\n", "namespaces"),
+        ("scopes:\n  - match: 'a/**'\n    namespaces: ml-dev\n    mode: allow\n", "namespaces"),
+        (
+            "scopes:\n  - match: 'a/**'\n    namespaces: [ML_Dev]\n    mode: allow\n",
+            r"scopes\[0\]\.namespaces must be a non-empty list of namespace names",
+        ),
         ("scopes: {match: x}\n", "scopes must be a list"),
         ("bogus: 1\n", "unknown keys"),
         ("scopes:\n  - match: 'a/**'\n    mode: allow\n    requires: {}\n", "unknown keys"),
@@ -364,6 +377,20 @@ def test_most_specific_scope_wins_regardless_of_file_order() -> None:
     assert with_scopes(segment, broad).scope_for(REPO, None) is segment
 
 
+def test_a_scope_for_the_pods_namespace_wins_only_for_pods_in_that_namespace() -> None:
+    exact = scope("registry.example.test/team/app", order=0)
+    dev = scope("registry.example.test/**", order=1, namespaces=frozenset({"ml-dev"}))
+    policy = with_scopes(exact, dev)
+    assert policy.namespaced
+    # Named for the pod's namespace: it wins over a more specific scope that names none.
+    assert policy.scope_for(REPO, None, "ml-dev") is dev
+    # Another namespace, or no pod at all (a mirror request): it never applies.
+    assert policy.scope_for(REPO, None, "prod") is exact
+    assert policy.scope_for(REPO, None) is exact
+    assert not with_scopes(exact).namespaced
+    assert "for namespaces ml-dev" in dev.label()
+
+
 def test_fewer_wildcards_break_a_tie_in_literal_characters() -> None:
     # Both have 26 literal characters; "team/a?p" has one wildcard, "team/a**p"... two.
     one = scope("registry.example.test/team/a?p", order=1)
@@ -374,7 +401,7 @@ def test_fewer_wildcards_break_a_tie_in_literal_characters() -> None:
 def test_file_order_breaks_a_full_tie() -> None:
     first = scope("registry.example.test/tea*/*", order=0)
     second = scope("registry.example.test/t*/ap*", order=1)
-    assert first.specificity[:2] == second.specificity[:2]
+    assert first.specificity[:3] == second.specificity[:3]
     assert with_scopes(second, first).scope_for(REPO, None) is first
 
 
@@ -730,3 +757,29 @@ def test_a_policy_refused_for_a_missing_key_loads_once_the_key_appears(policy_di
     cs.generate_key().write_public(policy_dir / "keys" / "next.pub")
     assert watcher.check_once()
     assert gate.policy.scopes[0].match == "r.test/**"
+
+
+async def test_a_namespace_warn_decision_is_that_pods_alone_and_never_serves_another() -> None:
+    unsigned = FakeVerifier("cosign key k", ok=False)
+    enforce = Scope(
+        match="registry.example.test/**",
+        mode="enforce",
+        require=Leaf(unsigned),
+        order=0,
+        _regex=glob_to_regex("registry.example.test/**"),
+    )
+    dev = dataclasses.replace(enforce, mode="warn", order=1, namespaces=frozenset({"ml-dev"}))
+    gate = SignatureGate(
+        dataclasses.replace(with_scopes(enforce, dev), positive_ttl=300, negative_ttl=300)
+    )
+    assert gate.namespaced
+    manifest = image(b"unsigned layer")
+    for_dev = await gate.check_manifest(REPO, manifest, SOURCE, namespace="ml-dev")
+    assert for_dev.allowed and for_dev.mode == "warn"
+    # Cached for ml-dev, and still refused to anyone else: no pod, another namespace.
+    assert not (await gate.check_manifest(REPO, manifest, SOURCE)).allowed
+    assert not (await gate.check_manifest(REPO, manifest, SOURCE, namespace="prod")).allowed
+    assert (await gate.check_manifest(REPO, manifest, SOURCE, namespace="ml-dev")).allowed
+    # One evaluation per context (ml-dev; without a pod, shared by prod, whose scope is
+    # the same): the cached decisions were served apart.
+    assert len(unsigned.calls) == 2
