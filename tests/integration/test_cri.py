@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
-from proxy.oci.digest import Digest
 from tests.support import cosign_sign as cs
+from tests.support.cri import cri_pullgate, image_service, sign_image
 from tests.support.ocilayout import (
     MODEL_ARTIFACT,
     PushedArtifact,
@@ -45,31 +45,14 @@ def test_cri_pull_verifies_first_and_denies_with_the_policy_reason(
         "    require: {allOf: [{cosign: {key: keys/release.pub}}]}\n"
     )
     signed = push_image(registry.url, "cri/app", "signed", layers=[deterministic_bytes(4096, 61)])
-    payload = cs.simple_signing_payload(Digest.parse(signed.manifest_digest), f"{REGISTRY}/cri/app")
-    cs.push_to_registry(
-        registry.url,
-        "cri/app",
-        cs.signature_image(Digest.parse(signed.manifest_digest), [cs.sign_layer(key, payload)]),
-    )
+    sign_image(registry, key, REGISTRY, signed)
     unsigned = push_image(
         registry.url, "cri/app", "unsigned", layers=[deterministic_bytes(4096, 62)]
     )
-    socket = tmp_path / "pullgate-cri.sock"
-    pullgate = make_pullgate(
-        upstreams={REGISTRY: registry.url},
-        policy=policy,
-        extra_args=[
-            "--cri-listen",
-            f"unix://{socket}",
-            "--cri-runtime-endpoint",
-            f"unix://{containerd.socket}",
-        ],
+    pullgate, socket = cri_pullgate(
+        tmp_path, make_pullgate, registry, containerd, name=REGISTRY, policy=policy
     )
-    containerd.write_hosts(REGISTRY, pullgate.url)
-    with grpc.insecure_channel(f"unix://{socket}") as channel:
-        grpc.channel_ready_future(channel).result(timeout=20)
-        images = api_pb2_grpc.ImageServiceStub(channel)  # type: ignore[no-untyped-call]
-
+    with image_service(socket) as images:
         pulled = images.PullImage(
             api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=f"{REGISTRY}/cri/app:signed")),
             timeout=120,
@@ -124,35 +107,17 @@ def test_cri_refuses_an_unsigned_model_artifact_as_image_volumes_pull_it(
     )
     weights = {"model.safetensors": deterministic_bytes(40_000, 63), "config.json": b"{}"}
     signed = push_model(registry.url, "models/llm", "signed", files=weights)
-    payload = cs.simple_signing_payload(
-        Digest.parse(signed.manifest_digest), f"{REGISTRY}/models/llm"
-    )
-    cs.push_to_registry(
-        registry.url,
-        "models/llm",
-        cs.signature_image(Digest.parse(signed.manifest_digest), [cs.sign_layer(key, payload)]),
-    )
+    sign_image(registry, key, REGISTRY, signed)
     unsigned = push_model(
         registry.url,
         "models/llm",
         "unsigned",
         files={"model.safetensors": deterministic_bytes(40_000, 64)},
     )
-    socket = tmp_path / "pullgate-cri.sock"
-    pullgate = make_pullgate(
-        upstreams={REGISTRY: registry.url},
-        policy=policy,
-        extra_args=[
-            "--cri-listen",
-            f"unix://{socket}",
-            "--cri-runtime-endpoint",
-            f"unix://{containerd.socket}",
-        ],
+    pullgate, socket = cri_pullgate(
+        tmp_path, make_pullgate, registry, containerd, name=REGISTRY, policy=policy
     )
-    containerd.write_hosts(REGISTRY, pullgate.url)
-    with grpc.insecure_channel(f"unix://{socket}") as channel:
-        grpc.channel_ready_future(channel).result(timeout=20)
-        images = api_pb2_grpc.ImageServiceStub(channel)  # type: ignore[no-untyped-call]
+    with image_service(socket) as images:
         with pytest.raises(grpc.RpcError) as refused:
             images.PullImage(
                 api_pb2.PullImageRequest(
@@ -219,14 +184,7 @@ def test_cri_pull_of_a_tag_moved_after_verification_gets_the_verified_digest(
         "    require: {cosign: {key: keys/release.pub}}\n"
     )
     signed = push_image(registry.url, "cri/moving", "v1", layers=[deterministic_bytes(4096, 65)])
-    payload = cs.simple_signing_payload(
-        Digest.parse(signed.manifest_digest), f"{REGISTRY}/cri/moving"
-    )
-    cs.push_to_registry(
-        registry.url,
-        "cri/moving",
-        cs.signature_image(Digest.parse(signed.manifest_digest), [cs.sign_layer(key, payload)]),
-    )
+    sign_image(registry, key, REGISTRY, signed)
     moved: list[PushedArtifact] = []
 
     def move_the_tag() -> None:
@@ -244,21 +202,16 @@ def test_cri_pull_of_a_tag_moved_after_verification_gets_the_verified_digest(
     server.add_insecure_port(f"unix://{between}")
     server.start()
     try:
-        socket = tmp_path / "pullgate-cri.sock"
-        pullgate = make_pullgate(
-            upstreams={REGISTRY: registry.url},
+        _, socket = cri_pullgate(
+            tmp_path,
+            make_pullgate,
+            registry,
+            containerd,
+            name=REGISTRY,
+            runtime=f"unix://{between}",
             policy=policy,
-            extra_args=[
-                "--cri-listen",
-                f"unix://{socket}",
-                "--cri-runtime-endpoint",
-                f"unix://{between}",
-            ],
         )
-        containerd.write_hosts(REGISTRY, pullgate.url)
-        with grpc.insecure_channel(f"unix://{socket}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=20)
-            images = api_pb2_grpc.ImageServiceStub(channel)  # type: ignore[no-untyped-call]
+        with image_service(socket) as images:
             pulled = images.PullImage(
                 api_pb2.PullImageRequest(
                     image=api_pb2.ImageSpec(image=f"{REGISTRY}/cri/moving:v1")
@@ -305,18 +258,9 @@ def test_cri_namespace_warn_scope_lets_an_unsigned_image_through_for_that_namesp
         "    require: {cosign: {key: keys/release.pub}}\n"
     )
     unsigned = push_image(registry.url, "cri/dev", "v1", layers=[deterministic_bytes(6000, 67)])
-    socket = tmp_path / "pullgate-cri.sock"
-    pullgate = make_pullgate(
-        upstreams={REGISTRY: registry.url},
-        policy=policy,
-        extra_args=[
-            "--cri-listen",
-            f"unix://{socket}",
-            "--cri-runtime-endpoint",
-            f"unix://{containerd.socket}",
-        ],
+    pullgate, socket = cri_pullgate(
+        tmp_path, make_pullgate, registry, containerd, name=REGISTRY, policy=policy
     )
-    containerd.write_hosts(REGISTRY, pullgate.url)
 
     def pull(namespace: str) -> Any:
         return images.PullImage(
@@ -329,9 +273,7 @@ def test_cri_namespace_warn_scope_lets_an_unsigned_image_through_for_that_namesp
             timeout=120,
         )
 
-    with grpc.insecure_channel(f"unix://{socket}") as channel:
-        grpc.channel_ready_future(channel).result(timeout=20)
-        images = api_pb2_grpc.ImageServiceStub(channel)  # type: ignore[no-untyped-call]
+    with image_service(socket) as images:
         # Another namespace: the enforcing scope refuses it, before containerd is asked.
         with pytest.raises(grpc.RpcError) as refused:
             pull("prod")

@@ -20,7 +20,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
+from proxy.cri.gen.runtime.v1 import api_pb2
+from tests.support.cri import cri_pullgate, image_service
 from tests.support.ocilayout import PushedArtifact, deterministic_bytes, push_image
 from tests.support.peers import Containerd, Pullgate, Registry
 
@@ -58,19 +59,15 @@ def private(
     registry = Registry(
         tmp_path / "private", htpasswd=dict([RIGHT]), port=open_registry.port
     ).start()
-    socket = tmp_path / "pullgate-cri.sock"
     try:
-        pullgate = make_pullgate(
-            upstreams={REGISTRY: registry.url},
+        pullgate, socket = cri_pullgate(
+            tmp_path,
+            make_pullgate,
+            registry,
+            containerd,
+            name=REGISTRY,
             cache_dir=tmp_path / "cache",
-            extra_args=[
-                "--cri-listen",
-                f"unix://{socket}",
-                "--cri-runtime-endpoint",
-                f"unix://{containerd.socket}",
-            ],
         )
-        containerd.write_hosts(REGISTRY, pullgate.url)
         yield Private(registry, pushed, pullgate, containerd, socket)
     finally:
         registry.stop()
@@ -83,9 +80,7 @@ def _pull(private: Private, credentials: tuple[str, str] | None) -> tuple[grpc.S
         auth = api_pb2.AuthConfig(
             username=credentials[0], password=credentials[1], server_address=REGISTRY
         )
-    with grpc.insecure_channel(f"unix://{private.cri_socket}") as channel:
-        grpc.channel_ready_future(channel).result(timeout=20)
-        images = api_pb2_grpc.ImageServiceStub(channel)  # type: ignore[no-untyped-call]
+    with image_service(private.cri_socket) as images:
         try:
             pulled = images.PullImage(
                 api_pb2.PullImageRequest(
