@@ -24,6 +24,7 @@ from proxy.oci import errors
 from proxy.oci.reference import ImageReference
 from proxy.pipeline import Pipeline
 from proxy.pipeline.access import PullGrant
+from proxy.pipeline.gate import Pod
 from proxy.upstream.auth import Credentials, credentials_from_parts
 from proxy.upstream.router import UpstreamRouter
 
@@ -87,8 +88,8 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         self, request: api_pb2.PullImageRequest, context: Context
     ) -> api_pb2.PullImageResponse:
         image = request.image.image
-        pod = _pod_of(request)
-        namespace = request.sandbox_config.metadata.namespace or None
+        who = _pod_of(request)
+        pod = _pod_context(request)
         try:
             # 1. Parse as kubelet sends it: docker.io names may omit the registry.
             reference = ImageReference.parse(image)
@@ -104,12 +105,12 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
                 f"manifests/{ref}",
                 credentials,
                 lambda: self._pipeline.get_manifest(
-                    route, reference.repository, ref, front="cri", namespace=namespace
+                    route, reference.repository, ref, front="cri", pod=pod
                 ),
             )
         except errors.OCIError as exc:
             log.warning(
-                "CRI PullImage %s for %s refused: %s %s", image[:300], pod, exc.code, exc.message
+                "CRI PullImage %s for %s refused: %s %s", image[:300], who, exc.code, exc.message
             )
             await context.abort(grpc_code_for(exc), f"{exc.code}: {exc.message}")
         except Exception:
@@ -121,14 +122,14 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         log.info(
             "CRI PullImage %s for %s verified as %s (%s); pulling through containerd",
             image[:300],
-            pod,
+            who,
             digest,
             served.verdict.reason,
         )
         # 3. containerd pulls through the mirror, which checks every byte again. It is
         #    asked for the verified digest, not the tag: a tag moved upstream meanwhile
         #    cannot hand it another manifest. Its credentials for the pull are the
-        #    pod's grant, sealed for the mirror: the pod's namespace (for its scopes)
+        #    pod's grant, sealed for the mirror: the pod (for scopes for pods)
         #    and the pod's own credentials. With ``server_address`` empty, containerd
         #    offers them to the hosts its hosts.toml names for the registry (pullgate).
         grant = self._pipeline.grants.seal(
@@ -136,7 +137,7 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
                 registry=route.registry,
                 repository=reference.repository,
                 digest=str(digest),
-                namespace=namespace,
+                pod=pod,
                 credentials=credentials,
             )
         )
@@ -184,6 +185,16 @@ def _credentials_of(request: api_pb2.PullImageRequest) -> Credentials | None:
         )
     except ValueError as exc:
         raise errors.CredentialsRequired(f"the pull's credentials are unusable: {exc}") from None
+
+
+def _pod_context(request: api_pb2.PullImageRequest) -> Pod | None:
+    """The pod the pull is for (namespace and labels), if kubelet said."""
+    if not request.HasField("sandbox_config"):
+        return None
+    config = request.sandbox_config
+    if not config.metadata.namespace:
+        return None
+    return Pod.of(config.metadata.namespace, dict(config.labels))
 
 
 def _pod_of(request: api_pb2.PullImageRequest) -> str:

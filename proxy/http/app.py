@@ -125,7 +125,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:
         raise CredentialsRequired(f"unusable Authorization header: {exc}") from None
     # containerd pulling for a pod the CRI front end checked carries that pod's grant:
-    # its namespace (for the manifest it was granted) and its own credentials.
+    # the pod (for the manifest it was granted: scopes for pods) and its credentials.
     grant = pipeline.grants.open(credentials)
     if grant is not None:
         credentials = grant.credentials
@@ -161,23 +161,23 @@ async def _manifest(
     pipeline = request.app[PIPELINE_KEY]
     assert parsed.reference is not None
     grant = request.get(POD_GRANT_KEY)
-    namespace = None
+    pod = None
     if grant is not None and str(parsed.reference) == grant.digest:
-        namespace = grant.namespace
+        pod = grant.pod
     try:
         served = await pipeline.get_manifest(
             route,
             parsed.repository,
             parsed.reference,
             accept=request.headers.get("Accept"),
-            namespace=namespace,
+            pod=pod,
         )
     except VerificationFailed as exc:
-        if grant is None and pipeline.gate.namespaced:
-            # A scope for some pods' namespaces might allow it: challenge, so that
+        if grant is None and pipeline.gate.pod_scoped:
+            # A scope for some pods might allow it: challenge, so that
             # containerd pulling for a pod presents the grant the CRI front end sealed.
             raise DeniedWithoutPod(
-                f"{exc.message} (no pod context: scopes for pods' namespaces apply only "
+                f"{exc.message} (no pod context: scopes for pods apply only "
                 "to pulls through the CRI front end)",
                 detail=exc.detail,
             ) from None

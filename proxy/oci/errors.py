@@ -99,7 +99,7 @@ class CredentialsRequired(Unauthorized):
 
 
 class DeniedWithoutPod(CredentialsRequired):
-    """A policy refusal that a scope for some pods' namespaces might lift: answered
+    """A policy refusal that a scope for some pods might lift: answered
     with a challenge, so containerd pulling for a pod presents the pod's grant."""
 
     code = "DENIED"

@@ -47,6 +47,7 @@ from proxy.metrics import Metrics
 from proxy.oci import mediatypes as mt
 from proxy.oci.errors import CredentialsRequired, Denied, OCIError, Unauthorized
 from proxy.oci.reference import upstream_repository
+from proxy.pipeline.gate import Pod
 from proxy.upstream.auth import Credentials, acting_as, pull_scope
 from proxy.upstream.router import Route
 
@@ -245,12 +246,12 @@ _GRANT_AAD = b"pullgate pull grant v1"
 @dataclass(frozen=True, slots=True)
 class PullGrant:
     """What the CRI front end decided for one pod's pull, for the mirror requests
-    containerd makes for it: the pod's namespace (for its scopes) and its credentials."""
+    containerd makes for it: the pod (for scopes for pods) and its credentials."""
 
     registry: str
     repository: str
     digest: str
-    namespace: str | None
+    pod: Pod | None
     credentials: Credentials | None
 
 
@@ -272,7 +273,7 @@ class PullGrants:
             "r": grant.registry,
             "p": grant.repository,
             "d": grant.digest,
-            "n": grant.namespace,
+            "n": None if grant.pod is None else [grant.pod.namespace, list(grant.pod.labels)],
             "e": time.time() + ttl,
             "c": None
             if creds is None
@@ -295,7 +296,7 @@ class PullGrants:
                 registry=str(doc["r"]),
                 repository=str(doc["p"]),
                 digest=str(doc["d"]),
-                namespace=None if doc["n"] is None else str(doc["n"]),
+                pod=None if doc["n"] is None else _pod(doc["n"]),
                 credentials=None if inner is None else Credentials(*map(str, inner)),
             )
             expires = float(doc["e"])
@@ -305,3 +306,10 @@ class PullGrants:
         if expires < time.time():
             raise Denied("the pull grant has expired; pull again through the CRI")
         return grant
+
+
+def _pod(doc: object) -> Pod:
+    if not isinstance(doc, list) or len(doc) != 2 or not isinstance(doc[1], list):
+        raise ValueError("not a pod")
+    namespace, labels = doc
+    return Pod(str(namespace), tuple((str(k), str(v)) for k, v in labels))

@@ -10,7 +10,7 @@ implements the same protocol.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,6 +25,22 @@ class RepoKey:
 
     def __str__(self) -> str:
         return f"{self.registry}/{self.repository}"
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    """The pod a CRI pull is for, from kubelet's sandbox metadata: what policy scopes
+    for pods (``namespaces``, ``podLabels``) match."""
+
+    namespace: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, namespace: str, labels: Mapping[str, str]) -> Pod:
+        return cls(namespace, tuple(sorted(labels.items())))
+
+    def has_labels(self, wanted: tuple[tuple[str, str], ...]) -> bool:
+        return set(wanted) <= set(self.labels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +87,8 @@ class Gate(Protocol):
         """Seconds an allowing verdict stays good (0: not kept); None: forever."""
 
     @property
-    def namespaced(self) -> bool:
-        """Whether decisions may differ by the pod's namespace (a scope names one)."""
+    def pod_scoped(self) -> bool:
+        """Whether decisions may differ by pod (a scope names namespaces or labels)."""
 
     async def check_manifest(
         self,
@@ -80,10 +96,10 @@ class Gate(Protocol):
         manifest: Manifest,
         source: ArtifactSource,
         *,
-        namespace: str | None = None,
+        pod: Pod | None = None,
     ) -> Verdict:
-        """Decide whether ``manifest`` may be served from ``repo``, for a pod in
-        ``namespace`` (None: no pod context).
+        """Decide whether ``manifest`` may be served from ``repo``, for ``pod`` (None:
+        no pod context).
 
         On an allowing verdict, the gate records the blobs and child manifests the
         manifest references, so ``blob_allowed``/``child_allowed`` accept them.
@@ -99,7 +115,7 @@ class AllowAllGate:
     policy_in_force = False
     revision = ""
     positive_ttl: float | None = None
-    namespaced = False
+    pod_scoped = False
 
     async def check_manifest(
         self,
@@ -107,7 +123,7 @@ class AllowAllGate:
         manifest: Manifest,
         source: ArtifactSource,
         *,
-        namespace: str | None = None,
+        pod: Pod | None = None,
     ) -> Verdict:
         return Verdict(allowed=True, reason="no policy configured (allow-all)", mode="allow")
 

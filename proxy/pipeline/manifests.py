@@ -38,7 +38,7 @@ from proxy.oci.errors import (
 from proxy.oci.manifest import MAX_MANIFEST_BYTES, Descriptor, Manifest, build_index, parse_manifest
 from proxy.oci.reference import ManifestRef, upstream_repository
 from proxy.pipeline.allowances import BlobAllowances
-from proxy.pipeline.gate import Gate, RepoKey, Verdict
+from proxy.pipeline.gate import Gate, Pod, RepoKey, Verdict
 from proxy.upstream.auth import pull_scope
 from proxy.upstream.router import Route
 
@@ -123,10 +123,10 @@ class ManifestPath:
         *,
         accept: str | None = None,
         front: str = "mirror",
-        namespace: str | None = None,
+        pod: Pod | None = None,
     ) -> ServedManifest:
-        """The manifest to serve for ``ref``: fetched once, checked, gated (for a pod in
-        ``namespace``, if the request is one's). ``front`` (mirror or cri) labels the
+        """The manifest to serve for ``ref``: fetched once, checked, gated (for ``pod``,
+        if the request is one's). ``front`` (mirror or cri) labels the
         verdict metrics.
 
         If the upstream cannot be reached, falls back to verified content in the store
@@ -151,7 +151,7 @@ class ManifestPath:
                 route, repository, ref, accept=accept
             )
             verdict = await self.gate.check_manifest(
-                repo, manifest, _RepoSource(self, route, repository), namespace=namespace
+                repo, manifest, _RepoSource(self, route, repository), pod=pod
             )
         except (UpstreamUnavailable, UpstreamTimeout) as exc:
             return await self._serve_stored(repo, ref, exc)

@@ -14,6 +14,7 @@ Format (paths are relative to the policy file)::
         mode: enforce                                 # enforce | warn | allow
         indexes: coverChildren                        # or eachChild
         namespaces: [ml-dev]          # optional: only CRI pulls for pods in these namespaces
+        podLabels: {team: research}   # optional: ... and for pods with all these labels
         require:
           anyOf:                                      # or allOf; nest freely
             - cosign: {key: keys/release.pub}
@@ -27,11 +28,11 @@ are normalised on both sides, so ``docker.io/nginx`` is matched as
 ``docker.io/library/nginx``; a one-segment Hub pattern without ``**`` gets ``library/``
 too (``docker.io/*`` is the official images, ``docker.io/**`` is all of Hub).
 
-When several scopes match, a scope naming the pod's namespace (``namespaces``: it applies
-only to kubelet's pulls through the CRI front end for pods in those namespaces, and to
-containerd's pull that follows) wins over one that names none; then the most specific
-wins: the one with the most literal (non-wildcard) characters, then the fewest wildcard
-characters (``**`` counts two), then the first in the file. A scope with
+When several scopes match, a scope for pods (``namespaces``, ``podLabels``: it applies
+only to kubelet's pulls through the CRI front end for pods in those namespaces and with
+those labels, and to containerd's pull that follows) wins over one for anyone; then the
+most specific wins: the one with the most literal (non-wildcard) characters, then the
+fewest wildcard characters (``**`` counts two), then the first in the file. A scope with
 ``artifactTypes`` applies only to manifests of those types (the manifest's
 ``artifactType``, else its config media type).
 
@@ -67,7 +68,7 @@ from proxy.oci.errors import (
     UpstreamUnavailable,
 )
 from proxy.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES, upstream_repository
-from proxy.pipeline.gate import ArtifactSource, RepoKey
+from proxy.pipeline.gate import ArtifactSource, Pod, RepoKey
 from proxy.verify.base import (
     CheckResult,
     Limits,
@@ -216,6 +217,14 @@ class Scope:
     order: int = 0
     namespaces: frozenset[str] | None = None
     """Pods' namespaces the scope is for (CRI pulls only); None: every request."""
+    pod_labels: tuple[tuple[str, str], ...] | None = None
+    """Labels a pod must all carry for the scope to apply (CRI pulls only)."""
+
+    @property
+    def for_pods(self) -> bool:
+        """Whether the scope applies only to some pods' pulls."""
+        return self.namespaces is not None or self.pod_labels is not None
+
     _regex: re.Pattern[str] = field(default=re.compile(""), repr=False, compare=False)
     fingerprint: str = field(default="", repr=False, compare=False)
     """sha256 of the scope's YAML (canonical); "" for a scope not read from a file."""
@@ -226,19 +235,27 @@ class Scope:
         wildcards, then earlier in file."""
         literal = len(self.match) - sum(self.match.count(c) for c in "*?")
         wildcards = self.match.count("*") + self.match.count("?")
-        return (self.namespaces is not None, literal, -wildcards, -self.order)
+        return (self.for_pods, literal, -wildcards, -self.order)
 
-    def applies(self, name: str, artifact_type: str | None, namespace: str | None = None) -> bool:
+    def applies(self, name: str, artifact_type: str | None, pod: Pod | None = None) -> bool:
         if self.artifact_types is not None and artifact_type not in self.artifact_types:
             return False
-        if self.namespaces is not None and namespace not in self.namespaces:
+        if self.for_pods and pod is None:
+            return False
+        if self.namespaces is not None and (pod is None or pod.namespace not in self.namespaces):
+            return False
+        if self.pod_labels is not None and (pod is None or not pod.has_labels(self.pod_labels)):
             return False
         return self._regex.fullmatch(name) is not None
 
     def label(self) -> str:
+        pods = []
         if self.namespaces is not None:
-            names = ",".join(sorted(self.namespaces))
-            return f'scope "{self.match}" for namespaces {names} ({self.mode})'
+            pods.append("namespaces " + ",".join(sorted(self.namespaces)))
+        if self.pod_labels is not None:
+            pods.append("labels " + ",".join(f"{k}={v}" for k, v in self.pod_labels))
+        if pods:
+            return f'scope "{self.match}" for pods in {" with ".join(pods)} ({self.mode})'
         return f'scope "{self.match}" ({self.mode})'
 
 
@@ -257,19 +274,19 @@ class Policy:
     """sha256 over the trust files alone: unchanged when only the YAML changed."""
 
     @property
-    def namespaced(self) -> bool:
-        """Whether a scope names pods' namespaces (decisions may then differ by pod)."""
-        return any(scope.namespaces is not None for scope in self.scopes)
+    def pod_scoped(self) -> bool:
+        """Whether a scope is for some pods only (decisions may then differ by pod)."""
+        return any(scope.for_pods for scope in self.scopes)
 
     def scope_for(
-        self, repo: RepoKey, artifact_type: str | None, namespace: str | None = None
+        self, repo: RepoKey, artifact_type: str | None, pod: Pod | None = None
     ) -> Scope | None:
-        """The most specific scope for ``repo``, ``artifact_type`` and the pod's
-        ``namespace`` (None: no pod, e.g. a mirror request), or None."""
+        """The most specific scope for ``repo``, ``artifact_type`` and ``pod`` (None:
+        no pod, e.g. a mirror request), or None."""
         name = policy_name(repo.registry, repo.repository)
         best: Scope | None = None
         for scope in self.scopes:
-            if scope.applies(name, artifact_type, namespace) and (
+            if scope.applies(name, artifact_type, pod) and (
                 best is None or scope.specificity > best.specificity
             ):
                 best = scope
@@ -402,7 +419,11 @@ def _scope(
     item: Any, order: int, base_dir: Path, trust: TrustConfig, material: _Material, where: str
 ) -> Scope:
     item = _mapping(item, where)
-    _known(item, {"match", "artifactTypes", "mode", "require", "indexes", "namespaces"}, where)
+    _known(
+        item,
+        {"match", "artifactTypes", "mode", "require", "indexes", "namespaces", "podLabels"},
+        where,
+    )
     match = item.get("match")
     if not isinstance(match, str) or not match or len(match) > MAX_MATCH_LENGTH:
         raise PolicyError(f"{where}.match must be a non-empty glob like 'registry/repo/**'")
@@ -420,6 +441,16 @@ def _scope(
         if not isinstance(names, list) or not names or not all(_is_namespace(n) for n in names):
             raise PolicyError(f"{where}.namespaces must be a non-empty list of namespace names")
         namespaces = frozenset(names)
+    labels_doc = item.get("podLabels")
+    pod_labels: tuple[tuple[str, str], ...] | None = None
+    if labels_doc is not None:
+        if (
+            not isinstance(labels_doc, dict)
+            or not labels_doc
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels_doc.items())
+        ):
+            raise PolicyError(f"{where}.podLabels must be a non-empty mapping of label to value")
+        pod_labels = tuple(sorted(labels_doc.items()))
     indexes = _choice(
         item.get("indexes", "coverChildren"), f"{where}.indexes", ("coverChildren", "eachChild")
     )
@@ -441,6 +472,7 @@ def _scope(
         cover_children=indexes == "coverChildren",
         order=order,
         namespaces=namespaces,
+        pod_labels=pod_labels,
         _regex=glob_to_regex(match),
         fingerprint=hashlib.sha256(canonical.encode()).hexdigest(),
     )

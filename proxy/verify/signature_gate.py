@@ -56,7 +56,7 @@ from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import UpstreamUnavailable
 from proxy.oci.manifest import Manifest
-from proxy.pipeline.gate import ArtifactSource, RepoKey, Verdict
+from proxy.pipeline.gate import ArtifactSource, Pod, RepoKey, Verdict
 from proxy.verify.base import Subject
 from proxy.verify.policy import Policy, Scope, truncate
 from proxy.verify.shared import BLOBS, CHILDREN, Grant, SharedAllowances
@@ -347,9 +347,9 @@ class SignatureGate:
         )
 
     @property
-    def namespaced(self) -> bool:
-        """Whether the policy in force has scopes for pods' namespaces."""
-        return self._policy.namespaced
+    def pod_scoped(self) -> bool:
+        """Whether the policy in force has scopes for some pods only."""
+        return self._policy.pod_scoped
 
     async def check_manifest(
         self,
@@ -357,12 +357,12 @@ class SignatureGate:
         manifest: Manifest,
         source: ArtifactSource,
         *,
-        namespace: str | None = None,
+        pod: Pod | None = None,
     ) -> Verdict:
         for _ in range(MAX_POLICY_ATTEMPTS):
             policy = self._policy
             mark = self._sync()
-            decision, fresh = await self._lookup(policy, repo, manifest, source, namespace)
+            decision, fresh = await self._lookup(policy, repo, manifest, source, pod)
             if policy is not self._policy:
                 # The policy was replaced while verifying: decide again under the new
                 # one, so no allowance is recorded on the strength of a superseded policy.
@@ -382,22 +382,25 @@ class SignatureGate:
         repo: RepoKey,
         manifest: Manifest,
         source: ArtifactSource,
-        namespace: str | None,
+        pod: Pod | None,
     ) -> tuple[Decision, bool]:
         """1. index coverage, 2. a decision made under this revision, else an evaluation.
 
         The flag says whether the decision was evaluated just now (not cached).
 
-        Where a scope for the pod's ``namespace`` applies, the decision is that pod's:
-        cached under its namespace, never taken from (or for) another context.
+        Where a scope for some pods applies (``pod``'s namespace or labels), the
+        decision is theirs: cached under that scope, never taken from (or for) another
+        context.
         """
         if self.child_allowed(repo, manifest.digest):
             return _COVERED_DECISION, False
-        pod_scope = None
-        if policy.namespaced:
-            scope = policy.scope_for(repo, manifest.effective_artifact_type, namespace)
-            pod_scope = namespace if scope is not None and scope.namespaces else None
-        revision = policy.revision if pod_scope is None else f"{policy.revision}/ns={pod_scope}"
+        pod_scope: Scope | None = None
+        if policy.pod_scoped and pod is not None:
+            scope = policy.scope_for(repo, manifest.effective_artifact_type, pod)
+            pod_scope = scope if scope is not None and scope.for_pods else None
+        revision = policy.revision
+        if pod_scope is not None:
+            revision = f"{revision}/pod-scope={pod_scope.order}"
         key = (repo.registry, repo.repository, str(manifest.digest), revision)
         decision = self._verdicts.get(key)
         if decision is None and self._shared is not None and pod_scope is None:
@@ -408,7 +411,8 @@ class SignatureGate:
             return decision, False
         if self._cache_misses is not None:
             self._cache_misses.inc()
-        return await self._decide_once(key, policy, repo, manifest, source, pod_scope), True
+        decided_for = pod if pod_scope is not None else None
+        return await self._decide_once(key, policy, repo, manifest, source, decided_for), True
 
     def blob_allowed(self, repo: RepoKey, digest: Digest) -> bool:
         if self._shared is None:
@@ -498,7 +502,7 @@ class SignatureGate:
         grant = self._shared.grant(BLOBS, repo, manifest.digest)
         if grant is None or grant.fingerprint == COVERED:
             return None
-        if policy.namespaced and grant.fingerprint != _fingerprint(
+        if policy.pod_scoped and grant.fingerprint != _fingerprint(
             policy, policy.scope_for(repo, manifest.effective_artifact_type)
         ):
             return None
@@ -632,14 +636,14 @@ class SignatureGate:
         repo: RepoKey,
         manifest: Manifest,
         source: ArtifactSource,
-        namespace: str | None,
+        pod: Pod | None,
     ) -> Decision:
         # Concurrent pulls of one digest share one verification; a caller that goes
         # away does not cancel it for the others (shield), and the deadline bounds it.
         future = self._inflight.get(key)
         if future is None:
             future = asyncio.ensure_future(
-                self._decide_and_cache(key, policy, repo, manifest, source, namespace)
+                self._decide_and_cache(key, policy, repo, manifest, source, pod)
             )
             self._inflight[key] = future
             future.add_done_callback(lambda done: self._finished(key, done))
@@ -658,11 +662,11 @@ class SignatureGate:
         repo: RepoKey,
         manifest: Manifest,
         source: ArtifactSource,
-        namespace: str | None,
+        pod: Pod | None,
     ) -> Decision:
         # Dated from the start: the TTL counts from when the material was fetched.
         decided_at = self._wall_clock()
-        decision = await self._decide(policy, repo, manifest, source, namespace)
+        decision = await self._decide(policy, repo, manifest, source, pod)
         decision = replace(decision, decided_at=decided_at)
         ttl = policy.positive_ttl if decision.verdict.allowed else policy.negative_ttl
         if policy is self._policy:
@@ -675,10 +679,10 @@ class SignatureGate:
         repo: RepoKey,
         manifest: Manifest,
         source: ArtifactSource,
-        namespace: str | None = None,
+        pod: Pod | None = None,
     ) -> Decision:
-        # 3. The most specific scope (for the pod's namespace, if any), or the default.
-        scope = policy.scope_for(repo, manifest.effective_artifact_type, namespace)
+        # 3. The most specific scope (for the pod, if any), or the default.
+        scope = policy.scope_for(repo, manifest.effective_artifact_type, pod)
         fingerprint = _fingerprint(policy, scope)
         if scope is None:
             return self._default_decision(policy, repo, fingerprint)

@@ -22,6 +22,7 @@ from proxy.cri.server import ImageServiceProxy
 from proxy.oci import errors
 from proxy.pipeline import Pipeline
 from proxy.pipeline.access import PullGrant, PullGrants
+from proxy.pipeline.gate import Pod
 from proxy.upstream.auth import Credentials
 from proxy.upstream.router import UpstreamRouter
 
@@ -80,7 +81,7 @@ class FakePipeline:
     error: BaseException | None = None
     asked: list[tuple[str, str]] = field(default_factory=list)
     guarded: list[tuple[str, Credentials | None]] = field(default_factory=list)
-    namespaces: list[str | None] = field(default_factory=list)
+    pods: list[Pod | None] = field(default_factory=list)
     grants: PullGrants = field(default_factory=lambda: PullGrants(os.urandom(32)))
 
     async def guard(
@@ -96,11 +97,11 @@ class FakePipeline:
         reference: Any,
         *,
         front: str = "mirror",
-        namespace: str | None = None,
+        pod: Pod | None = None,
     ) -> Any:
         assert front == "cri"
         self.asked.append((route.registry, repository))
-        self.namespaces.append(namespace)
+        self.pods.append(pod)
         if self.error is not None:
             raise self.error
         return SimpleNamespace(
@@ -189,7 +190,10 @@ async def test_pull_is_verified_as_the_pod_then_forwarded_pinned_to_the_verified
     request = api_pb2.PullImageRequest(
         image={"image": IMAGE},
         auth={"username": "u", "password": "p", "server_address": "registry.example.test"},
-        sandbox_config={"metadata": {"name": "web-0", "namespace": "ml-dev"}},
+        sandbox_config={
+            "metadata": {"name": "web-0", "namespace": "ml-dev"},
+            "labels": {"team": "research"},
+        },
     )
     response = await cri.stub.PullImage(request, timeout=20)
     assert response.image_ref == "sha256:cc"
@@ -205,14 +209,14 @@ async def test_pull_is_verified_as_the_pod_then_forwarded_pinned_to_the_verified
     assert received.sandbox_config == request.sandbox_config
     # Decided for the pod's namespace; containerd's credentials for the pull are the
     # pod's grant, sealed for the mirror (for whichever host containerd asks).
-    assert cri.pipeline.namespaces == ["ml-dev"]
+    assert cri.pipeline.pods == [Pod.of("ml-dev", {"team": "research"})]
     assert received.auth.server_address == ""
     grant = cri.pipeline.grants.open(Credentials(received.auth.username, received.auth.password))
     assert grant == PullGrant(
         registry="registry.example.test",
         repository="app/web",
         digest=VERIFIED,
-        namespace="ml-dev",
+        pod=Pod.of("ml-dev", {"team": "research"}),
         credentials=Credentials("u", "p"),
     )
 

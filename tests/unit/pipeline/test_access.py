@@ -21,6 +21,7 @@ import proxy.pipeline.access as access_module
 from proxy.metrics import Metrics
 from proxy.oci.errors import CredentialsRequired, Denied, UpstreamError
 from proxy.pipeline.access import GRANT_USER, PullGrant, PullGrants, RepositoryAccess
+from proxy.pipeline.gate import Pod
 from proxy.upstream.auth import Credentials, pull_scope, requester_credentials
 from proxy.upstream.router import Route
 from tests.support.inprocess import Mirror, mirror_config, start_mirror
@@ -204,7 +205,7 @@ GRANT = PullGrant(
     registry="registry.example.test",
     repository="team/secret",
     digest="sha256:" + "a" * 64,
-    namespace="ml-dev",
+    pod=Pod.of("ml-dev", {"team": "research"}),
     credentials=ALICE,
 )
 
@@ -217,7 +218,7 @@ def test_a_sealed_pull_grant_opens_to_what_the_cri_front_end_decided() -> None:
     assert grants.open(sealed) == GRANT
     assert grants.open(ALICE) is None  # ordinary credentials are not a grant
     assert grants.open(None) is None
-    anonymous = dataclasses.replace(GRANT, namespace=None, credentials=None)
+    anonymous = dataclasses.replace(GRANT, pod=None, credentials=None)
     assert grants.open(grants.seal(anonymous)) == anonymous
 
 

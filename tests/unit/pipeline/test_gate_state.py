@@ -18,7 +18,7 @@ from proxy.cache.verified import NoVerifiedManifests, RecentVerdict
 from proxy.oci.digest import Digest
 from proxy.oci.manifest import Manifest
 from proxy.oci.reference import ManifestRef
-from proxy.pipeline.gate import AllowAllGate, ArtifactSource, Gate, RepoKey, Verdict
+from proxy.pipeline.gate import AllowAllGate, ArtifactSource, Gate, Pod, RepoKey, Verdict
 from proxy.verify.base import Limits
 from proxy.verify.policy import Policy
 from proxy.verify.signature_gate import SignatureGate
@@ -38,7 +38,7 @@ class ProtocolGate:
     policy_in_force: bool = True
     revision: str = "rev-7"
     positive_ttl: float | None = 300.0
-    namespaced: bool = False
+    pod_scoped: bool = False
     allowed: set[tuple[RepoKey, Digest]] = field(default_factory=set)
 
     async def check_manifest(
@@ -47,7 +47,7 @@ class ProtocolGate:
         manifest: Manifest,
         source: ArtifactSource,
         *,
-        namespace: str | None = None,
+        pod: Pod | None = None,
     ) -> Verdict:
         self.allowed.update((repo, d) for d in manifest.blob_digests)
         return Verdict(allowed=True, reason="allowed by the test gate")

@@ -17,6 +17,7 @@ from proxy.metrics import Metrics
 from proxy.oci.errors import Unauthorized, UpstreamError, UpstreamUnavailable
 from proxy.upstream.auth import (
     Credentials,
+    acting_as,
     load_docker_config,
     parse_challenge,
     realm_is_trusted,
@@ -79,18 +80,28 @@ class FakeRegistry:
     def __init__(self, realm_host: str | None = None) -> None:
         self.realm_host = realm_host
         self.token_requests: list[str | None] = []
+        self.refresh_posts: list[dict[str, str]] = []
         self.failures_left = 0
         self.port = 0
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/token", self.token)
+        app.router.add_post("/token", self.oauth)
         app.router.add_get("/v2/{tail:.*}", self.v2)
         return app
 
     async def token(self, request: web.Request) -> web.Response:
         self.token_requests.append(request.headers.get("Authorization"))
         return web.json_response({"token": "t0k3n"})
+
+    async def oauth(self, request: web.Request) -> web.Response:
+        """OAuth2: an identity (refresh) token exchanged for an access token."""
+        form = dict(await request.post())
+        self.refresh_posts.append({k: str(v) for k, v in form.items()})
+        if form.get("grant_type") != "refresh_token" or form.get("refresh_token") != "r3fresh":
+            return web.json_response({"error": "invalid_grant"}, status=401)
+        return web.json_response({"access_token": "t0k3n", "expires_in": 300})
 
     async def v2(self, request: web.Request) -> web.Response:
         if self.failures_left:
@@ -204,3 +215,54 @@ async def test_unreachable_upstream_is_unavailable_not_a_crash() -> None:
         )
         with pytest.raises((UpstreamUnavailable, Unauthorized, UpstreamError)):
             await client.get("/v2/", scope="")
+
+
+async def test_a_requester_identity_token_is_exchanged_by_oauth2_for_an_access_token() -> None:
+    fake = FakeRegistry()
+    async with (
+        TestServer(fake.app(), host="127.0.0.1") as server,
+        aiohttp.ClientSession() as session,
+    ):
+        fake.port = server.port or 0
+        client = await client_for(server, session, Credentials("node", "pw"))
+        with acting_as(Credentials(identity_token="r3fresh")):
+            async with await client.get("/v2/a/manifests/v1", scope="repository:a:pull") as r:
+                assert r.status == 200
+        ((posted),) = fake.refresh_posts
+        assert posted["grant_type"] == "refresh_token" and posted["scope"] == "repository:a:pull"
+        assert fake.token_requests == []  # the node's password was not used for it
+        with acting_as(Credentials(identity_token="stale")), pytest.raises(Unauthorized) as no:
+            await client.get("/v2/b/manifests/v1", scope="repository:b:pull")
+        assert "credentials refused" in no.value.message
+
+
+async def test_a_requester_registry_token_is_sent_as_is_and_never_exchanged() -> None:
+    fake = FakeRegistry()
+    async with (
+        TestServer(fake.app(), host="127.0.0.1") as server,
+        aiohttp.ClientSession() as session,
+    ):
+        fake.port = server.port or 0
+        client = await client_for(server, session, None)
+        with acting_as(Credentials(registry_token="t0k3n")):
+            async with await client.get("/v2/a/manifests/v1", scope="repository:a:pull") as r:
+                assert r.status == 200
+        assert fake.token_requests == [] and fake.refresh_posts == []
+
+
+async def test_tokens_of_one_requester_never_serve_another_or_the_node() -> None:
+    fake = FakeRegistry()
+    async with (
+        TestServer(fake.app(), host="127.0.0.1") as server,
+        aiohttp.ClientSession() as session,
+    ):
+        fake.port = server.port or 0
+        client = await client_for(server, session, None)
+        alice, bob = Credentials("alice", "a"), Credentials("bob", "b")
+        for who in (alice, bob, None, alice):
+            with acting_as(who):
+                async with await client.get("/v2/a/manifests/v1", scope="repository:a:pull"):
+                    pass
+        # One token fetch per identity (alice's second request reuses hers), each
+        # with that identity's own credentials.
+        assert fake.token_requests == [alice.basic_header(), bob.basic_header(), None]

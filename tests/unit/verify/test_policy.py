@@ -17,7 +17,7 @@ from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import ManifestTooLarge, TooManyRequests, UpstreamUnavailable
 from proxy.oci.manifest import Manifest
-from proxy.pipeline.gate import ArtifactSource, RepoKey
+from proxy.pipeline.gate import ArtifactSource, Pod, RepoKey
 from proxy.verify import policy as policy_module
 from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject
 from proxy.verify.policy import (
@@ -115,6 +115,7 @@ def scope(
     order: int = 0,
     types: frozenset[str] | None = None,
     namespaces: frozenset[str] | None = None,
+    labels: tuple[tuple[str, str], ...] | None = None,
 ) -> Scope:
     return Scope(
         match=match,
@@ -123,6 +124,7 @@ def scope(
         artifact_types=types,
         order=order,
         namespaces=namespaces,
+        pod_labels=labels,
         _regex=glob_to_regex(match),
     )
 
@@ -324,6 +326,11 @@ def test_refuses_trust_material_that_changes_while_the_policy_loads(
             "scopes:\n  - match: 'a/**'\n    namespaces: [ML_Dev]\n    mode: allow\n",
             r"scopes\[0\]\.namespaces must be a non-empty list of namespace names",
         ),
+        (
+            "scopes:\n  - match: 'a/**'\n    podLabels: {team: 1}\n    mode: allow\n",
+            r"scopes\[0\]\.podLabels must be a non-empty mapping",
+        ),
+        ("scopes:\n  - match: 'a/**'\n    podLabels: {}\n    mode: allow\n", "podLabels"),
         ("scopes: {match: x}\n", "scopes must be a list"),
         ("bogus: 1\n", "unknown keys"),
         ("scopes:\n  - match: 'a/**'\n    mode: allow\n    requires: {}\n", "unknown keys"),
@@ -381,14 +388,44 @@ def test_a_scope_for_the_pods_namespace_wins_only_for_pods_in_that_namespace() -
     exact = scope("registry.example.test/team/app", order=0)
     dev = scope("registry.example.test/**", order=1, namespaces=frozenset({"ml-dev"}))
     policy = with_scopes(exact, dev)
-    assert policy.namespaced
+    assert policy.pod_scoped
     # Named for the pod's namespace: it wins over a more specific scope that names none.
-    assert policy.scope_for(REPO, None, "ml-dev") is dev
+    assert policy.scope_for(REPO, None, Pod("ml-dev")) is dev
     # Another namespace, or no pod at all (a mirror request): it never applies.
-    assert policy.scope_for(REPO, None, "prod") is exact
+    assert policy.scope_for(REPO, None, Pod("prod")) is exact
     assert policy.scope_for(REPO, None) is exact
-    assert not with_scopes(exact).namespaced
-    assert "for namespaces ml-dev" in dev.label()
+    assert not with_scopes(exact).pod_scoped
+    assert "for pods in namespaces ml-dev" in dev.label()
+
+
+def test_a_scope_for_pod_labels_applies_only_to_pods_carrying_all_of_them() -> None:
+    anyone = scope("registry.example.test/**", order=0)
+    research = scope(
+        "registry.example.test/**",
+        order=1,
+        labels=(("team", "research"), ("tier", "batch")),
+    )
+    policy = with_scopes(anyone, research)
+    both = Pod.of("ml", {"team": "research", "tier": "batch", "app": "x"})
+    assert policy.scope_for(REPO, None, both) is research
+    assert policy.scope_for(REPO, None, Pod.of("ml", {"team": "research"})) is anyone
+    assert policy.scope_for(REPO, None, Pod.of("ml", {"team": "other", "tier": "batch"})) is anyone
+    assert policy.scope_for(REPO, None) is anyone
+    assert "labels team=research,tier=batch" in research.label()
+
+
+def test_policy_file_reads_namespaces_and_pod_labels(policy_dir: Path) -> None:
+    loaded = parse(
+        "scopes:\n  - match: 'registry.example.test/**'\n    namespaces: [ml-dev, ml-prod]\n"
+        "    podLabels: {team: research}\n    mode: allow\n",
+        policy_dir,
+    )
+    (only,) = loaded.scopes
+    assert only.namespaces == frozenset({"ml-dev", "ml-prod"})
+    assert only.pod_labels == (("team", "research"),)
+    assert loaded.scope_for(REPO, None, Pod.of("ml-dev", {"team": "research"})) is only
+    assert loaded.scope_for(REPO, None, Pod.of("ml-dev", {})) is None
+    assert loaded.scope_for(REPO, None, Pod.of("default", {"team": "research"})) is None
 
 
 def test_fewer_wildcards_break_a_tie_in_literal_characters() -> None:
@@ -772,14 +809,14 @@ async def test_a_namespace_warn_decision_is_that_pods_alone_and_never_serves_ano
     gate = SignatureGate(
         dataclasses.replace(with_scopes(enforce, dev), positive_ttl=300, negative_ttl=300)
     )
-    assert gate.namespaced
+    assert gate.pod_scoped
     manifest = image(b"unsigned layer")
-    for_dev = await gate.check_manifest(REPO, manifest, SOURCE, namespace="ml-dev")
+    for_dev = await gate.check_manifest(REPO, manifest, SOURCE, pod=Pod("ml-dev"))
     assert for_dev.allowed and for_dev.mode == "warn"
     # Cached for ml-dev, and still refused to anyone else: no pod, another namespace.
     assert not (await gate.check_manifest(REPO, manifest, SOURCE)).allowed
-    assert not (await gate.check_manifest(REPO, manifest, SOURCE, namespace="prod")).allowed
-    assert (await gate.check_manifest(REPO, manifest, SOURCE, namespace="ml-dev")).allowed
+    assert not (await gate.check_manifest(REPO, manifest, SOURCE, pod=Pod("prod"))).allowed
+    assert (await gate.check_manifest(REPO, manifest, SOURCE, pod=Pod("ml-dev"))).allowed
     # One evaluation per context (ml-dev; without a pod, shared by prod, whose scope is
     # the same): the cached decisions were served apart.
     assert len(unsigned.calls) == 2
