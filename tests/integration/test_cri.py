@@ -30,19 +30,27 @@ pytestmark = pytest.mark.integration
 REGISTRY = "registry.example.test"
 
 
+def _policy_with_key(tmp_path: Path, key_name: str, *scopes: str) -> tuple[cs.TestKey, Path]:
+    """A new cosign key under ``policy/keys/`` and a deny-by-default policy of
+    ``scopes`` (YAML lines) beside it."""
+    key = cs.generate_key()
+    key.write_public(tmp_path / "policy" / "keys" / key_name)
+    policy = tmp_path / "policy" / "policy.yaml"
+    policy.write_text("default: deny\nscopes:\n" + "".join(scopes))
+    return key, policy
+
+
 def test_cri_pull_verifies_first_and_denies_with_the_policy_reason(
     tmp_path: Path,
     registry: Registry,
     containerd: Containerd,
     make_pullgate: Callable[..., Pullgate],
 ) -> None:
-    key = cs.generate_key()
-    key.write_public(tmp_path / "policy" / "keys" / "release.pub")
-    policy = tmp_path / "policy" / "policy.yaml"
-    policy.write_text(
-        "default: deny\nscopes:\n"
+    key, policy = _policy_with_key(
+        tmp_path,
+        "release.pub",
         '  - match: "registry.example.test/**"\n'
-        "    require: {allOf: [{cosign: {key: keys/release.pub}}]}\n"
+        "    require: {allOf: [{cosign: {key: keys/release.pub}}]}\n",
     )
     signed = push_image(registry.url, "cri/app", "signed", layers=[deterministic_bytes(4096, 61)])
     sign_image(registry, key, REGISTRY, signed)
@@ -96,14 +104,12 @@ def test_cri_refuses_an_unsigned_model_artifact_as_image_volumes_pull_it(
     make_pullgate: Callable[..., Pullgate],
 ) -> None:
     # Kubernetes image volumes pull an artifact through the same PullImage call.
-    key = cs.generate_key()
-    key.write_public(tmp_path / "policy" / "keys" / "models.pub")
-    policy = tmp_path / "policy" / "policy.yaml"
-    policy.write_text(
-        "default: deny\nscopes:\n"
+    key, policy = _policy_with_key(
+        tmp_path,
+        "models.pub",
         '  - match: "registry.example.test/models/**"\n'
         f'    artifactTypes: ["{MODEL_ARTIFACT}"]\n'
-        "    require: {cosign: {key: keys/models.pub}}\n"
+        "    require: {cosign: {key: keys/models.pub}}\n",
     )
     weights = {"model.safetensors": deterministic_bytes(40_000, 63), "config.json": b"{}"}
     signed = push_model(registry.url, "models/llm", "signed", files=weights)
@@ -175,13 +181,10 @@ def test_cri_pull_of_a_tag_moved_after_verification_gets_the_verified_digest(
     containerd: Containerd,
     make_pullgate: Callable[..., Pullgate],
 ) -> None:
-    key = cs.generate_key()
-    key.write_public(tmp_path / "policy" / "keys" / "release.pub")
-    policy = tmp_path / "policy" / "policy.yaml"
-    policy.write_text(
-        "default: deny\nscopes:\n"
-        '  - match: "registry.example.test/**"\n'
-        "    require: {cosign: {key: keys/release.pub}}\n"
+    key, policy = _policy_with_key(
+        tmp_path,
+        "release.pub",
+        '  - match: "registry.example.test/**"\n    require: {cosign: {key: keys/release.pub}}\n',
     )
     signed = push_image(registry.url, "cri/moving", "v1", layers=[deterministic_bytes(4096, 65)])
     sign_image(registry, key, REGISTRY, signed)
@@ -245,17 +248,15 @@ def test_cri_namespace_warn_scope_lets_an_unsigned_image_through_for_that_namesp
     containerd: Containerd,
     make_pullgate: Callable[..., Pullgate],
 ) -> None:
-    key = cs.generate_key()
-    key.write_public(tmp_path / "policy" / "keys" / "release.pub")
-    policy = tmp_path / "policy" / "policy.yaml"
-    policy.write_text(
-        "default: deny\nscopes:\n"
+    _, policy = _policy_with_key(
+        tmp_path,
+        "release.pub",
         '  - match: "registry.example.test/**"\n'
         "    require: {cosign: {key: keys/release.pub}}\n"
         '  - match: "registry.example.test/**"\n'
         "    namespaces: [ml-dev]\n"
         "    mode: warn\n"
-        "    require: {cosign: {key: keys/release.pub}}\n"
+        "    require: {cosign: {key: keys/release.pub}}\n",
     )
     unsigned = push_image(registry.url, "cri/dev", "v1", layers=[deterministic_bytes(6000, 67)])
     pullgate, socket = cri_pullgate(
@@ -288,7 +289,7 @@ def test_cri_namespace_warn_scope_lets_an_unsigned_image_through_for_that_namesp
         with pytest.raises(grpc.RpcError) as again:
             pull("prod")
         assert again.value.code() is grpc.StatusCode.PERMISSION_DENIED
-    assert "for namespaces ml-dev (warn)" in pullgate.log_text()
+    assert "for pods in namespaces ml-dev (warn)" in pullgate.log_text()
     # The mirror without a pod's grant: refused, with a challenge and the reason.
     url = f"{pullgate.url}/v2/cri/dev/manifests/{unsigned.manifest_digest}?ns={REGISTRY}"
     request = urllib.request.Request(url, headers={"Accept": unsigned.media_type})
