@@ -11,7 +11,7 @@ both front ends before anything is served:
   after it in the cache directory; the mark holds no secret). A request for it must
   carry credentials (a pod's pull secret through the CRI, or a mirror client's
   ``Authorization``), and they are checked against the upstream with an authenticated
-  HEAD, cached or not. An accepted check is remembered for ``GRANT_TTL`` seconds,
+  HEAD, cached or not. An accepted check is remembered for ``ACCEPTED_TTL`` seconds,
   keyed by (registry, repository, a digest of the credentials), in memory only and
   bounded. The request then acts under those credentials upstream (``acting_as``).
 * A mark is re-checked with the node's identity after ``MARK_RECHECK`` seconds, so a
@@ -55,9 +55,9 @@ log = logging.getLogger("pullgate.access")
 
 T = TypeVar("T")
 
-GRANT_TTL = 60.0
+ACCEPTED_TTL = 60.0
 MARK_RECHECK = 60.0
-MAX_GRANTS = 4096
+MAX_ACCEPTED = 4096
 
 RepoKey = tuple[str, str]  # (registry, repository)
 
@@ -73,7 +73,7 @@ class RepositoryAccess:
         # Private repositories known to this process: when each was last confirmed.
         self._private: dict[RepoKey, float] = {}
         # (registry, repository, credentials fingerprint) -> accepted until (monotonic).
-        self._grants: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        self._accepted: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         self._checks: dict[tuple[str, str, str], asyncio.Future[OCIError | None]] = {}
 
     async def guard(
@@ -100,11 +100,11 @@ class RepositoryAccess:
                 log.info("repository %s/%s is private: %s", route.registry, repository, exc.message)
                 if credentials is None:
                     raise self._required(key, exc.message) from None
-        fetch_as = await self.check_credentials(route, repository, probe, credentials)
+        fetch_as = await self._check_credentials(route, repository, probe, credentials)
         with acting_as(fetch_as):
             return await call()
 
-    async def check_credentials(
+    async def _check_credentials(
         self, route: Route, repository: str, probe: str, credentials: Credentials | None
     ) -> Credentials:
         """The requester's credentials, once the upstream accepted them for a private
@@ -112,13 +112,13 @@ class RepositoryAccess:
         key = (route.registry, repository)
         if credentials is None:
             raise self._required(key, "the upstream refuses the node's own identity")
-        grant = (route.registry, repository, credentials.fingerprint)
-        until = self._grants.get(grant)
+        checked = (route.registry, repository, credentials.fingerprint)
+        until = self._accepted.get(checked)
         if until is not None and until > time.monotonic():
             self._metrics.access_checks.labels("cached").inc()
             return credentials
         refused = await self._single_flight(
-            grant, lambda: self._probe(route, repository, probe, credentials)
+            checked, lambda: self._probe(route, repository, probe, credentials)
         )
         if refused is not None:
             self._metrics.access_checks.labels("refused").inc()
@@ -127,10 +127,10 @@ class RepositoryAccess:
                 f"request's credentials: {refused.message}"
             )
         self._metrics.access_checks.labels("accepted").inc()
-        self._grants[grant] = time.monotonic() + GRANT_TTL
-        self._grants.move_to_end(grant)
-        while len(self._grants) > MAX_GRANTS:
-            self._grants.popitem(last=False)
+        self._accepted[checked] = time.monotonic() + ACCEPTED_TTL
+        self._accepted.move_to_end(checked)
+        while len(self._accepted) > MAX_ACCEPTED:
+            self._accepted.popitem(last=False)
         return credentials
 
     def _required(self, key: RepoKey, why: str) -> CredentialsRequired:
