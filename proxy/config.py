@@ -81,6 +81,7 @@ class Config:
     retries: RetryConfig = field(default_factory=RetryConfig)
     policy: Path | None = None
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line (proxy.cli.logs)
     cache: CacheConfig = field(default_factory=lambda: CacheConfig())
     # Serving processes (``workers``); None: one per usable core, at most
     # ``AUTO_WORKERS_MAX``. With more than one, a small supervisor runs them.
@@ -164,6 +165,7 @@ def load_config_file(path: Path, base: Config = DEFAULT_CONFIG) -> Config:
         "retries",
         "policy",
         "logLevel",
+        "logFormat",
         "cache",
         "adminListen",
         "workers",
@@ -207,6 +209,10 @@ def load_config_file(path: Path, base: Config = DEFAULT_CONFIG) -> Config:
         config = replace(config, policy=relative / str(doc["policy"]))
     if "logLevel" in doc:
         config = replace(config, log_level=str(doc["logLevel"]))
+    if "logFormat" in doc:
+        if doc["logFormat"] not in ("text", "json"):
+            raise ConfigError(f"{path}: logFormat must be text or json")
+        config = replace(config, log_format=str(doc["logFormat"]))
     if "timeouts" in doc:
         config = replace(config, timeouts=_dataclass_from(TimeoutConfig, doc["timeouts"], path))
     if "cache" in doc:

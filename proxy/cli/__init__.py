@@ -12,6 +12,7 @@ from pathlib import Path
 
 from proxy import __version__, node
 from proxy.cli import hosts as hosts_cli
+from proxy.cli import logs
 from proxy.config import (
     DEFAULT_CONFIG,
     Config,
@@ -29,7 +30,6 @@ from proxy.node.supervisor import Supervisor
 
 log = logging.getLogger("pullgate")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +126,12 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--policy", type=Path, metavar="FILE", help="signature policy (YAML)")
     parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format",
+        default=None,
+        choices=logs.FORMATS,
+        help="text lines (default) or one JSON object per line",
+    )
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -164,6 +170,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
         config = replace(config, runtime_dir=args.runtime_dir)
     if args.log_level:
         config = replace(config, log_level=args.log_level)
+    if getattr(args, "log_format", None):
+        config = replace(config, log_format=args.log_format)
     return validate(config)
 
 
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pullgate: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
+    logs.configure(config.log_level, config.log_format)
     if args.command == "serve":
         cri = CriEndpoints(args.cri_listen, args.cri_runtime_endpoint) if args.cri_listen else None
         return serve(config, cri=cri)

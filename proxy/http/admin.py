@@ -16,6 +16,7 @@ from proxy.http.app import (
     ROUTER_KEY,
     metrics_handler,
     oci_errors,
+    readyz_response,
 )
 from proxy.oci.errors import OCIError, PathInvalid, Unsupported
 from proxy.pipeline.prefetch import prefetch_all
@@ -90,8 +91,13 @@ def build_admin_app(main: web.Application) -> web.Application:
     admin.router.add_post("/admin/scrub", scrub_handler)
     admin.router.add_get("/metrics", metrics_handler)
     admin.router.add_get("/healthz", lambda _: _healthz())
+    admin.router.add_get("/readyz", lambda _: _readyz(main))
     return admin
 
 
 async def _healthz() -> web.Response:
     return web.Response(text="ok\n")
+
+
+async def _readyz(main: web.Application) -> web.Response:
+    return readyz_response(main)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
+from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy.cache.disk import DiskBlobStore
 from proxy.config import Config
 from proxy.http.sendfile import flush, sendfile, socket_fd
 from proxy.metrics import Metrics
@@ -36,6 +39,7 @@ from proxy.upstream.auth import credentials_from_header
 from proxy.upstream.router import Route, UpstreamRouter
 
 log = logging.getLogger("pullgate.http")
+access_log = logging.getLogger("pullgate.access")
 
 PIPELINE_KEY = web.AppKey("pipeline", Pipeline)
 ROUTER_KEY = web.AppKey("router", UpstreamRouter)
@@ -43,10 +47,13 @@ METRICS_KEY = web.AppKey("metrics", Metrics)
 CONFIG_KEY = web.AppKey("config", Config)
 
 POD_GRANT_KEY = web.RequestKey("pod_grant", PullGrant)
+# What the request's access log line says beyond method, path and status.
+ACCESS_FIELDS = web.RequestKey("access_fields", dict[str, Any])
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = frozenset({"GET", "HEAD"})
 MAX_QUERY_LENGTH = 2048
+QUIET_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -68,19 +75,13 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     metrics = request.app[METRICS_KEY]
     started = time.perf_counter()
     endpoint = "other"
+    fields = request[ACCESS_FIELDS] = {}
     try:
         response = await handler(request)
         endpoint = request.get("endpoint", "other")
     except OCIError as error:
         endpoint = request.get("endpoint", "other")
-        log.info(
-            "%s %s -> %d %s: %s",
-            request.method,
-            request.path_qs[:200],
-            error.status,
-            error.code,
-            error.message,
-        )
+        fields.update(code=error.code, reason=error.message)
         response = error_response(error, head=request.method == "HEAD")
     except web.HTTPException:
         raise
@@ -92,14 +93,53 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
             InternalError("internal error while handling the request; see pullgate's log"),
             head=request.method == "HEAD",
         )
+    elapsed = time.perf_counter() - started
     metrics.requests.labels(endpoint, request.method, str(response.status)).inc()
-    metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+    metrics.request_seconds.labels(endpoint).observe(elapsed)
+    _access_line(request, response, fields, elapsed)
     return response
+
+
+def _body_bytes(request: web.Request, response: web.StreamResponse) -> int:
+    """Body bytes sent (a streamed body), or about to be sent (a prepared one)."""
+    if response.prepared or request.method == "HEAD":
+        return response.body_length
+    return response.content_length or 0
+
+
+def _access_line(
+    request: web.Request, response: web.StreamResponse, fields: dict[str, Any], elapsed: float
+) -> None:
+    """One log line per request (``pullgate.access``): refusals by policy at WARNING.
+    Probes and scrapes (``/metrics``, ``/healthz``, ``/readyz``) are not logged."""
+    if request.path in QUIET_PATHS:
+        return
+    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    fields = {
+        "request_id": request_id,
+        "front": "mirror",
+        "method": request.method,
+        "path": request.path_qs[:300],
+        "status": response.status,
+        "bytes": _body_bytes(request, response),
+        "duration_ms": round(elapsed * 1000, 3),
+        **fields,
+    }
+    denied = fields.get("code") == "DENIED"
+    access_log.log(
+        logging.WARNING if denied else logging.INFO,
+        "%s %s -> %d%s",
+        request.method,
+        fields["path"],
+        response.status,
+        f" {fields['code']}: {fields['reason']}" if "code" in fields else "",
+        extra={"fields": fields},
+    )
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     raw_path, _, query = request.raw_path.partition("?")
-    if raw_path in ("/metrics", "/healthz"):
+    if raw_path in ("/metrics", "/healthz", "/readyz"):
         return await _admin(request, raw_path)
     # Writes are refused before the path is even parsed: whatever the path, the answer
     # to a push is that this mirror is read-only.
@@ -120,6 +160,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         headers["OCI-Namespace"] = route.registry
     handler, probe = _ENDPOINTS[parsed.endpoint]
     pipeline = request.app[PIPELINE_KEY]
+    reference = parsed.reference if parsed.reference is not None else parsed.digest
+    request[ACCESS_FIELDS].update(
+        registry=route.registry, repository=parsed.repository, reference=str(reference or "")
+    )
     try:
         credentials = credentials_from_header(request.headers.get("Authorization"))
     except ValueError as exc:
@@ -146,7 +190,34 @@ async def _admin(request: web.Request, path: str) -> web.StreamResponse:
     request["endpoint"] = path.strip("/")
     if path == "/healthz":
         return web.Response(text="ok\n")
+    if path == "/readyz":
+        return readyz_response(request.app)
     return await metrics_handler(request)
+
+
+def readyz_response(main: web.Application) -> web.Response:
+    """Ready when what this process serves from is in place: the policy it was given is
+    in force and the cache directory is writable. Upstreams are not asked: a registry
+    outage must not take every node's mirror out of service (the cache still serves).
+    While stopping, the listeners close, so the probe fails."""
+    checks: dict[str, str] = {}
+    problems: list[str] = []
+    pipeline = main[PIPELINE_KEY]
+    if main[CONFIG_KEY].policy is None:
+        checks["policy"] = "none configured (allow-all)"
+    elif pipeline.gate.policy_in_force:
+        checks["policy"] = f"in force (revision {pipeline.gate.revision[:16]})"
+    else:
+        problems.append(checks.setdefault("policy", "configured but not in force"))
+    store = pipeline.store
+    if not isinstance(store, DiskBlobStore):
+        checks["cache"] = "none (streaming only)"
+    elif os.access(store.blob_dir, os.W_OK | os.X_OK):
+        checks["cache"] = f"open ({store.blob_dir})"
+    else:
+        problems.append(checks.setdefault("cache", f"{store.blob_dir} is not writable"))
+    body = {"ready": not problems, "checks": checks}
+    return web.json_response(body, status=503 if problems else 200)
 
 
 async def metrics_handler(request: web.Request) -> web.StreamResponse:
@@ -183,6 +254,9 @@ async def _manifest(
             ) from None
         raise
     manifest = served.manifest
+    request[ACCESS_FIELDS].update(
+        digest=str(manifest.digest), verdict=served.verdict.mode, reason=served.verdict.reason
+    )
     headers["Docker-Content-Digest"] = str(manifest.digest)
     headers["Content-Type"] = manifest.media_type
     headers["ETag"] = f'"{manifest.digest}"'

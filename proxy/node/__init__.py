@@ -394,6 +394,16 @@ async def serve_node(
                 loop.remove_signal_handler(signum)
 
 
+def announce_serving(config: Config, detail: str = "") -> None:
+    """The line that says the node serves: on stdout, or a log line in JSON mode (so
+    that every line of output parses)."""
+    text = f"pullgate: serving on http://{config.listen_host}:{config.listen_port}{detail}"
+    if config.log_format == "json":
+        log.info("%s", text)
+    else:
+        print(text, flush=True)
+
+
 def serve(config: Config, *, cri: CriEndpoints | None = None) -> int:
     """``pullgate serve --workers 1``: one process, no supervisor. Exit code 0 after a
     graceful stop on SIGTERM/SIGINT, 2 if the policy does not load."""
@@ -407,7 +417,7 @@ def serve(config: Config, *, cri: CriEndpoints | None = None) -> int:
     import uvloop
 
     def ready() -> None:
-        print(f"pullgate: serving on http://{config.listen_host}:{config.listen_port}", flush=True)
+        announce_serving(config)
 
     try:
         uvloop.run(serve_node(node, cri=cri, on_ready=ready))

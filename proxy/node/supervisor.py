@@ -49,6 +49,7 @@ from proxy.node import (
     SHUTDOWN_GRACE,
     CriEndpoints,
     Role,
+    announce_serving,
     describe,
 )
 from proxy.verify.shared import SharedAllowances
@@ -149,11 +150,7 @@ class Supervisor:
             log.info("runtime directory %s", self._runtime)
             code = self._start_all()
             if code is None:
-                print(
-                    f"pullgate: serving on http://{self.config.listen_host}:"
-                    f"{self.config.listen_port} with {self.workers} workers",
-                    flush=True,
-                )
+                announce_serving(self.config, f" with {self.workers} workers")
                 self._supervise()
                 code = 0
             return self._stop_all(code)

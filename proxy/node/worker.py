@@ -12,7 +12,7 @@ import logging
 import socket
 import sys
 
-from proxy.cli import LOG_FORMAT
+from proxy.cli import logs
 from proxy.node import Node, serve_node
 from proxy.node.supervisor import READY, WorkerSpec, receive_spec
 from proxy.verify.base import PolicyError
@@ -27,10 +27,7 @@ def main() -> int:
     except (EOFError, OSError, TypeError) as exc:
         print(f"pullgate worker: no spec from the supervisor: {exc}", file=sys.stderr)
         return 1
-    logging.basicConfig(
-        level=spec.config.log_level.upper(),
-        format=LOG_FORMAT.replace("%(name)s", f"worker{spec.role.index} %(name)s"),
-    )
+    logs.configure(spec.config.log_level, spec.config.log_format, worker=spec.role.index)
     try:
         node = Node.build(spec.config, spec.role)
     except PolicyError as exc:

@@ -273,3 +273,64 @@ async def test_upstream_down_is_503_with_oci_error_json(policy_file: Path) -> No
         error = await _oci_error(response)
         assert error["code"] == "UPSTREAM_UNAVAILABLE"
         assert "cannot connect to upstream" in error["message"]
+
+
+# ---- readiness and the access log -----------------------------------------------------
+
+
+async def test_readyz_is_ready_with_the_policy_in_force_and_no_upstream_asked(
+    mirror: Mirror, upstream: FakeRegistry
+) -> None:
+    seen = len(upstream.seen)
+    response = await mirror.client.get("/readyz")
+    assert response.status == 200
+    body = await response.json()
+    assert body["ready"] is True
+    assert body["checks"]["policy"].startswith("in force (revision ")
+    assert body["checks"]["cache"] == "none (streaming only)"
+    assert len(upstream.seen) == seen  # readiness never depends on the upstream
+
+
+async def test_readyz_is_not_ready_when_the_cache_directory_is_gone(
+    upstream: FakeRegistry, image: Image, policy_file: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    async with (
+        serve_fake_registry(upstream) as url,
+        start_mirror(mirror_config(url, policy=policy_file, cache_dir=cache)) as running,
+    ):
+        assert (await running.client.get("/readyz")).status == 200
+        (cache / "blobs").rename(tmp_path / "moved-away")
+        response = await running.client.get("/readyz")
+        assert response.status == 503
+        body = await response.json()
+        assert body["ready"] is False and "is not writable" in body["checks"]["cache"]
+
+
+async def test_each_request_has_one_access_line_and_denials_are_warnings(
+    mirror: Mirror, upstream: FakeRegistry, image: Image, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream.add_image("other/tool", "2", b"tool layer")
+    with caplog.at_level(logging.INFO, logger="pullgate.access"):
+        allowed = await mirror.client.get(
+            "/v2/app/web/manifests/1.0", headers={"X-Request-Id": "req-1"}
+        )
+        await allowed.read()
+        refused = await mirror.client.get("/v2/other/tool/manifests/2")
+        await refused.read()
+        await (await mirror.client.get("/metrics")).read()  # scrapes are not logged
+    lines = [r for r in caplog.records if r.name == "pullgate.access"]
+    assert len(lines) == 2
+    served, denied = (r.fields for r in lines)
+    assert lines[0].levelno == logging.INFO and lines[1].levelno == logging.WARNING
+    assert served["request_id"] == "req-1" and served["front"] == "mirror"
+    assert (served["status"], served["bytes"]) == (200, len(image.manifest))
+    assert (served["registry"], served["repository"], served["reference"]) == (
+        REGISTRY,
+        "app/web",
+        "1.0",
+    )
+    assert served["digest"] == str(image.digest) and served["verdict"] == "allow"
+    assert denied["status"] == 403 and denied["code"] == "DENIED"
+    assert "no policy scope matches" in denied["reason"]
+    assert len(denied["request_id"]) == 16  # made up when the client sent none
