@@ -122,6 +122,39 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.signature_checks = Counter(
+            "pullgate_signature_checks",
+            "Signature requirements checked, by format (cosign, notation, modelSigning), the"
+            " requirement as configured (one series per policy entry) and result",
+            ["format", "requirement", "result"],
+            registry=r,
+        )
+        self.fill_joins = Counter(
+            "pullgate_fill_joins",
+            "Requests that joined a blob fill already under way (single flight), in this"
+            " worker or followed from another",
+            registry=r,
+        )
+        self.cache_capacity = Gauge(
+            "pullgate_cache_capacity_bytes",
+            "Configured cache size limit",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.build_info = Gauge(
+            "pullgate_build_info",
+            "Always 1; the version",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.policy_info = Gauge(
+            "pullgate_policy_info",
+            "1 for the revision of the policy in force (0 for one replaced), with its source",
+            ["revision", "source"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.fill_bytes = Counter(
             "pullgate_cache_fill_bytes",
             "Blob bytes written into the cache, by how: direct (O_DIRECT, around the page"

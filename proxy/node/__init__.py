@@ -173,6 +173,9 @@ class Node:
         """
         role = role or Role()
         metrics = Metrics(worker=role.index)
+        metrics.build_info.labels(__version__).set(1)
+        if config.cache.dir is not None:
+            metrics.cache_capacity.set(config.cache.max_bytes)
         shared: SharedAllowances | None = None
         if role.shared and config.policy is not None and gate is None:
             if role.runtime_dir is None:

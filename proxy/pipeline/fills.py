@@ -363,6 +363,7 @@ class FillTable:
         if it gets the store's fill lease, else a ``Follow`` of the process that has it."""
         fill = self._fills.get(digest)
         if fill is not None and not fill.done:
+            self._metrics.fill_joins.inc()
             return fill
         lease: FillLease | None
         try:
@@ -373,6 +374,7 @@ class FillTable:
             log.warning("cannot take the fill lock of blob %s: %s", digest, exc)
             lease = SoleLease()
         if lease is None:
+            self._metrics.fill_joins.inc()
             follow = Follow(digest=digest, files=self._store.fill_files(digest))
             self._start(follow, self._follow(follow))
             return follow

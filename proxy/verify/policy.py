@@ -53,7 +53,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
@@ -112,9 +112,14 @@ class Requirement(Protocol):
         """A short label for denials."""
 
     async def evaluate(
-        self, subject: Subject, source: ArtifactSource, limits: Limits
+        self,
+        subject: Subject,
+        source: ArtifactSource,
+        limits: Limits,
+        observe: LeafObserver | None = None,
     ) -> CheckResult:
-        """Whether the subject satisfies this requirement, with the reason."""
+        """Whether the subject satisfies this requirement, with the reason; ``observe``
+        hears each verifier's result (metrics)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +131,24 @@ class Leaf:
     def describe(self) -> str:
         return self.verifier.describe()
 
+    @property
+    def format(self) -> str:
+        """The signature format: cosign, notation or modelSigning."""
+        return self.describe().split(" ", 1)[0]
+
     async def evaluate(
+        self,
+        subject: Subject,
+        source: ArtifactSource,
+        limits: Limits,
+        observe: LeafObserver | None = None,
+    ) -> CheckResult:
+        result = await self._verify(subject, source, limits)
+        if observe is not None:
+            observe(self, result)
+        return result
+
+    async def _verify(
         self, subject: Subject, source: ArtifactSource, limits: Limits
     ) -> CheckResult:
         # Verifiers report failures as CheckResult; anything they raise anyway is still
@@ -146,6 +168,9 @@ class Leaf:
                 "verifier %s failed on %s@%s", self.describe(), subject.name, subject.digest
             )
             return CheckResult(False, f"verifier error ({type(exc).__name__}); see pullgate's log")
+
+
+LeafObserver = Callable[[Leaf, CheckResult], None]
 
 
 def _failure(child: Requirement, result: CheckResult) -> str:
@@ -170,11 +195,15 @@ class AllOf:
         return "allOf[" + ", ".join(c.describe() for c in self.children) + "]"
 
     async def evaluate(
-        self, subject: Subject, source: ArtifactSource, limits: Limits
+        self,
+        subject: Subject,
+        source: ArtifactSource,
+        limits: Limits,
+        observe: LeafObserver | None = None,
     ) -> CheckResult:
         passed = []
         for child in self.children:
-            result = await child.evaluate(subject, source, limits)
+            result = await child.evaluate(subject, source, limits, observe)
             if not result.ok:
                 return CheckResult(False, f"allOf failed: {_failure(child, result)}")
             passed.append(result.reason)
@@ -196,11 +225,15 @@ class AnyOf:
         return "anyOf[" + ", ".join(c.describe() for c in self.children) + "]"
 
     async def evaluate(
-        self, subject: Subject, source: ArtifactSource, limits: Limits
+        self,
+        subject: Subject,
+        source: ArtifactSource,
+        limits: Limits,
+        observe: LeafObserver | None = None,
     ) -> CheckResult:
         failures = []
         for child in self.children:
-            result = await child.evaluate(subject, source, limits)
+            result = await child.evaluate(subject, source, limits, observe)
             if result.ok:
                 return result
             failures.append(_failure(child, result))

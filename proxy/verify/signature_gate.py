@@ -57,8 +57,8 @@ from proxy.oci.digest import Digest
 from proxy.oci.errors import UpstreamUnavailable
 from proxy.oci.manifest import Manifest
 from proxy.pipeline.gate import ArtifactSource, Pod, RepoKey, Verdict
-from proxy.verify.base import Subject
-from proxy.verify.policy import Policy, Scope, truncate
+from proxy.verify.base import CheckResult, Subject
+from proxy.verify.policy import Leaf, Policy, Scope, truncate
 from proxy.verify.shared import BLOBS, CHILDREN, Grant, SharedAllowances
 from proxy.verify.verdicts import VerdictCache, VerdictKey
 
@@ -267,6 +267,7 @@ class SignatureGate:
         # (repo, artifact type) -> fingerprint under the policy in force.
         self._fingerprints: dict[tuple[RepoKey, str | None], str] = {}
         self._log_policy(policy, "loaded")
+        self._policy_info(None, policy)
 
     @property
     def policy(self) -> Policy:
@@ -295,6 +296,7 @@ class SignatureGate:
             return False
         old = self._policy
         self._policy = policy
+        self._policy_info(old, policy)
         self._verdicts.clear()
         self._fingerprints.clear()
         self._retain_allowances(policy)
@@ -715,7 +717,9 @@ class SignatureGate:
         outcome = "error"
         try:
             async with asyncio.timeout(deadline):
-                result = await scope.require.evaluate(subject, source, policy.limits)
+                result = await scope.require.evaluate(
+                    subject, source, policy.limits, self._observe_leaf
+                )
             outcome = "verified" if result.ok else "refused"
         except TimeoutError:
             outcome = "deadline"
@@ -728,6 +732,13 @@ class SignatureGate:
                     time.perf_counter() - started
                 )
         return self._scoped(scope, ok=result.ok, reason=result.reason, fingerprint=fingerprint)
+
+    def _observe_leaf(self, leaf: Leaf, result: CheckResult) -> None:
+        """Per-signer counts: one series per configured requirement (bounded by the
+        policy), by format and result."""
+        if self._metrics is not None:
+            outcome = "verified" if result.ok else "refused"
+            self._metrics.signature_checks.labels(leaf.format, leaf.describe(), outcome).inc()
 
     @staticmethod
     def _scoped(scope: Scope, *, ok: bool, reason: str, fingerprint: str) -> Decision:
@@ -762,6 +773,13 @@ class SignatureGate:
         # Anything but an explicit allow/warn refuses: a typo never opens the gate.
         verdict = Verdict(allowed=False, reason=reason, scope=DEFAULT_SCOPE, mode="enforce")
         return Decision(verdict, fingerprint=fingerprint)
+
+    def _policy_info(self, old: Policy | None, new: Policy) -> None:
+        if self._metrics is None:
+            return
+        if old is not None:
+            self._metrics.policy_info.labels(old.revision[:16], old.source).set(0)
+        self._metrics.policy_info.labels(new.revision[:16], new.source).set(1)
 
     def _log_policy(self, policy: Policy, verb: str) -> None:
         log.info(
