@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_prefetch(args.admin, args.references, timeout=args.timeout)
     if args.command == "install-hosts":
         return hosts_cli.run(args)
+    if args.command == "doctor":
+        return hosts_cli.run_doctor(args)
     try:
         config = resolve_config(args)
     except ConfigError as exc:

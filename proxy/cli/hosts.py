@@ -1,12 +1,20 @@
-"""``pullgate install-hosts``: point containerd at pullgate with no fallback."""
+"""``pullgate install-hosts`` and ``pullgate doctor``: point containerd at pullgate with
+no fallback, undo that, and find every hosts.toml that lets containerd bypass it."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from proxy.cli import hoststoml
+from proxy.config import Config, ConfigError, load_config_file
+from proxy.verify.base import PolicyError
+from proxy.verify.policy import load_policy
+
+DEFAULT_SERVER = "http://127.0.0.1:5050"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -15,22 +23,117 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="write containerd certs.d/<registry>/hosts.toml files routing pulls to pullgate",
     )
     hosts.add_argument("--certs-dir", type=Path, required=True, metavar="DIR")
-    hosts.add_argument("--server", default="http://127.0.0.1:5050", metavar="URL")
+    hosts.add_argument("--server", default=DEFAULT_SERVER, metavar="URL")
     hosts.add_argument(
         "--registry",
         action="append",
         metavar="NAME",
-        help="registry name as containerd sees it (repeatable; default: _default, i.e. all)",
+        help="registry name as containerd sees it (repeatable; _default is always written)",
+    )
+    hosts.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="pullgate's YAML config: write a hosts.toml for each of its upstreams too",
+    )
+    hosts.add_argument(
+        "--restore",
+        action="store_true",
+        help="put back the files install-hosts backed up and remove the ones it added",
+    )
+    doctor = sub.add_parser(
+        "doctor",
+        help="report hosts.toml files that let containerd bypass pullgate (exit 1 if any)",
+    )
+    doctor.add_argument("--certs-dir", type=Path, required=True, metavar="DIR")
+    doctor.add_argument(
+        "--server", default=DEFAULT_SERVER, metavar="URL", help="pullgate's address"
+    )
+    doctor.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="pullgate's YAML config: check its upstreams, policy and trust files too",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    registries: list[str] = args.registry or [hoststoml.DEFAULT_REGISTRY]
+    """``install-hosts``: exit 0 when every file is in place, 2 when it could not be."""
     try:
-        for registry in registries:
-            path = hoststoml.write(args.certs_dir, registry, args.server)
-            print(f"wrote {path}: server {args.server}, no fallback host")
-    except (hoststoml.HostsTomlError, OSError) as exc:
+        if args.restore:
+            for line in hoststoml.restore(args.certs_dir):
+                print(line)
+            return 0
+        registries = [hoststoml.DEFAULT_REGISTRY, *(args.registry or [])]
+        if args.config is not None:
+            registries += list(load_config_file(args.config).upstreams)
+        for registry in dict.fromkeys(registries):
+            for line in hoststoml.install(args.certs_dir, registry, args.server):
+                print(line)
+    except (hoststoml.HostsTomlError, ConfigError, OSError) as exc:
         print(f"pullgate install-hosts: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    """``doctor``: exit 0 when clean, 1 with one line per finding, 2 on bad arguments."""
+    try:
+        hoststoml.render(args.server)
+    except hoststoml.HostsTomlError as exc:
+        print(f"pullgate doctor: {exc}", file=sys.stderr)
+        return 2
+    findings: list[tuple[Path, str]] = []
+    registries: list[str] = []
+    if args.config is not None:
+        try:
+            config = load_config_file(args.config)
+        except ConfigError as exc:
+            findings.append((args.config, f"config does not load: {exc}"))
+        else:
+            registries = list(config.upstreams)
+            findings += check_config(args.config, config)
+    findings += hoststoml.diagnose(args.certs_dir, args.server, registries)
+    for path, reason in findings:
+        print(f"{path}: {reason}")
+    if findings:
+        print(f"pullgate doctor: {len(findings)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"pullgate doctor: {args.certs_dir} routes every pull to {args.server}, no fallback")
+    return 0
+
+
+def check_config(path: Path, config: Config) -> list[tuple[Path, str]]:
+    """Upstream URLs that do not parse, and trust or credential files that cannot be read."""
+    findings: list[tuple[Path, str]] = []
+    for upstream in config.upstreams.values():
+        try:
+            parts = urlsplit(upstream.url)
+            parts.port  # noqa: B018 -- raises ValueError for a bad port
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("needs http:// or https:// and a host")
+        except ValueError as exc:
+            findings.append((path, f"upstream {upstream.name}: url {upstream.url!r}: {exc}"))
+        if upstream.ca_file is not None:
+            findings += _unreadable(upstream.ca_file, f"upstream {upstream.name} caFile")
+    if config.docker_config is not None:
+        findings += _unreadable(config.docker_config, "dockerConfig")
+    if config.policy is None:
+        findings.append((path, "no policy: pullgate lets every image through unverified"))
+    else:
+        try:
+            load_policy(config.policy)
+        except (PolicyError, OSError) as exc:
+            findings.append((config.policy, f"policy does not load: {exc}"))
+    return findings
+
+
+def _unreadable(path: Path, what: str) -> list[tuple[Path, str]]:
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        return [(path, f"{what} is not readable: {exc.strerror or exc}")]
+    if not os.path.isfile(path):
+        return [(path, f"{what} is not a file")]
+    return []
