@@ -31,7 +31,6 @@ from proxy.node.supervisor import Supervisor
 log = logging.getLogger("pullgate")
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pullgate", description="Verifying pull-through OCI registry mirror"
