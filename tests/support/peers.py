@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -416,3 +417,48 @@ http {{
         self._spawn([binary, "-c", str(w / "nginx.conf"), "-p", str(w)], cwd=w)
         wait_http(f"{self.url}/", process=self.process, ok=(200, 403, 404))
         return self
+
+
+class Prometheus(_Process):
+    """Debian's ``prometheus``, on a free loopback port, scraping ``targets`` each second."""
+
+    def __init__(self, workdir: Path, targets: Sequence[str]) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.targets = list(targets)
+        self.log_path = workdir / "prometheus.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Self:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+            "scrape_configs": [
+                {"job_name": "pullgate", "static_configs": [{"targets": self.targets}]}
+            ],
+        }
+        config_path = self.workdir / "prometheus.yml"
+        config_path.write_text(json.dumps(config))  # JSON is YAML
+        self._spawn(
+            [
+                "prometheus",
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            cwd=self.workdir,
+        )
+        wait_http(f"{self.url}/-/ready", process=self.process, timeout=60)
+        return self
+
+    def query(self, expression: str) -> list[dict[str, Any]]:
+        """The instant vector ``expression`` evaluates to, through the HTTP API."""
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.loads(response.read())
+        assert body["status"] == "success", body
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
