@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import urllib.error
@@ -19,6 +20,7 @@ from tests.support.peers import Prometheus, Pullgate, Registry
 
 pytestmark = pytest.mark.integration
 REGISTRY = "registry.example.test"
+DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "pullgate-dashboard.json"
 
 
 def _get(url: str) -> int:
@@ -90,6 +92,11 @@ def test_prometheus_reads_back_the_verdicts_and_bytes_of_an_allowed_and_a_refuse
     assert [c["metric"]["requirement"] for c in checks] == ["cosign key keys/release.pub"]
     (info,) = prometheus.query("pullgate_policy_info == 1")
     assert len(info["metric"]["revision"]) == 16
+    # Every query of the Grafana dashboard is one Prometheus evaluates.
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            prometheus.query(target["expr"])  # asserts status "success"
 
 
 def test_promtool_accepts_pullgates_metrics(
