@@ -122,6 +122,14 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.first_byte = Histogram(
+            "pullgate_first_byte_seconds",
+            "Time from a request's arrival until its response starts, by kind (manifest,"
+            " blob) and source (cache, fill, upstream)",
+            ["kind", "source"],
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
         self.signature_checks = Counter(
             "pullgate_signature_checks",
             "Signature requirements checked, by format (cosign, notation, modelSigning), the"

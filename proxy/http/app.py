@@ -49,6 +49,7 @@ CONFIG_KEY = web.AppKey("config", Config)
 POD_GRANT_KEY = web.RequestKey("pod_grant", PullGrant)
 # What the request's access log line says beyond method, path and status.
 ACCESS_FIELDS = web.RequestKey("access_fields", dict[str, Any])
+STARTED_AT = web.RequestKey("started_at", float)
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = frozenset({"GET", "HEAD"})
@@ -76,6 +77,7 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     started = time.perf_counter()
     endpoint = "other"
     fields = request[ACCESS_FIELDS] = {}
+    request[STARTED_AT] = started
     try:
         response = await handler(request)
         endpoint = request.get("endpoint", "other")
@@ -98,6 +100,15 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     metrics.request_seconds.labels(endpoint).observe(elapsed)
     _access_line(request, response, fields, elapsed)
     return response
+
+
+_BLOB_SOURCES: dict[type, str] = {BlobFile: "cache", FillReader: "fill", BlobStream: "upstream"}
+
+
+def _first_byte(request: web.Request, kind: str, source: str) -> None:
+    """Time to the first byte: from the request's arrival until its response starts."""
+    elapsed = time.perf_counter() - request[STARTED_AT]
+    request.app[METRICS_KEY].first_byte.labels(kind, source).observe(elapsed)
 
 
 def _body_bytes(request: web.Request, response: web.StreamResponse) -> int:
@@ -263,6 +274,7 @@ async def _manifest(
     if request.method == "HEAD":
         headers["Content-Length"] = str(len(manifest.raw))
         return web.Response(status=200, headers=headers)
+    _first_byte(request, "manifest", "cache" if served.offline else "upstream")
     return web.Response(body=manifest.raw, status=200, headers=headers)
 
 
@@ -332,6 +344,8 @@ async def _send_body(
     sink = _ResponseSink(request, response, pipeline.hash_pool)
     try:
         await response.prepare(request)
+        source = _BLOB_SOURCES.get(type(blob), "upstream")
+        _first_byte(request, "blob", source)
         if isinstance(blob, BlobFile):
             start = byte_range.start if byte_range else 0
             await pipeline.send_cached(blob, start, length or 0, sink)

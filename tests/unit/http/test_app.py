@@ -334,3 +334,21 @@ async def test_each_request_has_one_access_line_and_denials_are_warnings(
     assert denied["status"] == 403 and denied["code"] == "DENIED"
     assert "no policy scope matches" in denied["reason"]
     assert len(denied["request_id"]) == 16  # made up when the client sent none
+
+
+async def test_time_to_first_byte_is_observed_by_kind_and_source(
+    mirror: Mirror, image: Image
+) -> None:
+    def count(kind: str, source: str) -> float:
+        labels = {"kind": kind, "source": source}
+        value = mirror.metrics.registry.get_sample_value(
+            "pullgate_first_byte_seconds_count", labels
+        )
+        return value or 0.0
+
+    assert count("manifest", "upstream") == 0 and count("blob", "upstream") == 0
+    await (await mirror.client.get("/v2/app/web/manifests/1.0")).read()
+    await (await mirror.client.get(f"/v2/app/web/blobs/{image.layers[0]}")).read()
+    assert count("manifest", "upstream") == 1
+    assert count("blob", "upstream") == 1  # no cache: streamed from the upstream
+    assert count("blob", "cache") == 0
