@@ -33,15 +33,13 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "daemonset"
 NAMESPACE = "pullgate-system"
 # Kustomizations that must exist; any other one found under deploy/daemonset is checked too.
-EXPECTED = {"base", "overlays/gpu-nodes", "monitoring"}
-WITH_DAEMONSET = sorted(
-    str(p.parent.relative_to(DEPLOY))
-    for p in DEPLOY.rglob("kustomization.yaml")
-    if str(p.parent.relative_to(DEPLOY)) != "monitoring"
-)
+EXPECTED = {"base", "overlays/gpu-nodes", "monitoring", "uninstall"}
 KUSTOMIZATIONS = sorted(
     str(p.parent.relative_to(DEPLOY)) for p in DEPLOY.rglob("kustomization.yaml")
 )
+# Those that deploy pullgate itself (every one but the PodMonitor and the uninstaller).
+WITH_DAEMONSET = [k for k in KUSTOMIZATIONS if k not in {"monitoring", "uninstall"}]
+RESTORE_HOSTS = ["pullgate", "install-hosts", "--certs-dir", "/host/certs.d", "--restore"]
 INSTALL_HOSTS = [
     "pullgate",
     "install-hosts",
@@ -347,6 +345,19 @@ def test_install_hosts_init_container_writes_every_registry(kustomization: str) 
     certs = volumes[mounts["/host/certs.d"]["name"]]
     assert certs["hostPath"]["path"] == "/etc/containerd/certs.d"
     assert mounts["/etc/pullgate/config.yaml"]["subPath"] == "config.yaml"
+
+
+def test_uninstall_restores_the_hosts_files_pullgate_replaced() -> None:
+    pod = _pod(_render_copy("uninstall"))
+    restore = _container(pod, "restore-hosts", init=True)
+    assert restore["command"] == RESTORE_HOSTS
+    [mount] = restore["volumeMounts"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    installed = _pod(_render_copy("base"))
+    [certs] = [v for v in installed["volumes"] if v["name"] == "certs-d"]
+    assert mount["mountPath"] == "/host/certs.d"
+    assert volume["hostPath"]["path"] == certs["hostPath"]["path"]
+    assert {"operator": "Exists"} in pod["tolerations"], "every node, tainted or not"
 
 
 @pytest.mark.parametrize("kustomization", WITH_DAEMONSET)
