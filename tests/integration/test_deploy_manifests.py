@@ -25,7 +25,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from proxy.config import parse_size
+from proxy.config import load_config_file, parse_size, validate
 from proxy.verify.notation import load_trust_policy
 from proxy.verify.policy import MATERIAL_FIELDS
 
@@ -251,6 +251,27 @@ def test_every_file_the_policy_names_is_mounted_where_it_resolves(kustomization:
                     assert any(f.parent == directory for f in files), f"nothing in {directory}"
         else:
             assert resolved in files, f"{field}: {resolved} is not mounted"
+
+
+@pytest.mark.parametrize("kustomization", WITH_DAEMONSET)
+def test_the_config_loads_and_its_paths_are_mounted(kustomization: str, tmp_path: Path) -> None:
+    objects = _render_copy(kustomization)
+    written = tmp_path / "config.yaml"
+    written.write_text(_one(objects, "ConfigMap")["data"]["config.yaml"])
+    config = validate(load_config_file(written))
+    pod = _pod(objects)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {
+        m["mountPath"]: volumes[m["name"]] for m in _container(pod, "pullgate")["volumeMounts"]
+    }
+    assert config.cache.dir is not None and config.runtime_dir is not None
+    assert "hostPath" in mounts[str(config.cache.dir)], "the cache must outlive the pod"
+    assert mounts[str(config.runtime_dir)]["emptyDir"]["medium"] == "Memory"
+    cache_owner = _container(pod, "cache-owner", init=True)
+    assert cache_owner["command"][-1] == str(config.cache.dir)
+    user = _container(pod, "pullgate")["securityContext"]["runAsUser"]
+    assert f"{user}:" in cache_owner["command"][-2], "the cache goes to the serving user"
+    assert config.workers is not None
 
 
 @pytest.mark.parametrize("kustomization", WITH_DAEMONSET)
