@@ -77,6 +77,14 @@ class Metrics:
         self.verdicts = Counter(
             "pullgate_verdicts", "Manifest verdicts", ["result", "mode", "front"], registry=r
         )
+        self.verdict_reasons = Counter(
+            "pullgate_verdict_reasons",
+            "Manifest verdicts by what decided them: verified, index (covered by a"
+            " verified index), unverified (mode allow), warn, refused, deadline, no_scope,"
+            " no_policy",
+            ["class", "front"],
+            registry=r,
+        )
         self.denied = Counter(
             "pullgate_denied", "Requests refused by policy", ["kind", "front"], registry=r
         )

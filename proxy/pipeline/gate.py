@@ -52,6 +52,9 @@ class Verdict:
     scope: str = ""
     mode: str = "enforce"
     details: tuple[str, ...] = field(default_factory=tuple)
+    reason_class: str = ""
+    """What decided it, for metrics: verified, index, unverified, warn, refused,
+    deadline, no_scope, no_policy ("" when unknown)."""
 
 
 class ArtifactSource(Protocol):
@@ -125,7 +128,12 @@ class AllowAllGate:
         *,
         pod: Pod | None = None,
     ) -> Verdict:
-        return Verdict(allowed=True, reason="no policy configured (allow-all)", mode="allow")
+        return Verdict(
+            allowed=True,
+            reason="no policy configured (allow-all)",
+            mode="allow",
+            reason_class="no_policy",
+        )
 
     def blob_allowed(self, repo: RepoKey, digest: Digest) -> bool:
         return True

@@ -158,6 +158,7 @@ class ManifestPath:
         verified_at = time.time()
         result = "allow" if verdict.allowed else "deny"
         self.metrics.verdicts.labels(result, verdict.mode, front).inc()
+        self.metrics.verdict_reasons.labels(verdict.reason_class or "unknown", front).inc()
         if not verdict.allowed:
             self.metrics.denied.labels("manifest", front).inc()
             log.warning("denied %s@%s: %s", repo, manifest.digest, verdict.reason)

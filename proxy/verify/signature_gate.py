@@ -103,6 +103,7 @@ class Decision:
                 "scope": v.scope,
                 "mode": v.mode,
                 "details": list(v.details),
+                "class": v.reason_class,
                 "verified": self.verified,
                 "coverChildren": self.cover_children,
                 "wouldRefuse": self.would_refuse,
@@ -121,6 +122,7 @@ class Decision:
                 scope=str(doc["scope"]),
                 mode=str(doc["mode"]),
                 details=tuple(str(d) for d in doc["details"]),
+                reason_class=str(doc.get("class", "")),
             )
             return cls(
                 verdict,
@@ -701,6 +703,7 @@ class SignatureGate:
                     reason=f"{scope.label()}: verification skipped by policy (mode allow)",
                     scope=scope.match,
                     mode="allow",
+                    reason_class="unverified",
                 ),
                 fingerprint=fingerprint,
             )
@@ -724,7 +727,9 @@ class SignatureGate:
         except TimeoutError:
             outcome = "deadline"
             reason = f"{DEADLINE_EXCEEDED} ({deadline:g}s)"
-            return self._scoped(scope, ok=False, reason=reason, fingerprint=fingerprint)
+            return self._scoped(
+                scope, ok=False, reason=reason, fingerprint=fingerprint, failed_as="deadline"
+            )
         finally:
             # The registry being down is no verdict: it propagates (5xx), never cached.
             if self._metrics is not None:
@@ -741,11 +746,19 @@ class SignatureGate:
             self._metrics.signature_checks.labels(leaf.format, leaf.describe(), outcome).inc()
 
     @staticmethod
-    def _scoped(scope: Scope, *, ok: bool, reason: str, fingerprint: str) -> Decision:
+    def _scoped(
+        scope: Scope, *, ok: bool, reason: str, fingerprint: str, failed_as: str = "refused"
+    ) -> Decision:
         text = truncate(f"{scope.label()}: {reason}")
         cover = scope.cover_children
         if ok:
-            verdict = Verdict(allowed=True, reason=text, scope=scope.match, mode=scope.mode)
+            verdict = Verdict(
+                allowed=True,
+                reason=text,
+                scope=scope.match,
+                mode=scope.mode,
+                reason_class="verified",
+            )
             return Decision(verdict, verified=True, cover_children=cover, fingerprint=fingerprint)
         if scope.mode == "warn":
             log.warning("mode warn: serving what enforce would refuse: %s", text)
@@ -754,9 +767,16 @@ class SignatureGate:
                 reason=f"would be refused (mode warn): {text}",
                 scope=scope.match,
                 mode="warn",
+                reason_class="warn",
             )
             return Decision(verdict, fingerprint=fingerprint, would_refuse=True)
-        verdict = Verdict(allowed=False, reason=text, scope=scope.match, mode=scope.mode)
+        verdict = Verdict(
+            allowed=False,
+            reason=text,
+            scope=scope.match,
+            mode=scope.mode,
+            reason_class=failed_as,
+        )
         return Decision(verdict, fingerprint=fingerprint)
 
     @staticmethod
@@ -764,14 +784,28 @@ class SignatureGate:
         reason = f"no policy scope matches {repo} and default is {policy.default}"
         if policy.default == "allow":
             log.warning("%s served UNVERIFIED: %s", repo, reason)
-            verdict = Verdict(allowed=True, reason=reason, scope=DEFAULT_SCOPE, mode="allow")
+            verdict = Verdict(
+                allowed=True,
+                reason=reason,
+                scope=DEFAULT_SCOPE,
+                mode="allow",
+                reason_class="unverified",
+            )
             return Decision(verdict, fingerprint=fingerprint)
         if policy.default == "warn":
             log.warning("default warn: serving unverified: %s", reason)
-            verdict = Verdict(allowed=True, reason=reason, scope=DEFAULT_SCOPE, mode="warn")
+            verdict = Verdict(
+                allowed=True, reason=reason, scope=DEFAULT_SCOPE, mode="warn", reason_class="warn"
+            )
             return Decision(verdict, fingerprint=fingerprint, would_refuse=True)
         # Anything but an explicit allow/warn refuses: a typo never opens the gate.
-        verdict = Verdict(allowed=False, reason=reason, scope=DEFAULT_SCOPE, mode="enforce")
+        verdict = Verdict(
+            allowed=False,
+            reason=reason,
+            scope=DEFAULT_SCOPE,
+            mode="enforce",
+            reason_class="no_scope",
+        )
         return Decision(verdict, fingerprint=fingerprint)
 
     def _policy_info(self, old: Policy | None, new: Policy) -> None:
@@ -813,6 +847,7 @@ _COVERED_DECISION = Decision(
         reason="covered by the signature of a verified index in this repository",
         scope=COVERED,
         mode="enforce",
+        reason_class="index",
     ),
     verified=True,
     cover_children=True,

@@ -90,6 +90,8 @@ def test_prometheus_reads_back_the_verdicts_and_bytes_of_an_allowed_and_a_refuse
     assert served >= len(layer)
     checks = prometheus.query('pullgate_signature_checks_total{format="cosign",result="refused"}')
     assert [c["metric"]["requirement"] for c in checks] == ["cosign key keys/release.pub"]
+    classes = {r["metric"]["class"] for r in prometheus.query("pullgate_verdict_reasons_total > 0")}
+    assert {"verified", "refused"} <= classes
     (info,) = prometheus.query("pullgate_policy_info == 1")
     assert len(info["metric"]["revision"]) == 16
     # Every query of the Grafana dashboard is one Prometheus evaluates.

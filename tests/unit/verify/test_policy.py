@@ -10,6 +10,7 @@ import hashlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -24,6 +25,7 @@ from proxy.verify.policy import (
     AllOf,
     AnyOf,
     Leaf,
+    Mode,
     Policy,
     Scope,
     glob_to_regex,
@@ -820,3 +822,38 @@ async def test_a_namespace_warn_decision_is_that_pods_alone_and_never_serves_ano
     # One evaluation per context (ml-dev; without a pod, shared by prod, whose scope is
     # the same): the cached decisions were served apart.
     assert len(unsigned.calls) == 2
+
+
+async def test_each_verdict_says_what_decided_it() -> None:
+    good, bad = FakeVerifier("cosign key good"), FakeVerifier("cosign key bad", ok=False)
+    slow = FakeVerifier("cosign key slow", delay=5)
+
+    def scoped(match: str, require: Leaf, mode: str = "enforce") -> Scope:
+        return Scope(
+            match=match,
+            mode=cast(Mode, mode),
+            require=require,
+            _regex=glob_to_regex(match),
+        )
+
+    policy = dataclasses.replace(
+        with_scopes(
+            scoped("registry.example.test/ok/**", Leaf(good)),
+            scoped("registry.example.test/bad/**", Leaf(bad)),
+            scoped("registry.example.test/dev/**", Leaf(bad), mode="warn"),
+            scoped("registry.example.test/slow/**", Leaf(slow)),
+        ),
+        limits=Limits(deadline_seconds=0.05),
+    )
+    gate = SignatureGate(policy)
+    classes = {}
+    for name in ("ok", "bad", "dev", "slow", "nowhere"):
+        verdict = await gate.check_manifest(RepoKey(REPO.registry, f"{name}/app"), image(), SOURCE)
+        classes[name] = (verdict.allowed, verdict.reason_class)
+    assert classes == {
+        "ok": (True, "verified"),
+        "bad": (False, "refused"),
+        "dev": (True, "warn"),
+        "slow": (False, "deadline"),
+        "nowhere": (False, "no_scope"),
+    }
