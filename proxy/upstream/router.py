@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -34,12 +35,7 @@ class UpstreamRouter:
         self._metrics = metrics
         self._credentials: dict[str, Credentials] = {}
         if config.docker_config is not None:
-            self._credentials = load_docker_config(config.docker_config)
-            log.info(
-                "node credentials loaded for %d registries from %s",
-                len(self._credentials),
-                config.docker_config,
-            )
+            self._credentials = _node_credentials(config.docker_config)
         self._clients: dict[str, UpstreamClient] = {}
 
     def route(self, ns: str | None) -> Route:
@@ -83,3 +79,19 @@ class UpstreamRouter:
         )
         self._clients[registry] = client
         return client
+
+
+def _node_credentials(path: Path) -> dict[str, Credentials]:
+    """The node's credentials, or none (with the reason logged) when the file is missing,
+    empty or unreadable: a node without a kubelet ``config.json`` still mirrors public
+    content, where refusing to start would leave containerd with no mirror at all."""
+    try:
+        credentials = load_docker_config(path)
+    except FileNotFoundError:
+        log.warning("docker config %s does not exist: no node credentials", path)
+        return {}
+    except (OSError, ValueError) as exc:
+        log.error("docker config %s is unreadable (%s): no node credentials", path, exc)
+        return {}
+    log.info("node credentials loaded for %d registries from %s", len(credentials), path)
+    return credentials

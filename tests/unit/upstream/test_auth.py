@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.config import RetryConfig, TimeoutConfig, UpstreamConfig
+from proxy.config import Config, RetryConfig, TimeoutConfig, UpstreamConfig
 from proxy.metrics import Metrics
 from proxy.oci.errors import Unauthorized, UpstreamError, UpstreamUnavailable
 from proxy.upstream.auth import (
@@ -23,6 +23,7 @@ from proxy.upstream.auth import (
     realm_is_trusted,
 )
 from proxy.upstream.client import UpstreamClient
+from proxy.upstream.router import UpstreamRouter
 
 
 def test_parses_bearer_challenge_parameters() -> None:
@@ -266,3 +267,24 @@ async def test_tokens_of_one_requester_never_serve_another_or_the_node() -> None
         # One token fetch per identity (alice's second request reuses hers), each
         # with that identity's own credentials.
         assert fake.token_requests == [alice.basic_header(), bob.basic_header(), None]
+
+
+@pytest.mark.parametrize("content", [None, "", "{not json", '{"auths": []}'])
+async def test_a_missing_or_unreadable_docker_config_means_no_node_credentials_not_no_mirror(
+    tmp_path: Path, content: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content)
+    config = Config(
+        upstreams={"registry.example.test": UpstreamConfig("registry.example.test", "http://r")},
+        docker_config=path,
+    )
+    async with aiohttp.ClientSession() as session:
+        router = UpstreamRouter(config=config, session=session, metrics=Metrics())
+        client = router.route("registry.example.test").client
+    assert client._identity() == (None, "")  # the node acts anonymously
+    if content is None:
+        assert "does not exist: no node credentials" in caplog.text
+    elif content == "{not json" or content == "":
+        assert "is unreadable" in caplog.text
