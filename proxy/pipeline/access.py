@@ -35,10 +35,10 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -186,24 +186,22 @@ class RepositoryAccess:
         return None
 
     async def _single_flight(
-        self, key: tuple[str, str, str], probe: Callable[[], Awaitable[OCIError | None]]
+        self, key: tuple[str, str, str], probe: Callable[[], Coroutine[Any, Any, OCIError | None]]
     ) -> OCIError | None:
+        """One probe per key at a time, shared by every request that needs it. It runs in
+        its own task: a request that goes away does not cancel it for the others."""
         running = self._checks.get(key)
-        if running is not None:
-            return await asyncio.shield(running)
-        future: asyncio.Future[OCIError | None] = asyncio.get_running_loop().create_future()
-        self._checks[key] = future
-        try:
-            result = await probe()
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters get it; nobody else must log it
-            raise
-        else:
-            future.set_result(result)
-            return result
-        finally:
+        if running is None:
+            running = asyncio.ensure_future(probe())
+            self._checks[key] = running
+            running.add_done_callback(lambda done: self._probe_done(key, done))
+        return await asyncio.shield(running)
+
+    def _probe_done(self, key: tuple[str, str, str], done: asyncio.Future[OCIError | None]) -> None:
+        if self._checks.get(key) is done:
             del self._checks[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter got it already
 
     # -- marks on disk --------------------------------------------------------------
 

@@ -6,6 +6,7 @@ the rule runs against it through the mirror's real router and upstream clients.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import os
@@ -36,12 +37,15 @@ class Upstream:
 
     private: set[str] = field(default_factory=lambda: {"team/secret"})
     down: bool = False
+    delay: float = 0.0
     seen: list[tuple[str, str, str | None]] = field(default_factory=list)
 
     async def manifest(self, request: web.Request) -> web.StreamResponse:
         repo = request.match_info["repo"]
         auth = request.headers.get("Authorization")
         self.seen.append((request.method, repo, auth))
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.down:
             raise web.HTTPServiceUnavailable(text="down for maintenance")
         if repo in self.private and auth != ALICE.basic_header():
@@ -146,6 +150,22 @@ async def test_right_credentials_are_checked_once_then_acted_as_within_the_ttl(
     # Someone else, later, without credentials: still refused, whatever is cached.
     with pytest.raises(CredentialsRequired):
         await _guard(setup, "team/secret", None)
+
+
+async def test_concurrent_checks_share_one_probe_that_a_departed_request_does_not_cancel(
+    setup: Setup,
+) -> None:
+    with pytest.raises(CredentialsRequired):
+        await _guard(setup, "team/secret", None)  # marked private
+    setup.upstream.delay = 0.2
+    first = asyncio.ensure_future(_guard(setup, "team/secret", ALICE))
+    second = asyncio.ensure_future(_guard(setup, "team/secret", ALICE))
+    await asyncio.sleep(0.05)
+    first.cancel()  # its client went away mid-check
+    assert await second == ALICE
+    assert first.cancelled()
+    # One HEAD for both (the single flight), then the fetch as alice.
+    assert setup.upstream.checks(ALICE.basic_header()) == 1
 
 
 async def test_refuses_a_private_repository_after_a_restart_without_asking_the_upstream(
