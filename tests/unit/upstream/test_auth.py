@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -132,14 +134,22 @@ async def client_for(
     )
 
 
-async def test_anonymous_bearer_token_flow() -> None:
-    fake = FakeRegistry()
+@asynccontextmanager
+async def serving(
+    fake: FakeRegistry, credentials: Credentials | None
+) -> AsyncIterator[UpstreamClient]:
+    """``fake`` on loopback, and a client of it with node ``credentials``."""
     async with (
         TestServer(fake.app(), host="127.0.0.1") as server,
         aiohttp.ClientSession() as session,
     ):
         fake.port = server.port or 0
-        client = await client_for(server, session, None)
+        yield await client_for(server, session, credentials)
+
+
+async def test_anonymous_bearer_token_flow() -> None:
+    fake = FakeRegistry()
+    async with serving(fake, None) as client:
         async with await client.get("/v2/a/manifests/v1", scope="repository:a:pull") as response:
             assert response.status == 200
         assert fake.token_requests == [None]
@@ -147,12 +157,7 @@ async def test_anonymous_bearer_token_flow() -> None:
 
 async def test_credentials_go_to_a_trusted_realm() -> None:
     fake = FakeRegistry()
-    async with (
-        TestServer(fake.app(), host="127.0.0.1") as server,
-        aiohttp.ClientSession() as session,
-    ):
-        fake.port = server.port or 0
-        client = await client_for(server, session, Credentials("alice", "s3cret"))
+    async with serving(fake, Credentials("alice", "s3cret")) as client:
         async with await client.get("/v2/a/manifests/v1", scope="repository:a:pull") as response:
             assert response.status == 200
         assert fake.token_requests[0] == Credentials("alice", "s3cret").basic_header()
@@ -176,12 +181,7 @@ async def test_refuses_to_send_credentials_to_foreign_realm() -> None:
 async def test_retries_5xx_with_retry_after_then_succeeds() -> None:
     fake = FakeRegistry()
     fake.failures_left = 2
-    async with (
-        TestServer(fake.app(), host="127.0.0.1") as server,
-        aiohttp.ClientSession() as session,
-    ):
-        fake.port = server.port or 0
-        client = await client_for(server, session, None)
+    async with serving(fake, None) as client:
         async with await client.get("/v2/a/manifests/v1", scope="repository:a:pull") as response:
             assert response.status == 200
         assert fake.failures_left == 0
@@ -190,12 +190,7 @@ async def test_retries_5xx_with_retry_after_then_succeeds() -> None:
 async def test_persistent_5xx_becomes_a_clean_upstream_error() -> None:
     fake = FakeRegistry()
     fake.failures_left = 100
-    async with (
-        TestServer(fake.app(), host="127.0.0.1") as server,
-        aiohttp.ClientSession() as session,
-    ):
-        fake.port = server.port or 0
-        client = await client_for(server, session, None)
+    async with serving(fake, None) as client:
         with pytest.raises((UpstreamError, UpstreamUnavailable)):
             response = await client.get("/v2/a/manifests/v1", scope="repository:a:pull")
             async with response:
@@ -220,16 +215,11 @@ async def test_unreachable_upstream_is_unavailable_not_a_crash() -> None:
 
 async def test_a_requester_identity_token_is_exchanged_by_oauth2_for_an_access_token() -> None:
     fake = FakeRegistry()
-    async with (
-        TestServer(fake.app(), host="127.0.0.1") as server,
-        aiohttp.ClientSession() as session,
-    ):
-        fake.port = server.port or 0
-        client = await client_for(server, session, Credentials("node", "pw"))
+    async with serving(fake, Credentials("node", "pw")) as client:
         with acting_as(Credentials(identity_token="r3fresh")):
             async with await client.get("/v2/a/manifests/v1", scope="repository:a:pull") as r:
                 assert r.status == 200
-        ((posted),) = fake.refresh_posts
+        (posted,) = fake.refresh_posts
         assert posted["grant_type"] == "refresh_token" and posted["scope"] == "repository:a:pull"
         assert fake.token_requests == []  # the node's password was not used for it
         with acting_as(Credentials(identity_token="stale")), pytest.raises(Unauthorized) as no:
@@ -239,12 +229,7 @@ async def test_a_requester_identity_token_is_exchanged_by_oauth2_for_an_access_t
 
 async def test_a_requester_registry_token_is_sent_as_is_and_never_exchanged() -> None:
     fake = FakeRegistry()
-    async with (
-        TestServer(fake.app(), host="127.0.0.1") as server,
-        aiohttp.ClientSession() as session,
-    ):
-        fake.port = server.port or 0
-        client = await client_for(server, session, None)
+    async with serving(fake, None) as client:
         with acting_as(Credentials(registry_token="t0k3n")):
             async with await client.get("/v2/a/manifests/v1", scope="repository:a:pull") as r:
                 assert r.status == 200
@@ -253,12 +238,7 @@ async def test_a_requester_registry_token_is_sent_as_is_and_never_exchanged() ->
 
 async def test_tokens_of_one_requester_never_serve_another_or_the_node() -> None:
     fake = FakeRegistry()
-    async with (
-        TestServer(fake.app(), host="127.0.0.1") as server,
-        aiohttp.ClientSession() as session,
-    ):
-        fake.port = server.port or 0
-        client = await client_for(server, session, None)
+    async with serving(fake, None) as client:
         alice, bob = Credentials("alice", "a"), Credentials("bob", "b")
         for who in (alice, bob, None, alice):
             with acting_as(who):
