@@ -52,7 +52,7 @@ from proxy.node import (
     announce_serving,
     describe,
 )
-from proxy.verify.shared import SharedAllowances
+from proxy.pipeline.shared import SharedAllowances
 
 log = logging.getLogger("pullgate.supervisor")
 
