@@ -94,6 +94,8 @@ def run_doctor(args: argparse.Namespace) -> int:
         else:
             registries = list(config.upstreams)
             findings += check_config(args.config, config)
+            for note in advice(config):
+                print(f"note: {note}")
     findings += hoststoml.diagnose(args.certs_dir, args.server, registries)
     for path, reason in findings:
         print(f"{path}: {reason}")
@@ -126,9 +128,14 @@ def check_config(path: Path, config: Config) -> list[tuple[Path, str]]:
             load_policy(config.policy)
         except (PolicyError, OSError) as exc:
             findings.append((config.policy, f"policy does not load: {exc}"))
-    if worker_count(config) > 1 and (problem := supervisor.queued_connections_problem()):
-        findings.append((supervisor.MIGRATE_SYSCTL, problem))
     return findings
+
+
+def advice(config: Config) -> list[str]:
+    """What works but costs something: printed as notes, not counted as problems."""
+    if worker_count(config) > 1 and (problem := supervisor.queued_connections_problem()):
+        return [f"{supervisor.MIGRATE_SYSCTL}: {problem}"]
+    return []
 
 
 def _unreadable(path: Path, what: str) -> list[tuple[Path, str]]:

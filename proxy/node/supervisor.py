@@ -389,8 +389,8 @@ def queued_connections_problem() -> str | None:
         return None
     return (
         f"net.ipv4.tcp_migrate_req is {value}: connections queued on a worker that dies are "
-        "reset instead of moving to another worker; set it to 1 (sysctl -w "
-        "net.ipv4.tcp_migrate_req=1; the DaemonSet does)"
+        "reset instead of moving to another worker; set it to 1 on the node "
+        "(sysctl -w net.ipv4.tcp_migrate_req=1)"
     )
 
 
