@@ -5,6 +5,7 @@ the policy form, its validation, and the gate's decisions over real cosign mater
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,20 @@ def test_the_referrer_signers_key_is_trust_material(policy_dir: Path, tmp_path: 
     before = parse(SBOM_POLICY, policy_dir).revision
     cs.generate_key().write_public(policy_dir / "keys" / "sbom.pub")
     assert parse(SBOM_POLICY, policy_dir).revision != before
+
+
+def test_the_readme_example_loads(policy_dir: Path) -> None:
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    section = readme[readme.index("**Required referrers**") :]
+    start = section.index("```yaml") + len("```yaml")
+    block = section[start : section.index("```", start)]
+    cs.generate_key().write_public(policy_dir / "keys" / "model.pub")
+    policy = parse("scopes:\n" + textwrap.dedent(block), policy_dir)
+    require = policy.scopes[0].require
+    assert isinstance(require, AllOf) and require.needs_referrers
+    assert "referrer application/spdx+json signed by cosign key keys/sbom.pub" in (
+        require.describe()
+    )
 
 
 REFERRER_SCOPE = "scopes:\n  - match: 'a/**'\n    require:\n      %s\n"
