@@ -76,7 +76,6 @@ from typing import Any, Literal, Protocol, cast
 
 import yaml
 
-from proxy.oci.digest import Digest
 from proxy.oci.errors import (
     OCIError,
     TooManyRequests,
@@ -84,7 +83,6 @@ from proxy.oci.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.oci.manifest import Manifest
 from proxy.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES, upstream_repository
 from proxy.pipeline.gate import ArtifactSource, Pod, RepoKey
 from proxy.verify.base import (
@@ -95,6 +93,7 @@ from proxy.verify.base import (
     Subject,
     TrustConfig,
     Verifier,
+    fetch_referrer,
 )
 
 log = logging.getLogger("pullgate.policy")
@@ -309,21 +308,19 @@ class RequiredReferrer:
             return CheckResult(False, f"{wanted} is missing")
         failures = []
         for descriptor in listed[: limits.max_signatures]:
-            where = f"{descriptor.digest.hex[:16]}"
+            where = descriptor.digest.hex[:16]
             try:
-                referrer = await source.manifest(
-                    str(descriptor.digest), max_bytes=limits.max_signature_manifest_bytes
+                referrer = await fetch_referrer(
+                    source, descriptor, subject, limits, artifact_type=self.artifact_type
                 )
             except TRANSIENT_ERRORS:
                 raise
             except OCIError as exc:
                 failures.append(f"{where}: {exc.message}")
                 continue
-            problem = _referrer_problem(referrer, descriptor.digest, subject, self.artifact_type)
-            if problem is not None:
-                failures.append(f"{where}: {problem}")
+            except SignatureError as exc:
+                failures.append(f"{where}: {exc}")
                 continue
-            assert referrer is not None
             referrer_subject = Subject(
                 registry=subject.registry,
                 repository=subject.repository,
@@ -342,21 +339,6 @@ class RequiredReferrer:
             f"{wanted} is not signed as required ({self.signed_by.describe()}): "
             + "; ".join(failures),
         )
-
-
-def _referrer_problem(
-    referrer: Manifest | None, digest: Digest, subject: Subject, artifact_type: str
-) -> str | None:
-    """Why a listed referrer does not count (the listing is the registry's word)."""
-    if referrer is None:
-        return "listed but not found"
-    if referrer.digest != digest:
-        return "manifest digest does not match its listing"
-    if referrer.subject is None or referrer.subject.digest != subject.digest:
-        return "it is about another manifest (subject mismatch)"
-    if referrer.effective_artifact_type != artifact_type:
-        return f"its artifactType is {str(referrer.effective_artifact_type)[:120]!r}"
-    return None
 
 
 @dataclass(frozen=True, slots=True)

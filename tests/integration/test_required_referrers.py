@@ -193,7 +193,7 @@ def test_refuses_sbom_referrer_about_another_model(node: Node) -> None:
     sbom = cs.document_referrer(cs.spdx_document("other"), subject_of(other), SPDX)
     node.attach(pushed, sbom, SPDX)  # listed under ``pushed``, about ``other``
     node.sign("models/spoofed", sbom.digest, node.sbom_signer)
-    assert_refused(node, pushed, "about another manifest (subject mismatch)")
+    assert_refused(node, pushed, "referrer is about another manifest (subject mismatch)")
 
 
 def test_refuses_model_without_required_attestation_and_serves_it_with_one(node: Node) -> None:

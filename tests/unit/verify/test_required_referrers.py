@@ -337,7 +337,7 @@ async def test_refuses_a_signed_sbom_about_another_model_listed_as_a_referrer(
     ]
     ok, reason = await decide(parse(SBOM_POLICY, policy_dir), subject, registry)
     assert not ok
-    assert "about another manifest (subject mismatch)" in reason
+    assert "referrer is about another manifest (subject mismatch)" in reason
 
 
 async def test_refuses_a_referrer_listed_with_the_required_type_that_has_another(
@@ -351,7 +351,21 @@ async def test_refuses_a_referrer_listed_with_the_required_type_that_has_another
     ]
     ok, reason = await decide(parse(SBOM_POLICY, policy_dir), subject, registry)
     assert not ok
-    assert "its artifactType is 'text/plain'" in reason
+    assert "referrer's own artifactType is 'text/plain'" in reason
+
+
+async def test_refuses_a_referrer_listed_larger_than_the_cap_without_fetching_it(
+    policy_dir: Path,
+) -> None:
+    subject = model()
+    registry = cs.MemoryRegistry()
+    registry.add(subject)
+    huge = Descriptor(mt.OCI_MANIFEST, Digest.of(b"huge"), 1 << 30, artifact_type=SPDX)
+    registry.spoofed_referrers[subject.digest] = [huge]
+    ok, reason = await decide(parse(SBOM_POLICY, policy_dir), subject, registry)
+    assert not ok
+    assert f"referrer manifest of {1 << 30} bytes exceeds the cap" in reason
+    assert str(huge.digest) not in registry.fetched_manifests
 
 
 async def test_every_listed_referrer_of_the_type_is_examined_up_to_the_limit(
