@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -24,7 +26,7 @@ from proxy.oci.digest import Digest
 from proxy.oci.manifest import Descriptor
 from tests.support import cosign_sign as cs
 from tests.support.ocilayout import PushedArtifact, deterministic_bytes, push_model
-from tests.support.peers import Containerd, Pullgate, Registry
+from tests.support.peers import ROOT, Containerd, Pullgate, Registry
 
 pytestmark = pytest.mark.integration
 
@@ -208,3 +210,29 @@ def test_refuses_model_without_required_attestation_and_serves_it_with_one(node:
     referrer = cs.bundle_referrer(bundle, subject_of(pushed), predicate_type=SPDX_PREDICATE)
     node.attach(pushed, referrer, cs.BUNDLE_TYPE)
     assert_served(node, pushed)
+
+
+def test_verify_command_names_the_missing_sbom(node: Node) -> None:
+    """``pullgate verify`` explains the same refusal, and allows once the SBOM is signed."""
+    pushed = node.push_model("models/cli")
+    node.sign("models/cli", Digest.parse(pushed.manifest_digest), node.release)
+    policy = node.pullgate.policy
+    assert policy is not None
+    command = [
+        sys.executable, "-m", "proxy", "verify", f"{REGISTRY}/models/cli:v1",
+        "--policy", str(policy), "--upstream", f"{REGISTRY}={node.registry.url}",
+    ]  # fmt: skip
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    refused = run()
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"required referrer {SPDX} is missing" in refused.stdout
+
+    sbom = cs.document_referrer(cs.spdx_document("cli"), subject_of(pushed), SPDX)
+    node.attach(pushed, sbom, SPDX)
+    node.sign("models/cli", sbom.digest, node.sbom_signer)
+    allowed = run()
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert f"ALLOWED {REGISTRY}/models/cli@{pushed.manifest_digest}" in allowed.stdout
