@@ -23,7 +23,8 @@ from proxy.verify.policy import (
     RequiredReferrer,
     parse_policy,
 )
-from proxy.verify.signature_gate import SignatureGate
+from proxy.verify.shared import SharedAllowances
+from proxy.verify.signature_gate import COVERED, SignatureGate
 from tests.support import cosign_sign as cs
 
 from .manifests import index
@@ -44,6 +45,23 @@ scopes:
         - artifactType: application/spdx+json
           signedBy: {cosign: {key: keys/sbom.pub}}
 """
+
+PLAIN_POLICY = SBOM_POLICY.replace(
+    "      referrers:\n"
+    "        - artifactType: application/spdx+json\n"
+    "          signedBy: {cosign: {key: keys/sbom.pub}}\n",
+    "      cosign: {key: keys/release.pub}\n",
+)
+SIGNED_AND_SBOM_POLICY = SBOM_POLICY.replace(
+    "      referrers:\n"
+    "        - artifactType: application/spdx+json\n"
+    "          signedBy: {cosign: {key: keys/sbom.pub}}\n",
+    "      allOf:\n"
+    "        - cosign: {key: keys/release.pub}\n"
+    "        - referrers:\n"
+    "            - artifactType: application/spdx+json\n"
+    "              signedBy: {cosign: {key: keys/sbom.pub}}\n",
+)
 
 ATTESTATION_POLICY = """\
 default: deny
@@ -479,29 +497,15 @@ async def test_refuses_after_a_reload_adds_a_referrer_requirement_the_model_lack
     policy_dir: Path, keys: dict[str, cs.TestKey]
 ) -> None:
     """A verdict (and the allowances) decided without the requirement are not reused."""
-    plain = SBOM_POLICY.replace(
-        "      referrers:\n"
-        "        - artifactType: application/spdx+json\n"
-        "          signedBy: {cosign: {key: keys/sbom.pub}}\n",
-        "      cosign: {key: keys/release.pub}\n",
-    )
-    with_referrers = (
-        SBOM_POLICY.replace(
-            "      referrers:\n",
-            "      allOf:\n        - cosign: {key: keys/release.pub}\n        - referrers:\n",
-        )
-        .replace("        - artifactType", "            - artifactType")
-        .replace("          signedBy", "              signedBy")
-    )
     subject = model()
     registry = cs.MemoryRegistry()
     registry.add(subject)
     sign(registry, keys["release"], subject.digest)
-    gate = SignatureGate(parse(plain, policy_dir))
+    gate = SignatureGate(parse(PLAIN_POLICY, policy_dir))
     manifest = parsed(subject)
     assert (await gate.check_manifest(REPO, manifest, registry)).allowed
     assert gate.blob_allowed(REPO, Digest.of(b"weights"))
-    assert gate.replace_policy(parse(with_referrers, policy_dir))
+    assert gate.replace_policy(parse(SIGNED_AND_SBOM_POLICY, policy_dir))
     assert not gate.blob_allowed(REPO, Digest.of(b"weights"))
     verdict = await gate.check_manifest(REPO, manifest, registry)
     assert not verdict.allowed
@@ -532,5 +536,31 @@ async def test_refuses_index_child_whose_own_scope_requires_an_sbom(
     assert (await gate.check_manifest(REPO, top, registry)).allowed
     assert gate.child_allowed(REPO, child.digest)
     verdict = await gate.check_manifest(REPO, parsed(child), registry)
+    assert not verdict.allowed
+    assert f"required referrer {SPDX} is missing" in verdict.reason
+
+
+async def test_refuses_where_a_sibling_worker_allowed_under_a_policy_without_the_requirement(
+    policy_dir: Path, keys: dict[str, cs.TestKey], tmp_path: Path
+) -> None:
+    """Workers share decisions and blob grants; one made without the referrer
+    requirement (a sibling still on the old policy) does not count here."""
+    store = tmp_path / "allowances.db"
+    SharedAllowances.create(store)
+    subject = model()
+    registry = cs.MemoryRegistry()
+    registry.add(subject)
+    sign(registry, keys["release"], subject.digest)
+    old = SignatureGate(
+        parse(PLAIN_POLICY, policy_dir),
+        shared=SharedAllowances(store, covered_fingerprint=COVERED),
+    )
+    new = SignatureGate(
+        parse(SIGNED_AND_SBOM_POLICY, policy_dir),
+        shared=SharedAllowances(store, covered_fingerprint=COVERED),
+    )
+    assert (await old.check_manifest(REPO, parsed(subject), registry)).allowed
+    assert not new.blob_allowed(REPO, Digest.of(b"weights"))
+    verdict = await new.check_manifest(REPO, parsed(subject), registry)
     assert not verdict.allowed
     assert f"required referrer {SPDX} is missing" in verdict.reason
