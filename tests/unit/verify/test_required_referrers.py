@@ -27,6 +27,7 @@ from proxy.verify.shared import SharedAllowances
 from proxy.verify.signature_gate import COVERED, SignatureGate
 from tests.support import cosign_sign as cs
 
+from . import test_vectors_cosign_bundle as vectors
 from .manifests import index
 
 SPDX = "application/spdx+json"
@@ -564,3 +565,39 @@ async def test_refuses_where_a_sibling_worker_allowed_under_a_policy_without_the
     verdict = await new.check_manifest(REPO, parsed(subject), registry)
     assert not verdict.allowed
     assert f"required referrer {SPDX} is missing" in verdict.reason
+
+
+# ---- real cosign output ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not vectors.COSIGN.is_dir(), reason=f"signature vectors not found at {vectors.COSIGN}"
+)
+@pytest.mark.parametrize(
+    ("predicate", "allowed"),
+    [(vectors.PREDICATE, True), ("https://slsa.dev/provenance/v1", False)],
+)
+async def test_a_real_cosign_attestation_satisfies_only_its_predicate_type(
+    tmp_path: Path, predicate: str, allowed: bool
+) -> None:
+    """cosign's own new-bundle-format attestation referrer (vectors README section 5)."""
+    policy = parse(
+        f"trust: {{sigstoreTrustedRoot: {vectors.PGI}}}\n"
+        "scopes:\n"
+        "  - match: '**'\n"
+        "    require:\n"
+        "      attestation:\n"
+        f"        predicateType: {predicate}\n"
+        "        signedBy: {cosign: {keyless: {issuer: 'https://github.com/login/oauth', "
+        "subject: cody@soyland.com}, tlog: required}}\n",
+        tmp_path,
+    )
+    subject, registry = vectors._image()
+    manifest = await registry.manifest("latest", max_bytes=1 << 20)
+    assert manifest is not None
+    verdict = await SignatureGate(policy).check_manifest(
+        RepoKey(subject.registry, subject.repository), manifest, registry
+    )
+    assert verdict.allowed is allowed, verdict.reason
+    if not allowed:
+        assert f"required attestation {predicate} is missing or not signed" in verdict.reason
