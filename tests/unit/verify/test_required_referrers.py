@@ -301,6 +301,19 @@ async def test_refuses_model_without_the_required_sbom_naming_its_artifact_type(
     assert f"required referrer {SPDX} is missing" in reason
 
 
+async def test_mode_warn_serves_a_model_without_its_sbom_and_says_what_is_missing(
+    policy_dir: Path,
+) -> None:
+    subject = model()
+    registry = cs.MemoryRegistry()
+    registry.add(subject)
+    warn = SBOM_POLICY.replace("    require:\n", "    mode: warn\n    require:\n", 1)
+    ok, reason = await decide(parse(warn, policy_dir), subject, registry)
+    assert ok
+    assert reason.startswith("would be refused (mode warn)")
+    assert f"required referrer {SPDX} is missing" in reason
+
+
 async def test_refuses_model_whose_sbom_is_unsigned(policy_dir: Path) -> None:
     subject = model()
     registry, _ = with_sbom(subject, signed_with=None)
