@@ -128,10 +128,9 @@ class CosignVerifier:
         failures: list[str] = []
         try:
             async with asyncio.timeout(limits.deadline_seconds):
-                # A required predicate type needs an attestation: a plain signature
-                # carries no statement, so it never satisfies one.
-                attestation = self._policy.predicate_type is not None
-                if not attestation and await self._verify_legacy(subject, source, limits, failures):
+                # A plain signature carries no statement: never an attestation.
+                plain_ok = self._policy.predicate_type is None
+                if plain_ok and await self._verify_legacy(subject, source, limits, failures):
                     return CheckResult(True, f"{self._label}: signature verified")
                 if await self._verify_bundles(subject, source, limits, failures):
                     return CheckResult(True, f"{self._label}: bundle verified")
