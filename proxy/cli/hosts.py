@@ -10,7 +10,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from proxy.cli import hoststoml
-from proxy.config import Config, ConfigError, load_config_file
+from proxy.config import Config, ConfigError, load_config_file, worker_count
+from proxy.node import supervisor
 from proxy.verify.base import PolicyError
 from proxy.verify.policy import load_policy
 
@@ -125,6 +126,8 @@ def check_config(path: Path, config: Config) -> list[tuple[Path, str]]:
             load_policy(config.policy)
         except (PolicyError, OSError) as exc:
             findings.append((config.policy, f"policy does not load: {exc}"))
+    if worker_count(config) > 1 and (problem := supervisor.queued_connections_problem()):
+        findings.append((supervisor.MIGRATE_SYSCTL, problem))
     return findings
 
 

@@ -43,12 +43,12 @@ from proxy.http.app import build_app
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.pipeline.gate import AllowAllGate, Gate
+from proxy.pipeline.shared import SharedAllowances
 from proxy.upstream.router import UpstreamRouter
 from proxy.upstream.session import new_upstream_session
 from proxy.verify.base import PolicyError
 from proxy.verify.policy import load_policy
 from proxy.verify.reload import PolicyWatcher
-from proxy.verify.shared import SharedAllowances
 from proxy.verify.signature_gate import COVERED, SignatureGate
 
 if TYPE_CHECKING:

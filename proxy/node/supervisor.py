@@ -52,7 +52,7 @@ from proxy.node import (
     announce_serving,
     describe,
 )
-from proxy.verify.shared import SharedAllowances
+from proxy.pipeline.shared import SharedAllowances
 
 log = logging.getLogger("pullgate.supervisor")
 
@@ -61,6 +61,9 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 STOP_TIMEOUT = SHUTDOWN_GRACE + 10.0
 READY = b"ready\n"
+# Linux 5.14+: connections queued on a listener that closes (a worker that died) move to
+# a sibling listener of the same SO_REUSEPORT group instead of being reset.
+MIGRATE_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 _LENGTH = struct.Struct("!I")
 
 
@@ -148,6 +151,8 @@ class Supervisor:
             self._runtime = self._make_runtime_dir()
             log.info("%s", describe(self.config, self.workers))
             log.info("runtime directory %s", self._runtime)
+            if (problem := queued_connections_problem()) is not None:
+                log.warning("%s", problem)
             code = self._start_all()
             if code is None:
                 announce_serving(self.config, f" with {self.workers} workers")
@@ -361,6 +366,32 @@ class Supervisor:
                 killed = True
         log.info("stopped")
         return 1 if killed and code == 0 else code
+
+
+def queued_connections_problem() -> str | None:
+    """Why connections queued on a worker that dies would be reset, or None if they move.
+
+    Each worker listens on its own SO_REUSEPORT socket; the kernel queues a new
+    connection on one of them before the worker accepts it. Unless
+    ``net.ipv4.tcp_migrate_req`` is 1, the connections still queued on a worker that
+    dies are reset (containerd retries, but the pull pays for it).
+    """
+    sysctl = MIGRATE_SYSCTL
+    try:
+        value = sysctl.read_text().strip()
+    except OSError:
+        return (
+            "this kernel cannot move queued connections between workers "
+            f"({sysctl} is missing: Linux 5.14 or later has it): connections queued on a "
+            "worker that dies are reset"
+        )
+    if value == "1":
+        return None
+    return (
+        f"net.ipv4.tcp_migrate_req is {value}: connections queued on a worker that dies are "
+        "reset instead of moving to another worker; set it to 1 (sysctl -w "
+        "net.ipv4.tcp_migrate_req=1; the DaemonSet does)"
+    )
 
 
 def _how(code: int | None) -> str:

@@ -36,9 +36,9 @@ from proxy.pipeline.blobs import BlobFile, BlobPath, BlobStream
 from proxy.pipeline.fills import FillTable
 from proxy.pipeline.gate import Gate
 from proxy.pipeline.manifests import ManifestPath, ServedManifest
+from proxy.pipeline.shared import SharedAllowances
 from proxy.pipeline.stream import DataPath
 from proxy.upstream.router import Route
-from proxy.verify.shared import SharedAllowances
 
 __all__ = ["BlobFile", "BlobStream", "Pipeline", "ServedManifest"]
 

@@ -18,8 +18,8 @@ from proxy.oci.digest import Digest
 from proxy.oci.errors import BlobNotAllowed
 from proxy.oci.manifest import Manifest
 from proxy.pipeline.gate import Gate, RepoKey
+from proxy.pipeline.shared import OFFLINE, SharedAllowances
 from proxy.upstream.router import Route
-from proxy.verify.shared import OFFLINE, SharedAllowances
 
 log = logging.getLogger("pullgate.pipeline")
 

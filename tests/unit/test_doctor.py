@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import hoststoml, main
+from proxy.node import supervisor
 
 SERVER = "http://127.0.0.1:5050"
 UPSTREAM = "https://registry.example.test"
@@ -27,9 +28,20 @@ def clean_certs(tmp_path: Path, *registries: str) -> Path:
     return certs
 
 
-def write_config(tmp_path: Path, policy: str | None = "policy.yaml", url: str = UPSTREAM) -> Path:
+@pytest.fixture(autouse=True)
+def migrating_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A ``tcp_migrate_req`` of 1, whatever the machine running the tests has."""
+    sysctl = tmp_path / "tcp_migrate_req"
+    sysctl.write_text("1\n")
+    monkeypatch.setattr(supervisor, "MIGRATE_SYSCTL", sysctl)
+    return sysctl
+
+
+def write_config(
+    tmp_path: Path, policy: str | None = "policy.yaml", url: str = UPSTREAM, workers: int = 2
+) -> Path:
     config = tmp_path / "config.yaml"
-    text = f"upstreams:\n  registry.example.test: {{url: '{url}'}}\n"
+    text = f"workers: {workers}\nupstreams:\n  registry.example.test: {{url: '{url}'}}\n"
     text += "defaultUpstream: registry.example.test\n"
     if policy is not None:
         text += f"policy: {policy}\n"
@@ -166,3 +178,21 @@ def test_refuses_missing_certs_dir_argument_with_exit_2() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["doctor"])
     assert exc.value.code == 2
+
+
+def test_refuses_workers_whose_queued_connections_a_dying_worker_would_reset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], migrating_kernel: Path
+) -> None:
+    certs = clean_certs(tmp_path, "registry.example.test")
+    (tmp_path / "policy.yaml").write_text("default: deny\n")
+    migrating_kernel.write_text("0\n")
+    assert doctor(certs, "--config", str(write_config(tmp_path))) == 1
+    [finding] = findings(capsys)
+    assert str(migrating_kernel) in finding and "tcp_migrate_req is 0" in finding
+    # One worker has no siblings to hand connections to: nothing to report.
+    assert doctor(certs, "--config", str(write_config(tmp_path, workers=1))) == 0
+    assert "no fallback" in capsys.readouterr().out
+    # A kernel without the setting (before Linux 5.14) is named as such.
+    migrating_kernel.unlink()
+    assert doctor(certs, "--config", str(write_config(tmp_path))) == 1
+    assert "Linux 5.14" in findings(capsys)[0]

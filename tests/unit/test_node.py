@@ -14,7 +14,7 @@ from proxy.cache.disk import DiskBlobStore
 from proxy.config import CacheConfig, Config, UpstreamConfig, validate
 from proxy.node import ALLOWANCES_FILE, Node, Role
 from proxy.pipeline.gate import AllowAllGate
-from proxy.verify.shared import SharedAllowances
+from proxy.pipeline.shared import SharedAllowances
 from proxy.verify.signature_gate import COVERED, SignatureGate
 from tests.support import cosign_sign as cs
 

@@ -111,6 +111,34 @@ async def test_small_and_chunked_bodies_stay_with_the_event_loop(
         assert got == (hashlib.sha256(expected).hexdigest(), len(expected))
 
 
+async def test_a_chunked_body_of_many_pieces_arrives_whole_and_in_order(
+    serve: Callable[[Handler], Awaitable[str]],
+) -> None:
+    # Pieces buffered behind one another are joined for the reader thread (iter_body):
+    # every byte must still come once, in order, across HTTP chunk boundaries.
+    pieces = [hashlib.sha256(str(i).encode()).digest() * (1 + i % 700) for i in range(3000)]
+
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(_headers(None))
+        for start in range(0, len(pieces), 500):
+            writer.write(
+                b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces[start : start + 500])
+            )
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+
+    session, response = await _open(await serve(answer))
+    try:
+        body = response.body_reader()
+        assert isinstance(body, LoopBody)
+        got = await asyncio.to_thread(_read_all, body)
+    finally:
+        response.close()
+        await session.close()
+    expected = b"".join(pieces)
+    assert got == (hashlib.sha256(expected).hexdigest(), len(expected))
+
+
 async def test_refuses_a_body_cut_short_as_an_upstream_error(
     serve: Callable[[Handler], Awaitable[str]],
 ) -> None:

@@ -16,14 +16,13 @@ import pytest
 from proxy.oci.digest import Digest
 from proxy.oci.manifest import Manifest
 from proxy.pipeline.gate import ArtifactSource, RepoKey
+from proxy.pipeline.shared import BLOBS, CHILDREN, SharedAllowances
 from proxy.verify.base import CheckResult, Limits, Subject
 from proxy.verify.policy import Leaf, Policy, Scope, glob_to_regex
-from proxy.verify.shared import BLOBS, CHILDREN, SharedAllowances
 from proxy.verify.signature_gate import COVERED, SignatureGate
 from proxy.verify.verdicts import VerdictCache
 from tests.support import cosign_sign as cs
-
-from .manifests import image, index
+from tests.unit.verify.manifests import image, index
 
 REPO = RepoKey("registry.example.test", "team/app")
 OTHER_REPO = RepoKey("registry.example.test", "other/app")
@@ -170,7 +169,7 @@ def test_a_grant_recorded_in_one_process_is_found_in_another(store_path: Path) -
         "from pathlib import Path\n"
         "from proxy.pipeline.gate import RepoKey\n"
         "from proxy.oci.digest import Digest\n"
-        "from proxy.verify.shared import BLOBS, SharedAllowances\n"
+        "from proxy.pipeline.shared import BLOBS, SharedAllowances\n"
         "store = SharedAllowances(Path(sys.argv[1]), covered_fingerprint='(index)')\n"
         "repo = RepoKey('registry.example.test', 'team/app')\n"
         "store.record(repo, Digest.parse(sys.argv[2]), {BLOBS: [Digest.parse(sys.argv[3])]},\n"
