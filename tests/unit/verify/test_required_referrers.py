@@ -15,6 +15,7 @@ from proxy.oci.digest import Digest
 from proxy.oci.errors import UpstreamUnavailable
 from proxy.oci.manifest import Descriptor, Manifest, parse_manifest
 from proxy.pipeline.gate import RepoKey
+from proxy.pipeline.shared import SharedAllowances
 from proxy.verify.base import PolicyError
 from proxy.verify.policy import (
     AllOf,
@@ -23,7 +24,6 @@ from proxy.verify.policy import (
     RequiredReferrer,
     parse_policy,
 )
-from proxy.verify.shared import SharedAllowances
 from proxy.verify.signature_gate import COVERED, SignatureGate
 from tests.support import cosign_sign as cs
 
