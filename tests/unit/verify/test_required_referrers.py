@@ -17,6 +17,7 @@ from proxy.oci.manifest import Descriptor, Manifest, parse_manifest
 from proxy.pipeline.gate import RepoKey
 from proxy.pipeline.shared import SharedAllowances
 from proxy.verify.base import PolicyError
+from proxy.verify.notation import JWS
 from proxy.verify.policy import (
     AllOf,
     Policy,
@@ -26,6 +27,7 @@ from proxy.verify.policy import (
 )
 from proxy.verify.signature_gate import COVERED, SignatureGate
 from tests.support import cosign_sign as cs
+from tests.support.notation_sign import TestNotary, descriptor_of, signature_artifact
 
 from . import test_vectors_cosign_bundle as vectors
 from .manifests import index
@@ -345,6 +347,30 @@ async def test_serves_model_whose_sbom_is_signed_with_the_required_key(
     assert ok, reason
     assert f"referrer {SPDX} {sbom.digest.hex[:16]}" in reason
     assert f"{sbom.digest.fallback_tag}.sig" in registry.fetched_manifests
+
+
+async def test_serves_model_whose_sbom_is_signed_with_notation_as_required(
+    tmp_path: Path,
+) -> None:
+    """signedBy takes any signature requirement: here a Notation trust policy."""
+    notary = TestNotary()
+    notary.write_trust(tmp_path / "notation")
+    policy = parse(
+        SBOM_POLICY.replace(
+            "signedBy: {cosign: {key: keys/sbom.pub}}",
+            "signedBy: {notation: {trustPolicy: notation/trustpolicy.json, "
+            "trustStore: notation/truststore}}",
+        ),
+        tmp_path,
+    )
+    subject = model()
+    registry, sbom = with_sbom(subject, signed_with=None)
+    ok, reason = await decide(policy, subject, registry)
+    assert not ok and "no Notation signatures found" in reason
+    target = descriptor_of(sbom.manifest, sbom.media_type)
+    registry.add(signature_artifact(notary.jws(target), JWS, target))
+    ok, reason = await decide(policy, subject, registry)
+    assert ok, reason
 
 
 async def test_refuses_an_sbom_of_another_type_in_place_of_the_required_one(
