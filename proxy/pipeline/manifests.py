@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from proxy.cache.verified import VerifiedManifestStore
 from proxy.metrics import Metrics
@@ -418,10 +419,12 @@ class ManifestPath:
         self, route: Route, repository: str, digest: Digest, artifact_type: str | None
     ) -> Manifest | None:
         """Referrers of ``digest``: the upstream API where it exists, else the
-        ``<alg>-<hex>`` fallback tag. Filtered by ``artifact_type`` if given."""
+        ``<alg>-<hex>`` fallback tag. Filtered by ``artifact_type`` if given (asked of
+        the API too, but filtered here whether or not it applied the filter)."""
         urepo = upstream_repository(route.registry, repository)
+        query = f"?artifactType={quote(artifact_type, safe='')}" if artifact_type else ""
         response = await route.client.get(
-            f"/v2/{urepo}/referrers/{digest}",
+            f"/v2/{urepo}/referrers/{digest}{query}",
             scope=pull_scope(urepo),
             headers={"Accept": mt.OCI_INDEX},
         )

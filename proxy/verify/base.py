@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from proxy.oci.digest import Digest
-from proxy.oci.manifest import Manifest
+from proxy.oci.manifest import Descriptor, Manifest
 from proxy.pipeline.gate import ArtifactSource
 
 
@@ -99,6 +99,36 @@ class Verifier(Protocol):
 
     async def verify(self, subject: Subject, source: ArtifactSource, limits: Limits) -> CheckResult:
         """Whether at least one signature over ``subject`` verifies; the reason if not."""
+
+
+async def fetch_referrer(
+    source: ArtifactSource,
+    listed: Descriptor,
+    subject: Subject,
+    limits: Limits,
+    *,
+    artifact_type: str | None = None,
+) -> Manifest:
+    """The referrer a referrers listing names for ``subject``, fetched within the
+    signature-manifest cap and checked, since the listing is only the registry's word:
+    its digest is the listed one, its ``subject`` is ``subject`` (referrer spoofing)
+    and, given ``artifact_type``, it has that type. ``SignatureError`` says why it does
+    not count; fetch errors (``OCIError``) propagate."""
+    if listed.size > limits.max_signature_manifest_bytes:
+        raise SignatureError(f"referrer manifest of {listed.size} bytes exceeds the cap")
+    referrer = await source.manifest(
+        str(listed.digest), max_bytes=limits.max_signature_manifest_bytes
+    )
+    if referrer is None:
+        raise SignatureError("listed but not found")
+    if referrer.digest != listed.digest:
+        raise SignatureError("referrer manifest digest does not match its listing")
+    if referrer.subject is None or referrer.subject.digest != subject.digest:
+        raise SignatureError("referrer is about another manifest (subject mismatch)")
+    if artifact_type is not None and referrer.effective_artifact_type != artifact_type:
+        got = str(referrer.effective_artifact_type)[:120]
+        raise SignatureError(f"referrer's own artifactType is {got!r}")
+    return referrer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -123,6 +123,10 @@ def verify_bundle(
     material = _obj(doc.get("verificationMaterial"), "verificationMaterial")
     has_key = "publicKey" in material
     has_cert = "certificate" in material or "x509CertificateChain" in material
+    if policy.predicate_type is not None and "dsseEnvelope" not in doc:
+        raise SignatureError(
+            f"bundle is a plain signature, not an attestation of {policy.predicate_type!r}"
+        )
     if policy.identity is not None:
         # 1. Keyless: a bare public key cannot prove an identity (GHSA-fx35-mq7g-6g98).
         if not has_cert:

@@ -9,7 +9,8 @@ A policy leaf ``cosign: {...}`` becomes one ``CosignVerifier``:
 * ``reference: exact|repository`` (default unchecked): the payload's
   ``critical.identity.docker-reference`` must be ``registry/repository`` exactly (cosign
   writes it without a tag), or name that repository with any tag or digest;
-* ``predicateType: URI``: the in-toto predicate a DSSE bundle must carry.
+* ``predicateType: URI``: the in-toto predicate a DSSE bundle must carry; then only
+  DSSE attestations count (a plain signature or a message-signature bundle does not).
 
 Verification looks for (1) the legacy signature image at tag ``sha256-<hex>.sig``, whose
 simple-signing layers each carry a signature annotation, then (2) referrers of type
@@ -127,7 +128,9 @@ class CosignVerifier:
         failures: list[str] = []
         try:
             async with asyncio.timeout(limits.deadline_seconds):
-                if await self._verify_legacy(subject, source, limits, failures):
+                # A plain signature carries no statement: never an attestation.
+                plain_ok = self._policy.predicate_type is None
+                if plain_ok and await self._verify_legacy(subject, source, limits, failures):
                     return CheckResult(True, f"{self._label}: signature verified")
                 if await self._verify_bundles(subject, source, limits, failures):
                     return CheckResult(True, f"{self._label}: bundle verified")

@@ -20,6 +20,22 @@ Format (paths are relative to the policy file)::
             - cosign: {key: keys/release.pub}
             - notation: {trustPolicy: notation/trustpolicy.json, trustStore: notation/truststore}
             - modelSigning: {key: keys/model.pub}
+      - match: "registry.example.test/sbom-required/**"
+        require:
+          allOf:
+            - cosign: {key: keys/release.pub}
+            - referrers:                              # each entry must be present and signed
+                - artifactType: application/spdx+json
+                  signedBy: {cosign: {key: keys/sbom.pub}}   # any signature requirement
+            - attestation:                            # a cosign DSSE attestation
+                predicateType: https://spdx.dev/Document
+                signedBy: {cosign: {key: keys/release.pub}}  # cosign requirements only
+
+``referrers`` entries are found with the OCI referrers API (or its ``sha256-<hex>`` tag
+fallback) by ``artifactType``; a referrer counts only if it names the manifest as its
+``subject`` and its own manifest digest satisfies ``signedBy``. ``attestation`` is a
+cosign attestation (a DSSE sigstore bundle referrer) whose in-toto statement is about
+the manifest and has that ``predicateType``.
 
 Globs: ``*`` matches within one path segment, ``**`` across segments (also none), ``?``
 one character of a segment. Registry names are matched case-insensitively and Docker
@@ -77,6 +93,7 @@ from proxy.verify.base import (
     Subject,
     TrustConfig,
     Verifier,
+    fetch_referrer,
 )
 
 log = logging.getLogger("pullgate.policy")
@@ -111,6 +128,11 @@ class Requirement(Protocol):
     def describe(self) -> str:
         """A short label for denials."""
 
+    @property
+    def needs_referrers(self) -> bool:
+        """Whether it requires referrers of the manifest itself (an SBOM, an
+        attestation), which a verified index's coverage of a child does not prove."""
+
     async def evaluate(
         self,
         subject: Subject,
@@ -127,6 +149,7 @@ class Leaf:
     """One verifier (``cosign: {...}``, ``notation: {...}``, ``modelSigning: {...}``)."""
 
     verifier: Verifier
+    needs_referrers = False
 
     def describe(self) -> str:
         return self.verifier.describe()
@@ -194,6 +217,10 @@ class AllOf:
     def describe(self) -> str:
         return "allOf[" + ", ".join(c.describe() for c in self.children) + "]"
 
+    @property
+    def needs_referrers(self) -> bool:
+        return any(child.needs_referrers for child in self.children)
+
     async def evaluate(
         self,
         subject: Subject,
@@ -224,6 +251,10 @@ class AnyOf:
     def describe(self) -> str:
         return "anyOf[" + ", ".join(c.describe() for c in self.children) + "]"
 
+    @property
+    def needs_referrers(self) -> bool:
+        return any(child.needs_referrers for child in self.children)
+
     async def evaluate(
         self,
         subject: Subject,
@@ -238,6 +269,105 @@ class AnyOf:
                 return result
             failures.append(_failure(child, result))
         return CheckResult(False, "anyOf failed: " + " | ".join(failures))
+
+
+@dataclass(frozen=True, slots=True)
+class RequiredReferrer:
+    """A referrer of ``artifact_type`` (an SBOM, an AIBOM) must exist, be about the
+    manifest, and its own manifest must satisfy ``signed_by``."""
+
+    artifact_type: str
+    signed_by: Requirement
+    needs_referrers = True
+
+    def describe(self) -> str:
+        return f"referrer {self.artifact_type} signed by {self.signed_by.describe()}"
+
+    async def evaluate(
+        self,
+        subject: Subject,
+        source: ArtifactSource,
+        limits: Limits,
+        observe: LeafObserver | None = None,
+    ) -> CheckResult:
+        """1. list the referrers of this type; 2. fetch each (bounded) and check it is
+        about the subject; 3. check its signature with ``signed_by``; one must pass."""
+        wanted = f"required referrer {self.artifact_type}"
+        try:
+            index = await source.referrers(subject.digest, self.artifact_type)
+        except TRANSIENT_ERRORS:
+            raise
+        except OCIError as exc:
+            return CheckResult(False, f"{wanted}: referrers cannot be listed: {exc.message}")
+        listed = [
+            d
+            for d in (index.manifests if index is not None else ())
+            if d.artifact_type == self.artifact_type
+        ]
+        if not listed:
+            return CheckResult(False, f"{wanted} is missing")
+        failures = []
+        for descriptor in listed[: limits.max_signatures]:
+            where = descriptor.digest.hex[:16]
+            try:
+                referrer = await fetch_referrer(
+                    source, descriptor, subject, limits, artifact_type=self.artifact_type
+                )
+            except TRANSIENT_ERRORS:
+                raise
+            except OCIError as exc:
+                failures.append(f"{where}: {exc.message}")
+                continue
+            except SignatureError as exc:
+                failures.append(f"{where}: {exc}")
+                continue
+            referrer_subject = Subject(
+                registry=subject.registry,
+                repository=subject.repository,
+                digest=referrer.digest,
+                media_type=referrer.media_type,
+                size=len(referrer.raw),
+            )
+            result = await self.signed_by.evaluate(referrer_subject, source, limits, observe)
+            if result.ok:
+                return CheckResult(True, f"referrer {self.artifact_type} {where}: {result.reason}")
+            failures.append(f"{where}: {result.reason}")
+        if len(listed) > limits.max_signatures:
+            failures.append(f"only the first {limits.max_signatures} referrers were examined")
+        return CheckResult(
+            False,
+            f"{wanted} is not signed as required ({self.signed_by.describe()}): "
+            + "; ".join(failures),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RequiredAttestation:
+    """A cosign attestation with ``predicate_type`` must verify; ``signed_by`` holds
+    cosign requirements that accept only DSSE statements of that predicate type."""
+
+    predicate_type: str
+    signed_by: Requirement
+    needs_referrers = True
+
+    def describe(self) -> str:
+        return f"attestation {self.predicate_type} signed by {self.signed_by.describe()}"
+
+    async def evaluate(
+        self,
+        subject: Subject,
+        source: ArtifactSource,
+        limits: Limits,
+        observe: LeafObserver | None = None,
+    ) -> CheckResult:
+        result = await self.signed_by.evaluate(subject, source, limits, observe)
+        if result.ok:
+            return CheckResult(True, f"attestation {self.predicate_type}: {result.reason}")
+        return CheckResult(
+            False,
+            f"required attestation {self.predicate_type} is missing or not signed as "
+            f"required: {result.reason}",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,14 +649,30 @@ def _is_namespace(name: object) -> bool:
     return isinstance(name, str) and _NAMESPACE_RE.fullmatch(name) is not None
 
 
+SIGNATURE_KEYS = ("anyOf", "allOf", "cosign", "notation", "modelSigning")
+REQUIREMENT_KEYS = (*SIGNATURE_KEYS, "referrers", "attestation")
+_MEDIA_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+_MEDIA_TYPE_RE = re.compile(f"{_MEDIA_NAME}/{_MEDIA_NAME}")  # RFC 6838 type/subtype
+
+
 def _requirement(
-    doc: Any, base_dir: Path, trust: TrustConfig, material: _Material, where: str
+    doc: Any,
+    base_dir: Path,
+    trust: TrustConfig,
+    material: _Material,
+    where: str,
+    *,
+    signatures_only: bool = False,
+    predicate_type: str | None = None,
 ) -> Requirement:
+    """One requirement node. Under a ``signedBy`` (``signatures_only``) only signature
+    requirements are allowed; under an attestation's (``predicate_type``) only cosign,
+    which then accepts nothing but DSSE statements of that predicate type."""
     doc = _mapping(doc, where)
+    known = SIGNATURE_KEYS if signatures_only else REQUIREMENT_KEYS
     if len(doc) != 1:
         raise PolicyError(
-            f"{where} must have exactly one key (anyOf, allOf, cosign, notation, modelSigning), "
-            f"not {sorted(map(str, doc))}"
+            f"{where} must have exactly one key ({', '.join(known)}), not {sorted(map(str, doc))}"
         )
     ((key, value),) = doc.items()
     if key in ("anyOf", "allOf"):
@@ -535,11 +681,39 @@ def _requirement(
         if not value:
             raise PolicyError(f"{where}.{key} is empty: an empty list is a configuration error")
         children = tuple(
-            _requirement(child, base_dir, trust, material, f"{where}.{key}[{i}]")
+            _requirement(
+                child,
+                base_dir,
+                trust,
+                material,
+                f"{where}.{key}[{i}]",
+                signatures_only=signatures_only,
+                predicate_type=predicate_type,
+            )
             for i, child in enumerate(value)
         )
         return AnyOf(children) if key == "anyOf" else AllOf(children)
+    if signatures_only and key in ("referrers", "attestation"):
+        raise PolicyError(
+            f"{where}: {key} cannot be nested in signedBy (it names who signs the referrer: "
+            f"one of {', '.join(SIGNATURE_KEYS)})"
+        )
+    if key == "referrers":
+        return _referrers(value, base_dir, trust, material, f"{where}.referrers")
+    if key == "attestation":
+        return _attestation(value, base_dir, trust, material, f"{where}.attestation")
     spec = _mapping(value, f"{where}.{key}")
+    if predicate_type is not None:
+        if key != "cosign":
+            raise PolicyError(
+                f"{where}: an attestation's signedBy takes cosign requirements only "
+                f"(cosign attestations are DSSE bundles), not {str(key)[:64]!r}"
+            )
+        if spec.get("predicateType", predicate_type) != predicate_type:
+            raise PolicyError(
+                f"{where}.cosign.predicateType differs from the attestation's predicateType"
+            )
+        spec = {**spec, "predicateType": predicate_type}
     # Hashed before the verifier reads them (and checked again when the policy is done).
     material.add_fields(str(key), spec, f"{where}.{key}")
     try:
@@ -547,6 +721,67 @@ def _requirement(
     except PolicyError as exc:
         raise PolicyError(f"{where}.{key}: {exc}") from exc
     return Leaf(verifier)
+
+
+def _signed_by(
+    doc: Mapping[str, Any],
+    base_dir: Path,
+    trust: TrustConfig,
+    material: _Material,
+    where: str,
+    *,
+    predicate_type: str | None = None,
+) -> Requirement:
+    if doc.get("signedBy") is None:
+        raise PolicyError(
+            f"{where}.signedBy is missing: an unsigned referrer proves nothing (anyone who "
+            "can push to the repository can attach one)"
+        )
+    return _requirement(
+        doc["signedBy"],
+        base_dir,
+        trust,
+        material,
+        f"{where}.signedBy",
+        signatures_only=True,
+        predicate_type=predicate_type,
+    )
+
+
+def _referrers(
+    value: Any, base_dir: Path, trust: TrustConfig, material: _Material, where: str
+) -> Requirement:
+    """``referrers: [{artifactType, signedBy}, ...]``: every entry is required."""
+    if not isinstance(value, list):
+        raise PolicyError(f"{where} must be a list of {{artifactType, signedBy}}")
+    if not value:
+        raise PolicyError(f"{where} is empty: an empty list is a configuration error")
+    required: list[Requirement] = []
+    for i, item in enumerate(value):
+        entry = _mapping(item, f"{where}[{i}]")
+        _known(entry, {"artifactType", "signedBy"}, f"{where}[{i}]")
+        artifact_type = entry.get("artifactType")
+        if not isinstance(artifact_type, str) or not _MEDIA_TYPE_RE.fullmatch(artifact_type):
+            raise PolicyError(
+                f"{where}[{i}].artifactType must be a media type like application/spdx+json, "
+                f"not {str(artifact_type)[:80]!r}"
+            )
+        signed_by = _signed_by(entry, base_dir, trust, material, f"{where}[{i}]")
+        required.append(RequiredReferrer(artifact_type, signed_by))
+    return required[0] if len(required) == 1 else AllOf(tuple(required))
+
+
+def _attestation(
+    value: Any, base_dir: Path, trust: TrustConfig, material: _Material, where: str
+) -> Requirement:
+    """``attestation: {predicateType, signedBy}``: a cosign attestation of that type."""
+    doc = _mapping(value, where)
+    _known(doc, {"predicateType", "signedBy"}, where)
+    predicate_type = doc.get("predicateType")
+    if not isinstance(predicate_type, str) or not predicate_type.strip():
+        raise PolicyError(f"{where}.predicateType must be a URI like https://spdx.dev/Document")
+    signed_by = _signed_by(doc, base_dir, trust, material, where, predicate_type=predicate_type)
+    return RequiredAttestation(predicate_type, signed_by)
 
 
 def _verifier(
@@ -560,8 +795,7 @@ def _verifier(
     }
     if key not in factories:
         raise PolicyError(
-            f"unknown requirement {str(key)[:64]!r} "
-            "(known: anyOf, allOf, cosign, notation, modelSigning)"
+            f"unknown requirement {str(key)[:64]!r} (known: {', '.join(REQUIREMENT_KEYS)})"
         )
     module_name, factory_name, wants_trust = factories[key]
     try:

@@ -4,7 +4,9 @@
 
 1. lets a child manifest through while a verified index of the same repository covers
    it (the index's scope says ``indexes: coverChildren``, the default): the index's
-   signature covers its children's digests, so the index's scope decides for them.
+   signature covers its children's digests, so the index's scope decides for them,
+   unless the child's own scope requires referrers of it (an SBOM, an attestation),
+   which the index's signature does not prove.
    This is looked up live, never cached, so it ends when the index's allowance does;
 2. returns a cached decision for (registry, repository, digest, policy revision);
 3. picks the most specific scope for the repository and the manifest's artifactType,
@@ -293,7 +295,9 @@ class SignatureGate:
         decision is theirs: cached under that scope, never taken from (or for) another
         context.
         """
-        if self.child_allowed(repo, manifest.digest):
+        if self.child_allowed(repo, manifest.digest) and not _needs_own_referrers(
+            policy, repo, manifest, pod
+        ):
             return _COVERED_DECISION, False
         pod_scope: Scope | None = None
         if policy.pod_scoped and pod is not None:
@@ -726,6 +730,21 @@ class SignatureGate:
         for scope in policy.scopes:
             if scope.mode == "allow":
                 log.warning("policy: %s skips signature verification", scope.label())
+
+
+def _needs_own_referrers(
+    policy: Policy, repo: RepoKey, manifest: Manifest, pod: Pod | None
+) -> bool:
+    """Whether the manifest's own scope requires referrers of it (an SBOM, an
+    attestation): an index's signature covers a child's digest, not those, so such a
+    child is decided by its own scope."""
+    scope = policy.scope_for(repo, manifest.effective_artifact_type, pod)
+    return (
+        scope is not None
+        and scope.mode != "allow"
+        and scope.require is not None
+        and scope.require.needs_referrers
+    )
 
 
 def _fingerprint(policy: Policy, scope: Scope | None) -> str:

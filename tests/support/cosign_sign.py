@@ -22,6 +22,8 @@ Sigstore bundles as referrers
     ``TestSigstore.trusted_root()``.
     ``in_toto_statement(digest, predicate_type)`` builds a statement.
     ``bundle_referrer(bundle, subject_descriptor)`` → ``Artifact`` (no tag).
+    ``document_referrer(document, subject_descriptor, artifact_type)`` → an ORAS-style
+    referrer (an SBOM: ``spdx_document(name)``), signed like any manifest.
 
 Test "Fulcio" and "Rekor"
     ``TestSigstore()`` holds a root + intermediate CA, a Rekor key and a CT log key.
@@ -455,6 +457,38 @@ def bundle_referrer(
         "annotations": annotations,
     }
     return Artifact(_manifest_bytes(doc), mt.OCI_MANIFEST, (EMPTY_CONFIG, bundle))
+
+
+def document_referrer(document: bytes, subject: Descriptor, artifact_type: str) -> Artifact:
+    """An ORAS-style referrer carrying one document (an SPDX SBOM, say) about ``subject``:
+    ``artifactType`` set, empty config, one layer of that media type."""
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": _descriptor_json(mt.OCI_EMPTY, EMPTY_CONFIG),
+        "layers": [_descriptor_json(artifact_type, document)],
+        "subject": {
+            "mediaType": subject.media_type,
+            "digest": str(subject.digest),
+            "size": subject.size,
+        },
+    }
+    return Artifact(_manifest_bytes(doc), mt.OCI_MANIFEST, (EMPTY_CONFIG, document))
+
+
+def spdx_document(name: str) -> bytes:
+    """A minimal SPDX 2.3 JSON document (content is opaque to pullgate)."""
+    doc = {
+        "spdxVersion": "SPDX-2.3",
+        "dataLicense": "CC0-1.0",
+        "SPDXID": "SPDXRef-DOCUMENT",
+        "name": name,
+        "documentNamespace": f"https://example.test/spdx/{name}",
+        "creationInfo": {"created": "2026-01-01T00:00:00Z", "creators": ["Tool: tests"]},
+        "packages": [],
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 # ---- Merkle tree (RFC 6962) ---------------------------------------------------------

@@ -32,6 +32,7 @@ from proxy.upstream.router import Route
 REGISTRY = "registry.example.test"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 # Everything under REGISTRY/app/** is served (mode allow, no signature required); the
 # default refuses the rest. Blobs are still allowed only through a manifest.
@@ -73,6 +74,19 @@ class FakeRegistry:
     corrupt: set[Digest] = field(default_factory=set)
     seen: list[Seen] = field(default_factory=list)
     chunk: int = 64 * 1024
+    referrers_api: bool = False
+    """Answer ``GET /v2/<name>/referrers/<digest>`` (OCI 1.1, ``artifactType`` filter);
+    off: 404, as Debian's docker-registry does."""
+    referrers_filter: bool = True
+    """Whether the referrers API applies ``artifactType`` (the spec lets it ignore it)."""
+
+    def add_manifest(self, repository: str, raw: bytes, media_type: str, tag: str = "") -> Digest:
+        """Store a manifest by digest (and ``tag``); returns its digest."""
+        digest = Digest.of(raw)
+        for reference in (str(digest), tag):
+            if reference:
+                self.manifests[(repository, reference)] = (raw, media_type)
+        return digest
 
     def add_image(self, repository: str, tag: str, *layers: bytes) -> Image:
         config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
@@ -110,6 +124,8 @@ class FakeRegistry:
         app.router.add_route("*", "/v2/{repo:.+}/manifests/{ref}", self._manifest)
         app.router.add_route("*", "/v2/{repo:.+}/blobs/{digest}", self._blob)
         app.router.add_route("*", "/v2/{repo:.+}/tags/list", self._tags)
+        if self.referrers_api:
+            app.router.add_route("GET", "/v2/{repo:.+}/referrers/{digest}", self._referrers)
         return app
 
     def _record(self, request: web.Request) -> None:
@@ -157,6 +173,29 @@ class FakeRegistry:
         if repo not in self.tags:
             return _oci_error(404, "NAME_UNKNOWN")
         return web.json_response({"name": repo, "tags": self.tags[repo]})
+
+    async def _referrers(self, request: web.Request) -> web.StreamResponse:
+        self._record(request)
+        repo, subject = request.match_info["repo"], request.match_info["digest"]
+        wanted = request.query.get("artifactType") if self.referrers_filter else None
+        listed: dict[str, dict[str, object]] = {}
+        for (name, _), (raw, media_type) in self.manifests.items():
+            doc = json.loads(raw)
+            kind = doc.get("artifactType") or (doc.get("config") or {}).get("mediaType")
+            if name != repo or (doc.get("subject") or {}).get("digest") != subject:
+                continue
+            if wanted is not None and kind != wanted:
+                continue
+            digest = str(Digest.of(raw))
+            listed[digest] = {
+                "mediaType": media_type,
+                "digest": digest,
+                "size": len(raw),
+                "artifactType": kind,
+            }
+        body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list(listed.values())}
+        headers = {"OCI-Filters-Applied": "artifactType"} if wanted is not None else {}
+        return web.json_response(body, content_type=OCI_INDEX, headers=headers)
 
 
 def _oci_error(status: int, code: str) -> web.Response:
