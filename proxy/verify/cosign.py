@@ -45,6 +45,7 @@ from proxy.verify.base import (
     Subject,
     TrustConfig,
     Verifier,
+    fetch_referrer,
 )
 from proxy.verify.bundle import CosignPolicy, sigstore_verifier_for, verify_bundle
 from proxy.verify.keys import (
@@ -348,18 +349,10 @@ class CosignVerifier:
     async def _fetch_bundle(
         self, descriptor: Descriptor, subject: Subject, source: ArtifactSource, limits: Limits
     ) -> bytes | None:
-        if descriptor.size > limits.max_signature_manifest_bytes:
-            raise SignatureError(f"bundle manifest of {descriptor.size} bytes exceeds the cap")
-        referrer = await source.manifest(
-            str(descriptor.digest), max_bytes=limits.max_signature_manifest_bytes
-        )
-        if referrer is None:
-            return None
-        if referrer.digest != descriptor.digest:
-            raise SignatureError("referrer manifest digest does not match its descriptor")
-        # Referrer spoofing: a registry may list an artifact about another image.
-        if referrer.subject is None or referrer.subject.digest != subject.digest:
-            raise SignatureError("bundle referrer is about another manifest (subject mismatch)")
+        try:
+            referrer = await fetch_referrer(source, descriptor, subject, limits)
+        except SignatureError as exc:
+            raise SignatureError(f"bundle {exc}") from exc
         layer = _bundle_layer(referrer)
         if layer is None:
             raise SignatureError("bundle referrer has no bundle layer")

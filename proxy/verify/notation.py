@@ -50,7 +50,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from proxy.oci.digest import Digest
 from proxy.oci.errors import (
     DigestInvalid,
     OCIError,
@@ -58,9 +57,17 @@ from proxy.oci.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.oci.manifest import Manifest
+from proxy.oci.manifest import Descriptor, Manifest
 from proxy.pipeline.gate import ArtifactSource
-from proxy.verify.base import CheckResult, Limits, PolicyError, SignatureError, Subject, json_object
+from proxy.verify.base import (
+    CheckResult,
+    Limits,
+    PolicyError,
+    SignatureError,
+    Subject,
+    fetch_referrer,
+    json_object,
+)
 from proxy.verify.chains import NOTATION, ChainError, verify_chain
 
 log = logging.getLogger("pullgate.verify.notation")
@@ -508,9 +515,7 @@ class NotationVerifier:
             return CheckResult(False, "no Notation signatures found")
         reasons: list[str] = []
         for descriptor in candidates[: limits.max_signatures]:
-            reason = await self._check_referrer(
-                subject, source, limits, descriptor.digest, statement
-            )
+            reason = await self._check_referrer(subject, source, limits, descriptor, statement)
             if reason is None:
                 return CheckResult(
                     True, f"Notation signature {descriptor.digest} verified ({statement.name})"
@@ -524,20 +529,18 @@ class NotationVerifier:
         subject: Subject,
         source: ArtifactSource,
         limits: Limits,
-        digest: Digest,
+        listed: Descriptor,
         statement: TrustStatement,
     ) -> str | None:
         try:
-            manifest = await source.manifest(
-                str(digest), max_bytes=limits.max_signature_manifest_bytes
-            )
+            manifest = await fetch_referrer(source, listed, subject, limits)
         except (UpstreamUnavailable, UpstreamTimeout):
             raise
         except OCIError as exc:
-            return f"signature manifest {digest}: {exc.message}"
-        if manifest is None:
-            return f"signature manifest {digest} not found"
-        problem = _signature_manifest_problem(manifest, subject)
+            return f"signature manifest {listed.digest}: {exc.message}"
+        except SignatureError as exc:
+            return f"signature manifest {listed.digest}: {exc}"
+        problem = _signature_manifest_problem(manifest)
         if problem:
             return problem
         layer = manifest.layers[0]
@@ -662,9 +665,7 @@ def _chain_problems(
     return problems
 
 
-def _signature_manifest_problem(manifest: Manifest, subject: Subject) -> str | None:
-    if manifest.subject is None or manifest.subject.digest != subject.digest:
-        return "signature manifest's subject is another manifest (ignored)"
+def _signature_manifest_problem(manifest: Manifest) -> str | None:
     if manifest.artifact_type not in (ARTIFACT_TYPE, None) and (
         manifest.config is None or manifest.config.media_type != ARTIFACT_TYPE
     ):

@@ -72,7 +72,7 @@ import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import Any, ClassVar, Literal, Protocol, cast
 
 import yaml
 
@@ -204,22 +204,30 @@ def _failure(child: Requirement, result: CheckResult) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class AllOf:
-    """Every child must pass; evaluation stops at the first failure."""
-
+class _Composite:
     children: tuple[Requirement, ...]
+    keyword: ClassVar[str]
+    empty: ClassVar[str]
 
     def __post_init__(self) -> None:
-        # An empty allOf would pass vacuously: fail closed however it is built.
+        # Fail closed however it is built: an empty list is never a requirement.
         if not self.children:
-            raise PolicyError("allOf needs at least one requirement: an empty allOf would allow")
+            raise PolicyError(f"{self.keyword} needs at least one requirement: {self.empty}")
 
     def describe(self) -> str:
-        return "allOf[" + ", ".join(c.describe() for c in self.children) + "]"
+        return f"{self.keyword}[" + ", ".join(c.describe() for c in self.children) + "]"
 
     @property
     def needs_referrers(self) -> bool:
         return any(child.needs_referrers for child in self.children)
+
+
+@dataclass(frozen=True, slots=True)
+class AllOf(_Composite):
+    """Every child must pass; evaluation stops at the first failure."""
+
+    keyword = "allOf"
+    empty = "an empty allOf would allow"
 
     async def evaluate(
         self,
@@ -238,22 +246,11 @@ class AllOf:
 
 
 @dataclass(frozen=True, slots=True)
-class AnyOf:
+class AnyOf(_Composite):
     """The first child that passes wins; if none does, every child's reason is kept."""
 
-    children: tuple[Requirement, ...]
-
-    def __post_init__(self) -> None:
-        # An empty anyOf would refuse everything with no reason: a configuration error.
-        if not self.children:
-            raise PolicyError("anyOf needs at least one requirement: an empty list is an error")
-
-    def describe(self) -> str:
-        return "anyOf[" + ", ".join(c.describe() for c in self.children) + "]"
-
-    @property
-    def needs_referrers(self) -> bool:
-        return any(child.needs_referrers for child in self.children)
+    keyword = "anyOf"
+    empty = "an empty list is an error"
 
     async def evaluate(
         self,

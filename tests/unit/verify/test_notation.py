@@ -158,7 +158,7 @@ async def test_refuses_referrer_spoofing_signature_for_another_subject(tmp_path:
         )
     ]
     result = await verifier.verify(subject, registry, Limits())
-    assert not result.ok and "subject is another manifest" in result.reason
+    assert not result.ok and "referrer is about another manifest" in result.reason
 
 
 async def test_refuses_unsigned_and_bounds_a_signature_flood(tmp_path: Path) -> None:
