@@ -49,6 +49,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
+from jwcrypto import jwk, jws
+from jwcrypto.common import JWException, JWSEHeaderParameter, base64url_decode, base64url_encode
 
 from proxy.oci.errors import (
     DigestInvalid,
@@ -66,6 +68,7 @@ from proxy.verify.base import (
     SignatureError,
     Subject,
     fetch_referrer,
+    first_line,
     json_object,
 )
 from proxy.verify.chains import NOTATION, ChainError, verify_chain
@@ -242,15 +245,8 @@ class Envelope:
     authentic_signing_time: dt.datetime | None
     expiry: dt.datetime | None
     extra_critical: tuple[str, ...]
-
-
-def _b64url(text: Any, what: str) -> bytes:
-    if not isinstance(text, str):
-        raise SignatureError(f"{what} is not a base64url string")
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise SignatureError(f"{what} is not valid base64url") from exc
+    jws: jws.JWS | None = None
+    """A JWS envelope, verified by jwcrypto; COSE is verified over ``signing_input``."""
 
 
 def _certificates(ders: Any) -> tuple[x509.Certificate, ...]:
@@ -305,23 +301,43 @@ def _cose_header(value: Any, what: str) -> Mapping[Any, Any]:
     return value
 
 
-# JWS stays hand-parsed (JSON and base64url; cryptography verifies). PyJWT, already
-# installed, reads only the compact form and refuses every Notation envelope:
-# "Unsupported critical extension: io.cncf.notary.signingScheme".
+# Flattened JWS JSON, parsed and verified by jwcrypto. The Notary Project headers are
+# registered so that jwcrypto accepts a ``crit`` naming them; it refuses any other
+# (Notation's "every critical header is understood"). PyJWT reads only the compact form.
+_NOTARY_HEADERS = {
+    name: JWSEHeaderParameter("Notary Project", True, True, None) for name in KNOWN_CRITICAL
+}
+
+
 def parse_jws(raw: bytes) -> Envelope:
     doc = json_object(raw, "JWS envelope")
-    protected_b64 = doc.get("protected")
-    payload_b64 = doc.get("payload")
+    if "signatures" in doc or "payload" not in doc:
+        raise SignatureError("JWS envelope is not a flattened JWS with a payload")
+    # jwcrypto rebuilds the signing input from the decoded parts; notation-go signs and
+    # checks their text. Only canonical unpadded base64url makes the two the same (the
+    # vector ca_invalid_sig_env.json differs from a valid one by one "=").
+    for part in ("protected", "payload", "signature"):
+        text = doc.get(part)
+        try:
+            canonical = isinstance(text, str) and base64url_encode(base64url_decode(text)) == text
+        except (ValueError, TypeError):
+            canonical = False
+        if not canonical:
+            raise SignatureError(f"JWS {part} is not canonical unpadded base64url (integrity)")
+    token = jws.JWS(header_registry=_NOTARY_HEADERS)
     try:
-        protected = json.loads(_b64url(protected_b64, "JWS protected header"))
-        payload = json.loads(_b64url(payload_b64, "JWS payload"))
-    except ValueError as exc:
-        raise SignatureError("JWS protected header or payload is not JSON") from exc
-    header = doc.get("header")
+        token.deserialize(raw.decode())
+        protected = json.loads(token.objects["protected"])
+        payload = json.loads(token.objects["payload"])
+    except (JWException, KeyError, ValueError) as exc:
+        raise SignatureError(f"JWS envelope does not parse: {first_line(exc, 120)}") from exc
+    header = token.objects.get("header")
     if not isinstance(protected, dict) or not isinstance(header, dict):
         raise SignatureError("JWS headers are missing")
     if protected.get("cty") != PAYLOAD_TYPE:
         raise SignatureError(f"JWS content type is not {PAYLOAD_TYPE}")
+    if "b64" in protected:
+        raise SignatureError("JWS with an unencoded payload (b64) is not a Notation envelope")
     chain_b64 = header.get("x5c")
     if not isinstance(chain_b64, list):
         raise SignatureError("JWS header has no x5c certificate chain")
@@ -331,8 +347,9 @@ def parse_jws(raw: bytes) -> Envelope:
         raise SignatureError("JWS x5c is not base64") from exc
     return _envelope(
         algorithm=str(protected.get("alg")),
-        signing_input=f"{protected_b64}.{payload_b64}".encode("ascii"),
-        signature=_b64url(doc.get("signature"), "JWS signature"),
+        signing_input=b"",
+        signature=b"",
+        jws=token,
         payload=payload,
         chain=_certificates(ders),
         headers=protected,
@@ -405,6 +422,15 @@ def _verify_signature(envelope: Envelope) -> None:
     digest = HASHES.get(algorithm[2:])
     if digest is None or algorithm[:2] not in ("PS", "ES"):
         raise SignatureError(f"unsupported signature algorithm {algorithm[:20]}")
+    if envelope.jws is not None:
+        if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+            raise SignatureError(f"{algorithm} needs an RSA or EC key")
+        try:
+            envelope.jws.verify(jwk.JWK.from_pyca(key), alg=algorithm)
+        except (JWException, ValueError, TypeError) as exc:
+            raise SignatureError("the envelope's signature does not verify (integrity)") from exc
+        return
+    # COSE_Sign1: the Sig_structure is built in parse_cose; cryptography verifies it.
     try:
         if algorithm.startswith("PS"):
             if not isinstance(key, rsa.RSAPublicKey):
@@ -569,9 +595,7 @@ class NotationVerifier:
     def _check(self, envelope: Envelope, subject: Subject, statement: TrustStatement) -> str | None:
         actions = statement.actions
         now = self._clock()
-        # 2. Integrity, always enforced.
-        _verify_signature(envelope)
-        # 3. Critical headers.
+        # 3. Critical headers first: jwcrypto refuses an unknown one as a bad signature.
         if "io.cncf.notary.signingScheme" not in envelope.critical:
             return "signingScheme is not marked critical"
         if envelope.expiry is not None and "io.cncf.notary.expiry" not in envelope.critical:
@@ -583,6 +607,8 @@ class NotationVerifier:
             )
         if envelope.scheme not in (SCHEME_X509, SCHEME_AUTHORITY):
             return f"unknown signing scheme {envelope.scheme[:40]!r}"
+        # 2. Integrity, always enforced.
+        _verify_signature(envelope)
         # 4. The signed target must be exactly this manifest.
         target = (
             envelope.payload.get("targetArtifact") if isinstance(envelope.payload, dict) else None

@@ -130,6 +130,49 @@ async def test_refuses_tampered_envelope_signature(tmp_path: Path) -> None:
     assert not result.ok and "integrity" in result.reason
 
 
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _same_bytes_other_text(text: str) -> str:
+    """``text`` with its last character's unused bits set: other text, same bytes."""
+    assert len(text) % 4 in (2, 3), "no unused bits to set"
+    return text[:-1] + B64URL[B64URL.index(text[-1]) | 1]
+
+
+async def test_refuses_jws_payload_whose_text_is_not_what_was_signed(tmp_path: Path) -> None:
+    # notation-go verifies the signature over the payload's text; jwcrypto re-encodes
+    # the decoded payload. A non-canonical text of the same bytes must not verify.
+    notary = TestNotary()
+    _registry, image, verifier, subject = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    for pad in range(4):
+        padded = {**target, "annotations": {"pad": "x" * pad}}
+        doc = json.loads(notary.jws(padded))
+        if len(doc["payload"]) % 4 in (2, 3):
+            break
+    statement = verifier._statements[0]
+    # Annotations are not part of what Notation compares: the envelope as signed verifies.
+    assert verifier.check_envelope(JWS, json.dumps(doc).encode(), subject, statement) is None
+    doc["payload"] = _same_bytes_other_text(doc["payload"])
+    reason = verifier.check_envelope(JWS, json.dumps(doc).encode(), subject, statement)
+    assert reason is not None and "payload is not canonical unpadded base64url" in reason
+
+
+async def test_refuses_jws_in_general_serialization(tmp_path: Path) -> None:
+    notary = TestNotary()
+    _registry, image, verifier, subject = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    doc = json.loads(notary.jws(target))
+    general = {
+        "payload": doc["payload"],
+        "signatures": [{k: doc[k] for k in ("protected", "header", "signature")}],
+    }
+    reason = verifier.check_envelope(
+        JWS, json.dumps(general).encode(), subject, verifier._statements[0]
+    )
+    assert reason is not None and "not a flattened JWS" in reason
+
+
 async def test_refuses_unknown_critical_header(tmp_path: Path) -> None:
     notary = TestNotary()
     registry, image, verifier, subject = setup(tmp_path, notary)
