@@ -215,6 +215,7 @@ class BlobPath:
                     tar.feed(piece)
             tar.finish()
 
+        log.info("checking cached layer %s against its per-file plan (no pass recorded)", digest)
         self.store.pin(digest)
         try:
             await self.datapath.run(_Uncancellable(), check)
