@@ -26,6 +26,7 @@ import sys
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,3 +413,93 @@ def test_warm_hit_of_checked_layer_is_not_parsed_again(node: Node) -> None:
     assert status == 200 and hashlib.sha256(body).hexdigest() == layers[0]["digest"][7:]
     assert f"checking cached layer {layers[0]['digest']}" in node.pullgate.log_text()
     assert list(checks.glob(f"{Digest.parse(layers[0]['digest']).hex}.*.passed"))
+
+
+# ---- hostile archives through the real stack -------------------------------------------
+
+
+def _member(
+    name: str, data: bytes = b"", *, kind: bytes = tarfile.REGTYPE, target: str = ""
+) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    padding = -len(data) % tarfile.BLOCKSIZE if kind == tarfile.REGTYPE else 0
+    return info.tobuf(tarfile.PAX_FORMAT) + (
+        data + bytes(padding) if kind == tarfile.REGTYPE else b""
+    )
+
+
+def _hostile_layer(case: str, files: dict[str, bytes]) -> bytes:
+    """A tar+gzip layer holding the signed files, made hostile one way."""
+    end = bytes(2 * tarfile.BLOCKSIZE)
+    honest = b"".join(_member(name, data) for name, data in sorted(files.items()))
+    if case == "dotdot":
+        raw = honest + _member("weights/../../etc/cron.d/evil", b"* * * * * root sh") + end
+    elif case == "absolute":
+        raw = _member("/etc/passwd", b"root::0:0") + honest + end
+    elif case == "symlink":
+        rest = {n: d for n, d in files.items() if n != "config.json"}
+        raw = b"".join(_member(n, d) for n, d in sorted(rest.items()))
+        raw += _member("config.json", kind=tarfile.SYMTYPE, target="/etc/shadow") + end
+    elif case == "extra":
+        raw = honest + _member("weights/backdoor.py", b"import os") + end
+    elif case == "missing":
+        raw = b"".join(_member(n, d) for n, d in sorted(files.items()) if n != "config.json") + end
+    else:  # gzip bomb: a signed file name, 1 GiB of zeros, compressed to about 1 MiB
+        compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        info = tarfile.TarInfo(TAMPERED_FILE)
+        info.size = 1 << 30
+        parts = [compressor.compress(info.tobuf(tarfile.PAX_FORMAT))]
+        zeros = bytes(1 << 20)
+        parts += [compressor.compress(zeros) for _ in range(1024)]
+        parts.append(compressor.flush())
+        return b"".join(parts)
+    return gzip.compress(raw, mtime=0)
+
+
+HOSTILE = {
+    "dotdot": "escapes the model with ..",
+    "absolute": "absolute path",
+    "symlink": "does not allow symlinks",
+    "extra": "weights/backdoor.py is not covered by the signature",
+    "missing": "signed file config.json is missing",
+    "gzip-bomb": "decompression bomb",
+}
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_refuses_hostile_tar_layer_with_reason_and_bounded_rss(node: Node, case: str) -> None:
+    files = model_files(9500 + list(HOSTILE).index(case))
+    signature_path = node.work / "model.sig"
+    signature = sign_model(
+        write_model(node.work / "model", files), node.private_key, signature_path
+    )
+    blob = _hostile_layer(case, files)
+    config = json.dumps({"descriptor": {"name": "hostile"}}).encode()
+    artifact = manifest_artifact(
+        "v1",
+        artifact_type=mt.MODELPACK_ARTIFACT,
+        config=(mt.MODELPACK_CONFIG, config),
+        layers=[(descriptor(MODELPACK_WEIGHT_TGZ, blob), blob)],
+    )
+    repository = f"models/hostile-{case}"
+    node.push(repository, artifact, signature)
+    before = _peak_rss_kib(node.pullgate.pid)
+    code, output = node.fetch(repository, "v1")
+    assert code != 0, f"containerd fetched a hostile layer ({case}): {output}"
+    layer_digest = str(Digest.of(blob))
+    assert layer_digest not in node.containerd.content_digests()
+    status, body = node.get(f"/v2/{repository}/blobs/{layer_digest}?ns={REGISTRY}")
+    assert status == 403
+    assert HOSTILE[case] in body["errors"][0]["message"], body
+    grown_mib = (_peak_rss_kib(node.pullgate.pid) - before) / 1024
+    assert grown_mib < 64, f"pullgate's peak RSS grew {grown_mib:.0f} MiB on a {case} layer"
