@@ -22,9 +22,12 @@ import os
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy.oci.digest import Digest
-from proxy.pipeline.tarcheck import LayerPlan
+
+if TYPE_CHECKING:  # the pipeline imports this module: no import back at run time
+    from proxy.pipeline.tarcheck import LayerPlan
 
 log = logging.getLogger("pullgate.cache")
 
@@ -59,6 +62,8 @@ class LayerChecks:
             raw = (self.root / f"{digest.hex}.plan.json").read_text()
         except FileNotFoundError:
             return None
+        from proxy.pipeline.tarcheck import LayerPlan
+
         try:
             plan = LayerPlan.from_json(json.loads(raw))
         except (ValueError, KeyError, TypeError) as exc:

@@ -192,7 +192,14 @@ class BlobPath:
     def _plan_for(self, digest: Digest) -> LayerPlan | None:
         """The per-file plan of layer ``digest``; a layer that already failed it is
         refused at once, naming the file."""
-        plan = self.checks.plan_for(digest)
+        try:
+            plan = self.checks.plan_for(digest)
+        except (ValueError, KeyError, TypeError):
+            # Fail closed: the next verification of its manifest writes the plan again.
+            self.metrics.denied.labels("blob", "mirror").inc()
+            raise LayerRefused(
+                f"layer {digest}: its per-file plan is unreadable; pull its manifest again"
+            ) from None
         if plan is not None:
             reason = self.checks.refusal(digest, plan)
             if reason is not None:
