@@ -10,6 +10,9 @@ as having passed that plan (by its fingerprint): a warm hit is then served by
 sendfile without parsing it again. A layer refused by its check is remembered (in
 this process), so a client's retry is refused at once, with the same reason.
 
+A pass stays true after the blob leaves the cache: the same digest is the same bytes,
+and the same plan (by fingerprint) gives the same outcome; a re-fill checks anyway.
+
 Layout under ``root``: ``<hex>.plan.json`` and ``<hex>.<fingerprint>.passed``.
 """
 
@@ -92,15 +95,6 @@ class LayerChecks:
             self._remember(self._passed, (digest, fingerprint), None)
             return True
         return False
-
-    def forget_pass(self, digest: Digest) -> None:
-        """The cached copy of ``digest`` is gone (evicted, quarantined)."""
-        for key in [k for k in self._passed if k[0] == digest]:
-            del self._passed[key]
-        if self.root is not None:
-            for path in self.root.glob(f"{digest.hex}.*.passed"):
-                with contextlib.suppress(OSError):
-                    path.unlink()
 
     def refuse(self, digest: Digest, plan: LayerPlan, reason: str) -> None:
         """Layer ``digest`` failed ``plan``'s check: later requests are refused at once."""

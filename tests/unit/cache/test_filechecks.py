@@ -26,14 +26,6 @@ def test_plan_and_pass_are_seen_by_another_process_on_the_same_directory(tmp_pat
     assert not reader.passed(LAYER, other), "a pass is for one plan only"
 
 
-def test_forgotten_pass_must_be_earned_again(tmp_path: Path) -> None:
-    checks = LayerChecks(tmp_path)
-    checks.record_pass(LAYER, PLAN)
-    checks.forget_pass(LAYER)
-    assert not checks.passed(LAYER, PLAN)
-    assert not LayerChecks(tmp_path).passed(LAYER, PLAN)
-
-
 def test_refusal_is_per_plan_and_in_memory() -> None:
     checks = LayerChecks()
     assert checks.plan_for(LAYER) is None
