@@ -48,6 +48,7 @@ TAMPERED_FILE = "weights/model-00001.safetensors"
 MODELPACK_WEIGHT_RAW = "application/vnd.cncf.model.weight.v1.raw"
 MODELPACK_WEIGHT_TGZ = "application/vnd.cncf.model.weight.v1.tar+gzip"
 MODELPACK_CONFIG_TGZ = "application/vnd.cncf.model.weight.config.v1.tar+gzip"
+MODELPACK_WEIGHT_ZST = "application/vnd.cncf.model.weight.v1.tar+zstd"
 MODELKIT_MODEL_TGZ = "application/vnd.kitops.modelkit.model.v1.tar+gzip"
 MODELKIT_DOCS_TAR = "application/vnd.kitops.modelkit.docs.v1.tar"
 
@@ -81,7 +82,7 @@ def sign_model(directory: Path, private_key: Path, signature: Path) -> bytes:
     return signature.read_bytes()
 
 
-def tar_of(files: dict[str, bytes], *, gz: bool) -> bytes:
+def tar_of(files: dict[str, bytes], *, gz: bool, zstd: bool = False) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         dirs = sorted({str(Path(n).parent) for n in files if "/" in n})
@@ -96,6 +97,10 @@ def tar_of(files: dict[str, bytes], *, gz: bool) -> bytes:
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
     raw = out.getvalue()
+    if zstd:
+        import zstandard
+
+        return zstandard.ZstdCompressor().compress(raw)
     return gzip.compress(raw, mtime=0) if gz else raw
 
 
@@ -156,6 +161,25 @@ def modelpack_targz(tag: str, files: dict[str, bytes]) -> cs.Artifact:
     for name in ("config.json", "tokenizer.json"):
         blob = tar_of({name: files[name]}, gz=True)
         layers.append((descriptor(MODELPACK_CONFIG_TGZ, blob, **{FILEPATH: name}), blob))
+    return manifest_artifact(
+        tag,
+        artifact_type=mt.MODELPACK_ARTIFACT,
+        config=(mt.MODELPACK_CONFIG, config),
+        layers=layers,
+    )
+
+
+def modelpack_tarzstd(tag: str, files: dict[str, bytes]) -> cs.Artifact:
+    """The weights directory as one tar+zstd layer, each other file raw."""
+    config = json.dumps({"descriptor": {"name": "tiny"}, "modelfs": {"type": "layers"}}).encode()
+    weights = tar_of(
+        {n: d for n, d in files.items() if n.startswith("weights/")}, gz=False, zstd=True
+    )
+    layers = [(descriptor(MODELPACK_WEIGHT_ZST, weights, **{FILEPATH: "weights"}), weights)]
+    layers += [
+        (descriptor(MODELPACK_WEIGHT_RAW, files[name], **{FILEPATH: name}), files[name])
+        for name in ("config.json", "tokenizer.json")
+    ]
     return manifest_artifact(
         tag,
         artifact_type=mt.MODELPACK_ARTIFACT,
@@ -281,6 +305,10 @@ def unpack(node: Node, manifest_digest: Digest, target: Path) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(blob)
         else:
+            if mt.layer_packing(layer["mediaType"]) == "zstd":
+                import zstandard
+
+                blob = zstandard.ZstdDecompressor().decompressobj().decompress(blob)
             with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
                 tar.extractall(target, filter="data")
     return target
@@ -303,7 +331,7 @@ def tampered(files: dict[str, bytes]) -> dict[str, bytes]:
     return {**files, TAMPERED_FILE: bytes(changed)}
 
 
-PACKAGINGS = ["modelpack-raw", "modelpack-targz", "modelkit-modelsig"]
+PACKAGINGS = ["modelpack-raw", "modelpack-targz", "modelkit-modelsig", "modelpack-tarzstd"]
 
 
 def package(
@@ -314,6 +342,8 @@ def package(
         return modelpack_raw(tag, files), signature
     if kind == "modelpack-targz":
         return modelpack_targz(tag, files), signature
+    if kind == "modelpack-tarzstd":
+        return modelpack_tarzstd(tag, files), signature
     return modelkit(tag, files, signature), None
 
 
