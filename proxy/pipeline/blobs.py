@@ -106,6 +106,7 @@ class BlobStream(RangedBody):
         except BodyBroken as exc:
             if exc.refused_file and self._plan is not None and self._checks is not None:
                 self._checks.refuse(self.digest, self._plan, exc.reason)
+                metrics.layer_file_checks.labels("refused").inc()
             raise self._broken(exc.reason, truncated=exc.truncated) from None
         except OCIError as exc:
             raise self._broken(exc.message, truncated=True) from None
@@ -113,6 +114,8 @@ class BlobStream(RangedBody):
             body.close()
             metrics.streams_active.dec()
             self._response.close()
+        if self._plan is not None:
+            metrics.layer_file_checks.labels("passed").inc()
         metrics.upstream_bytes.labels(self._registry).inc(received)
         served = self.byte_range.length if self.byte_range else received
         metrics.bytes_served.labels("upstream").inc(served)
@@ -181,8 +184,11 @@ class BlobPath:
             except FileNotFoundError:
                 pass
             else:
-                if plan is not None and not self.checks.passed(digest, plan):
-                    await self._check_cached(digest, path, plan)
+                if plan is not None:
+                    if self.checks.passed(digest, plan):
+                        self.metrics.layer_file_checks.labels("skipped").inc()
+                    else:
+                        await self._check_cached(digest, path, plan)
                 return BlobFile(digest, path, size)
         if self.store.caching and self.store.accepts(digest) and not self.fills.degraded:
             return await self._join_fill(route, repository, digest, range_header)
@@ -228,10 +234,12 @@ class BlobPath:
             await self.datapath.run(_Uncancellable(), check)
         except TarRefused as exc:
             self.checks.refuse(digest, plan, exc.reason)
+            self.metrics.layer_file_checks.labels("refused").inc()
             raise self._refused(digest, plan, exc.reason) from None
         finally:
             self.store.unpin(digest)
         self.checks.record_pass(digest, plan)
+        self.metrics.layer_file_checks.labels("passed").inc()
 
     def _uncached_stream(
         self,

@@ -238,6 +238,7 @@ class Fill(FillProgress):
         except BodyBroken as exc:
             if exc.refused_file and self.plan is not None and self._checks is not None:
                 self._checks.refuse(self.digest, self.plan, exc.reason)
+                self._metrics.layer_file_checks.labels("refused").inc()
             counter = self._metrics.upstream_truncated if exc.truncated else None
             (counter or self._metrics.digest_mismatch).labels(self.registry).inc()
             raise FillFailed(exc.reason) from None
@@ -255,6 +256,7 @@ class Fill(FillProgress):
         if self.plan is not None and self._checks is not None:
             # Before the commit: a process that finds the blob must find the fact too.
             self._checks.record_pass(self.digest, self.plan)
+            self._metrics.layer_file_checks.labels("passed").inc()
         self.final_path = self._store.commit(self.digest, self.path, received)
         self.size = received
         self.written = received

@@ -432,6 +432,9 @@ def test_warm_hit_of_checked_layer_is_not_parsed_again(node: Node) -> None:
         assert status == 200 and hashlib.sha256(body).hexdigest() == layer["digest"][7:]
     assert sum(node.registry.blob_gets(layer["digest"]) for layer in layers) == before
     assert "checking cached layer" not in node.pullgate.log_text()
+    counted = node.pullgate.metrics()
+    assert counted['pullgate_layer_file_checks_total{result="passed"}'] == len(layers)
+    assert counted['pullgate_layer_file_checks_total{result="skipped"}'] == len(layers)
     # Without the recorded pass (a layer cached before a signature named its files),
     # the cached copy is checked once from disk, then served.
     for passed in checks.glob("*.passed"):
