@@ -370,7 +370,8 @@ class OMSVerifier:
         except (UpstreamUnavailable, UpstreamTimeout):
             raise
         except OCIError as exc:
-            return CheckResult(False, f"modelSigning: cannot fetch signatures: {exc.message}")
+            reasons.append(f"cannot fetch signatures: {exc.message}")
+            return CheckResult(False, "modelSigning: " + "; ".join(reasons)[:600])
         descriptors = list(index.manifests) if index is not None else []
         if not descriptors and not reasons:
             return CheckResult(False, "modelSigning: no model signatures found")
