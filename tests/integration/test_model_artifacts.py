@@ -536,3 +536,35 @@ def test_refuses_hostile_tar_layer_with_reason_and_bounded_rss(node: Node, case:
     assert HOSTILE[case] in body["errors"][0]["message"], body
     grown_mib = (_peak_rss_kib(node.pullgate.pid) - before) / 1024
     assert grown_mib < 64, f"pullgate's peak RSS grew {grown_mib:.0f} MiB on a {case} layer"
+
+
+def test_every_worker_enforces_the_per_file_plan(
+    tmp_path: Path, registry: Registry, node: Node, make_pullgate: Callable[..., Pullgate]
+) -> None:
+    """Two worker processes share the cache: a blob request may reach the one that did
+    not verify the manifest. It finds the plan with the cache and refuses all the same."""
+    from tests.support.pulls import fetch
+
+    pullgate = make_pullgate(
+        upstreams={REGISTRY: registry.url},
+        policy=node.pullgate.policy,
+        cache_dir=tmp_path / "cache2",
+        workers=2,
+    )
+    files = model_files(9700)
+    signature = sign_model(
+        write_model(node.work / "model", files), node.private_key, node.work / "model.sig"
+    )
+    bad = modelpack_targz("v2", tampered(files))
+    node.push("models/workers", bad, signature)
+    manifest = json.loads(bad.manifest)
+    layer = next(x for x in manifest["layers"] if x["annotations"][FILEPATH] == TAMPERED_FILE)
+    status, _, _ = fetch(pullgate, f"/v2/models/workers/manifests/v2?ns={REGISTRY}")
+    assert status == 200
+    for _ in range(6):  # new connections: the kernel spreads them over both workers
+        status, digest, received = fetch(
+            pullgate, f"/v2/models/workers/blobs/{layer['digest']}?ns={REGISTRY}"
+        )
+        assert status in (0, 200, 403)
+        assert digest != layer["digest"] and received < layer["size"], "a complete tampered layer"
+    assert not (tmp_path / "cache2" / "blobs" / "sha256" / layer["digest"][7:]).exists()
