@@ -34,6 +34,10 @@ MODELPACK_LAYER_PREFIX = "application/vnd.cncf.model."
 MODELKIT_PREFIX = "application/vnd.kitops.modelkit."
 MODELKIT_CONFIG = "application/vnd.kitops.modelkit.config.v1+json"
 MODEL_FILEPATH = "org.cncf.model.filepath"
+# The same spec before it moved to the CNCF (``cnai``), still found in registries.
+MODELPACK_CNAI_ARTIFACT = "application/vnd.cnai.model.manifest.v1+json"
+MODELPACK_CNAI_LAYER_PREFIX = "application/vnd.cnai.model."
+MODEL_FILEPATH_CNAI = "org.cnai.model.filepath"
 TITLE = "org.opencontainers.image.title"
 # The file an OMS signature is shipped as inside an artifact (KitOps, model_signing).
 MODEL_SIGNATURE_FILE = "model.sig"
@@ -60,7 +64,9 @@ def layer_packing(media_type: str) -> str:
     """
     if media_type in _IMAGE_LAYERS:
         return _IMAGE_LAYERS[media_type]
-    if media_type.startswith((MODELPACK_LAYER_PREFIX, MODELKIT_PREFIX)):
+    if media_type.startswith(
+        (MODELPACK_LAYER_PREFIX, MODELPACK_CNAI_LAYER_PREFIX, MODELKIT_PREFIX)
+    ):
         for suffix, compression in _TAR_PACKINGS:
             if media_type.endswith("." + suffix):
                 return compression

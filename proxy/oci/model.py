@@ -5,6 +5,7 @@ Recognised packagings (all plain OCI image manifests):
 * CNCF ModelPack (artifactType ``application/vnd.cncf.model.manifest.v1+json``):
   layers ``application/vnd.cncf.model.<kind>.v1.{raw,tar,tar+gzip,tar+zstd}`` with
   ``org.cncf.model.filepath`` naming the file (raw) or the file or directory (tar);
+  also its earlier names (``application/vnd.cnai.model.*``, ``org.cnai.model.filepath``);
 * KitOps ModelKits (``application/vnd.kitops.modelkit.*``): tar layers, same rules;
 * any ORAS artifact: each layer is one file named by ``org.opencontainers.image.title``;
 * KServe ModelCars are ordinary images (their layers are image tars); they are
@@ -42,9 +43,13 @@ class ModelLayout:
     """Paths that more than one raw layer claims."""
 
 
-def layer_path(layer: Descriptor) -> str | None:
+def _filepath(layer: Descriptor) -> str | None:
     annotations = layer.annotations or {}
-    path = annotations.get(mt.MODEL_FILEPATH) or annotations.get(mt.TITLE)
+    return annotations.get(mt.MODEL_FILEPATH) or annotations.get(mt.MODEL_FILEPATH_CNAI)
+
+
+def layer_path(layer: Descriptor) -> str | None:
+    path = _filepath(layer) or (layer.annotations or {}).get(mt.TITLE)
     if not path:
         return None
     return "/".join(p for p in path.split("/") if p not in ("", "."))
@@ -72,8 +77,7 @@ def model_layout(manifest: Manifest) -> ModelLayout:
         path = layer_path(layer)
         if packing != "raw":
             # A tar's title is the archive's own name; only filepath names its content.
-            filepath = (layer.annotations or {}).get(mt.MODEL_FILEPATH)
-            tars.append(TarLayer(layer, layer_path(layer) if filepath else None, packing))
+            tars.append(TarLayer(layer, path if _filepath(layer) else None, packing))
         elif path is None:
             unnamed.append(layer)
         elif path in raw:

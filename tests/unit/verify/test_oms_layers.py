@@ -59,6 +59,16 @@ def test_layer_packing_by_media_type() -> None:
     assert mt.layer_packing("application/vnd.cncf.model.weight.v1.tar") == "none"
     assert mt.layer_packing("application/vnd.oci.image.layer.v1.tar+gzip") == "gzip"
     assert mt.layer_packing("application/octet-stream") == "raw"
+    assert mt.layer_packing("application/vnd.cnai.model.layer.v1.tar+gzip") == "gzip"
+
+
+def test_earlier_cnai_filepath_names_a_tar_layer() -> None:
+    model = manifest(
+        layer("application/vnd.cnai.model.layer.v1.tar", b"t", **{"org.cnai.model.filepath": "w"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+    )
+    plan = layer_plans(signature(), model, (), source="t")[Digest.of(b"t")]
+    assert plan.compression == "none" and dict(plan.files) == {"w/a.bin": SIGNED["w/a.bin"]}
 
 
 def test_raw_layers_need_no_plan() -> None:
