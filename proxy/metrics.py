@@ -67,6 +67,14 @@ class Metrics:
             ["registry"],
             registry=r,
         )
+        self.layer_file_checks = Counter(
+            "pullgate_layer_file_checks",
+            "Per-file checks of tar layers against their model signature: passed and"
+            " refused (streamed or from the cache), skipped (a warm hit with its pass"
+            " recorded)",
+            ["result"],
+            registry=r,
+        )
         self.upstream_truncated = Counter(
             "pullgate_upstream_truncated",
             "Upstream blob bodies that ended early or broke",

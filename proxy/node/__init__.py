@@ -205,6 +205,7 @@ class Node:
             shared=shared,
             private_marks=config.cache.dir / "private" if config.cache.dir else None,
             grant_key=role.grant_key,
+            layer_checks_dir=config.cache.dir / "filechecks" if config.cache.dir else None,
         )
         watcher = None
         if isinstance(gate, SignatureGate) and config.policy is not None:

@@ -119,6 +119,10 @@ class BlobNotAllowed(Denied):
     """A blob that no verified manifest of the repository references."""
 
 
+class LayerRefused(Denied):
+    """A layer whose files are not what its model's signature lists (per-file check)."""
+
+
 class TooManyRequests(OCIError):
     code = "TOOMANYREQUESTS"
 

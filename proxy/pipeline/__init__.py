@@ -28,6 +28,7 @@ from pathlib import Path
 
 from proxy.cache import BlobStore
 from proxy.cache.directio import DIRECT_MIN_BYTES
+from proxy.cache.filechecks import LayerChecks
 from proxy.cache.verified import VerifiedManifestStore
 from proxy.metrics import Metrics
 from proxy.pipeline.access import PullGrants, RepositoryAccess
@@ -61,6 +62,7 @@ class Pipeline:
         shared: SharedAllowances | None = None,
         private_marks: Path | None = None,
         grant_key: bytes | None = None,
+        layer_checks_dir: Path | None = None,
     ) -> None:
         self.gate = gate
         # Verified blobs; and, apart, verified manifests with their verdicts and tags.
@@ -83,6 +85,9 @@ class Pipeline:
         # Sealed under a key every process of this node shares (``Role.grant_key``).
         self.grants = PullGrants(grant_key or os.urandom(32))
         self.allowances = BlobAllowances(gate=gate, metrics=metrics, shared=shared)
+        # Tar layers' per-file plans (set by model signatures) and their passes, on disk
+        # with the cache so every worker process enforces them.
+        self.layer_checks = LayerChecks(layer_checks_dir)
         self.manifest_path = ManifestPath(
             gate=gate,
             verified=manifests,
@@ -91,6 +96,7 @@ class Pipeline:
             allowances=self.allowances,
             tag_staleness=tag_staleness,
             verdict_ttl=verdict_ttl,
+            layer_checks=self.layer_checks,
         )
         self.blob_path = BlobPath(
             store=store,
@@ -99,6 +105,7 @@ class Pipeline:
             metrics=metrics,
             io=self.hash_pool,
             allowances=self.allowances,
+            checks=self.layer_checks,
         )
         # The front ends' calls, answered by the room that owns them.
         self.guard = self.access.guard

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from proxy.cache import BlobSink, BlobStore
 from proxy.cache.directio import DirectReader, resident
+from proxy.cache.filechecks import LayerChecks
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
-from proxy.oci.errors import BlobUnknown, OCIError, StreamAborted, UpstreamError
+from proxy.oci.errors import BlobUnknown, LayerRefused, OCIError, StreamAborted, UpstreamError
 from proxy.oci.ranges import ByteRange, parse_range
 from proxy.oci.reference import upstream_repository
 from proxy.pipeline.allowances import BlobAllowances
@@ -28,6 +29,7 @@ from proxy.pipeline.stream import (
     RangedBody,
     hash_and_deliver,
 )
+from proxy.pipeline.tarcheck import LayerPlan, TarCheck, TarRefused
 from proxy.upstream.auth import pull_scope
 from proxy.upstream.client import UpstreamResponse
 from proxy.upstream.router import Route
@@ -57,6 +59,8 @@ class BlobStream(RangedBody):
         response: UpstreamResponse,
         size: int | None,
         byte_range: ByteRange | None,
+        plan: LayerPlan | None = None,
+        checks: LayerChecks | None = None,
     ) -> None:
         self._metrics = metrics
         self._datapath = datapath
@@ -65,6 +69,9 @@ class BlobStream(RangedBody):
         self._response = response
         self.size = size
         self.byte_range = byte_range
+        # A tar layer's signed files, checked as it streams (None: not a checked layer).
+        self._plan = plan
+        self._checks = checks
 
     async def send_to(self, sink: BlobSink) -> None:
         """Send the (ranged) body. The last ``HOLD_BACK`` bytes go out only once the
@@ -88,6 +95,7 @@ class BlobStream(RangedBody):
                 body=body,
                 deliver=sender,
                 hashers=datapath.hashers,
+                plan=self._plan,
             )
             sender.release()
             return received
@@ -96,6 +104,9 @@ class BlobStream(RangedBody):
         try:
             received = await datapath.run(body, move)
         except BodyBroken as exc:
+            if exc.refused_file and self._plan is not None and self._checks is not None:
+                self._checks.refuse(self.digest, self._plan, exc.reason)
+                metrics.layer_file_checks.labels("refused").inc()
             raise self._broken(exc.reason, truncated=exc.truncated) from None
         except OCIError as exc:
             raise self._broken(exc.message, truncated=True) from None
@@ -103,6 +114,8 @@ class BlobStream(RangedBody):
             body.close()
             metrics.streams_active.dec()
             self._response.close()
+        if self._plan is not None:
+            metrics.layer_file_checks.labels("passed").inc()
         metrics.upstream_bytes.labels(self._registry).inc(received)
         served = self.byte_range.length if self.byte_range else received
         metrics.bytes_served.labels("upstream").inc(served)
@@ -126,6 +139,13 @@ class BlobStream(RangedBody):
         self._response.close()
 
 
+class _Uncancellable:
+    """A local file check stops on its own, soon: nothing to cancel."""
+
+    def cancel(self) -> None:
+        pass
+
+
 class BlobPath:
     """Blobs: the blob half of the pipeline."""
 
@@ -138,6 +158,7 @@ class BlobPath:
         metrics: Metrics,
         io: Executor,
         allowances: BlobAllowances,
+        checks: LayerChecks | None = None,
     ) -> None:
         self.store = store
         self.fills = fills
@@ -145,6 +166,8 @@ class BlobPath:
         self.metrics = metrics
         self.hash_pool = io
         self._allowances = allowances
+        # Plans of tar layers whose files a verified signature lists, and their facts.
+        self.checks = checks or LayerChecks()
 
     async def open_blob(
         self, route: Route, repository: str, digest: Digest, *, range_header: str | None
@@ -153,16 +176,70 @@ class BlobPath:
         reader of the shared fill into the cache, or (no cache, no room, disk full)
         a verifying stream."""
         await self._allowances.require(route, repository, digest)
+        plan = self._plan_for(digest)
         path = self.store.path_of(digest)
         if path is not None:
             try:
-                return BlobFile(digest, path, path.stat().st_size)
+                size = path.stat().st_size
             except FileNotFoundError:
                 pass
+            else:
+                if plan is not None:
+                    if self.checks.passed(digest, plan):
+                        self.metrics.layer_file_checks.labels("skipped").inc()
+                    else:
+                        await self._check_cached(digest, path, plan)
+                return BlobFile(digest, path, size)
         if self.store.caching and self.store.accepts(digest) and not self.fills.degraded:
             return await self._join_fill(route, repository, digest, range_header)
         response = await self._open_upstream_blob(route, repository, digest)
         return self._uncached_stream(route, digest, response, range_header)
+
+    def _plan_for(self, digest: Digest) -> LayerPlan | None:
+        """The per-file plan of layer ``digest``; a layer that already failed it is
+        refused at once, naming the file."""
+        try:
+            plan = self.checks.plan_for(digest)
+        except (ValueError, KeyError, TypeError):
+            # Fail closed: the next verification of its manifest writes the plan again.
+            self.metrics.denied.labels("blob", "mirror").inc()
+            raise LayerRefused(
+                f"layer {digest}: its per-file plan is unreadable; pull its manifest again"
+            ) from None
+        if plan is not None:
+            reason = self.checks.refusal(digest, plan)
+            if reason is not None:
+                raise self._refused(digest, plan, reason)
+        return plan
+
+    def _refused(self, digest: Digest, plan: LayerPlan, reason: str) -> LayerRefused:
+        self.metrics.denied.labels("blob", "mirror").inc()
+        source = f" (signed by {plan.source})" if plan.source else ""
+        return LayerRefused(f"layer {digest}: {reason}{source}")
+
+    async def _check_cached(self, digest: Digest, path: Path, plan: LayerPlan) -> None:
+        """A cached layer without the fact that it passed ``plan`` (cached before its
+        model's signature named it): check it from disk once, before serving it."""
+
+        def check() -> None:
+            tar = TarCheck(plan)
+            with open(path, "rb") as blob:
+                while piece := blob.read(1024 * 1024):
+                    tar.feed(piece)
+            tar.finish()
+
+        log.info("checking cached layer %s against its per-file plan (no pass recorded)", digest)
+        self.store.pin(digest)
+        try:
+            await self.datapath.run(_Uncancellable(), check)
+        except TarRefused as exc:
+            self.checks.refuse(digest, plan, exc.reason)
+            self.metrics.layer_file_checks.labels("refused").inc()
+            raise self._refused(digest, plan, exc.reason) from None
+        finally:
+            self.store.unpin(digest)
+        self.checks.record_pass(digest, plan)
+        self.metrics.layer_file_checks.labels("passed").inc()
 
     def _uncached_stream(
         self,
@@ -185,6 +262,8 @@ class BlobPath:
             response=response,
             size=size,
             byte_range=byte_range,
+            plan=self.checks.plan_for(digest),
+            checks=self.checks,
         )
 
     async def _open_upstream_blob(
@@ -207,7 +286,9 @@ class BlobPath:
         async def open_response() -> UpstreamResponse:
             return await self._open_upstream_blob(route, repository, digest)
 
-        fill = self.fills.get_or_start(digest, route.registry, open_response)
+        fill = self.fills.get_or_start(
+            digest, route.registry, open_response, plan=self._plan_for(digest), checks=self.checks
+        )
         fill.readers += 1
         return fill
 
@@ -220,7 +301,9 @@ class BlobPath:
         async def open_response() -> UpstreamResponse:
             return await self._open_upstream_blob(route, repository, digest)
 
-        reader = await self.fills.join(digest, route.registry, open_response)
+        reader = await self.fills.join(
+            digest, route.registry, open_response, plan=self._plan_for(digest), checks=self.checks
+        )
         fill = reader.fill
         try:
             if fill.open_error is not None:
@@ -234,6 +317,7 @@ class BlobPath:
                     response = await self._open_upstream_blob(route, repository, digest)
                 return self._uncached_stream(route, digest, response, range_header)
             if fill.state == "failed":
+                self._plan_for(digest)  # a layer its file check refused: say so
                 raise UpstreamError(f"blob {digest}: {fill.error}")
             if fill.state == "committed" and fill.final_path is not None:
                 reader.close()

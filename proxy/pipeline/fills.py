@@ -34,6 +34,7 @@ from pathlib import Path
 
 from proxy.cache import BlobSink, BlobStore, FillLease, SoleLease
 from proxy.cache.directio import DIRECT_MIN_BYTES, IngestWriter, open_ingest
+from proxy.cache.filechecks import LayerChecks
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import OCIError, StreamAborted
@@ -48,6 +49,7 @@ from proxy.pipeline.stream import (
     RangedBody,
     hash_and_deliver,
 )
+from proxy.pipeline.tarcheck import LayerPlan
 from proxy.upstream.client import UpstreamResponse
 
 log = logging.getLogger("pullgate.fill")
@@ -78,9 +80,15 @@ class Fill(FillProgress):
         metrics: Metrics,
         lease: FillLease,
         direct_min_bytes: int = DIRECT_MIN_BYTES,
+        plan: LayerPlan | None = None,
+        checks: LayerChecks | None = None,
     ) -> None:
         self.digest = digest
         self.lease = lease
+        # A tar layer's signed files, checked as it fills; the pass is recorded in
+        # ``checks`` with the commit, so a warm hit is not parsed again.
+        self.plan = plan
+        self._checks = checks
         self.registry = registry
         self._store = store
         self._pool = pool
@@ -220,6 +228,7 @@ class Fill(FillProgress):
                 body=body,
                 deliver=deliver,
                 hashers=self._datapath.hashers,
+                plan=self.plan,
             )
             writer.finish()
             return received
@@ -227,6 +236,9 @@ class Fill(FillProgress):
         try:
             received = await self._datapath.run(body, move)
         except BodyBroken as exc:
+            if exc.refused_file and self.plan is not None and self._checks is not None:
+                self._checks.refuse(self.digest, self.plan, exc.reason)
+                self._metrics.layer_file_checks.labels("refused").inc()
             counter = self._metrics.upstream_truncated if exc.truncated else None
             (counter or self._metrics.digest_mismatch).labels(self.registry).inc()
             raise FillFailed(exc.reason) from None
@@ -241,6 +253,10 @@ class Fill(FillProgress):
         self._metrics.fill_bytes.labels("page_cache").inc(received - writer.direct_bytes)
         await loop.run_in_executor(self._pool, os.fsync, fd)
         self._release()
+        if self.plan is not None and self._checks is not None:
+            # Before the commit: a process that finds the blob must find the fact too.
+            self._checks.record_pass(self.digest, self.plan)
+            self._metrics.layer_file_checks.labels("passed").inc()
         self.final_path = self._store.commit(self.digest, self.path, received)
         self.size = received
         self.written = received
@@ -358,9 +374,13 @@ class FillTable:
         digest: Digest,
         registry: str,
         open_response: Callable[[], Awaitable[UpstreamResponse]],
+        *,
+        plan: LayerPlan | None = None,
+        checks: LayerChecks | None = None,
     ) -> Fill | Follow:
         """The fill of ``digest`` in progress here, or a new one: this process's own
-        if it gets the store's fill lease, else a ``Follow`` of the process that has it."""
+        if it gets the store's fill lease, else a ``Follow`` of the process that has it.
+        A fill of a layer with a ``plan`` checks its files as it goes."""
         fill = self._fills.get(digest)
         if fill is not None and not fill.done:
             self._metrics.fill_joins.inc()
@@ -392,6 +412,8 @@ class FillTable:
             metrics=self._metrics,
             lease=lease,
             direct_min_bytes=self.direct_min_bytes,
+            plan=plan,
+            checks=checks,
         )
         task = self._start(fill, self._run(fill, open_response))
         # A task cancelled before it ran never reaches ``_run``'s cleanup.
@@ -411,6 +433,9 @@ class FillTable:
         digest: Digest,
         registry: str,
         open_response: Callable[[], Awaitable[UpstreamResponse]],
+        *,
+        plan: LayerPlan | None = None,
+        checks: LayerChecks | None = None,
     ) -> FillReader:
         """Join (or start) the fill of ``digest`` as one reader, once it started.
 
@@ -419,7 +444,7 @@ class FillTable:
         or open the upstream itself and learn why.
         """
         for attempt in range(1, JOIN_ATTEMPTS + 1):
-            fill = self.get_or_start(digest, registry, open_response)
+            fill = self.get_or_start(digest, registry, open_response, plan=plan, checks=checks)
             # Count this reader before waiting, so the fill is not abandoned meanwhile.
             reader = FillReader(fill=fill, table=self, byte_range=None, pool=self._pool)
             try:

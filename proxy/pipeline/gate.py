@@ -16,6 +16,7 @@ from typing import Protocol
 
 from proxy.oci.digest import Digest
 from proxy.oci.manifest import Manifest
+from proxy.pipeline.tarcheck import LayerPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,10 @@ class ArtifactSource(Protocol):
 
     async def referrers(self, digest: Digest, artifact_type: str | None = None) -> Manifest | None:
         """The referrers index of ``digest`` (API or fallback tag), or None."""
+
+    def expect_layer_files(self, digest: Digest, plan: LayerPlan) -> None:
+        """Serve layer ``digest`` only through ``plan``'s per-file check (a verified
+        model signature lists the files of this tar layer)."""
 
 
 class Gate(Protocol):

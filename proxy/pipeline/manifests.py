@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from proxy.cache.filechecks import LayerChecks
 from proxy.cache.verified import VerifiedManifestStore
 from proxy.metrics import Metrics
 from proxy.oci import mediatypes as mt
@@ -40,6 +41,7 @@ from proxy.oci.manifest import MAX_MANIFEST_BYTES, Descriptor, Manifest, build_i
 from proxy.oci.reference import ManifestRef, upstream_repository
 from proxy.pipeline.allowances import BlobAllowances
 from proxy.pipeline.gate import Gate, Pod, RepoKey, Verdict
+from proxy.pipeline.tarcheck import LayerPlan
 from proxy.upstream.auth import pull_scope
 from proxy.upstream.router import Route
 
@@ -90,6 +92,9 @@ class _RepoSource:
             self._route, self._repository, digest, artifact_type
         )
 
+    def expect_layer_files(self, digest: Digest, plan: LayerPlan) -> None:
+        self._pipeline.layer_checks.expect(digest, plan)
+
 
 class ManifestPath:
     """Manifests and what verifying them reads: the manifest half of the pipeline."""
@@ -104,8 +109,10 @@ class ManifestPath:
         allowances: BlobAllowances,
         tag_staleness: float = 0.0,
         verdict_ttl: float | None = None,
+        layer_checks: LayerChecks | None = None,
     ) -> None:
         self.gate = gate
+        self.layer_checks = layer_checks or LayerChecks()
         self.verified = verified
         self.metrics = metrics
         self.hash_pool = io

@@ -26,6 +26,7 @@ from typing import Protocol, TypeVar
 
 from proxy.oci.digest import Digest
 from proxy.oci.ranges import ByteRange
+from proxy.pipeline.tarcheck import LayerPlan, TarCheck, TarRefused
 from proxy.upstream.body import BodyReader
 
 # The reused buffers a body is read into: two, so one is read while the other is
@@ -50,10 +51,12 @@ class BodyBroken(Exception):
     """The body is wrong (digest) or incomplete (size, connection): nothing of it may
     be completed, cached or trusted."""
 
-    def __init__(self, reason: str, *, truncated: bool) -> None:
+    def __init__(self, reason: str, *, truncated: bool, refused_file: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.truncated = truncated
+        # The bytes are the blob, but a file inside it is not what its signature says.
+        self.refused_file = refused_file
 
 
 class ClientGone(ConnectionError):
@@ -96,20 +99,26 @@ def hash_and_deliver(
     body: BodyReader,
     deliver: Deliver,
     hashers: concurrent.futures.Executor,
+    plan: LayerPlan | None = None,
 ) -> int:
     """Read ``body`` to its end, hash it, hand every piece to ``deliver``; return the
     byte count. Runs in a mover thread.
 
     1. Read a piece into the free one of two buffers.
-    2. Wait for the previous piece's hash, then hash this one in a hash thread (one
-       piece in flight keeps the hasher's order), and deliver it meanwhile.
-    3. At the end, the count must equal ``size`` (if announced) and the hash
-       ``digest``; otherwise ``BodyBroken``.
+    2. Wait for the previous piece's hash (and file check), then hash this one in a
+       hash thread (one piece in flight keeps the hasher's order), check the files in
+       it against ``plan`` (a tar layer's signed files) in another, and deliver it
+       meanwhile.
+    3. At the end, the count must equal ``size`` (if announced), the hash ``digest``,
+       and the files their plan; otherwise ``BodyBroken``. Callers release the held
+       tail (or commit) only after this returns.
     """
     hasher = digest.hasher()
+    check = TarCheck(plan) if plan is not None else None
     buffers = (memoryview(bytearray(PIECE)), memoryview(bytearray(PIECE)))
     received = 0
     hashing: concurrent.futures.Future[None] | None = None
+    checking: concurrent.futures.Future[None] | None = None
     turn = 0
     try:
         while True:
@@ -122,24 +131,44 @@ def hash_and_deliver(
             piece = view[:count]
             if hashing is not None:
                 hashing.result()
+            if checking is not None:
+                _checked(checking)
             hashing = hashers.submit(hasher.update, piece)
+            if check is not None:
+                checking = hashers.submit(check.feed, piece)
             deliver(piece, received)
             received += count
             turn ^= 1
         if hashing is not None:
             hashing.result()
             hashing = None
+        if checking is not None:
+            pending, checking = checking, None
+            _checked(pending)
     finally:
-        if hashing is not None:
-            # Leaving early: the buffer must stay untouched until its hash is done.
-            with contextlib.suppress(BaseException):
-                hashing.result()
+        # Leaving early: the buffers must stay untouched until their hash and check are done.
+        for future in (hashing, checking):
+            if future is not None:
+                with contextlib.suppress(BaseException):
+                    future.result()
     if size is not None and received != size:
         raise BodyBroken(f"upstream body ended after {received} of {size} bytes", truncated=True)
     actual = hasher.hexdigest()
     if actual != digest.hex:
         raise BodyBroken(f"upstream bytes hash to {digest.algorithm}:{actual}", truncated=False)
+    if check is not None:
+        try:
+            check.finish()
+        except TarRefused as exc:
+            raise BodyBroken(exc.reason, truncated=False, refused_file=True) from None
     return received
+
+
+def _checked(future: concurrent.futures.Future[None]) -> None:
+    try:
+        future.result()
+    except TarRefused as exc:
+        raise BodyBroken(exc.reason, truncated=False, refused_file=True) from None
 
 
 class SocketSender:

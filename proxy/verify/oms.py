@@ -1,9 +1,12 @@
 """OMS model signing (OpenSSF ``model_signing``) for models shipped as OCI artifacts.
 
 A signed model (``model.sig``) is a Sigstore bundle v0.3 whose DSSE envelope carries an
-in-toto statement listing each file's sha256; in a registry it is a referrer of the model
-manifest, whose raw layers (titled ``org.opencontainers.image.title``) have the files'
-sha256 as digests. So pullgate verifies a model **without downloading its weights**:
+in-toto statement listing each file's sha256. In a registry it is a referrer of the
+model manifest (artifactType ``application/vnd.dev.sigstore.bundle.v0.3+json``), or a
+layer of the model itself (``model.sig``, as KitOps ships it). Raw layers (named by
+``org.cncf.model.filepath`` or ``org.opencontainers.image.title``) have the files'
+sha256 as digests, so they are verified **without downloading the weights**; tar
+layers get a per-file plan (``proxy.pipeline.tarcheck``) checked as they stream:
 
 1. the DSSE signature verifies: with a PEM key or a certificate by ``model_signing``'s
    own verifiers (reached through ``_verify_signed_content``, the hook its verifier
@@ -12,7 +15,8 @@ sha256 as digests. So pullgate verifies a model **without downloading its weight
    chain with OpenSSL at the leaf's own notBefore (never for expiry) and without
    key-usage rules, so ``chains.verify_chain`` (profile ``OMS``) checks it first;
 2. ``model_signing`` reads the statement into its manifest (subject digest checked);
-3. pullgate's own part: the signed files are exactly the manifest's layers.
+3. pullgate's own part: the signed files are exactly the model's files: raw layers
+   by digest now, tar layers (``proxy.oci.model``) by the plan handed to the pipeline.
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from model_signing._signing import sign_certificate, sign_ec_key, sign_sigstore_pb, signing
 
+from proxy.oci.digest import Digest
 from proxy.oci.errors import OCIError, UpstreamTimeout, UpstreamUnavailable
-from proxy.oci.manifest import Manifest
+from proxy.oci.manifest import Descriptor, Manifest
+from proxy.oci.model import layer_path, model_layout
 from proxy.pipeline.gate import ArtifactSource
+from proxy.pipeline.tarcheck import LayerPlan, ignored
 from proxy.verify.base import (
     CheckResult,
     Limits,
@@ -59,6 +66,9 @@ class ModelSignature:
 
     files: dict[str, str]
     predicate_type: str
+    ignore: tuple[str, ...] = ()
+    """The paths the signer left out (the statement's ``ignore_paths``)."""
+    allow_symlinks: bool = False
 
 
 # ---- 1. signature ---------------------------------------------------------------------
@@ -202,7 +212,10 @@ def parse_statement(payload: bytes) -> ModelSignature:
     except Exception as exc:  # model_signing: KeyError, TypeError, ValueError, ...
         raise SignatureError(f"OMS statement: {first_line(exc)}") from exc
     if method != "files":
-        raise SignatureError(f"OMS serialization {str(method)[:40]!r} is not by files")
+        raise SignatureError(
+            f"OMS serialization {str(method)[:40]!r} is not by files: pullgate checks "
+            "whole files (sign with the files serialization, not shards)"
+        )
     if isinstance(resources, list) and len(descriptors) != len(resources):
         raise SignatureError("OMS statement lists a file twice")
     files: dict[str, str] = {}
@@ -210,17 +223,26 @@ def parse_statement(payload: bytes) -> ModelSignature:
         if descriptor.digest.algorithm != "sha256":
             raise SignatureError("OMS resource is not a sha256 file digest")
         files[descriptor.identifier] = descriptor.digest.digest_hex
-    return ModelSignature(files, str(predicate_type))
+    options = manifest.serialization_type
+    signer_ignore = options.get("ignore_paths") or []
+    if not isinstance(signer_ignore, list) or not all(isinstance(p, str) for p in signer_ignore):
+        raise SignatureError("OMS ignore_paths is not a list of paths")
+    return ModelSignature(
+        files,
+        str(predicate_type),
+        ignore=tuple(p for p in signer_ignore if p),
+        allow_symlinks=options.get("allow_symlinks") is True,
+    )
 
 
-# ---- 3. the files are the layers ------------------------------------------------------
+# ---- 3. the files are the model's -----------------------------------------------------
 
 
 def check_files(
     signature: ModelSignature, files: Mapping[str, str], ignore: tuple[str, ...]
 ) -> None:
     """The signed files must be exactly ``files`` (name -> sha256 hex), minus ignored ones."""
-    wanted = {n: d for n, d in files.items() if not _ignored(n, ignore)}
+    wanted = {n: d for n, d in files.items() if not ignored(n, ignore)}
     for name, digest in sorted(signature.files.items()):
         have = wanted.get(name)
         if have is None:
@@ -234,21 +256,85 @@ def check_files(
         raise SignatureError(f"file {unsigned[0][:120]} is not covered by the signature")
 
 
-def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p.rstrip("/") + "/") for p in ignore)
+def layer_plans(
+    signature: ModelSignature,
+    model: Manifest,
+    ignore: tuple[str, ...],
+    *,
+    source: str,
+    in_artifact: Descriptor | None = None,
+) -> dict[Digest, LayerPlan]:
+    """Match the signed files with ``model``'s layers; the plans of its tar layers.
 
-
-def manifest_files(manifest: Manifest) -> dict[str, str]:
-    """A model manifest's files: layer title -> sha256 hex of the (raw) layer."""
-    files: dict[str, str] = {}
-    for layer in manifest.layers:
-        title = layer.annotations.get(TITLE) if layer.annotations else None
-        if not title:
-            raise SignatureError(f"layer {layer.digest} has no {TITLE} annotation")
+    1. Raw layers are files: each must be signed, with its digest (checked here).
+    2. A tar layer holds the signed files at or under its ``org.cncf.model.filepath``;
+       one tar layer without that annotation holds the files no other layer holds.
+    3. Every signed file (minus the ignore rules) is held by exactly one layer.
+    """
+    layout = model_layout(model)
+    if layout.duplicates:
+        raise SignatureError(f"file {layout.duplicates[0][:120]} is in two layers")
+    if layout.unnamed:
+        layer = layout.unnamed[0]
+        raise SignatureError(f"layer {layer.digest} names no file (no {TITLE} annotation)")
+    skip = ignore + signature.ignore
+    if in_artifact is not None:
+        skip += (layer_path(in_artifact) or "model.sig",)
+    signed = {n: d for n, d in signature.files.items() if not ignored(n, skip)}
+    # 1. raw layers
+    for path, layer in sorted(layout.raw_files.items()):
         if layer.digest.algorithm != "sha256":
-            raise SignatureError(f"layer {title[:80]} is not sha256-addressed")
-        files[title] = layer.digest.hex
-    return files
+            raise SignatureError(f"layer {path[:80]} is not sha256-addressed")
+    raw = {p: layer.digest.hex for p, layer in layout.raw_files.items()}
+    if not layout.tar_layers:
+        check_files(ModelSignature(signed, signature.predicate_type), raw, skip)
+        return {}
+    wanted = {n: d for n, d in raw.items() if not ignored(n, skip)}
+    for path, have in sorted(wanted.items()):
+        if path not in signed:
+            raise SignatureError(f"file {path[:120]} is not covered by the signature")
+        if have != signed[path]:
+            raise SignatureError(
+                f"file {path[:120]} has digest sha256:{have}, signed sha256:{signed[path]}"
+            )
+    # 2. tar layers
+    holder: dict[str, str] = dict.fromkeys(wanted, "a raw layer")
+    held: dict[Digest, dict[str, str]] = {}
+    unnamed = [t for t in layout.tar_layers if t.path is None]
+    if len(unnamed) > 1:
+        raise SignatureError(
+            f"tar layers {unnamed[0].descriptor.digest} and {unnamed[1].descriptor.digest} "
+            "carry no org.cncf.model.filepath: which files each holds is unknown"
+        )
+    for tar in layout.tar_layers:
+        if tar.path is None:
+            continue
+        prefix = tar.path + "/"
+        files = {n: d for n, d in signed.items() if n == tar.path or n.startswith(prefix)}
+        for name in files:
+            if name in holder:
+                raise SignatureError(f"file {name[:120]} is in two layers")
+            holder[name] = str(tar.descriptor.digest)
+        held[tar.descriptor.digest] = files
+    for tar in unnamed:
+        held[tar.descriptor.digest] = {n: d for n, d in signed.items() if n not in holder}
+        holder.update(dict.fromkeys(held[tar.descriptor.digest], "the tar layer"))
+    # 3. nothing signed is left out
+    missing = sorted(set(signed) - set(holder))
+    if missing:
+        raise SignatureError(f"signed file {missing[0][:120]} is not in the model")
+    all_signed = tuple(sorted(signed.items())) if signature.allow_symlinks else ()
+    return {
+        tar.descriptor.digest: LayerPlan(
+            compression=tar.compression,
+            files=tuple(sorted(held[tar.descriptor.digest].items())),
+            ignore=skip,
+            allow_symlinks=signature.allow_symlinks,
+            signed=all_signed,
+            source=source,
+        )
+        for tar in layout.tar_layers
+    }
 
 
 # ---- the verifier ---------------------------------------------------------------------
@@ -264,22 +350,34 @@ class OMSVerifier:
         return self._label
 
     async def verify(self, subject: Subject, source: ArtifactSource, limits: Limits) -> CheckResult:
+        """1. a ``model.sig`` layer of the model itself, 2. the bundles that refer to it."""
         try:
             model = await source.manifest(str(subject.digest), max_bytes=4 * 1024 * 1024)
+        except (UpstreamUnavailable, UpstreamTimeout):
+            raise
+        except OCIError as exc:
+            return CheckResult(False, f"modelSigning: cannot fetch the model: {exc.message}")
+        if model is None:
+            return CheckResult(False, "modelSigning: the model manifest is gone")
+        reasons: list[str] = []
+        for layer in model_layout(model).signature_layers[: limits.max_signatures]:
+            reason = await self._bundle(source, limits, model, layer)
+            if reason is None:
+                return CheckResult(True, f"modelSigning {layer_path(layer)} layer verified")
+            reasons.append(reason)
+        try:
             index = await source.referrers(subject.digest, BUNDLE_ARTIFACT_TYPE)
         except (UpstreamUnavailable, UpstreamTimeout):
             raise
         except OCIError as exc:
-            return CheckResult(False, f"modelSigning: cannot fetch signatures: {exc.message}")
-        if model is None:
-            return CheckResult(False, "modelSigning: the model manifest is gone")
+            reasons.append(f"cannot fetch signatures: {exc.message}")
+            return CheckResult(False, "modelSigning: " + "; ".join(reasons)[:600])
         descriptors = list(index.manifests) if index is not None else []
-        if not descriptors:
+        if not descriptors and not reasons:
             return CheckResult(False, "modelSigning: no model signatures found")
-        reasons = []
         for descriptor in descriptors[: limits.max_signatures]:
             try:
-                reason = await self._one(subject, source, limits, model, str(descriptor.digest))
+                reason = await self._referrer(subject, source, limits, model, descriptor)
             except (UpstreamUnavailable, UpstreamTimeout):
                 raise
             except OCIError as exc:
@@ -289,9 +387,15 @@ class OMSVerifier:
             reasons.append(reason)
         return CheckResult(False, "modelSigning: " + "; ".join(sorted(set(reasons)))[:600])
 
-    async def _one(
-        self, subject: Subject, source: ArtifactSource, limits: Limits, model: Manifest, ref: str
+    async def _referrer(
+        self,
+        subject: Subject,
+        source: ArtifactSource,
+        limits: Limits,
+        model: Manifest,
+        descriptor: Descriptor,
     ) -> str | None:
+        ref = str(descriptor.digest)
         referrer = await source.manifest(ref, max_bytes=limits.max_signature_manifest_bytes)
         if (
             referrer is None
@@ -301,20 +405,48 @@ class OMSVerifier:
             return "a signature manifest's subject is another manifest (ignored)"
         if len(referrer.layers) != 1:
             return "a bundle manifest must have exactly one layer"
-        layer = referrer.layers[0]
-        if layer.size > limits.max_bundle_bytes:
-            return f"bundle of {layer.size} bytes exceeds the {limits.max_bundle_bytes}-byte cap"
-        raw = await source.blob(layer.digest, max_bytes=limits.max_bundle_bytes)
+        return await self._bundle(source, limits, model, referrer.layers[0], referred=True)
 
-        def check() -> str | None:
+    async def _bundle(
+        self,
+        source: ArtifactSource,
+        limits: Limits,
+        model: Manifest,
+        layer: Descriptor,
+        *,
+        referred: bool = False,
+    ) -> str | None:
+        """Verify one bundle (a referrer's layer, or the model's own ``model.sig``
+        layer) against ``model``; on success hand its tar layers' plans to the pipeline."""
+        where = "bundle" if referred else f"{layer_path(layer) or 'model.sig'} layer"
+        if layer.size > limits.max_bundle_bytes:
+            return f"{where} of {layer.size} bytes exceeds the {limits.max_bundle_bytes}-byte cap"
+        try:
+            raw = await source.blob(layer.digest, max_bytes=limits.max_bundle_bytes)
+        except (UpstreamUnavailable, UpstreamTimeout):
+            raise
+        except OCIError as exc:
+            return f"{where}: {exc.message}"
+
+        def check() -> str | dict[Digest, LayerPlan]:
             try:
                 signature = parse_statement(self._check(raw))
-                check_files(signature, manifest_files(model), self._ignore)
+                return layer_plans(
+                    signature,
+                    model,
+                    self._ignore,
+                    source=self._label,
+                    in_artifact=None if referred else layer,
+                )
             except SignatureError as exc:
                 return str(exc)
-            return None
 
-        return await asyncio.to_thread(check)
+        outcome = await asyncio.to_thread(check)
+        if isinstance(outcome, str):
+            return outcome if referred else f"{where}: {outcome}"
+        for digest, plan in outcome.items():
+            source.expect_layer_files(digest, plan)
+        return None
 
 
 def oms_verifier_from_spec(

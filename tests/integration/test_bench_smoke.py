@@ -59,3 +59,18 @@ def test_bench_smoke_reports_every_peer(tmp_path: Path) -> None:
     assert figures["verify: cached verdict"]["median"] > 0
     assert (tmp_path / "results.md").read_text().count("|") > 20
     assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+def test_tarcheck_bench_smoke_reports_both_layers(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.tarcheck", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "tarcheck.json").read_text())
+    for layer in ("raw tar", "tar+gzip"):
+        for run in ("sha256", "tarcheck", "streamed"):
+            assert result[layer][run]["wall_s_per_gib"] > 0, (layer, run)

@@ -986,6 +986,11 @@ class MemoryRegistry:
     spoofed_referrers: dict[Digest, list[Descriptor]] = field(default_factory=dict)
     fetched_blobs: list[Digest] = field(default_factory=list)
     fetched_manifests: list[str] = field(default_factory=list)
+    # Per-file plans of tar layers a verifier set (``expect_layer_files``).
+    layer_plans: dict[Digest, Any] = field(default_factory=dict)
+
+    def expect_layer_files(self, digest: Digest, plan: Any) -> None:
+        self.layer_plans[digest] = plan
 
     def push_blob(self, data: bytes) -> Digest:
         digest = Digest.of(data)
