@@ -15,6 +15,7 @@ from proxy.oci.errors import NameInvalid, RegistryUnknown
 from proxy.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES, validate_registry
 from proxy.upstream.auth import Credentials, load_docker_config
 from proxy.upstream.client import UpstreamClient
+from proxy.upstream.transports import TransportChain
 
 log = logging.getLogger("pullgate.router")
 
@@ -37,6 +38,14 @@ class UpstreamRouter:
         if config.docker_config is not None:
             self._credentials = _node_credentials(config.docker_config)
         self._clients: dict[str, UpstreamClient] = {}
+        # Built up front, so every transport's health shows in /metrics from the start.
+        self.transports: dict[str, TransportChain] = {
+            name: TransportChain(
+                registry=name, transports=upstream.transports, session=session, metrics=metrics
+            )
+            for name, upstream in config.upstreams.items()
+            if upstream.transports
+        }
 
     def route(self, ns: str | None) -> Route:
         if ns is None or ns == "":
@@ -76,6 +85,7 @@ class UpstreamRouter:
             timeouts=self._config.timeouts,
             retries=self._config.retries,
             metrics=self._metrics,
+            transports=self.transports.get(registry),
         )
         self._clients[registry] = client
         return client

@@ -1,0 +1,267 @@
+"""Untrusted transports in front of an upstream: the cluster's own distribution engines.
+
+A transport is anything that answers the distribution API for blobs on behalf of the
+origin registry: a Dragonfly dfdaemon proxy, a Spegel node mirror, a Harbor or zot
+proxy cache, a registry in proxy mode, another pullgate. ``TransportChain`` asks them
+for a blob in the configured order, skipping those marked bad or down, and returns
+the first good answer; when none has it, the caller asks the origin.
+
+Nothing a transport says is trusted:
+
+- it is asked for blobs only, by digest; manifests (by tag and by digest), signatures,
+  referrers and tag lists always come from the origin, so what the gate verifies and
+  what is served as "the tag" is the origin's word;
+- its bytes go through the same held-back hashing stream as the origin's; the pipeline
+  reports a wrong digest or a broken body back (``UpstreamResponse.report_broken``) and
+  the transport is marked bad for ``badFor`` seconds;
+- it never receives credentials (neither the node's nor a requester's): the request
+  carries only the origin's identity, ``?ns=<registry>``, as containerd does for its
+  mirrors, so a transport that fetches from the origin itself knows where to go.
+
+Failing over is cheap: a refused connection moves on at once; a transport that
+accepts and then says nothing costs at most its ``firstByte`` timeout, after which it is
+marked down for ``downFor`` seconds, so only one pull pays for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import aiohttp
+
+from proxy.config import TransportConfig
+from proxy.metrics import Metrics
+from proxy.upstream.client import UpstreamResponse
+
+log = logging.getLogger("pullgate.transports")
+
+# Statuses that mean "not here", not "unwell": the next transport is asked, and the
+# transport stays in use for other blobs.
+NOT_HERE_STATUSES = frozenset({401, 403, 404})
+
+
+class TransportFailed(Exception):
+    """A transport did not answer usably; ``reason`` is the failover metric's label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class TransportStatus:
+    """One transport as ``pullgate doctor`` and the logs show it."""
+
+    registry: str
+    name: str
+    url: str
+    bypassed_for: float  # seconds left; 0 when in use
+    reason: str  # why it was last marked ("" if never)
+
+
+class Transport:
+    """One transport of one registry, with its own timeouts and health."""
+
+    def __init__(
+        self,
+        *,
+        config: TransportConfig,
+        registry: str,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.registry = registry
+        self._session = session
+        self._metrics = metrics
+        self._clock = clock
+        self._ssl: ssl.SSLContext | bool = True
+        if config.ca_file is not None:
+            self._ssl = ssl.create_default_context(cafile=str(config.ca_file))
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect, sock_read=config.first_byte
+        )
+        self._bypassed_until = 0.0
+        self.reason = ""
+        self.bytes_counter = metrics.transport_bytes.labels(registry, self.name)
+
+    def bypassed(self) -> bool:
+        """Marked bad or down, and the period is not over yet."""
+        return self._clock() < self._bypassed_until
+
+    def bypassed_for(self) -> float:
+        return max(0.0, self._bypassed_until - self._clock())
+
+    def mark(self, reason: str, *, bad: bool) -> None:
+        """Bypass this transport for ``badFor`` (``bad``: it served wrong or broken
+        bytes) or ``downFor`` seconds (it did not answer), and count it."""
+        period = self.config.bad_for if bad else self.config.down_for
+        self._bypassed_until = max(self._bypassed_until, self._clock() + period)
+        self.reason = reason
+        self._metrics.transport_marked_bad.labels(self.registry, self.name, reason).inc()
+        self._metrics.transport_bypassed.labels(self.registry, self.name).set(1)
+        log.warning(
+            "transport %s of %s marked %s (%s): bypassed for %.0fs",
+            self.name,
+            self.registry,
+            "bad" if bad else "down",
+            reason,
+            period,
+        )
+
+    def report_broken(self, reason: str) -> None:
+        """The pipeline found a body this transport served wrong (``digest``) or
+        broken off (``broken``)."""
+        self.mark(reason, bad=True)
+
+    def refresh_gauge(self) -> None:
+        self._metrics.transport_bypassed.labels(self.registry, self.name).set(
+            1 if self.bypassed() else 0
+        )
+
+    def status(self) -> TransportStatus:
+        return TransportStatus(
+            registry=self.registry,
+            name=self.name,
+            url=self.config.url,
+            bypassed_for=self.bypassed_for(),
+            reason=self.reason,
+        )
+
+    def url(self, path: str) -> str:
+        """``path`` on this transport, carrying the origin's identity (``ns=``)."""
+        separator = "&" if "?" in path else "?"
+        return f"{self.config.url}{path}{separator}ns={quote(self.registry, safe='')}"
+
+    async def open(self, method: str, path: str) -> aiohttp.ClientResponse:
+        """Send the request; the open response once its headers arrived.
+
+        Raises ``TransportFailed`` for a refused or timed-out connection, no headers
+        within ``firstByte`` seconds, or a broken exchange.
+        """
+        try:
+            response = await self._session.request(
+                method,
+                self.url(path),
+                # No Authorization, ever: a transport is not trusted with credentials.
+                headers={},
+                allow_redirects=True,
+                max_redirects=5,
+                timeout=self._timeout,
+                ssl=self._ssl,
+            )
+        except aiohttp.ConnectionTimeoutError as exc:
+            detail = f"no connection within {self.config.connect}s"
+            raise TransportFailed("timeout", detail) from exc
+        except aiohttp.SocketTimeoutError as exc:
+            raise TransportFailed(
+                "first_byte", f"no answer within {self.config.first_byte}s of the request"
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise TransportFailed("refused", f"cannot connect: {exc.os_error}") from exc
+        except TimeoutError as exc:
+            raise TransportFailed("timeout", "timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise TransportFailed("error", f"{type(exc).__name__}: {exc}") from exc
+        # The first-byte timeout covered the headers; the body gets the read timeout.
+        connection = response.connection
+        if connection is not None and connection.protocol is not None:
+            connection.protocol.read_timeout = self.config.read
+        return response
+
+
+class TransportChain:
+    """The ordered transports of one registry."""
+
+    def __init__(
+        self,
+        *,
+        registry: str,
+        transports: tuple[TransportConfig, ...],
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self._metrics = metrics
+        self.transports = [
+            Transport(
+                config=config, registry=registry, session=session, metrics=metrics, clock=clock
+            )
+            for config in transports
+        ]
+        for transport in self.transports:
+            transport.refresh_gauge()  # every transport has a series from the start
+        metrics.add_refresher(self.refresh_gauges)
+
+    def refresh_gauges(self) -> None:
+        for transport in self.transports:
+            transport.refresh_gauge()
+
+    def status(self) -> list[TransportStatus]:
+        return [transport.status() for transport in self.transports]
+
+    async def open_blob(self, path: str, *, method: str = "GET") -> UpstreamResponse | None:
+        """The first usable answer to ``path`` (a blob by digest) from a transport in
+        use, or None: then the origin must be asked.
+
+        1. A transport marked bad or down is skipped (and counted as ``skipped``).
+        2. A refused connection, a connect or first-byte timeout, a broken exchange or
+           a 5xx/429 marks it down and moves on.
+        3. A 401, 403 or 404 means it has not got the blob: the next one is asked.
+        4. A 200 is returned, tied to the transport: its bytes are counted under its
+           name and a digest mismatch reported on it marks it bad.
+        """
+        for transport in self.transports:
+            if transport.bypassed():
+                self._failover(transport, "skipped")
+                continue
+            try:
+                response = await transport.open(method, path)
+            except TransportFailed as exc:
+                log.info(
+                    "transport %s of %s failed for %s (%s); trying the next",
+                    transport.name,
+                    self.registry,
+                    path,
+                    exc.detail,
+                )
+                transport.mark(exc.reason, bad=False)
+                self._failover(transport, exc.reason)
+                continue
+            status = response.status
+            if status == 200:
+                log.debug("blob %s from transport %s of %s", path, transport.name, self.registry)
+                return UpstreamResponse(
+                    response,
+                    idle_timeout=transport.config.read,
+                    source=transport.name,
+                    bytes_counter=transport.bytes_counter,
+                    on_broken=transport.report_broken,
+                )
+            response.release()
+            if status in NOT_HERE_STATUSES:
+                self._failover(transport, "not_found" if status == 404 else "status")
+                continue
+            log.info(
+                "transport %s of %s answered %d for %s; trying the next",
+                transport.name,
+                self.registry,
+                status,
+                path,
+            )
+            if status >= 500 or status == 429:
+                transport.mark("status", bad=False)
+            self._failover(transport, "status")
+        return None
+
+    def _failover(self, transport: Transport, reason: str) -> None:
+        self._metrics.transport_failovers.labels(self.registry, transport.name, reason).inc()
