@@ -43,6 +43,9 @@ class TransportConfig:
     bad_for: float = 300.0
     # Seconds a transport that failed to answer (refused, timed out, 5xx) is bypassed.
     down_for: float = 30.0
+    # Extra request headers, e.g. Dragonfly's ``X-Dragonfly-Registry: https://<origin>``;
+    # never credentials (``FORBIDDEN_TRANSPORT_HEADERS``).
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +179,31 @@ def make_upstream(name: str, raw: Any, *, where: str) -> UpstreamConfig:
 
 
 TRANSPORT_TIMEOUT_KEYS = {"connect": "connect", "firstByte": "first_byte", "read": "read"}
+# A transport is untrusted: nothing that authenticates goes to it, and nothing that
+# changes what the request means.
+FORBIDDEN_TRANSPORT_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "host", "range", "content-length",
+     "transfer-encoding", "connection", "accept-encoding"}
+)  # fmt: skip
+
+
+def _transport_headers(raw: Any, at: str) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{at}: headers must map header names to values")
+    headers: list[tuple[str, str]] = []
+    for name, value in raw.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ConfigError(f"{at}: header names and values must be strings")
+        if not name or any(c in name for c in " :\r\n") or any(c in value for c in "\r\n"):
+            raise ConfigError(f"{at}: header {name!r} is not a valid header line")
+        if name.lower() in FORBIDDEN_TRANSPORT_HEADERS:
+            raise ConfigError(
+                f"{at}: header {name!r} may not be sent to a transport (it is untrusted)"
+            )
+        headers.append((name, value))
+    return tuple(headers)
 
 
 def make_transports(raw: Any, *, origin: str, where: str) -> tuple[TransportConfig, ...]:
@@ -193,7 +221,7 @@ def make_transports(raw: Any, *, origin: str, where: str) -> tuple[TransportConf
             entry = {"url": entry}
         if not isinstance(entry, dict):
             raise ConfigError(f"{at}: expected a URL or a mapping with 'url'")
-        known = {"name", "url", "caFile", "timeouts", "badFor", "downFor"}
+        known = {"name", "url", "caFile", "timeouts", "badFor", "downFor", "headers"}
         unknown = set(entry) - known
         if unknown:
             raise ConfigError(f"{at}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -232,7 +260,11 @@ def make_transports(raw: Any, *, origin: str, where: str) -> tuple[TransportConf
         ca_file = entry.get("caFile")
         transports.append(
             TransportConfig(
-                name=name, url=url, ca_file=Path(ca_file) if ca_file else None, **values
+                name=name,
+                url=url,
+                ca_file=Path(ca_file) if ca_file else None,
+                headers=_transport_headers(entry.get("headers"), at),
+                **values,
             )
         )
     names = [t.name for t in transports]

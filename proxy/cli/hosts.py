@@ -93,8 +93,9 @@ def run_doctor(args: argparse.Namespace) -> int:
         print(f"pullgate doctor: {exc}", file=sys.stderr)
         return 2
     if args.certs_dir is None and args.admin is None:
-        print("pullgate doctor: give --certs-dir, --admin or both", file=sys.stderr)
-        return 2
+        # A usage error, as argparse reports one.
+        print("pullgate doctor: error: give --certs-dir, --admin or both", file=sys.stderr)
+        raise SystemExit(2)
     findings: list[tuple[Path, str]] = []
     registries: list[str] = []
     if args.config is not None:

@@ -151,8 +151,9 @@ class Transport:
             response = await self._session.request(
                 method,
                 self.url(path),
-                # No Authorization, ever: a transport is not trusted with credentials.
-                headers={},
+                # No Authorization, ever: a transport is not trusted with credentials
+                # (the configured headers cannot carry any, see proxy.config).
+                headers=dict(self.config.headers),
                 allow_redirects=True,
                 max_redirects=5,
                 timeout=self._timeout,

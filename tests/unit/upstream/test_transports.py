@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.cli.status import transport_lines
 from proxy.config import (
     Config,
     ConfigError,
@@ -52,6 +53,7 @@ class RecordingRegistry(FakeRegistry):
     def __init__(self) -> None:
         super().__init__()
         self.authorization: list[str | None] = []
+        self.headers: list[dict[str, str]] = []
 
     def app(self) -> web.Application:
         app = super().app()
@@ -61,6 +63,7 @@ class RecordingRegistry(FakeRegistry):
             request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
         ) -> web.StreamResponse:
             self.authorization.append(request.headers.get("Authorization"))
+            self.headers.append(dict(request.headers))
             return await handler(request)
 
         app.middlewares.append(record)
@@ -231,6 +234,26 @@ def test_refuses_unusable_transport_entries(entry: dict[str, object], why: str) 
         make_upstream("registry.example.test", raw, where="upstreams.registry.example.test")
 
 
+def test_transport_headers_parse_but_never_carry_credentials() -> None:
+    raw = {
+        "url": "http://origin.example.test",
+        "transports": [
+            {"url": "http://127.0.0.1:4001", "headers": {"X-Dragonfly-Registry": "https://o"}}
+        ],
+    }
+    (dragonfly,) = make_upstream("registry.example.test", raw, where="u").transports
+    assert dragonfly.headers == (("X-Dragonfly-Registry", "https://o"),)
+    for name in ("Authorization", "proxy-authorization", "Cookie", "Range"):
+        entry = {"url": "http://127.0.0.1:4001", "headers": {name: "x"}}
+        raw = {"url": "http://origin.example.test", "transports": [entry]}
+        with pytest.raises(ConfigError, match="may not be sent to a transport"):
+            make_upstream("registry.example.test", raw, where="u")
+    entry = {"url": "http://127.0.0.1:4001", "headers": {"X-A": "b\r\nAuthorization: x"}}
+    raw = {"url": "http://origin.example.test", "transports": [entry]}
+    with pytest.raises(ConfigError, match="not a valid header line"):
+        make_upstream("registry.example.test", raw, where="u")
+
+
 def test_refuses_duplicate_transport_names() -> None:
     raw = {
         "url": "http://origin.example.test",
@@ -297,9 +320,10 @@ async def test_blob_comes_from_the_first_transport_with_ns_and_no_credentials(
         serve_fake_registry(origin) as origin_url,
         serve_fake_registry(cache) as cache_url,
     ):
-        config = with_transports(
-            origin_url, [transport(cache_url, "regional")], policy=policy_file, cache_dir=cache_dir
+        regional = replace(
+            transport(cache_url, "regional"), headers=(("X-Dragonfly-Registry", origin_url),)
         )
+        config = with_transports(origin_url, [regional], policy=policy_file, cache_dir=cache_dir)
         async with start_mirror(config) as mirror:
             layer = image.layers[0]
             status, body, cut = await pull_blob(mirror, image, layer)
@@ -310,6 +334,7 @@ async def test_blob_comes_from_the_first_transport_with_ns_and_no_credentials(
             asked = [s for s in cache.requests_for("blobs") if str(layer) in s.path]
             assert asked[0].query == {"ns": REGISTRY}
             assert cache.authorization == [None]
+            assert cache.headers[0]["X-Dragonfly-Registry"] == origin_url
             served = {"registry": REGISTRY, "transport": "regional"}
             assert sample(mirror, "pullgate_transport_bytes_total", **served) == len(LAYER)
             assert (
@@ -452,3 +477,23 @@ async def test_transport_manifest_for_the_tag_changes_nothing(
                 assert response.status == 200
                 assert await response.read() == image.manifest
             assert evil.requests_for("manifests") == []
+
+
+# ---- status ------------------------------------------------------------------------
+
+
+def test_doctor_lines_come_from_the_metrics_exposition() -> None:
+    metrics = Metrics()
+    metrics.transport_bytes.labels(REGISTRY, "spegel").inc(1000)
+    metrics.transport_bytes.labels(REGISTRY, "origin").inc(24)
+    metrics.transport_failovers.labels(REGISTRY, "spegel", "skipped").inc(3)
+    metrics.transport_marked_bad.labels(REGISTRY, "spegel", "digest").inc()
+    metrics.transport_bypassed.labels(REGISTRY, "spegel").set(1)
+    metrics.transport_bypassed.labels(REGISTRY, "dragonfly").set(0)
+    lines = transport_lines(metrics.exposition().decode())
+    rendered = [line.render() for line in lines]
+    assert rendered == [
+        f"transport {REGISTRY} spegel: bypassed, 1000 bytes, failovers skipped=3, marked digest=1",
+        f"transport {REGISTRY} dragonfly: in use, 0 bytes, failovers none, marked none",
+        f"transport {REGISTRY} origin: 24 bytes",
+    ]
