@@ -254,6 +254,20 @@ def test_transport_headers_parse_but_never_carry_credentials() -> None:
         make_upstream("registry.example.test", raw, where="u")
 
 
+@pytest.mark.parametrize("recipe", ["spegel.yaml", "dragonfly.yaml"])
+def test_deploy_recipes_load_with_a_cluster_cache_as_first_transport(recipe: str) -> None:
+    root = Path(__file__).resolve().parents[3]
+    config = load_config_file(root / "deploy" / "transports" / recipe)
+    first = config.upstreams["docker.io"].transports[0]
+    assert first.name == recipe.removesuffix(".yaml")
+    assert first.url.startswith("http://127.0.0.1:")
+    # The rest is the DaemonSet's own node config.
+    base = load_config_file(root / "deploy" / "daemonset" / "base" / "config.yaml")
+    assert (config.listen_host, config.listen_port) == (base.listen_host, base.listen_port)
+    assert config.cache == base.cache
+    assert config.policy == base.policy
+
+
 def test_refuses_duplicate_transport_names() -> None:
     raw = {
         "url": "http://origin.example.test",
