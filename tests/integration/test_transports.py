@@ -342,6 +342,56 @@ def test_refuses_corrupted_bytes_from_the_regional_cache_and_bypasses_it(
     assert metrics[skipped] == 1
 
 
+def test_containerd_never_commits_corrupted_bytes_from_the_regional_cache(
+    tmp_path: Path,
+    origin: Registry,
+    regional: Registry,
+    faults: FaultProxy,
+    containerd: Containerd,
+    make_pullgate: Callable[..., Pullgate],
+) -> None:
+    pushed = push(origin, "chain/corruptctr", size=4 << 20)
+    layer = pushed.layer_digests[0]
+    faults.set_fault(f"/blobs/{layer}", corrupt_byte(pushed.blobs[layer] // 3))
+    config = write_config(
+        tmp_path / "config.yaml",
+        origin.url,
+        [{"name": "regional", "url": faults.url, "badFor": 600}],
+        cache=tmp_path / "cache",
+    )
+    pullgate = make_pullgate(upstreams={}, config=config)
+    containerd.write_hosts(REGISTRY, pullgate.url)
+    first_code, first_output = ctr_pull(containerd, pushed.repository, pushed.tag)
+    # containerd resumes a cut body with a Range request, which pullgate answers from the
+    # origin (the transport is bypassed by then): the stitched blob fails containerd's own
+    # digest check, so the first pull fails (or, had the cut come before the corrupt
+    # byte, succeeds) and wrong content is never committed.
+    if first_code != 0:
+        assert "unexpected commit digest" in first_output, first_output
+        assert layer not in containerd.content_digests()
+    else:
+        assert set(pushed.blobs) <= containerd.content_digests()
+    # containerd drops the failed ingest once the pull's lease is gone and its GC ran
+    # (kubelet's retry backoff leaves it that time); then the next pull starts afresh.
+    deadline = time.monotonic() + 30
+    while layer in containerd.ctr("content", "active", check=False).stdout:
+        assert time.monotonic() < deadline, "containerd kept the failed ingest"
+        time.sleep(0.2)
+    code, output = ctr_pull(containerd, pushed.repository, pushed.tag)
+    assert code == 0, f"{first_output}\n{output}"
+    assert set(pushed.blobs) <= containerd.content_digests()
+    # ... the corrupting transport was asked once, then bypassed.
+    assert faults.hits(f"/blobs/{layer}") == 1
+    metrics = pullgate.metrics()
+    marked = label(
+        "pullgate_transport_marked_bad_total", registry=REGISTRY, transport="regional",
+        reason="digest",
+    )  # fmt: skip
+    assert metrics[marked] == 1
+    counts.add("transports: containerd's first pull through a corrupting cache succeeded",
+               int(first_code == 0))  # fmt: skip
+
+
 def test_stalling_transport_costs_one_pull_its_first_byte_timeout(
     tmp_path: Path,
     origin: Registry,
