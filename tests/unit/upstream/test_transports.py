@@ -38,6 +38,7 @@ from tests.support.inprocess import (
     FakeRegistry,
     Image,
     Mirror,
+    Seen,
     mirror_config,
     serve_fake_registry,
     start_mirror,
@@ -511,3 +512,58 @@ def test_doctor_lines_come_from_the_metrics_exposition() -> None:
         f"transport {REGISTRY} dragonfly: in use, 0 bytes, failovers none, marked none",
         f"transport {REGISTRY} origin: 24 bytes",
     ]
+
+
+class FailingRegistry(FakeRegistry):
+    """Answers every blob request with ``status``."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__()
+        self.status = status
+
+    def app(self) -> web.Application:
+        app = super().app()
+
+        @web.middleware
+        async def fail(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            if "/blobs/" in request.path:
+                self.seen.append(
+                    Seen(request.method, request.path, dict(request.query), request.query_string)
+                )
+                return web.Response(status=self.status, text="injected")
+            return await handler(request)
+
+        app.middlewares.append(fail)
+        return app
+
+
+@pytest.mark.parametrize(("status", "marked"), [(503, True), (429, True), (403, False)])
+async def test_failing_transport_status_moves_on_and_marks_it_down_only_when_unwell(
+    origin: RecordingRegistry, image: Image, policy_file: Path, status: int, marked: bool
+) -> None:
+    failing = FailingRegistry(status)
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(failing) as failing_url,
+    ):
+        config = with_transports(
+            origin_url, [transport(failing_url, "failing")], policy=policy_file, cache_dir=None
+        )
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            for _ in range(2):
+                got, body, cut = await pull_blob(mirror, image, layer)
+                assert (got, cut) == (200, False)
+                assert Digest.of(body) == layer
+            asked = len(failing.requests_for("blobs"))
+            down = {"registry": REGISTRY, "transport": "failing", "reason": "status"}
+            if marked:
+                # Unwell: marked down once, and the second pull went straight on.
+                assert asked == 1
+                assert sample(mirror, "pullgate_transport_marked_bad_total", **down) == 1
+            else:
+                # "Not for you": asked each time, never marked.
+                assert asked == 2
+                assert sample(mirror, "pullgate_transport_marked_bad_total", **down) == 0
