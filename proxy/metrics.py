@@ -254,7 +254,8 @@ class Metrics:
             "1 while a transport is marked bad or down and bypassed, else 0",
             ["registry", "transport"],
             registry=r,
-            multiprocess_mode="livemax",
+            # Marks are shared by the workers and refreshed by the one scraped.
+            multiprocess_mode="livemostrecent",
         )
         self.worker = str(worker)
         # Bound once: counted on every response.

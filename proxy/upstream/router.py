@@ -15,7 +15,7 @@ from proxy.oci.errors import NameInvalid, RegistryUnknown
 from proxy.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES, validate_registry
 from proxy.upstream.auth import Credentials, load_docker_config
 from proxy.upstream.client import UpstreamClient
-from proxy.upstream.transports import TransportChain
+from proxy.upstream.transports import SharedMarks, TransportChain
 
 log = logging.getLogger("pullgate.router")
 
@@ -30,7 +30,14 @@ class Route:
 
 
 class UpstreamRouter:
-    def __init__(self, *, config: Config, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        transport_marks: Path | None = None,
+    ) -> None:
         self._config = config
         self._session = session
         self._metrics = metrics
@@ -39,9 +46,16 @@ class UpstreamRouter:
             self._credentials = _node_credentials(config.docker_config)
         self._clients: dict[str, UpstreamClient] = {}
         # Built up front, so every transport's health shows in /metrics from the start.
+        # With several workers, a transport marked bad by one is bypassed by all
+        # (``transport_marks``: a directory in the supervisor's runtime dir).
+        marks = SharedMarks(transport_marks) if transport_marks is not None else None
         self.transports: dict[str, TransportChain] = {
             name: TransportChain(
-                registry=name, transports=upstream.transports, session=session, metrics=metrics
+                registry=name,
+                transports=upstream.transports,
+                session=session,
+                metrics=metrics,
+                marks=marks,
             )
             for name, upstream in config.upstreams.items()
             if upstream.transports

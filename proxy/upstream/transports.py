@@ -25,11 +25,15 @@ marked down for ``downFor`` seconds, so only one pull pays for it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
@@ -65,6 +69,44 @@ class TransportStatus:
     reason: str  # why it was last marked ("" if never)
 
 
+class SharedMarks:
+    """Marks shared by the serving processes of one node (the supervisor's runtime
+    directory): a transport one worker marked bad is bypassed by every worker, so a
+    corrupting cache costs one pull per node, not one per worker.
+
+    One small JSON file per transport, ``{"until": <unix time>, "reason": ...}``,
+    replaced atomically; a reader looks at it only when its mtime changed.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, registry: str, name: str) -> Path:
+        key = hashlib.sha256(f"{registry}\0{name}".encode()).hexdigest()[:32]
+        return self.directory / key
+
+    def write(self, path: Path, *, until: float, reason: str) -> None:
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            temporary.write_text(json.dumps({"until": until, "reason": reason}))
+            os.replace(temporary, path)
+        except OSError as exc:  # sharing is best effort: this worker still bypasses it
+            log.warning("cannot share a transport mark in %s: %s", self.directory, exc)
+
+    @staticmethod
+    def read(path: Path, seen_mtime: int) -> tuple[int, float, str] | None:
+        """(mtime, until, reason) if the file changed since ``seen_mtime``, else None."""
+        try:
+            mtime = path.stat().st_mtime_ns
+            if mtime == seen_mtime:
+                return None
+            doc = json.loads(path.read_text())
+            return mtime, float(doc["until"]), str(doc["reason"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
 class Transport:
     """One transport of one registry, with its own timeouts and health."""
 
@@ -76,9 +118,13 @@ class Transport:
         session: aiohttp.ClientSession,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        marks: SharedMarks | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
+        self._marks = marks
+        self._mark_path = marks.path(registry, config.name) if marks is not None else None
+        self._seen_mtime = 0
         self.registry = registry
         self._session = session
         self._metrics = metrics
@@ -94,8 +140,22 @@ class Transport:
         self.bytes_counter = metrics.transport_bytes.labels(registry, self.name)
 
     def bypassed(self) -> bool:
-        """Marked bad or down, and the period is not over yet."""
-        return self._clock() < self._bypassed_until
+        """Marked bad or down (here or, with shared marks, by another worker), and the
+        period is not over yet."""
+        if self._clock() < self._bypassed_until:
+            return True
+        if self._mark_path is None:
+            return False
+        shared = SharedMarks.read(self._mark_path, self._seen_mtime)
+        if shared is None:
+            return False
+        self._seen_mtime, until, reason = shared
+        left = until - time.time()
+        if left <= 0:
+            return False
+        self._bypassed_until = self._clock() + left
+        self.reason = reason
+        return True
 
     def bypassed_for(self) -> float:
         return max(0.0, self._bypassed_until - self._clock())
@@ -106,6 +166,9 @@ class Transport:
         period = self.config.bad_for if bad else self.config.down_for
         self._bypassed_until = max(self._bypassed_until, self._clock() + period)
         self.reason = reason
+        if self._marks is not None and self._mark_path is not None:
+            left = self._bypassed_until - self._clock()
+            self._marks.write(self._mark_path, until=time.time() + left, reason=reason)
         self._metrics.transport_marked_bad.labels(self.registry, self.name, reason).inc()
         self._metrics.transport_bypassed.labels(self.registry, self.name).set(1)
         log.warning(
@@ -190,12 +253,18 @@ class TransportChain:
         session: aiohttp.ClientSession,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        marks: SharedMarks | None = None,
     ) -> None:
         self.registry = registry
         self._metrics = metrics
         self.transports = [
             Transport(
-                config=config, registry=registry, session=session, metrics=metrics, clock=clock
+                config=config,
+                registry=registry,
+                session=session,
+                metrics=metrics,
+                clock=clock,
+                marks=marks,
             )
             for config in transports
         ]

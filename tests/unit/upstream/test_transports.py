@@ -31,7 +31,7 @@ from proxy.config import (
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.upstream.session import new_upstream_session
-from proxy.upstream.transports import TransportChain
+from proxy.upstream.transports import SharedMarks, TransportChain
 from tests.support.inprocess import (
     ALLOW_APP_POLICY,
     REGISTRY,
@@ -321,6 +321,33 @@ async def test_marked_transport_is_bypassed_for_its_period_then_used_again() -> 
         assert not only.bypassed()
         counted = {"registry": REGISTRY, "transport": "t", "reason": "digest"}
         assert metrics.registry.get_sample_value("pullgate_transport_marked_bad_total", counted)
+
+
+async def test_a_mark_made_by_one_worker_is_honoured_by_the_others(tmp_path: Path) -> None:
+    metrics = Metrics()
+    config = (transport("http://127.0.0.1:9", "t", bad_for=60),)
+    async with new_upstream_session() as session:
+        marks = SharedMarks(tmp_path / "transports")
+        one, other = (
+            TransportChain(
+                registry=REGISTRY,
+                transports=config,
+                session=session,
+                metrics=metrics,
+                marks=marks,
+            ).transports[0]
+            for _ in range(2)
+        )
+        assert not other.bypassed()
+        one.report_broken("digest")
+        assert other.bypassed()
+        assert other.reason == "digest"
+        assert 55 < other.bypassed_for() <= 60
+        # A chain without shared marks (one worker) knows only its own.
+        alone = TransportChain(
+            registry=REGISTRY, transports=config, session=session, metrics=metrics
+        ).transports[0]
+        assert not alone.bypassed()
 
 
 # ---- the mirror with transports ----------------------------------------------------
