@@ -43,6 +43,9 @@ class TransportConfig:
     bad_for: float = 300.0
     # Seconds a transport that failed to answer (refused, timed out, 5xx) is bypassed.
     down_for: float = 30.0
+    # Seconds after which, if this transport has not answered, the next one (or the
+    # origin) is asked too and the first usable answer wins; None: no hedging.
+    hedge_after: float | None = None
     # Extra request headers, e.g. Dragonfly's ``X-Dragonfly-Registry: https://<origin>``;
     # never credentials (``FORBIDDEN_TRANSPORT_HEADERS``).
     headers: tuple[tuple[str, str], ...] = ()
@@ -221,7 +224,7 @@ def make_transports(raw: Any, *, origin: str, where: str) -> tuple[TransportConf
             entry = {"url": entry}
         if not isinstance(entry, dict):
             raise ConfigError(f"{at}: expected a URL or a mapping with 'url'")
-        known = {"name", "url", "caFile", "timeouts", "badFor", "downFor", "headers"}
+        known = {"name", "url", "caFile", "timeouts", "badFor", "downFor", "headers", "hedgeAfter"}
         unknown = set(entry) - known
         if unknown:
             raise ConfigError(f"{at}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -249,8 +252,8 @@ def make_transports(raw: Any, *, origin: str, where: str) -> tuple[TransportConf
                 f"{at}: unknown timeouts {sorted(bad_timeouts)}; known: connect, firstByte, read"
             )
         pairs = [(TRANSPORT_TIMEOUT_KEYS[k], v, f"timeouts.{k}") for k, v in timeouts.items()]
-        pairs += [(f, entry[k], k) for k, f in (("badFor", "bad_for"), ("downFor", "down_for"))
-                  if k in entry]  # fmt: skip
+        pairs += [(f, entry[k], k) for k, f in (("badFor", "bad_for"), ("downFor", "down_for"),
+                  ("hedgeAfter", "hedge_after")) if k in entry]  # fmt: skip
         for field_name, value, key in pairs:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{at}: {key} must be a number of seconds")

@@ -276,13 +276,15 @@ class UpstreamClient:
         """GET a blob by digest (``path``): through the transports first, in order,
         then from the origin (``get``). The caller checks the digest as always and
         calls ``report_broken`` on a mismatch."""
-        if self.transports is not None:
-            response = await self.transports.open_blob(path)
-            if response is not None:
-                return response
-        response = await self.get(path, scope=scope)
-        response.bytes_counter = self._origin_bytes
-        return response
+
+        async def from_origin() -> UpstreamResponse:
+            response = await self.get(path, scope=scope)
+            response.bytes_counter = self._origin_bytes
+            return response
+
+        if self.transports is None:
+            return await from_origin()
+        return await self.transports.open_blob(path, origin=from_origin)
 
     async def get(
         self,

@@ -25,13 +25,15 @@ marked down for ``downFor`` seconds, so only one pull pays for it.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import json
 import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -40,6 +42,7 @@ import aiohttp
 
 from proxy.config import TransportConfig
 from proxy.metrics import Metrics
+from proxy.oci.errors import OCIError
 from proxy.upstream.client import UpstreamResponse
 
 log = logging.getLogger("pullgate.transports")
@@ -279,9 +282,11 @@ class TransportChain:
     def status(self) -> list[TransportStatus]:
         return [transport.status() for transport in self.transports]
 
-    async def open_blob(self, path: str, *, method: str = "GET") -> UpstreamResponse | None:
-        """The first usable answer to ``path`` (a blob by digest) from a transport in
-        use, or None: then the origin must be asked.
+    async def open_blob(
+        self, path: str, *, origin: Callable[[], Awaitable[UpstreamResponse]]
+    ) -> UpstreamResponse:
+        """The first usable answer to ``path`` (a blob by digest): from a transport in
+        use, in order, else from ``origin`` (which opens it at the upstream itself).
 
         1. A transport marked bad or down is skipped (and counted as ``skipped``).
         2. A refused connection, a connect or first-byte timeout, a broken exchange or
@@ -289,49 +294,114 @@ class TransportChain:
         3. A 401, 403 or 404 means it has not got the blob: the next one is asked.
         4. A 200 is returned, tied to the transport: its bytes are counted under its
            name and a digest mismatch reported on it marks it bad.
+        5. Hedging: a transport with ``hedgeAfter`` that has not answered by then is
+           raced by the next candidate (transport or origin); the first usable answer
+           wins and the others are cancelled. Without it, one at a time.
         """
+        candidates: list[Callable[[], Awaitable[UpstreamResponse | None]]] = []
+        owners: list[Transport | None] = []  # None: the origin
         for transport in self.transports:
             if transport.bypassed():
                 self._failover(transport, "skipped")
                 continue
-            try:
-                response = await transport.open(method, path)
-            except TransportFailed as exc:
-                log.info(
-                    "transport %s of %s failed for %s (%s); trying the next",
-                    transport.name,
-                    self.registry,
-                    path,
-                    exc.detail,
+            candidates.append(functools.partial(self._ask, transport, path))
+            owners.append(transport)
+        candidates.append(origin)
+        owners.append(None)
+        running: dict[asyncio.Future[UpstreamResponse | None], int] = {}
+        started = 0
+        origin_error: OCIError | None = None
+
+        def start_next() -> None:
+            nonlocal started
+            running[asyncio.ensure_future(candidates[started]())] = started
+            started += 1
+
+        start_next()
+        try:
+            while running:
+                latest = owners[started - 1]
+                hedge = None
+                if latest is not None and started < len(candidates):
+                    hedge = latest.config.hedge_after
+                done, _ = await asyncio.wait(
+                    running, timeout=hedge, return_when=asyncio.FIRST_COMPLETED
                 )
-                transport.mark(exc.reason, bad=False)
-                self._failover(transport, exc.reason)
-                continue
-            status = response.status
-            if status == 200:
-                log.debug("blob %s from transport %s of %s", path, transport.name, self.registry)
-                return UpstreamResponse(
-                    response,
-                    idle_timeout=transport.config.read,
-                    source=transport.name,
-                    bytes_counter=transport.bytes_counter,
-                    on_broken=transport.report_broken,
-                )
-            response.release()
-            if status in NOT_HERE_STATUSES:
-                self._failover(transport, "not_found" if status == 404 else "status")
-                continue
+                if not done:
+                    # The latest has not answered within its hedge: race the next.
+                    assert latest is not None
+                    self._failover(latest, "hedged")
+                    start_next()
+                    continue
+                for task in done:
+                    del running[task]
+                    try:
+                        response = task.result()
+                    except OCIError as exc:  # only the origin raises
+                        origin_error = exc
+                        continue
+                    if response is not None:
+                        return response
+                # The latest started answered "not here" or failed: ask the next now,
+                # even while an earlier, hedged one is still on its way.
+                if started < len(candidates) and started - 1 not in running.values():
+                    start_next()
+        finally:
+            for task in running:
+                task.cancel()
+                task.add_done_callback(_close_unclaimed)
+        assert origin_error is not None  # the origin answers or raises
+        raise origin_error
+
+    async def _ask(self, transport: Transport, path: str) -> UpstreamResponse | None:
+        try:
+            response = await transport.open("GET", path)
+        except TransportFailed as exc:
             log.info(
-                "transport %s of %s answered %d for %s; trying the next",
+                "transport %s of %s failed for %s (%s); trying the next",
                 transport.name,
                 self.registry,
-                status,
                 path,
+                exc.detail,
             )
-            if status >= 500 or status == 429:
-                transport.mark("status", bad=False)
-            self._failover(transport, "status")
+            transport.mark(exc.reason, bad=False)
+            self._failover(transport, exc.reason)
+            return None
+        status = response.status
+        if status == 200:
+            log.debug("blob %s from transport %s of %s", path, transport.name, self.registry)
+            return UpstreamResponse(
+                response,
+                idle_timeout=transport.config.read,
+                source=transport.name,
+                bytes_counter=transport.bytes_counter,
+                on_broken=transport.report_broken,
+            )
+        response.release()
+        if status in NOT_HERE_STATUSES:
+            self._failover(transport, "not_found" if status == 404 else "status")
+            return None
+        log.info(
+            "transport %s of %s answered %d for %s; trying the next",
+            transport.name,
+            self.registry,
+            status,
+            path,
+        )
+        if status >= 500 or status == 429:
+            transport.mark("status", bad=False)
+        self._failover(transport, "status")
         return None
 
     def _failover(self, transport: Transport, reason: str) -> None:
         self._metrics.transport_failovers.labels(self.registry, transport.name, reason).inc()
+
+
+def _close_unclaimed(task: asyncio.Future[UpstreamResponse | None]) -> None:
+    """A raced request that lost: close its response if it got one after all."""
+    if task.cancelled():
+        return
+    if task.exception() is None:
+        response = task.result()
+        if response is not None:
+            response.close()

@@ -193,7 +193,8 @@ def test_transports_parse_with_their_own_timeouts(tmp_path: Path) -> None:
         "    url: https://registry-1.docker.io\n"
         "    transports:\n"
         "      - {name: spegel, url: 'http://127.0.0.1:30020',"
-        " timeouts: {connect: 0.5, firstByte: 2, read: 20}, badFor: 600, downFor: 15}\n"
+        " timeouts: {connect: 0.5, firstByte: 2, read: 20}, badFor: 600, downFor: 15,"
+        " hedgeAfter: 0.25}\n"
         "      - https://regional-cache.example.test:5000\n"
         "      - {url: 'https://harbor.example.test', caFile: ca.pem}\n"
     )
@@ -207,7 +208,9 @@ def test_transports_parse_with_their_own_timeouts(tmp_path: Path) -> None:
         read=20.0,
         bad_for=600.0,
         down_for=15.0,
+        hedge_after=0.25,
     )
+    assert regional.hedge_after is None
     assert regional.name == "regional-cache.example.test:5000"
     assert regional.first_byte == TransportConfig("n", "u").first_byte
     assert harbor.ca_file == tmp_path / "ca.pem"
@@ -225,6 +228,7 @@ def test_transports_parse_with_their_own_timeouts(tmp_path: Path) -> None:
         ({"url": "http://cache", "timeouts": {"firstByte": "soon"}}, "number of seconds"),
         ({"url": "http://cache", "timeouts": {"headers": 1}}, "unknown timeouts"),
         ({"url": "http://cache", "badFor": -1}, "more than 0"),
+        ({"url": "http://cache", "hedgeAfter": 0}, "more than 0"),
         ({"url": "http://cache", "retries": 3}, "unknown keys"),
         ({}, "'url' is required"),
     ],
@@ -594,3 +598,89 @@ async def test_failing_transport_status_moves_on_and_marks_it_down_only_when_unw
                 # "Not for you": asked each time, never marked.
                 assert asked == 2
                 assert sample(mirror, "pullgate_transport_marked_bad_total", **down) == 0
+
+
+# ---- hedged requests ---------------------------------------------------------------
+
+
+async def test_hedged_transport_is_raced_by_the_next_and_loses_without_a_mark(
+    origin: RecordingRegistry, image: Image, policy_file: Path, silent: SilentServer
+) -> None:
+    cache = FakeRegistry()
+    cache.blobs.update(origin.blobs)
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(cache) as cache_url,
+    ):
+        config = with_transports(
+            origin_url,
+            [
+                transport(silent.url, "slow", first_byte=30, hedge_after=0.2),
+                transport(cache_url, "regional"),
+            ],
+            policy=policy_file,
+            cache_dir=None,
+        )
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            for _ in range(2):
+                status, body, cut = await asyncio.wait_for(pull_blob(mirror, image, layer), 20)
+                assert (status, cut) == (200, False)
+                assert Digest.of(body) == layer
+            # Both pulls asked the slow transport, raced it with the next, and the
+            # next won; losing a race is no fault: the slow one is not marked.
+            assert silent.accepted == 2
+            assert blob_gets(cache, layer) == 2
+            assert blob_gets(origin, layer) == 0
+            hedged = {"registry": REGISTRY, "transport": "slow", "reason": "hedged"}
+            assert sample(mirror, "pullgate_transport_failovers_total", **hedged) == 2
+            assert not sample(
+                mirror, "pullgate_transport_marked_bad_total", registry=REGISTRY, transport="slow"
+            )
+
+
+async def test_hedge_races_the_origin_when_no_transport_is_left(
+    origin: RecordingRegistry, image: Image, policy_file: Path, silent: SilentServer
+) -> None:
+    async with serve_fake_registry(origin) as origin_url:
+        config = with_transports(
+            origin_url,
+            [transport(silent.url, "slow", first_byte=30, hedge_after=0.2)],
+            policy=policy_file,
+            cache_dir=None,
+        )
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            status, body, cut = await asyncio.wait_for(pull_blob(mirror, image, layer), 20)
+            assert (status, cut) == (200, False)
+            assert Digest.of(body) == layer
+            assert blob_gets(origin, layer) == 1
+            assert sample(
+                mirror, "pullgate_transport_bytes_total", registry=REGISTRY, transport="origin"
+            ) == len(LAYER)
+
+
+async def test_without_hedging_a_missing_blob_asks_one_transport_at_a_time(
+    origin: RecordingRegistry, image: Image, policy_file: Path
+) -> None:
+    first, second = FakeRegistry(), FakeRegistry()
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(first) as first_url,
+        serve_fake_registry(second) as second_url,
+    ):
+        config = with_transports(
+            origin_url,
+            [transport(first_url, "first"), transport(second_url, "second")],
+            policy=policy_file,
+            cache_dir=None,
+        )
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            status, body, cut = await pull_blob(mirror, image, layer)
+            assert (status, cut) == (200, False)
+            assert Digest.of(body) == layer
+            assert [blob_gets(r, layer) for r in (first, second, origin)] == [1, 1, 1]
+            for name in ("first", "second"):
+                missing = {"registry": REGISTRY, "transport": name, "reason": "not_found"}
+                assert sample(mirror, "pullgate_transport_failovers_total", **missing) == 1
