@@ -237,7 +237,7 @@ class Metrics:
             "pullgate_transport_failovers",
             "Blob requests that left a transport for the next one (or the origin), by"
             " reason: refused, timeout, first_byte, error, status, not_found, skipped"
-            " (marked bad or down)",
+            " (marked bad or down), hedged (raced by the next after hedgeAfter)",
             ["registry", "transport", "reason"],
             registry=r,
         )
