@@ -34,7 +34,6 @@ import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -59,17 +58,6 @@ class TransportFailed(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
-
-
-@dataclass(frozen=True, slots=True)
-class TransportStatus:
-    """One transport as ``pullgate doctor`` and the logs show it."""
-
-    registry: str
-    name: str
-    url: str
-    bypassed_for: float  # seconds left; 0 when in use
-    reason: str  # why it was last marked ("" if never)
 
 
 class SharedMarks:
@@ -193,15 +181,6 @@ class Transport:
             1 if self.bypassed() else 0
         )
 
-    def status(self) -> TransportStatus:
-        return TransportStatus(
-            registry=self.registry,
-            name=self.name,
-            url=self.config.url,
-            bypassed_for=self.bypassed_for(),
-            reason=self.reason,
-        )
-
     def url(self, path: str) -> str:
         """``path`` on this transport, carrying the origin's identity (``ns=``)."""
         separator = "&" if "?" in path else "?"
@@ -278,9 +257,6 @@ class TransportChain:
     def refresh_gauges(self) -> None:
         for transport in self.transports:
             transport.refresh_gauge()
-
-    def status(self) -> list[TransportStatus]:
-        return [transport.status() for transport in self.transports]
 
     async def open_blob(
         self, path: str, *, origin: Callable[[], Awaitable[UpstreamResponse]]
