@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -592,15 +594,15 @@ def test_transport_serving_another_manifest_for_the_tag_changes_nothing(
 # ---- status ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_doctor_shows_transport_health_and_bytes(
     tmp_path: Path,
     origin: Registry,
     regional: Registry,
     faults: FaultProxy,
     make_pullgate: Callable[..., Pullgate],
+    workers: int,
 ) -> None:
-    import subprocess
-    import sys
 
     pushed = push(origin, "chain/doctor", size=2 << 20)
     layer = pushed.layer_digests[0]
@@ -611,7 +613,7 @@ def test_doctor_shows_transport_health_and_bytes(
         [{"name": "regional", "url": faults.url}],
         cache=tmp_path / "cache",
     )
-    pullgate = make_pullgate(upstreams={}, config=config)
+    pullgate = make_pullgate(upstreams={}, config=config, workers=workers)
     http_pull(pullgate, pushed, layer)
     status, got, _ = http_pull(pullgate, pushed, layer)
     assert (status, got) == (200, layer)
