@@ -28,7 +28,7 @@ import pytest
 from proxy.oci.digest import Digest
 from tests.support import cosign_sign as cs
 from tests.support import counts
-from tests.support.faultproxy import FaultProxy, corrupt_byte
+from tests.support.faultproxy import FaultProxy, corrupt_byte, stall
 from tests.support.ocilayout import PushedArtifact, deterministic_bytes, push_image
 from tests.support.peers import Containerd, Pullgate, Registry
 from tests.support.pulls import fetch
@@ -447,6 +447,40 @@ def test_stalling_transport_costs_one_pull_its_first_byte_timeout(
     assert metrics[timed_out] == 1
     served = label("pullgate_transport_bytes_total", registry=REGISTRY, transport="regional")
     assert metrics[served] >= sum(p.blobs[p.layer_digests[0]] for p in images)
+
+
+def test_transport_stalling_mid_body_is_cut_after_its_read_timeout_and_bypassed(
+    tmp_path: Path,
+    origin: Registry,
+    regional: Registry,
+    faults: FaultProxy,
+    make_pullgate: Callable[..., Pullgate],
+) -> None:
+    pushed = push(origin, "chain/midstall", size=4 << 20)
+    layer = pushed.layer_digests[0]
+    size = pushed.blobs[layer]
+    # Headers and half the body, then nothing for five times the read timeout (short
+    # enough for the fault proxy to stop cleanly afterwards).
+    faults.set_fault(f"/blobs/{layer}", stall(5, offset=size // 2))
+    config = write_config(
+        tmp_path / "config.yaml",
+        origin.url,
+        [{"name": "regional", "url": faults.url, "timeouts": {"read": 1}}],
+        cache=tmp_path / "cache",
+    )
+    pullgate = make_pullgate(upstreams={}, config=config)
+    status, got, received = http_pull(pullgate, pushed, layer)
+    assert received < size
+    assert got != layer
+    status, got, received = http_pull(pullgate, pushed, layer)
+    assert (status, got, received) == (200, layer, size)
+    assert faults.hits(f"/blobs/{layer}") == 1
+    metrics = pullgate.metrics()
+    broken = label(
+        "pullgate_transport_marked_bad_total", registry=REGISTRY, transport="regional",
+        reason="broken",
+    )  # fmt: skip
+    assert metrics[broken] == 1
 
 
 # ---- signatures from the origin ----------------------------------------------------
