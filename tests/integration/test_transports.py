@@ -429,10 +429,15 @@ def test_stalling_transport_costs_one_pull_its_first_byte_timeout(
             cache=tmp_path / "cache",
         )
         pullgate = make_pullgate(upstreams={}, config=config)
-        for pushed in images:
+        for index, pushed in enumerate(images):
             layer = pushed.layer_digests[0]
+            started = time.monotonic()
             status, got, _ = http_pull(pullgate, pushed, layer)
             assert (status, got) == (200, layer)
+            # Reported, not asserted (tests never assert wall-clock times).
+            elapsed_ms = int((time.monotonic() - started) * 1000)
+            counts.add(f"transports: stalled first transport (firstByte 1 s), pull {index + 1} ms",
+                       elapsed_ms)  # fmt: skip
         # Only the first blob request waited for the stalled transport.
         assert silent.accepted == 1
     finally:
