@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from proxy.oci.reference import validate_registry
+from proxy.oci.errors import NameInvalid
+from proxy.oci.reference import validate_registry, validate_repository
 
 
 class ConfigError(Exception):
@@ -43,6 +44,9 @@ class TransportConfig:
     bad_for: float = 300.0
     # Seconds a transport that failed to answer (refused, timed out, 5xx) is bypassed.
     down_for: float = 30.0
+    # Repository path prefix at the transport, e.g. a Harbor proxy-cache project:
+    # ``/v2/<prefix>/<repository>/blobs/<digest>``; "" for none.
+    repository_prefix: str = ""
     # Seconds after which, if this transport has not answered, the next one (or the
     # origin) is asked too and the first usable answer wins; None: no hedging.
     hedge_after: float | None = None
@@ -224,7 +228,28 @@ def make_transports(raw: Any, *, origin: str, where: str) -> tuple[TransportConf
             entry = {"url": entry}
         if not isinstance(entry, dict):
             raise ConfigError(f"{at}: expected a URL or a mapping with 'url'")
-        known = {"name", "url", "caFile", "timeouts", "badFor", "downFor", "headers", "hedgeAfter"}
+        known = {
+            "name",
+            "url",
+            "caFile",
+            "timeouts",
+            "badFor",
+            "downFor",
+            "headers",
+            "hedgeAfter",
+            "repositoryPrefix",
+        }
+        prefix = entry.get("repositoryPrefix", "")
+        if not isinstance(prefix, str):
+            raise ConfigError(f"{at}: repositoryPrefix must be a repository path")
+        prefix = prefix.strip("/")
+        if prefix:
+            try:
+                validate_repository(prefix)
+            except NameInvalid as exc:
+                raise ConfigError(
+                    f"{at}: repositoryPrefix {prefix!r} is not a repository path"
+                ) from exc
         unknown = set(entry) - known
         if unknown:
             raise ConfigError(f"{at}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -267,6 +292,7 @@ def make_transports(raw: Any, *, origin: str, where: str) -> tuple[TransportConf
                 url=url,
                 ca_file=Path(ca_file) if ca_file else None,
                 headers=_transport_headers(entry.get("headers"), at),
+                repository_prefix=prefix,
                 **values,
             )
         )

@@ -182,7 +182,11 @@ class Transport:
         )
 
     def url(self, path: str) -> str:
-        """``path`` on this transport, carrying the origin's identity (``ns=``)."""
+        """``path`` on this transport, carrying the origin's identity (``ns=``), under
+        its ``repositoryPrefix`` if it has one (``/v2/<prefix>/<repository>/...``)."""
+        prefix = self.config.repository_prefix
+        if prefix and path.startswith("/v2/"):
+            path = f"/v2/{prefix}/{path[4:]}"
         separator = "&" if "?" in path else "?"
         return f"{self.config.url}{path}{separator}ns={quote(self.registry, safe='')}"
 

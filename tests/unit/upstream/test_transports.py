@@ -229,6 +229,9 @@ def test_transports_parse_with_their_own_timeouts(tmp_path: Path) -> None:
         ({"url": "http://cache", "timeouts": {"headers": 1}}, "unknown timeouts"),
         ({"url": "http://cache", "badFor": -1}, "more than 0"),
         ({"url": "http://cache", "hedgeAfter": 0}, "more than 0"),
+        ({"url": "http://cache", "repositoryPrefix": "../x"}, "not a repository path"),
+        ({"url": "http://cache", "repositoryPrefix": "Hub"}, "not a repository path"),
+        ({"url": "http://cache", "repositoryPrefix": 3}, "must be a repository path"),
         ({"url": "http://cache", "retries": 3}, "unknown keys"),
         ({}, "'url' is required"),
     ],
@@ -389,6 +392,27 @@ async def test_blob_comes_from_the_first_transport_with_ns_and_no_credentials(
                 )
                 == 0
             )
+
+
+async def test_repository_prefix_puts_the_request_under_a_proxy_cache_project(
+    origin: RecordingRegistry, image: Image, policy_file: Path
+) -> None:
+    harbor = FakeRegistry()
+    harbor.blobs.update(origin.blobs)
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(harbor) as harbor_url,
+    ):
+        project = replace(transport(harbor_url, "harbor"), repository_prefix="hub-proxy")
+        config = with_transports(origin_url, [project], policy=policy_file, cache_dir=None)
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            status, body, cut = await pull_blob(mirror, image, layer)
+            assert (status, cut) == (200, False)
+            assert Digest.of(body) == layer
+            (asked,) = harbor.requests_for("blobs")
+            assert asked.path == f"/v2/hub-proxy/app/web/blobs/{layer}"
+            assert blob_gets(origin, layer) == 0
 
 
 async def test_missing_blob_on_transports_comes_from_origin(
