@@ -15,11 +15,44 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from proxy.oci.reference import validate_registry
+from proxy.oci.errors import NameInvalid
+from proxy.oci.reference import validate_registry, validate_repository
 
 
 class ConfigError(Exception):
     """A configuration file or flag that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransportConfig:
+    """One untrusted transport in front of an upstream (``upstreams.<name>.transports``):
+    a Dragonfly dfdaemon proxy, a Spegel node mirror, a Harbor or zot proxy cache, a
+    registry in proxy mode, or another pullgate. Blobs are asked of it first; whatever
+    it serves is checked against the digest like the origin's bytes."""
+
+    name: str
+    url: str
+    ca_file: Path | None = None
+    # Seconds to open the connection; refused connections fail over at once.
+    connect: float = 2.0
+    # Seconds from the request to the response headers: a transport that accepts and
+    # then says nothing costs a pull at most this long.
+    first_byte: float = 5.0
+    # Seconds without a byte mid-body before the body counts as broken.
+    read: float = 30.0
+    # Seconds a transport that served a wrong digest (or broke mid-body) is bypassed.
+    bad_for: float = 300.0
+    # Seconds a transport that failed to answer (refused, timed out, 5xx) is bypassed.
+    down_for: float = 30.0
+    # Repository path prefix at the transport, e.g. a Harbor proxy-cache project:
+    # ``/v2/<prefix>/<repository>/blobs/<digest>``; "" for none.
+    repository_prefix: str = ""
+    # Seconds after which, if this transport has not answered, the next one (or the
+    # origin) is asked too and the first usable answer wins; None: no hedging.
+    hedge_after: float | None = None
+    # Extra request headers, e.g. Dragonfly's ``X-Dragonfly-Registry: https://<origin>``;
+    # never credentials (``FORBIDDEN_TRANSPORT_HEADERS``).
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +62,8 @@ class UpstreamConfig:
     ca_file: Path | None = None
     # Token realm hosts (besides the upstream host) that may receive node credentials.
     token_realm_hosts: tuple[str, ...] = ()
+    # Tried in order for blobs before the origin (``url``); see ``TransportConfig``.
+    transports: tuple[TransportConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +172,137 @@ def make_upstream(name: str, raw: Any, *, where: str) -> UpstreamConfig:
     realms = raw.get("tokenRealmHosts") or raw.get("token_realm_hosts") or []
     if not isinstance(realms, list) or not all(isinstance(h, str) for h in realms):
         raise ConfigError(f"{where}: tokenRealmHosts must be a list of host names")
+    known = {"url", "caFile", "ca_file", "tokenRealmHosts", "token_realm_hosts", "transports"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
     return UpstreamConfig(
         name=registry,
         url=url.rstrip("/"),
         ca_file=Path(ca_file) if ca_file else None,
         token_realm_hosts=tuple(realms),
+        transports=make_transports(raw.get("transports"), origin=url, where=where),
     )
+
+
+TRANSPORT_TIMEOUT_KEYS = {"connect": "connect", "firstByte": "first_byte", "read": "read"}
+# A transport is untrusted: nothing that authenticates goes to it, and nothing that
+# changes what the request means.
+FORBIDDEN_TRANSPORT_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "host", "range", "content-length",
+     "transfer-encoding", "connection", "accept-encoding"}
+)  # fmt: skip
+
+
+def _transport_headers(raw: Any, at: str) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{at}: headers must map header names to values")
+    headers: list[tuple[str, str]] = []
+    for name, value in raw.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ConfigError(f"{at}: header names and values must be strings")
+        if not name or any(c in name for c in " :\r\n") or any(c in value for c in "\r\n"):
+            raise ConfigError(f"{at}: header {name!r} is not a valid header line")
+        if name.lower() in FORBIDDEN_TRANSPORT_HEADERS:
+            raise ConfigError(
+                f"{at}: header {name!r} may not be sent to a transport (it is untrusted)"
+            )
+        headers.append((name, value))
+    return tuple(headers)
+
+
+def make_transports(raw: Any, *, origin: str, where: str) -> tuple[TransportConfig, ...]:
+    """The ``transports:`` list of one upstream: each entry a URL or a mapping with
+    ``url`` and optionally ``name``, ``caFile``, ``timeouts: {connect, firstByte,
+    read}``, ``badFor`` and ``downFor`` (seconds)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: transports must be a list")
+    transports: list[TransportConfig] = []
+    for index, entry in enumerate(raw):
+        at = f"{where}.transports[{index}]"
+        if isinstance(entry, str):
+            entry = {"url": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at}: expected a URL or a mapping with 'url'")
+        known = {
+            "name",
+            "url",
+            "caFile",
+            "timeouts",
+            "badFor",
+            "downFor",
+            "headers",
+            "hedgeAfter",
+            "repositoryPrefix",
+        }
+        prefix = entry.get("repositoryPrefix", "")
+        if not isinstance(prefix, str):
+            raise ConfigError(f"{at}: repositoryPrefix must be a repository path")
+        prefix = prefix.strip("/")
+        if prefix:
+            try:
+                validate_repository(prefix)
+            except NameInvalid as exc:
+                raise ConfigError(
+                    f"{at}: repositoryPrefix {prefix!r} is not a repository path"
+                ) from exc
+        unknown = set(entry) - known
+        if unknown:
+            raise ConfigError(f"{at}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        url = entry.get("url")
+        if not isinstance(url, str):
+            raise ConfigError(f"{at}: 'url' is required")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{at}: url {url!r} must be http:// or https:// with a host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ConfigError(f"{at}: url {url!r} must not carry a path, query or user")
+        url = url.rstrip("/")
+        if url == origin.rstrip("/"):
+            raise ConfigError(f"{at}: url {url!r} is the origin itself")
+        name = entry.get("name", parts.netloc)
+        if not isinstance(name, str) or not name or name == "origin" or len(name) > 64:
+            raise ConfigError(f"{at}: name must be a short string other than 'origin'")
+        values: dict[str, float] = {}
+        timeouts = entry.get("timeouts") or {}
+        if not isinstance(timeouts, dict):
+            raise ConfigError(f"{at}: timeouts must be a mapping of connect, firstByte, read")
+        bad_timeouts = set(timeouts) - set(TRANSPORT_TIMEOUT_KEYS)
+        if bad_timeouts:
+            raise ConfigError(
+                f"{at}: unknown timeouts {sorted(bad_timeouts)}; known: connect, firstByte, read"
+            )
+        pairs = [(TRANSPORT_TIMEOUT_KEYS[k], v, f"timeouts.{k}") for k, v in timeouts.items()]
+        pairs += [(f, entry[k], k) for k, f in (("badFor", "bad_for"), ("downFor", "down_for"),
+                  ("hedgeAfter", "hedge_after")) if k in entry]  # fmt: skip
+        for field_name, value, key in pairs:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{at}: {key} must be a number of seconds")
+            if not 0 < float(value) <= 86400:
+                raise ConfigError(f"{at}: {key} must be more than 0 and at most 86400 seconds")
+            values[field_name] = float(value)
+        ca_file = entry.get("caFile")
+        transports.append(
+            TransportConfig(
+                name=name,
+                url=url,
+                ca_file=Path(ca_file) if ca_file else None,
+                headers=_transport_headers(entry.get("headers"), at),
+                repository_prefix=prefix,
+                **values,
+            )
+        )
+    names = [t.name for t in transports]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: transport names must be unique, got {names}")
+    urls = [t.url for t in transports]
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"{where}: a transport URL is listed twice")
+    return tuple(transports)
 
 
 def load_config_file(path: Path, base: Config = DEFAULT_CONFIG) -> Config:
@@ -195,7 +355,14 @@ def load_config_file(path: Path, base: Config = DEFAULT_CONFIG) -> Config:
             )
         }
         upstreams = {
-            name: replace(u, ca_file=relative / u.ca_file) if u.ca_file else u
+            name: replace(
+                u,
+                ca_file=relative / u.ca_file if u.ca_file else None,
+                transports=tuple(
+                    replace(t, ca_file=relative / t.ca_file) if t.ca_file else t
+                    for t in u.transports
+                ),
+            )
             for name, u in upstreams.items()
         }
         config = replace(config, upstreams=upstreams)
@@ -333,4 +500,10 @@ def validate(config: Config) -> Config:
     for upstream in config.upstreams.values():
         if upstream.ca_file is not None and not upstream.ca_file.is_file():
             raise ConfigError(f"upstream {upstream.name}: caFile {upstream.ca_file} not found")
+        for transport in upstream.transports:
+            if transport.ca_file is not None and not transport.ca_file.is_file():
+                raise ConfigError(
+                    f"upstream {upstream.name}: transport {transport.name}: "
+                    f"caFile {transport.ca_file} not found"
+                )
     return config

@@ -233,6 +233,38 @@ class Metrics:
             ["worker"],
             registry=r,
         )
+        # Transports (``upstreams.<name>.transports``): untrusted paths to blob bytes.
+        self.transport_bytes = Counter(
+            "pullgate_transport_bytes",
+            "Blob bytes read, by registry and the transport that served them (origin:"
+            " the upstream itself)",
+            ["registry", "transport"],
+            registry=r,
+        )
+        self.transport_failovers = Counter(
+            "pullgate_transport_failovers",
+            "Blob requests that left a transport for the next one (or the origin), by"
+            " reason: refused, timeout, first_byte, error, status, not_found, skipped"
+            " (marked bad or down), hedged (raced by the next after hedgeAfter)",
+            ["registry", "transport", "reason"],
+            registry=r,
+        )
+        self.transport_marked_bad = Counter(
+            "pullgate_transport_marked_bad",
+            "Times a transport was marked bad (digest: served bytes not matching their"
+            " digest; broken: a body broken off) or down (refused, timeout, first_byte,"
+            " error, status), and bypassed for a while",
+            ["registry", "transport", "reason"],
+            registry=r,
+        )
+        self.transport_bypassed = Gauge(
+            "pullgate_transport_bypassed",
+            "1 while a transport is marked bad or down and bypassed, else 0",
+            ["registry", "transport"],
+            registry=r,
+            # Marks are shared by the workers and refreshed by the one scraped.
+            multiprocess_mode="livemostrecent",
+        )
         self.worker = str(worker)
         # Bound once: counted on every response.
         self.responses_here = self.worker_responses.labels(self.worker)

@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from proxy.cli import hoststoml
+from proxy.cli.status import transport_report
 from proxy.config import Config, ConfigError, load_config_file, worker_count
 from proxy.node import supervisor
 from proxy.verify.base import PolicyError
@@ -46,7 +47,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "doctor",
         help="report hosts.toml files that let containerd bypass pullgate (exit 1 if any)",
     )
-    doctor.add_argument("--certs-dir", type=Path, required=True, metavar="DIR")
+    doctor.add_argument(
+        "--certs-dir", type=Path, metavar="DIR", help="containerd's certs.d to check"
+    )
     doctor.add_argument(
         "--server", default=DEFAULT_SERVER, metavar="URL", help="pullgate's address"
     )
@@ -55,6 +58,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=Path,
         metavar="FILE",
         help="pullgate's YAML config: check its upstreams, policy and trust files too",
+    )
+    doctor.add_argument(
+        "--admin",
+        metavar="URL",
+        help="a running pullgate's admin endpoint: show its transports (bytes, failovers,"
+        " marked bad) from /metrics; a bypassed transport is a finding",
     )
 
 
@@ -84,6 +93,10 @@ def run_doctor(args: argparse.Namespace) -> int:
     except hoststoml.HostsTomlError as exc:
         print(f"pullgate doctor: {exc}", file=sys.stderr)
         return 2
+    if args.certs_dir is None and args.admin is None:
+        # A usage error, as argparse reports one.
+        print("pullgate doctor: error: give --certs-dir, --admin or both", file=sys.stderr)
+        raise SystemExit(2)
     findings: list[tuple[Path, str]] = []
     registries: list[str] = []
     if args.config is not None:
@@ -96,13 +109,20 @@ def run_doctor(args: argparse.Namespace) -> int:
             findings += check_config(args.config, config)
             for note in advice(config):
                 print(f"note: {note}")
-    findings += hoststoml.diagnose(args.certs_dir, args.server, registries)
+    if args.certs_dir is not None:
+        findings += hoststoml.diagnose(args.certs_dir, args.server, registries)
+    if args.admin is not None:
+        lines, transport_findings = transport_report(args.admin)
+        for line in lines:
+            print(line)
+        findings += [(Path(args.admin), finding) for finding in transport_findings]
     for path, reason in findings:
         print(f"{path}: {reason}")
     if findings:
         print(f"pullgate doctor: {len(findings)} problem(s)", file=sys.stderr)
         return 1
-    print(f"pullgate doctor: {args.certs_dir} routes every pull to {args.server}, no fallback")
+    if args.certs_dir is not None:
+        print(f"pullgate doctor: {args.certs_dir} routes every pull to {args.server}, no fallback")
     return 0
 
 

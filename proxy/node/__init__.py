@@ -59,6 +59,7 @@ log = logging.getLogger("pullgate")
 # In the supervisor's runtime directory.
 ALLOWANCES_FILE = "allowances.db"
 METRICS_DIR = "metrics"
+TRANSPORT_MARKS_DIR = "transports"
 
 # Seconds in-flight requests get to finish after SIGTERM (then they are cut; containerd
 # resumes a cut blob with a Range request).
@@ -243,7 +244,12 @@ class Node:
         session = new_upstream_session()
         tasks: list[asyncio.Task[None]] = []
         try:
-            self._router = UpstreamRouter(config=self.config, session=session, metrics=self.metrics)
+            marks = None
+            if self.role.shared and self.role.runtime_dir is not None:
+                marks = self.role.runtime_dir / TRANSPORT_MARKS_DIR
+            self._router = UpstreamRouter(
+                config=self.config, session=session, metrics=self.metrics, transport_marks=marks
+            )
             self._start_restore(self._router)
             if self.watcher is not None:
                 tasks.append(asyncio.create_task(self.watcher.run(), name="policy-watcher"))

@@ -126,11 +126,13 @@ class BlobStream(RangedBody):
             metrics.upstream_truncated.labels(self._registry).inc()
         else:
             metrics.digest_mismatch.labels(self._registry).inc()
+        self._response.report_broken(truncated=truncated)  # a transport is marked bad
         log.error(
-            "aborting blob %s from %s: %s; the client connection is cut so no complete "
-            "wrong body is delivered",
+            "aborting blob %s from %s (%s): %s; the client connection is cut so no "
+            "complete wrong body is delivered",
             self.digest,
             self._registry,
+            self._response.source,
             reason,
         )
         return StreamAborted(f"blob {self.digest}: {reason}")
@@ -270,7 +272,9 @@ class BlobPath:
         self, route: Route, repository: str, digest: Digest
     ) -> UpstreamResponse:
         urepo = upstream_repository(route.registry, repository)
-        response = await route.client.get(f"/v2/{urepo}/blobs/{digest}", scope=pull_scope(urepo))
+        # Through the registry's transports first, if it has any (proxy.upstream.transports).
+        path = f"/v2/{urepo}/blobs/{digest}"
+        response = await route.client.get_blob(path, scope=pull_scope(urepo))
         if response.status == 404:
             response.close()
             raise BlobUnknown(f"blob {digest} not found in {route.registry}/{repository}")

@@ -241,10 +241,12 @@ class Fill(FillProgress):
                 self._metrics.layer_file_checks.labels("refused").inc()
             counter = self._metrics.upstream_truncated if exc.truncated else None
             (counter or self._metrics.digest_mismatch).labels(self.registry).inc()
-            raise FillFailed(exc.reason) from None
+            response.report_broken(truncated=exc.truncated)  # a transport is marked bad
+            raise FillFailed(f"{exc.reason} (from {response.source})") from None
         except OCIError as exc:
             self._metrics.upstream_truncated.labels(self.registry).inc()
-            raise FillFailed(exc.message) from None
+            response.report_broken(truncated=True)
+            raise FillFailed(f"{exc.message} (from {response.source})") from None
         finally:
             body.close()
             writer.close()

@@ -15,8 +15,9 @@ import os
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
@@ -42,6 +43,9 @@ from proxy.upstream.auth import (
 )
 from proxy.upstream.body import BodyReader, LoopBody, SocketBody
 
+if TYPE_CHECKING:
+    from proxy.upstream.transports import TransportChain
+
 log = logging.getLogger("pullgate.upstream")
 
 MAX_TOKEN_RESPONSE = 64 * 1024
@@ -63,13 +67,59 @@ class _Token:
     expires_at: float
 
 
-class UpstreamResponse:
-    """An open upstream response. Always close it (``async with``)."""
+class ByteCounter(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
 
-    def __init__(self, response: aiohttp.ClientResponse, *, idle_timeout: float = 60.0) -> None:
+
+class CountingBody:
+    """A body whose bytes are counted as they are read (bytes by transport)."""
+
+    def __init__(self, body: BodyReader, counter: ByteCounter) -> None:
+        self._body = body
+        self._counter = counter
+
+    def readinto(self, view: memoryview) -> int:
+        count = self._body.readinto(view)
+        if count:
+            self._counter.inc(count)
+        return count
+
+    def cancel(self) -> None:
+        self._body.cancel()
+
+    def close(self) -> None:
+        self._body.close()
+
+
+class UpstreamResponse:
+    """An open upstream response. Always close it (``async with``).
+
+    ``source`` names who answered: ``origin`` (the upstream itself) or a transport
+    (``proxy.upstream.transports``); a blob body's bytes go to ``bytes_counter`` and
+    ``report_broken`` tells the transport its body was wrong.
+    """
+
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        *,
+        idle_timeout: float = 60.0,
+        source: str = "origin",
+        bytes_counter: ByteCounter | None = None,
+        on_broken: Callable[[str], None] | None = None,
+    ) -> None:
         self._response = response
         self._idle_timeout = idle_timeout
         self._detached = False
+        self.source = source
+        self.bytes_counter = bytes_counter
+        self._on_broken = on_broken
+
+    def report_broken(self, *, truncated: bool) -> None:
+        """The body did not hash to its digest (``truncated`` False) or broke off: a
+        transport that served it is marked bad and bypassed (no-op for the origin)."""
+        if self._on_broken is not None:
+            self._on_broken("broken" if truncated else "digest")
 
     @property
     def status(self) -> int:
@@ -133,6 +183,12 @@ class UpstreamResponse:
         no transfer coding, else through the event loop (``iter_body``). Close the
         response afterwards either way; a taken socket is never returned to the
         connection pool."""
+        body = self._body_reader()
+        if self.bytes_counter is not None:
+            return CountingBody(body, self.bytes_counter)
+        return body
+
+    def _body_reader(self) -> BodyReader:
         response = self._response
         length = response.content_length
         connection = response.connection
@@ -200,9 +256,12 @@ class UpstreamClient:
         timeouts: TimeoutConfig,
         retries: RetryConfig,
         metrics: Metrics,
+        transports: TransportChain | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
+        self.transports = transports
+        self._origin_bytes = metrics.transport_bytes.labels(config.name, "origin")
         self._session = session
         self._credentials = credentials
         self._retries = retries
@@ -220,6 +279,20 @@ class UpstreamClient:
 
     def url(self, path: str) -> str:
         return self.config.url + path
+
+    async def get_blob(self, path: str, *, scope: str) -> UpstreamResponse:
+        """GET a blob by digest (``path``): through the transports first, in order,
+        then from the origin (``get``). The caller checks the digest as always and
+        calls ``report_broken`` on a mismatch."""
+
+        async def from_origin() -> UpstreamResponse:
+            response = await self.get(path, scope=scope)
+            response.bytes_counter = self._origin_bytes
+            return response
+
+        if self.transports is None:
+            return await from_origin()
+        return await self.transports.open_blob(path, origin=from_origin)
 
     async def get(
         self,

@@ -15,6 +15,7 @@ from proxy.oci.errors import NameInvalid, RegistryUnknown
 from proxy.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES, validate_registry
 from proxy.upstream.auth import Credentials, load_docker_config
 from proxy.upstream.client import UpstreamClient
+from proxy.upstream.transports import SharedMarks, TransportChain
 
 log = logging.getLogger("pullgate.router")
 
@@ -29,7 +30,14 @@ class Route:
 
 
 class UpstreamRouter:
-    def __init__(self, *, config: Config, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        transport_marks: Path | None = None,
+    ) -> None:
         self._config = config
         self._session = session
         self._metrics = metrics
@@ -37,6 +45,21 @@ class UpstreamRouter:
         if config.docker_config is not None:
             self._credentials = _node_credentials(config.docker_config)
         self._clients: dict[str, UpstreamClient] = {}
+        # Built up front, so every transport's health shows in /metrics from the start.
+        # With several workers, a transport marked bad by one is bypassed by all
+        # (``transport_marks``: a directory in the supervisor's runtime dir).
+        marks = SharedMarks(transport_marks) if transport_marks is not None else None
+        self.transports: dict[str, TransportChain] = {
+            name: TransportChain(
+                registry=name,
+                transports=upstream.transports,
+                session=session,
+                metrics=metrics,
+                marks=marks,
+            )
+            for name, upstream in config.upstreams.items()
+            if upstream.transports
+        }
 
     def route(self, ns: str | None) -> Route:
         if ns is None or ns == "":
@@ -76,6 +99,7 @@ class UpstreamRouter:
             timeouts=self._config.timeouts,
             retries=self._config.retries,
             metrics=self._metrics,
+            transports=self.transports.get(registry),
         )
         self._clients[registry] = client
         return client

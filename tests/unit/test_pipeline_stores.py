@@ -41,6 +41,10 @@ class FakeClient:
             return await FakeUpstream(b"", status=404).open()
         return await upstream.open()
 
+    async def get_blob(self, path: str, *, scope: str) -> Any:
+        """No transports: a blob comes from the origin (``get``)."""
+        return await self.get(path, scope=scope)
+
 
 def _push(client: FakeClient, layer: bytes) -> Digest:
     """An image with one layer under ``app:v1`` and by digest; its manifest digest."""

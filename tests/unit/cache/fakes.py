@@ -32,6 +32,8 @@ class FakeResponse:
         self.status = upstream.status
         self.headers: CIMultiDict[str] = CIMultiDict(upstream.headers)
         self.closed = False
+        self.source = "origin"
+        self.broken_reports: list[bool] = []  # ``truncated`` of each report_broken
 
     @property
     def content_length(self) -> int | None:
@@ -59,6 +61,9 @@ class FakeResponse:
     async def read_capped(self, limit: int, *, what: str) -> bytes | None:
         body = self._upstream.body
         return None if len(body) > limit else body
+
+    def report_broken(self, *, truncated: bool) -> None:
+        self.broken_reports.append(truncated)
 
     def close(self) -> None:
         self.closed = True

@@ -1,0 +1,710 @@
+"""Transports in process: fake registries on loopback as origin and as transports, the
+mirror wired as ``serve`` wires it, with and without a cache.
+
+What a transport serves is untrusted: blobs only, checked against their digest; a
+wrong digest marks it bad, a dead or silent one marks it down, and the next transport
+(finally the origin) takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.cli.status import transport_lines
+from proxy.config import (
+    Config,
+    ConfigError,
+    TransportConfig,
+    UpstreamConfig,
+    load_config_file,
+    make_upstream,
+)
+from proxy.metrics import Metrics
+from proxy.oci.digest import Digest
+from proxy.upstream.session import new_upstream_session
+from proxy.upstream.transports import SharedMarks, TransportChain
+from tests.support.inprocess import (
+    ALLOW_APP_POLICY,
+    REGISTRY,
+    FakeRegistry,
+    Image,
+    Mirror,
+    Seen,
+    mirror_config,
+    serve_fake_registry,
+    start_mirror,
+)
+from tests.support.peers import free_port
+
+LAYER = bytes((i * 13 + i // 241) & 0xFF for i in range(1024 * 1024 + 77))
+
+
+class RecordingRegistry(FakeRegistry):
+    """A fake registry that also keeps each request's Authorization header."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.authorization: list[str | None] = []
+        self.headers: list[dict[str, str]] = []
+
+    def app(self) -> web.Application:
+        app = super().app()
+
+        @web.middleware
+        async def record(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            self.authorization.append(request.headers.get("Authorization"))
+            self.headers.append(dict(request.headers))
+            return await handler(request)
+
+        app.middlewares.append(record)
+        return app
+
+
+class SilentServer:
+    """Accepts connections and never answers: a transport that stalls."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        self._sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            self._held.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
+
+
+@pytest.fixture
+def silent() -> Iterator[SilentServer]:
+    server = SilentServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def origin() -> RecordingRegistry:
+    return RecordingRegistry()
+
+
+@pytest.fixture
+def image(origin: RecordingRegistry) -> Image:
+    return origin.add_image("app/web", "1.0", LAYER, b"second layer")
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(ALLOW_APP_POLICY)
+    return path
+
+
+def transport(url: str, name: str, **values: float) -> TransportConfig:
+    return TransportConfig(name=name, url=url, **values)
+
+
+def with_transports(
+    origin_url: str,
+    transports: list[TransportConfig],
+    *,
+    policy: Path,
+    cache_dir: Path | None,
+) -> Config:
+    config = mirror_config(origin_url, policy=policy, cache_dir=cache_dir)
+    upstream = replace(config.upstreams[REGISTRY], transports=tuple(transports))
+    return replace(config, upstreams={REGISTRY: upstream})
+
+
+def sample(mirror: Mirror, name: str, **labels: str) -> float:
+    value = mirror.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+async def pull_blob(mirror: Mirror, image: Image, digest: Digest) -> tuple[int, bytes, bool]:
+    """Pull the manifest (by tag) then one blob: (status, bytes received, cut off)."""
+    response = await mirror.client.get(f"/v2/{image.repository}/manifests/{image.tag}")
+    assert response.status == 200
+    response = await mirror.client.get(f"/v2/{image.repository}/blobs/{digest}")
+    received = bytearray()
+    try:
+        async for piece in response.content.iter_any():
+            received += piece
+    except aiohttp.ClientPayloadError:
+        return response.status, bytes(received), True
+    return response.status, bytes(received), False
+
+
+def blob_gets(registry: FakeRegistry, digest: Digest) -> int:
+    return sum(
+        1 for s in registry.requests_for("blobs") if s.method == "GET" and str(digest) in s.path
+    )
+
+
+@pytest.fixture(params=["uncached", "cached"])
+def cache_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path | None:
+    return tmp_path / "cache" if request.param == "cached" else None
+
+
+# ---- config ------------------------------------------------------------------------
+
+
+def test_transports_parse_with_their_own_timeouts(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("x")
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "upstreams:\n"
+        "  docker.io:\n"
+        "    url: https://registry-1.docker.io\n"
+        "    transports:\n"
+        "      - {name: spegel, url: 'http://127.0.0.1:30020',"
+        " timeouts: {connect: 0.5, firstByte: 2, read: 20}, badFor: 600, downFor: 15,"
+        " hedgeAfter: 0.25}\n"
+        "      - https://regional-cache.example.test:5000\n"
+        "      - {url: 'https://harbor.example.test', caFile: ca.pem}\n"
+    )
+    config = load_config_file(path)
+    spegel, regional, harbor = config.upstreams["docker.io"].transports
+    assert spegel == TransportConfig(
+        name="spegel",
+        url="http://127.0.0.1:30020",
+        connect=0.5,
+        first_byte=2.0,
+        read=20.0,
+        bad_for=600.0,
+        down_for=15.0,
+        hedge_after=0.25,
+    )
+    assert regional.hedge_after is None
+    assert regional.name == "regional-cache.example.test:5000"
+    assert regional.first_byte == TransportConfig("n", "u").first_byte
+    assert harbor.ca_file == tmp_path / "ca.pem"
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ({"url": "ftp://cache"}, "must be http"),
+        ({"url": "http://cache/v2/proxy"}, "must not carry a path"),
+        ({"url": "http://user@cache"}, "must not carry a path, query or user"),
+        ({"url": "http://origin.example.test"}, "is the origin itself"),
+        ({"name": "origin", "url": "http://cache"}, "other than 'origin'"),
+        ({"url": "http://cache", "timeouts": {"firstByte": 0}}, "more than 0"),
+        ({"url": "http://cache", "timeouts": {"firstByte": "soon"}}, "number of seconds"),
+        ({"url": "http://cache", "timeouts": {"headers": 1}}, "unknown timeouts"),
+        ({"url": "http://cache", "badFor": -1}, "more than 0"),
+        ({"url": "http://cache", "hedgeAfter": 0}, "more than 0"),
+        ({"url": "http://cache", "repositoryPrefix": "../x"}, "not a repository path"),
+        ({"url": "http://cache", "repositoryPrefix": "Hub"}, "not a repository path"),
+        ({"url": "http://cache", "repositoryPrefix": 3}, "must be a repository path"),
+        ({"url": "http://cache", "retries": 3}, "unknown keys"),
+        ({}, "'url' is required"),
+    ],
+)
+def test_refuses_unusable_transport_entries(entry: dict[str, object], why: str) -> None:
+    raw = {"url": "http://origin.example.test", "transports": [entry]}
+    with pytest.raises(ConfigError, match=why):
+        make_upstream("registry.example.test", raw, where="upstreams.registry.example.test")
+
+
+def test_transport_headers_parse_but_never_carry_credentials() -> None:
+    raw = {
+        "url": "http://origin.example.test",
+        "transports": [
+            {"url": "http://127.0.0.1:4001", "headers": {"X-Dragonfly-Registry": "https://o"}}
+        ],
+    }
+    (dragonfly,) = make_upstream("registry.example.test", raw, where="u").transports
+    assert dragonfly.headers == (("X-Dragonfly-Registry", "https://o"),)
+    for name in ("Authorization", "proxy-authorization", "Cookie", "Range"):
+        entry = {"url": "http://127.0.0.1:4001", "headers": {name: "x"}}
+        raw = {"url": "http://origin.example.test", "transports": [entry]}
+        with pytest.raises(ConfigError, match="may not be sent to a transport"):
+            make_upstream("registry.example.test", raw, where="u")
+    entry = {"url": "http://127.0.0.1:4001", "headers": {"X-A": "b\r\nAuthorization: x"}}
+    raw = {"url": "http://origin.example.test", "transports": [entry]}
+    with pytest.raises(ConfigError, match="not a valid header line"):
+        make_upstream("registry.example.test", raw, where="u")
+
+
+@pytest.mark.parametrize("recipe", ["spegel.yaml", "dragonfly.yaml"])
+def test_deploy_recipes_load_with_a_cluster_cache_as_first_transport(recipe: str) -> None:
+    root = Path(__file__).resolve().parents[3]
+    config = load_config_file(root / "deploy" / "transports" / recipe)
+    first = config.upstreams["docker.io"].transports[0]
+    assert first.name == recipe.removesuffix(".yaml")
+    assert first.url.startswith("http://127.0.0.1:")
+    # The rest is the DaemonSet's own node config.
+    base = load_config_file(root / "deploy" / "daemonset" / "base" / "config.yaml")
+    assert (config.listen_host, config.listen_port) == (base.listen_host, base.listen_port)
+    assert config.cache == base.cache
+    assert config.policy == base.policy
+
+
+def test_refuses_duplicate_transport_names() -> None:
+    raw = {
+        "url": "http://origin.example.test",
+        "transports": [{"name": "a", "url": "http://one"}, {"name": "a", "url": "http://two"}],
+    }
+    with pytest.raises(ConfigError, match="unique"):
+        make_upstream("registry.example.test", raw, where="u")
+
+
+def test_refuses_unknown_upstream_keys() -> None:
+    with pytest.raises(ConfigError, match="unknown keys"):
+        make_upstream("r.example.test", {"url": "http://o", "transport": ["http://t"]}, where="u")
+
+
+def test_upstream_without_transports_has_none() -> None:
+    assert make_upstream("r.example.test", "http://o", where="u") == UpstreamConfig(
+        name="r.example.test", url="http://o"
+    )
+
+
+# ---- health ------------------------------------------------------------------------
+
+
+async def test_marked_transport_is_bypassed_for_its_period_then_used_again() -> None:
+    now = [1000.0]
+    metrics = Metrics()
+    async with new_upstream_session() as session:
+        chain = TransportChain(
+            registry=REGISTRY,
+            transports=(transport("http://127.0.0.1:9", "t", bad_for=60, down_for=5),),
+            session=session,
+            metrics=metrics,
+            clock=lambda: now[0],
+        )
+        (only,) = chain.transports
+        only.report_broken("digest")
+        assert only.bypassed()
+        chain.refresh_gauges()
+        gauge = {"registry": REGISTRY, "transport": "t"}
+        assert metrics.registry.get_sample_value("pullgate_transport_bypassed", gauge) == 1
+        now[0] += 59
+        assert only.bypassed()
+        now[0] += 2
+        assert not only.bypassed()
+        chain.refresh_gauges()
+        assert metrics.registry.get_sample_value("pullgate_transport_bypassed", gauge) == 0
+        # Down (did not answer) is the shorter period.
+        only.mark("refused", bad=False)
+        now[0] += 5.5
+        assert not only.bypassed()
+        counted = {"registry": REGISTRY, "transport": "t", "reason": "digest"}
+        assert metrics.registry.get_sample_value("pullgate_transport_marked_bad_total", counted)
+
+
+async def test_a_mark_made_by_one_worker_is_honoured_by_the_others(tmp_path: Path) -> None:
+    metrics = Metrics()
+    config = (transport("http://127.0.0.1:9", "t", bad_for=60),)
+    async with new_upstream_session() as session:
+        marks = SharedMarks(tmp_path / "transports")
+        one, other = (
+            TransportChain(
+                registry=REGISTRY,
+                transports=config,
+                session=session,
+                metrics=metrics,
+                marks=marks,
+            ).transports[0]
+            for _ in range(2)
+        )
+        assert not other.bypassed()
+        one.report_broken("digest")
+        assert other.bypassed()
+        assert other.reason == "digest"
+        assert 55 < other.bypassed_for() <= 60
+        # A chain without shared marks (one worker) knows only its own.
+        alone = TransportChain(
+            registry=REGISTRY, transports=config, session=session, metrics=metrics
+        ).transports[0]
+        assert not alone.bypassed()
+
+
+# ---- the mirror with transports ----------------------------------------------------
+
+
+async def test_blob_comes_from_the_first_transport_with_ns_and_no_credentials(
+    origin: RecordingRegistry, image: Image, policy_file: Path, cache_dir: Path | None
+) -> None:
+    cache = RecordingRegistry()
+    cache.blobs.update(origin.blobs)
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(cache) as cache_url,
+    ):
+        regional = replace(
+            transport(cache_url, "regional"), headers=(("X-Dragonfly-Registry", origin_url),)
+        )
+        config = with_transports(origin_url, [regional], policy=policy_file, cache_dir=cache_dir)
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            status, body, cut = await pull_blob(mirror, image, layer)
+            assert (status, cut) == (200, False)
+            assert Digest.of(body) == layer
+            assert blob_gets(origin, layer) == 0
+            assert blob_gets(cache, layer) == 1
+            asked = [s for s in cache.requests_for("blobs") if str(layer) in s.path]
+            assert asked[0].query == {"ns": REGISTRY}
+            assert cache.authorization == [None]
+            assert cache.headers[0]["X-Dragonfly-Registry"] == origin_url
+            served = {"registry": REGISTRY, "transport": "regional"}
+            assert sample(mirror, "pullgate_transport_bytes_total", **served) == len(LAYER)
+            assert (
+                sample(
+                    mirror, "pullgate_transport_bytes_total", registry=REGISTRY, transport="origin"
+                )
+                == 0
+            )
+
+
+async def test_repository_prefix_puts_the_request_under_a_proxy_cache_project(
+    origin: RecordingRegistry, image: Image, policy_file: Path
+) -> None:
+    harbor = FakeRegistry()
+    harbor.blobs.update(origin.blobs)
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(harbor) as harbor_url,
+    ):
+        project = replace(transport(harbor_url, "harbor"), repository_prefix="hub-proxy")
+        config = with_transports(origin_url, [project], policy=policy_file, cache_dir=None)
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            status, body, cut = await pull_blob(mirror, image, layer)
+            assert (status, cut) == (200, False)
+            assert Digest.of(body) == layer
+            (asked,) = harbor.requests_for("blobs")
+            assert asked.path == f"/v2/hub-proxy/app/web/blobs/{layer}"
+            assert blob_gets(origin, layer) == 0
+
+
+async def test_missing_blob_on_transports_comes_from_origin(
+    origin: RecordingRegistry, image: Image, policy_file: Path, cache_dir: Path | None
+) -> None:
+    empty = FakeRegistry()
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(empty) as empty_url,
+    ):
+        config = with_transports(
+            origin_url, [transport(empty_url, "empty")], policy=policy_file, cache_dir=cache_dir
+        )
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            status, body, cut = await pull_blob(mirror, image, layer)
+            assert (status, cut) == (200, False)
+            assert Digest.of(body) == layer
+            assert blob_gets(empty, layer) == 1
+            assert blob_gets(origin, layer) == 1
+            missing = {"registry": REGISTRY, "transport": "empty", "reason": "not_found"}
+            assert sample(mirror, "pullgate_transport_failovers_total", **missing) == 1
+            # Not having a blob is no fault: the transport stays in use.
+            assert not sample(
+                mirror, "pullgate_transport_marked_bad_total", registry=REGISTRY, transport="empty"
+            )
+
+
+async def test_refuses_to_deliver_a_transports_corrupted_blob_and_bypasses_it(
+    origin: RecordingRegistry, image: Image, policy_file: Path, cache_dir: Path | None
+) -> None:
+    evil = FakeRegistry()
+    evil.blobs.update(origin.blobs)
+    layer = image.layers[0]
+    evil.corrupt.add(layer)
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(evil) as evil_url,
+    ):
+        config = with_transports(
+            origin_url, [transport(evil_url, "evil")], policy=policy_file, cache_dir=cache_dir
+        )
+        async with start_mirror(config) as mirror:
+            status, body, cut = await pull_blob(mirror, image, layer)
+            # The stream was cut before its held-back tail: never a complete wrong body.
+            assert cut
+            assert len(body) < len(LAYER)
+            assert mirror.pipeline.store.path_of(layer) is None
+            labels = {"registry": REGISTRY, "transport": "evil", "reason": "digest"}
+            assert sample(mirror, "pullgate_transport_marked_bad_total", **labels) == 1
+            # The next pull skips the bad transport and gets the origin's bytes.
+            status, body, cut = await pull_blob(mirror, image, layer)
+            assert (status, cut) == (200, False)
+            assert Digest.of(body) == layer
+            assert blob_gets(evil, layer) == 1
+            assert blob_gets(origin, layer) == 1
+            skipped = {"registry": REGISTRY, "transport": "evil", "reason": "skipped"}
+            assert sample(mirror, "pullgate_transport_failovers_total", **skipped) == 1
+
+
+async def test_refused_transport_fails_over_and_is_marked_down(
+    origin: RecordingRegistry, image: Image, policy_file: Path
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    async with serve_fake_registry(origin) as origin_url:
+        config = with_transports(
+            origin_url, [transport(dead, "dead")], policy=policy_file, cache_dir=None
+        )
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            for _ in range(2):
+                status, body, cut = await pull_blob(mirror, image, layer)
+                assert (status, cut) == (200, False)
+                assert Digest.of(body) == layer
+            down = {"registry": REGISTRY, "transport": "dead", "reason": "refused"}
+            assert sample(mirror, "pullgate_transport_marked_bad_total", **down) == 1
+            skipped = {"registry": REGISTRY, "transport": "dead", "reason": "skipped"}
+            assert sample(mirror, "pullgate_transport_failovers_total", **skipped) == 1
+
+
+async def test_silent_transport_costs_one_pull_its_first_byte_timeout(
+    origin: RecordingRegistry, image: Image, policy_file: Path, silent: SilentServer
+) -> None:
+    cache = FakeRegistry()
+    cache.blobs.update(origin.blobs)
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(cache) as cache_url,
+    ):
+        config = with_transports(
+            origin_url,
+            [
+                transport(silent.url, "silent", first_byte=0.5, read=30, down_for=300),
+                transport(cache_url, "regional"),
+            ],
+            policy=policy_file,
+            cache_dir=None,
+        )
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            for _ in range(3):
+                status, body, cut = await asyncio.wait_for(pull_blob(mirror, image, layer), 30)
+                assert (status, cut) == (200, False)
+                assert Digest.of(body) == layer
+            # One pull waited for the silent transport; the others went straight on.
+            assert silent.accepted == 1
+            assert blob_gets(cache, layer) == 3
+            assert blob_gets(origin, layer) == 0
+            timed_out = {"registry": REGISTRY, "transport": "silent", "reason": "first_byte"}
+            assert sample(mirror, "pullgate_transport_marked_bad_total", **timed_out) == 1
+
+
+async def test_transport_manifest_for_the_tag_changes_nothing(
+    origin: RecordingRegistry, image: Image, policy_file: Path
+) -> None:
+    evil = FakeRegistry()
+    other = evil.add_image("app/web", "1.0", b"what the transport would rather serve")
+    evil.blobs.update(origin.blobs)
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(evil) as evil_url,
+    ):
+        config = with_transports(
+            origin_url, [transport(evil_url, "evil")], policy=policy_file, cache_dir=None
+        )
+        async with start_mirror(config) as mirror:
+            for ref in (image.tag, str(image.digest), str(other.digest)):
+                response = await mirror.client.get(f"/v2/app/web/manifests/{ref}")
+                if ref == str(other.digest):
+                    assert response.status == 404  # only the origin is asked
+                    continue
+                assert response.status == 200
+                assert await response.read() == image.manifest
+            assert evil.requests_for("manifests") == []
+
+
+# ---- status ------------------------------------------------------------------------
+
+
+def test_doctor_lines_come_from_the_metrics_exposition() -> None:
+    metrics = Metrics()
+    metrics.transport_bytes.labels(REGISTRY, "spegel").inc(1000)
+    metrics.transport_bytes.labels(REGISTRY, "origin").inc(24)
+    metrics.transport_failovers.labels(REGISTRY, "spegel", "skipped").inc(3)
+    metrics.transport_marked_bad.labels(REGISTRY, "spegel", "digest").inc()
+    metrics.transport_bypassed.labels(REGISTRY, "spegel").set(1)
+    metrics.transport_bypassed.labels(REGISTRY, "dragonfly").set(0)
+    lines = transport_lines(metrics.exposition().decode())
+    rendered = [line.render() for line in lines]
+    assert rendered == [
+        f"transport {REGISTRY} spegel: bypassed, 1000 bytes, failovers skipped=3, marked digest=1",
+        f"transport {REGISTRY} dragonfly: in use, 0 bytes, failovers none, marked none",
+        f"transport {REGISTRY} origin: 24 bytes",
+    ]
+
+
+class FailingRegistry(FakeRegistry):
+    """Answers every blob request with ``status``."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__()
+        self.status = status
+
+    def app(self) -> web.Application:
+        app = super().app()
+
+        @web.middleware
+        async def fail(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            if "/blobs/" in request.path:
+                self.seen.append(
+                    Seen(request.method, request.path, dict(request.query), request.query_string)
+                )
+                return web.Response(status=self.status, text="injected")
+            return await handler(request)
+
+        app.middlewares.append(fail)
+        return app
+
+
+@pytest.mark.parametrize(("status", "marked"), [(503, True), (429, True), (403, False)])
+async def test_failing_transport_status_moves_on_and_marks_it_down_only_when_unwell(
+    origin: RecordingRegistry, image: Image, policy_file: Path, status: int, marked: bool
+) -> None:
+    failing = FailingRegistry(status)
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(failing) as failing_url,
+    ):
+        config = with_transports(
+            origin_url, [transport(failing_url, "failing")], policy=policy_file, cache_dir=None
+        )
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            for _ in range(2):
+                got, body, cut = await pull_blob(mirror, image, layer)
+                assert (got, cut) == (200, False)
+                assert Digest.of(body) == layer
+            asked = len(failing.requests_for("blobs"))
+            down = {"registry": REGISTRY, "transport": "failing", "reason": "status"}
+            if marked:
+                # Unwell: marked down once, and the second pull went straight on.
+                assert asked == 1
+                assert sample(mirror, "pullgate_transport_marked_bad_total", **down) == 1
+            else:
+                # "Not for you": asked each time, never marked.
+                assert asked == 2
+                assert sample(mirror, "pullgate_transport_marked_bad_total", **down) == 0
+
+
+# ---- hedged requests ---------------------------------------------------------------
+
+
+async def test_hedged_transport_is_raced_by_the_next_and_loses_without_a_mark(
+    origin: RecordingRegistry, image: Image, policy_file: Path, silent: SilentServer
+) -> None:
+    cache = FakeRegistry()
+    cache.blobs.update(origin.blobs)
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(cache) as cache_url,
+    ):
+        config = with_transports(
+            origin_url,
+            [
+                transport(silent.url, "slow", first_byte=30, hedge_after=0.2),
+                transport(cache_url, "regional"),
+            ],
+            policy=policy_file,
+            cache_dir=None,
+        )
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            for _ in range(2):
+                status, body, cut = await asyncio.wait_for(pull_blob(mirror, image, layer), 20)
+                assert (status, cut) == (200, False)
+                assert Digest.of(body) == layer
+            # Both pulls asked the slow transport, raced it with the next, and the
+            # next won; losing a race is no fault: the slow one is not marked.
+            assert silent.accepted == 2
+            assert blob_gets(cache, layer) == 2
+            assert blob_gets(origin, layer) == 0
+            hedged = {"registry": REGISTRY, "transport": "slow", "reason": "hedged"}
+            assert sample(mirror, "pullgate_transport_failovers_total", **hedged) == 2
+            assert not sample(
+                mirror, "pullgate_transport_marked_bad_total", registry=REGISTRY, transport="slow"
+            )
+
+
+async def test_hedge_races_the_origin_when_no_transport_is_left(
+    origin: RecordingRegistry, image: Image, policy_file: Path, silent: SilentServer
+) -> None:
+    async with serve_fake_registry(origin) as origin_url:
+        config = with_transports(
+            origin_url,
+            [transport(silent.url, "slow", first_byte=30, hedge_after=0.2)],
+            policy=policy_file,
+            cache_dir=None,
+        )
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            status, body, cut = await asyncio.wait_for(pull_blob(mirror, image, layer), 20)
+            assert (status, cut) == (200, False)
+            assert Digest.of(body) == layer
+            assert blob_gets(origin, layer) == 1
+            assert sample(
+                mirror, "pullgate_transport_bytes_total", registry=REGISTRY, transport="origin"
+            ) == len(LAYER)
+
+
+async def test_without_hedging_a_missing_blob_asks_one_transport_at_a_time(
+    origin: RecordingRegistry, image: Image, policy_file: Path
+) -> None:
+    first, second = FakeRegistry(), FakeRegistry()
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(first) as first_url,
+        serve_fake_registry(second) as second_url,
+    ):
+        config = with_transports(
+            origin_url,
+            [transport(first_url, "first"), transport(second_url, "second")],
+            policy=policy_file,
+            cache_dir=None,
+        )
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            status, body, cut = await pull_blob(mirror, image, layer)
+            assert (status, cut) == (200, False)
+            assert Digest.of(body) == layer
+            assert [blob_gets(r, layer) for r in (first, second, origin)] == [1, 1, 1]
+            for name in ("first", "second"):
+                missing = {"registry": REGISTRY, "transport": name, "reason": "not_found"}
+                assert sample(mirror, "pullgate_transport_failovers_total", **missing) == 1
