@@ -106,6 +106,36 @@ class Manifest:
             return self.config.media_type
         return None
 
+    @property
+    def kind(self) -> ArtifactKind:
+        """What policy scopes match by type: artifact type and layer media types."""
+        return ArtifactKind(
+            self.effective_artifact_type, frozenset(d.media_type for d in self.layers)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactKind:
+    """What a policy scope's ``artifactTypes`` and ``layerMediaTypes`` look at."""
+
+    artifact_type: str | None = None
+    layer_types: frozenset[str] = frozenset()
+
+    def encode(self) -> str:
+        return json.dumps([self.artifact_type, sorted(self.layer_types)], separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str | None) -> ArtifactKind:
+        """What ``encode`` wrote; anything else reads as no type at all."""
+        try:
+            artifact_type, layer_types = json.loads(text or "")
+            return cls(
+                None if artifact_type is None else str(artifact_type),
+                frozenset(str(t) for t in layer_types),
+            )
+        except (ValueError, TypeError):
+            return cls()
+
 
 def parse_manifest(raw: bytes, content_type: str | None) -> Manifest:
     """Parse manifest bytes and check them against the declared media type.

@@ -86,7 +86,7 @@ class BlobAllowances:
                 repo,
                 manifest.digest,
                 {OFFLINE: manifest.blob_digests},
-                artifact_type=manifest.effective_artifact_type,
+                artifact=manifest.kind,
                 fingerprint="",
                 revision=self.gate.revision,
                 decided_at=verified_at,

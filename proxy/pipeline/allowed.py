@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from proxy.oci.digest import Digest
+from proxy.oci.manifest import ArtifactKind
 from proxy.pipeline.gate import RepoKey
 
 MAX_ALLOWED_MANIFESTS = 16384
@@ -22,7 +23,7 @@ MAX_ALLOWED_ENTRIES = 131072
 @dataclass(slots=True)
 class _Entry:
     digests: frozenset[Digest]
-    artifact_type: str | None
+    artifact: ArtifactKind | None
     fingerprint: str
 
 
@@ -58,14 +59,14 @@ class Allowances:
         manifest: Digest,
         digests: Iterable[Digest],
         *,
-        artifact_type: str | None = None,
+        artifact: ArtifactKind | None = None,
         fingerprint: str = "",
     ) -> None:
         """Allow ``digests`` in ``repo`` on behalf of ``manifest``."""
         key = (repo, manifest)
         if key in self._manifests:
             self._drop(key)
-        entry = _Entry(frozenset(digests), artifact_type, fingerprint)
+        entry = _Entry(frozenset(digests), artifact, fingerprint)
         self._manifests[key] = entry
         for digest in entry.digests:
             counted = (repo, digest)
@@ -112,9 +113,9 @@ class Allowances:
         self._counts.clear()
         self._entries = 0
 
-    def entries(self) -> list[tuple[RepoKey, Digest, str | None, str]]:
-        """(repo, manifest, artifact type, fingerprint) of every recorded manifest."""
-        return [(k[0], k[1], e.artifact_type, e.fingerprint) for k, e in self._manifests.items()]
+    def entries(self) -> list[tuple[RepoKey, Digest, ArtifactKind | None, str]]:
+        """(repo, manifest, artifact kind, fingerprint) of every recorded manifest."""
+        return [(k[0], k[1], e.artifact, e.fingerprint) for k, e in self._manifests.items()]
 
     def __len__(self) -> int:
         return len(self._manifests)

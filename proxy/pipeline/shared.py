@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.oci.digest import Digest
+from proxy.oci.manifest import ArtifactKind
 from proxy.pipeline.gate import RepoKey
 
 log = logging.getLogger("pullgate.shared")
@@ -118,7 +119,8 @@ class Grant:
     kind: int
     repo: RepoKey
     manifest: Digest
-    artifact_type: str | None
+    artifact: ArtifactKind
+    """What the deciding scope was chosen by (stored encoded, column artifact_type)."""
     fingerprint: str
     revision: str
     decided_at: float
@@ -134,7 +136,7 @@ def _grant(row: tuple[object, ...]) -> Grant:
         kind=int(kind),  # type: ignore[call-overload]
         repo=RepoKey(str(registry), str(repository)),
         manifest=Digest.parse(str(manifest)),
-        artifact_type=None if artifact_type is None else str(artifact_type),
+        artifact=ArtifactKind.decode(None if artifact_type is None else str(artifact_type)),
         fingerprint=str(fp),
         revision=str(revision),
         decided_at=float(at),  # type: ignore[arg-type]
@@ -255,7 +257,7 @@ class SharedAllowances:
         manifest: Digest,
         allowed: Mapping[int, Iterable[Digest]],
         *,
-        artifact_type: str | None,
+        artifact: ArtifactKind,
         fingerprint: str,
         revision: str,
         decided_at: float,
@@ -279,7 +281,7 @@ class SharedAllowances:
                     repo,
                     manifest,
                     sorted({str(d) for d in digests}),
-                    artifact_type=artifact_type,
+                    artifact=artifact,
                     fingerprint=fingerprint,
                     revision=revision,
                     decided_at=decided_at,
@@ -338,7 +340,7 @@ class SharedAllowances:
         manifest: Digest,
         digests: list[str],
         *,
-        artifact_type: str | None,
+        artifact: ArtifactKind,
         fingerprint: str,
         revision: str,
         decided_at: float,
@@ -358,7 +360,7 @@ class SharedAllowances:
                 repo.registry,
                 repo.repository,
                 str(manifest),
-                artifact_type,
+                artifact.encode(),
                 fingerprint,
                 revision,
                 decided_at,

@@ -11,6 +11,7 @@ Format (paths are relative to the policy file)::
     scopes:
       - match: "registry.example.test/models/**"     # glob over registry/repository
         artifactTypes: ["application/vnd.cncf.model.manifest.v1+json"]   # optional
+        layerMediaTypes: ["application/vnd.cncf.model.weight.v1.tar+gzip"]  # optional
         mode: enforce                                 # enforce | warn | allow
         indexes: coverChildren                        # or eachChild
         namespaces: [ml-dev]          # optional: only CRI pulls for pods in these namespaces
@@ -50,7 +51,8 @@ those labels, and to containerd's pull that follows) wins over one for anyone; t
 most specific wins: the one with the most literal (non-wildcard) characters, then the
 fewest wildcard characters (``**`` counts two), then the first in the file. A scope with
 ``artifactTypes`` applies only to manifests of those types (the manifest's
-``artifactType``, else its config media type).
+``artifactType``, else its config media type); one with ``layerMediaTypes`` only to
+manifests with at least one layer of those media types (both: both must hold).
 
 ``revision`` is the sha256 (64 hex digits; logs print the first 16) of the file's bytes
 and of every trust file it names (keys, CA files, trusted roots, Notation trust policies
@@ -83,6 +85,7 @@ from proxy.oci.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.oci.manifest import ArtifactKind
 from proxy.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES, upstream_repository
 from proxy.pipeline.gate import ArtifactSource, Pod, RepoKey
 from proxy.verify.base import (
@@ -379,6 +382,8 @@ class Scope:
     """Pods' namespaces the scope is for (CRI pulls only); None: every request."""
     pod_labels: tuple[tuple[str, str], ...] | None = None
     """Labels a pod must all carry for the scope to apply (CRI pulls only)."""
+    layer_media_types: frozenset[str] | None = None
+    """The scope applies only to manifests with a layer of one of these media types."""
 
     @property
     def for_pods(self) -> bool:
@@ -397,8 +402,12 @@ class Scope:
         wildcards = self.match.count("*") + self.match.count("?")
         return (self.for_pods, literal, -wildcards, -self.order)
 
-    def applies(self, name: str, artifact_type: str | None, pod: Pod | None = None) -> bool:
-        if self.artifact_types is not None and artifact_type not in self.artifact_types:
+    def applies(self, name: str, artifact: ArtifactKind, pod: Pod | None = None) -> bool:
+        if self.artifact_types is not None and artifact.artifact_type not in self.artifact_types:
+            return False
+        if self.layer_media_types is not None and self.layer_media_types.isdisjoint(
+            artifact.layer_types
+        ):
             return False
         if self.for_pods and pod is None:
             return False
@@ -439,14 +448,16 @@ class Policy:
         return any(scope.for_pods for scope in self.scopes)
 
     def scope_for(
-        self, repo: RepoKey, artifact_type: str | None, pod: Pod | None = None
+        self, repo: RepoKey, artifact: ArtifactKind | str | None, pod: Pod | None = None
     ) -> Scope | None:
-        """The most specific scope for ``repo``, ``artifact_type`` and ``pod`` (None:
-        no pod, e.g. a mirror request), or None."""
+        """The most specific scope for ``repo``, the manifest's kind (or just its
+        artifact type) and ``pod`` (None: no pod, e.g. a mirror request), or None."""
         name = policy_name(repo.registry, repo.repository)
+        if not isinstance(artifact, ArtifactKind):
+            artifact = ArtifactKind(artifact)
         best: Scope | None = None
         for scope in self.scopes:
-            if scope.applies(name, artifact_type, pod) and (
+            if scope.applies(name, artifact, pod) and (
                 best is None or scope.specificity > best.specificity
             ):
                 best = scope
@@ -575,13 +586,30 @@ def parse_policy(raw: bytes, *, base_dir: Path, source: str = "<policy>") -> Pol
     )
 
 
+def _media_types(types: Any, where: str) -> frozenset[str] | None:
+    if types is None:
+        return None
+    if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
+        raise PolicyError(f"{where} must be a non-empty list of media types")
+    return frozenset(types)
+
+
 def _scope(
     item: Any, order: int, base_dir: Path, trust: TrustConfig, material: _Material, where: str
 ) -> Scope:
     item = _mapping(item, where)
     _known(
         item,
-        {"match", "artifactTypes", "mode", "require", "indexes", "namespaces", "podLabels"},
+        {
+            "match",
+            "artifactTypes",
+            "layerMediaTypes",
+            "mode",
+            "require",
+            "indexes",
+            "namespaces",
+            "podLabels",
+        },
         where,
     )
     match = item.get("match")
@@ -589,12 +617,8 @@ def _scope(
         raise PolicyError(f"{where}.match must be a non-empty glob like 'registry/repo/**'")
     match = normalise_match(match)
     mode = cast(Mode, _choice(item.get("mode", "enforce"), f"{where}.mode", MODES))
-    types = item.get("artifactTypes")
-    artifact_types: frozenset[str] | None = None
-    if types is not None:
-        if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
-            raise PolicyError(f"{where}.artifactTypes must be a non-empty list of media types")
-        artifact_types = frozenset(types)
+    artifact_types = _media_types(item.get("artifactTypes"), f"{where}.artifactTypes")
+    layer_media_types = _media_types(item.get("layerMediaTypes"), f"{where}.layerMediaTypes")
     names = item.get("namespaces")
     namespaces: frozenset[str] | None = None
     if names is not None:
@@ -629,6 +653,7 @@ def _scope(
         mode=mode,
         require=require,
         artifact_types=artifact_types,
+        layer_media_types=layer_media_types,
         cover_children=indexes == "coverChildren",
         order=order,
         namespaces=namespaces,

@@ -56,7 +56,7 @@ from dataclasses import dataclass, replace
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
 from proxy.oci.errors import UpstreamUnavailable
-from proxy.oci.manifest import Manifest
+from proxy.oci.manifest import ArtifactKind, Manifest
 from proxy.pipeline.allowed import Allowances
 from proxy.pipeline.gate import ArtifactSource, Pod, RepoKey, Verdict
 from proxy.pipeline.shared import BLOBS, CHILDREN, Grant, SharedAllowances
@@ -166,7 +166,7 @@ class SignatureGate:
         # Dates decisions for siblings: one clock for every process on the node.
         self._wall_clock = wall_clock
         # (repo, artifact type) -> fingerprint under the policy in force.
-        self._fingerprints: dict[tuple[RepoKey, str | None], str] = {}
+        self._fingerprints: dict[tuple[RepoKey, ArtifactKind], str] = {}
         self._log_policy(policy, "loaded")
         self._policy_info(None, policy)
 
@@ -205,23 +205,23 @@ class SignatureGate:
         return True
 
     def _retain_allowances(self, policy: Policy) -> None:
-        def unchanged(repo: RepoKey, artifact_type: str | None, fingerprint: str) -> bool:
+        def unchanged(repo: RepoKey, artifact: ArtifactKind | None, fingerprint: str) -> bool:
             if fingerprint == COVERED:
                 return True  # kept while the covering index is (_drop_uncovered)
-            scope = policy.scope_for(repo, artifact_type)
+            scope = policy.scope_for(repo, artifact)
             return fingerprint != "" and _fingerprint(policy, scope) == fingerprint
 
         for allowances in (self._children, self._blobs):
             allowances.retain(
                 (repo, manifest)
-                for repo, manifest, artifact_type, fingerprint in allowances.entries()
-                if unchanged(repo, artifact_type, fingerprint)
+                for repo, manifest, artifact, fingerprint in allowances.entries()
+                if unchanged(repo, artifact, fingerprint)
             )
         self._drop_uncovered()
         if self._shared is not None:
             try:
                 dropped = self._shared.retain(
-                    lambda g: unchanged(g.repo, g.artifact_type, g.fingerprint)
+                    lambda g: unchanged(g.repo, g.artifact, g.fingerprint)
                 )
             except Exception:
                 # Not a safety problem: siblings check each grant against their policy.
@@ -301,7 +301,7 @@ class SignatureGate:
             return _COVERED_DECISION, False
         pod_scope: Scope | None = None
         if policy.pod_scoped and pod is not None:
-            scope = policy.scope_for(repo, manifest.effective_artifact_type, pod)
+            scope = policy.scope_for(repo, manifest.kind, pod)
             pod_scope = scope if scope is not None and scope.for_pods else None
         revision = policy.revision
         if pod_scope is not None:
@@ -368,7 +368,7 @@ class SignatureGate:
                     repo,
                     grant.manifest,
                     self._shared.digests(grant),
-                    artifact_type=grant.artifact_type,
+                    artifact=grant.artifact,
                     fingerprint=grant.fingerprint,
                 )
                 return True
@@ -384,17 +384,17 @@ class SignatureGate:
         if grant.revision == self._policy.revision:
             return True
         return grant.fingerprint != "" and grant.fingerprint == self._fingerprint_for(
-            grant.repo, grant.artifact_type
+            grant.repo, grant.artifact
         )
 
-    def _fingerprint_for(self, repo: RepoKey, artifact_type: str | None) -> str:
-        key = (repo, artifact_type)
+    def _fingerprint_for(self, repo: RepoKey, artifact: ArtifactKind) -> str:
+        key = (repo, artifact)
         fingerprint = self._fingerprints.get(key)
         if fingerprint is None:
             if len(self._fingerprints) > 4096:
                 self._fingerprints.clear()
             policy = self._policy
-            fingerprint = _fingerprint(policy, policy.scope_for(repo, artifact_type))
+            fingerprint = _fingerprint(policy, policy.scope_for(repo, artifact))
             self._fingerprints[key] = fingerprint
         return fingerprint
 
@@ -408,7 +408,7 @@ class SignatureGate:
         if grant is None or grant.fingerprint == COVERED:
             return None
         if policy.pod_scoped and grant.fingerprint != _fingerprint(
-            policy, policy.scope_for(repo, manifest.effective_artifact_type)
+            policy, policy.scope_for(repo, manifest.kind)
         ):
             return None
         left = policy.positive_ttl - (self._wall_clock() - grant.decided_at)
@@ -480,7 +480,7 @@ class SignatureGate:
                 repo,
                 digest,
                 manifest.blob_digests,
-                artifact_type=manifest.effective_artifact_type,
+                artifact=manifest.kind,
                 fingerprint=decision.fingerprint,
             )
         if record_children:
@@ -488,7 +488,7 @@ class SignatureGate:
                 repo,
                 digest,
                 (child.digest for child in manifest.manifests),
-                artifact_type=manifest.effective_artifact_type,
+                artifact=manifest.kind,
                 fingerprint=decision.fingerprint,
             )
         return True
@@ -508,7 +508,7 @@ class SignatureGate:
                 repo,
                 digest,
                 allowed,
-                artifact_type=manifest.effective_artifact_type,
+                artifact=manifest.kind,
                 fingerprint=decision.fingerprint,
                 revision=self.revision,
                 decided_at=decision.decided_at or self._wall_clock(),
@@ -587,7 +587,7 @@ class SignatureGate:
         pod: Pod | None = None,
     ) -> Decision:
         # 3. The most specific scope (for the pod, if any), or the default.
-        scope = policy.scope_for(repo, manifest.effective_artifact_type, pod)
+        scope = policy.scope_for(repo, manifest.kind, pod)
         fingerprint = _fingerprint(policy, scope)
         if scope is None:
             return self._default_decision(policy, repo, fingerprint)
@@ -738,7 +738,7 @@ def _needs_own_referrers(
     """Whether the manifest's own scope requires referrers of it (an SBOM, an
     attestation): an index's signature covers a child's digest, not those, so such a
     child is decided by its own scope."""
-    scope = policy.scope_for(repo, manifest.effective_artifact_type, pod)
+    scope = policy.scope_for(repo, manifest.kind, pod)
     return (
         scope is not None
         and scope.mode != "allow"

@@ -206,3 +206,12 @@ def test_any_bytes_parse_as_manifest_or_raise_an_oci_error(
     except OCIError:
         return
     assert manifest.digest == Digest.of(raw)
+
+
+def test_artifact_kind_survives_the_shared_store_encoding() -> None:
+    from proxy.oci.manifest import ArtifactKind
+
+    kind = ArtifactKind("application/vnd.cncf.model.manifest.v1+json", frozenset({"b", "a"}))
+    assert ArtifactKind.decode(kind.encode()) == kind
+    assert ArtifactKind.decode(ArtifactKind().encode()) == ArtifactKind()
+    assert ArtifactKind.decode("not json") == ArtifactKind() == ArtifactKind.decode(None)

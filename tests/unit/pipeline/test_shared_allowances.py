@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from proxy.oci.digest import Digest
-from proxy.oci.manifest import Manifest
+from proxy.oci.manifest import ArtifactKind, Manifest
 from proxy.pipeline.gate import ArtifactSource, RepoKey
 from proxy.pipeline.shared import BLOBS, CHILDREN, SharedAllowances
 from proxy.verify.base import CheckResult, Limits, Subject
@@ -139,7 +139,7 @@ def record(
         repo,
         manifest.digest,
         {BLOBS: manifest.blob_digests},
-        artifact_type=None,
+        artifact=ArtifactKind(),
         fingerprint="fp",
         revision="r1",
         decided_at=time.time(),
@@ -169,11 +169,12 @@ def test_a_grant_recorded_in_one_process_is_found_in_another(store_path: Path) -
         "from pathlib import Path\n"
         "from proxy.pipeline.gate import RepoKey\n"
         "from proxy.oci.digest import Digest\n"
+        "from proxy.oci.manifest import ArtifactKind\n"
         "from proxy.pipeline.shared import BLOBS, SharedAllowances\n"
         "store = SharedAllowances(Path(sys.argv[1]), covered_fingerprint='(index)')\n"
         "repo = RepoKey('registry.example.test', 'team/app')\n"
         "store.record(repo, Digest.parse(sys.argv[2]), {BLOBS: [Digest.parse(sys.argv[3])]},\n"
-        "             artifact_type=None, fingerprint='fp', revision='r1',\n"
+        "             artifact=ArtifactKind(), fingerprint='fp', revision='r1',\n"
         "             decided_at=time.time(), decision='{}')\n"
         "print(len(store.grants_for(BLOBS, repo, Digest.parse(sys.argv[3]))))\n"
     )
@@ -201,7 +202,7 @@ def test_revoking_drops_grants_and_the_coverage_they_gave_and_is_logged(
         REPO,
         parent.digest,
         {BLOBS: [], CHILDREN: [child.digest]},
-        artifact_type=None,
+        artifact=ArtifactKind(),
         fingerprint="fp",
         revision="r1",
         decided_at=now,
@@ -211,7 +212,7 @@ def test_revoking_drops_grants_and_the_coverage_they_gave_and_is_logged(
         REPO,
         child.digest,
         {BLOBS: child.blob_digests},
-        artifact_type=None,
+        artifact=ArtifactKind(),
         fingerprint=COVERED,
         revision="r1",
         decided_at=now,

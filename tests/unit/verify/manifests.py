@@ -11,7 +11,11 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
-def image(layer: bytes = b"layer", artifact_type: str | None = None) -> Manifest:
+def image(
+    layer: bytes = b"layer",
+    artifact_type: str | None = None,
+    layer_type: str = "application/vnd.oci.image.layer.v1.tar",
+) -> Manifest:
     """A one-layer image manifest; ``layer`` picks its digest."""
     doc: dict[str, object] = {
         "schemaVersion": 2,
@@ -23,7 +27,7 @@ def image(layer: bytes = b"layer", artifact_type: str | None = None) -> Manifest
         },
         "layers": [
             {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "mediaType": layer_type,
                 "digest": str(Digest.of(layer)),
                 "size": len(layer),
             }

@@ -739,6 +739,53 @@ async def test_reload_keeps_allowances_only_where_the_deciding_scope_is_unchange
     assert not any(gate.blob_allowed(OTHER, d) for d in other.blob_digests)
 
 
+WEIGHTS_TAR_GZ = "application/vnd.cncf.model.weight.v1.tar+gzip"
+LAYER_SCOPES = """\
+scopes:
+%s  - match: "registry.example.test/team/**"
+    require: {cosign: {key: keys/release.pub}}
+"""
+TAR_GZ_SCOPE = f"""\
+  - match: "registry.example.test/team/**"
+    layerMediaTypes: [{WEIGHTS_TAR_GZ}]
+    require: {{modelSigning: {{key: keys/release.pub}}}}
+"""
+
+
+def test_a_scope_with_layer_media_types_applies_only_to_manifests_with_such_a_layer(
+    policy_dir: Path,
+) -> None:
+    loaded = parse(LAYER_SCOPES % TAR_GZ_SCOPE, policy_dir)
+    packed, anyone = loaded.scopes
+    assert loaded.scope_for(REPO, image(b"w", layer_type=WEIGHTS_TAR_GZ).kind) is packed
+    assert loaded.scope_for(REPO, image(b"w").kind) is anyone
+    assert loaded.scope_for(REPO, None) is anyone  # no layers known: no layer scope
+
+
+@pytest.mark.parametrize("value", ["application/x-tar", [], [3], {"a": "b"}])
+def test_refuses_layer_media_types_that_are_not_a_list_of_media_types(
+    policy_dir: Path, value: object
+) -> None:
+    text = f"scopes:\n  - match: '**'\n    layerMediaTypes: {value!r}\n    mode: allow\n"
+    with pytest.raises(PolicyError, match="layerMediaTypes must be a non-empty list"):
+        parse(text, policy_dir)
+
+
+async def test_reload_drops_allowances_a_new_layer_media_type_scope_now_decides(
+    policy_dir: Path,
+) -> None:
+    verifier = FakeVerifier("v")
+    gate = SignatureGate(with_fake(parse(LAYER_SCOPES % "", policy_dir), verifier))
+    packed, plain = image(b"packed", layer_type=WEIGHTS_TAR_GZ), image(b"plain")
+    for manifest in (packed, plain):
+        await gate.check_manifest(REPO, manifest, SOURCE)
+    # A scope for tar+gzip weights comes first: it now decides the packed model only.
+    assert gate.replace_policy(with_fake(parse(LAYER_SCOPES % TAR_GZ_SCOPE, policy_dir), verifier))
+    # (Both share their config blob, which the plain image still allows.)
+    assert not gate.blob_allowed(REPO, packed.layers[0].digest)
+    assert allowed(gate, REPO, plain)
+
+
 async def test_reload_refuses_every_allowance_when_a_trust_file_changes(policy_dir: Path) -> None:
     verifier = FakeVerifier("v")
     gate = SignatureGate(with_fake(parse(TWO_SCOPES % "", policy_dir), verifier))
