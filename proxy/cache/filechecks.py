@@ -1,9 +1,16 @@
 """What the per-file check of tar layers knows: the plans, and which layers passed.
 
 A verified model signature gives each tar layer a ``LayerPlan`` (the files it must
-hold). The plan is kept here by layer digest, in memory and, with a cache directory,
-on disk, so every worker process of the node and a restarted one enforce it: a blob
-request may reach a process that did not verify the manifest itself.
+hold). Plans are kept by layer digest on disk (with the cache, else in the workers'
+shared runtime directory, else in a private one), so every worker process of the node
+and a restarted one enforce them: a blob request may reach a process that did not
+verify the manifest itself.
+
+Plans are per repository, as blob allowances are: a layer is served in a repository
+only if it holds what every verified signature there that names it says. A later
+signature adds its plan, it never replaces one, and a signature in another repository
+(another scope, another signer) neither stands in for a plan here nor blocks the layer
+here. Whether a layer passed a plan is a fact about its bytes, shared by all.
 
 A layer that streamed through its check and was committed to the cache is recorded
 as having passed that plan (by its fingerprint): a warm hit is then served by
@@ -13,15 +20,18 @@ this process), so a client's retry is refused at once, with the same reason.
 A pass stays true after the blob leaves the cache: the same digest is the same bytes,
 and the same plan (by fingerprint) gives the same outcome; a re-fill checks anyway.
 
-Layout under ``root``: ``<hex>.plan.json`` and ``<hex>.<fingerprint>.passed``.
+Layout under ``root``: ``<hex>.<repository id>.<fingerprint>.plan.json`` and
+``<hex>.<fingerprint>.passed``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -30,6 +40,7 @@ from typing import TYPE_CHECKING
 from proxy.oci.digest import Digest
 
 if TYPE_CHECKING:  # the pipeline imports this module: no import back at run time
+    from proxy.pipeline.gate import RepoKey
     from proxy.pipeline.tarcheck import LayerPlan
 
 log = logging.getLogger("pullgate.cache")
@@ -38,43 +49,59 @@ MAX_ENTRIES = 65536
 
 
 class LayerChecks:
-    """Plans by layer digest, passes by (digest, plan fingerprint), refusals."""
+    """Plans by layer digest (every plan a verified signature gave it), passes by
+    (digest, plan fingerprint), refusals."""
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = root
-        if root is not None:
+        if root is None:
+            # Never memory alone: a plan that fell out of a bounded table would leave
+            # its layer unchecked. A process of its own keeps them in a private dir.
+            root = Path(tempfile.mkdtemp(prefix="pullgate-filechecks-"))
+            self._owned: Path | None = root
+        else:
             root.mkdir(parents=True, exist_ok=True)
-        self._plans: OrderedDict[Digest, LayerPlan] = OrderedDict()
+            self._owned = None
+        self.root = root
+        self._plans: OrderedDict[tuple[RepoKey, Digest], tuple[LayerPlan, ...]] = OrderedDict()
         self._passed: OrderedDict[tuple[Digest, str], None] = OrderedDict()
         self._refused: OrderedDict[tuple[Digest, str], str] = OrderedDict()
 
+    def close(self) -> None:
+        """Remove the private directory, if this object made one."""
+        if self._owned is not None:
+            shutil.rmtree(self._owned, ignore_errors=True)
+
     # -- plans ---------------------------------------------------------------------
 
-    def expect(self, digest: Digest, plan: LayerPlan) -> None:
-        """From now on, layer ``digest`` is served only through ``plan``'s check."""
-        self._remember(self._plans, digest, plan)
-        if self.root is not None:
-            _write_atomic(self.root / f"{digest.hex}.plan.json", json.dumps(plan.to_json()))
+    def expect(self, repo: RepoKey, digest: Digest, plan: LayerPlan) -> None:
+        """From now on, layer ``digest`` is served in ``repo`` only through ``plan``'s
+        check, and those of every other signature in ``repo`` that named it."""
+        name = f"{digest.hex}.{_repo_id(repo)}.{plan.fingerprint()}.plan.json"
+        _write_atomic(self.root / name, json.dumps(plan.to_json()))
+        self._plans.pop((repo, digest), None)  # read again, with the new one, from disk
 
-    def plan_for(self, digest: Digest) -> LayerPlan | None:
-        """The plan layer ``digest`` must pass, if a verified signature gave it one."""
-        plan = self._plans.get(digest)
-        if plan is not None or self.root is None:
-            return plan
-        try:
-            raw = (self.root / f"{digest.hex}.plan.json").read_text()
-        except FileNotFoundError:
-            return None
+    def plans_for(self, repo: RepoKey, digest: Digest) -> tuple[LayerPlan, ...]:
+        """The plans layer ``digest`` must pass in ``repo`` (none: not a checked layer).
+
+        Raises ``ValueError`` (fail closed) if a plan file cannot be read."""
+        key = (repo, digest)
+        plans = self._plans.get(key)
+        if plans is not None:
+            self._plans.move_to_end(key)
+            return plans
         from proxy.pipeline.tarcheck import LayerPlan
 
-        try:
-            plan = LayerPlan.from_json(json.loads(raw))
-        except (ValueError, KeyError, TypeError) as exc:
-            # Fail closed: a layer that had a plan must not lose it to a broken file.
-            log.error("unreadable layer plan for %s: %s", digest, exc)
-            raise
-        self._remember(self._plans, digest, plan)
-        return plan
+        found = []
+        for path in sorted(self.root.glob(f"{digest.hex}.{_repo_id(repo)}.*.plan.json")):
+            try:
+                found.append(LayerPlan.from_json(json.loads(path.read_text())))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                # Fail closed: a layer that had a plan must not lose it to a broken file.
+                log.error("unreadable layer plan %s: %s", path.name, exc)
+                raise ValueError(f"unreadable layer plan {path.name}") from exc
+        plans = tuple(found)
+        self._remember(self._plans, key, plans)
+        return plans
 
     # -- facts ---------------------------------------------------------------------
 
@@ -82,16 +109,15 @@ class LayerChecks:
         """Layer ``digest`` (now in the cache) passed ``plan``'s check."""
         fingerprint = plan.fingerprint()
         self._remember(self._passed, (digest, fingerprint), None)
-        if self.root is not None:
-            with contextlib.suppress(OSError):
-                (self.root / f"{digest.hex}.{fingerprint}.passed").touch()
+        with contextlib.suppress(OSError):
+            (self.root / f"{digest.hex}.{fingerprint}.passed").touch()
 
     def passed(self, digest: Digest, plan: LayerPlan) -> bool:
         """Whether cached layer ``digest`` already passed ``plan``'s check."""
         fingerprint = plan.fingerprint()
         if (digest, fingerprint) in self._passed:
             return True
-        if self.root is not None and (self.root / f"{digest.hex}.{fingerprint}.passed").exists():
+        if (self.root / f"{digest.hex}.{fingerprint}.passed").exists():
             self._remember(self._passed, (digest, fingerprint), None)
             return True
         return False
@@ -109,6 +135,10 @@ class LayerChecks:
         table.move_to_end(key)
         while len(table) > MAX_ENTRIES:
             table.popitem(last=False)
+
+
+def _repo_id(repo: RepoKey) -> str:
+    return hashlib.sha256(f"{repo.registry}/{repo.repository}".encode()).hexdigest()[:32]
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -206,7 +206,7 @@ class Node:
             shared=shared,
             private_marks=config.cache.dir / "private" if config.cache.dir else None,
             grant_key=role.grant_key,
-            layer_checks_dir=config.cache.dir / "filechecks" if config.cache.dir else None,
+            layer_checks_dir=_layer_checks_dir(config, role),
         )
         watcher = None
         if isinstance(gate, SignatureGate) and config.policy is not None:
@@ -329,6 +329,16 @@ class Node:
             except Exception:
                 log.exception("sampling gauges failed")
             await asyncio.sleep(GAUGE_INTERVAL)
+
+
+def _layer_checks_dir(config: Config, role: Role) -> Path | None:
+    """Where tar layers' per-file plans live: with the cache, else where the workers
+    meet, else (None) a private directory of this process."""
+    if config.cache.dir is not None:
+        return config.cache.dir / "filechecks"
+    if role.shared and role.runtime_dir is not None:
+        return role.runtime_dir / "filechecks"
+    return None
 
 
 def describe(config: Config, workers: int) -> str:

@@ -86,7 +86,7 @@ class Pipeline:
         self.grants = PullGrants(grant_key or os.urandom(32))
         self.allowances = BlobAllowances(gate=gate, metrics=metrics, shared=shared)
         # Tar layers' per-file plans (set by model signatures) and their passes, on disk
-        # with the cache so every worker process enforces them.
+        # (with the cache, else where the workers meet) so every worker enforces them.
         self.layer_checks = LayerChecks(layer_checks_dir)
         self.manifest_path = ManifestPath(
             gate=gate,
@@ -145,3 +145,4 @@ class Pipeline:
         await self.fills.close()
         self.hash_pool.shutdown(wait=False, cancel_futures=True)
         self.datapath.close()
+        self.layer_checks.close()

@@ -22,6 +22,7 @@ from proxy.oci.reference import upstream_repository
 from proxy.pipeline.allowances import BlobAllowances
 from proxy.pipeline.fills import Fill, FillReader, FillTable
 from proxy.pipeline.follow import Follow
+from proxy.pipeline.gate import RepoKey
 from proxy.pipeline.stream import (
     BodyBroken,
     DataPath,
@@ -29,7 +30,7 @@ from proxy.pipeline.stream import (
     RangedBody,
     hash_and_deliver,
 )
-from proxy.pipeline.tarcheck import LayerPlan, TarCheck, TarRefused
+from proxy.pipeline.tarcheck import LayerCheck, LayerPlan, TarRefused
 from proxy.upstream.auth import pull_scope
 from proxy.upstream.client import UpstreamResponse
 from proxy.upstream.router import Route
@@ -59,7 +60,7 @@ class BlobStream(RangedBody):
         response: UpstreamResponse,
         size: int | None,
         byte_range: ByteRange | None,
-        plan: LayerPlan | None = None,
+        plans: tuple[LayerPlan, ...] = (),
         checks: LayerChecks | None = None,
     ) -> None:
         self._metrics = metrics
@@ -69,8 +70,8 @@ class BlobStream(RangedBody):
         self._response = response
         self.size = size
         self.byte_range = byte_range
-        # A tar layer's signed files, checked as it streams (None: not a checked layer).
-        self._plan = plan
+        # A tar layer's signed files, checked as it streams (none: not a checked layer).
+        self._plans = plans
         self._checks = checks
 
     async def send_to(self, sink: BlobSink) -> None:
@@ -95,7 +96,7 @@ class BlobStream(RangedBody):
                 body=body,
                 deliver=sender,
                 hashers=datapath.hashers,
-                plan=self._plan,
+                plans=self._plans,
             )
             sender.release()
             return received
@@ -104,8 +105,8 @@ class BlobStream(RangedBody):
         try:
             received = await datapath.run(body, move)
         except BodyBroken as exc:
-            if exc.refused_file and self._plan is not None and self._checks is not None:
-                self._checks.refuse(self.digest, self._plan, exc.reason)
+            if exc.refused is not None and self._checks is not None:
+                self._checks.refuse(self.digest, exc.refused, exc.reason)
                 metrics.layer_file_checks.labels("refused").inc()
             raise self._broken(exc.reason, truncated=exc.truncated) from None
         except OCIError as exc:
@@ -114,7 +115,7 @@ class BlobStream(RangedBody):
             body.close()
             metrics.streams_active.dec()
             self._response.close()
-        if self._plan is not None:
+        if self._plans:
             metrics.layer_file_checks.labels("passed").inc()
         metrics.upstream_bytes.labels(self._registry).inc(received)
         served = self.byte_range.length if self.byte_range else received
@@ -178,7 +179,7 @@ class BlobPath:
         reader of the shared fill into the cache, or (no cache, no room, disk full)
         a verifying stream."""
         await self._allowances.require(route, repository, digest)
-        plan = self._plan_for(digest)
+        plans = self._plans_for(route, repository, digest)
         path = self.store.path_of(digest)
         if path is not None:
             try:
@@ -186,62 +187,67 @@ class BlobPath:
             except FileNotFoundError:
                 pass
             else:
-                if plan is not None:
-                    if self.checks.passed(digest, plan):
-                        self.metrics.layer_file_checks.labels("skipped").inc()
-                    else:
-                        await self._check_cached(digest, path, plan)
+                if plans and not await self._check_cached(digest, path, plans):
+                    self.metrics.layer_file_checks.labels("skipped").inc()
                 return BlobFile(digest, path, size)
         if self.store.caching and self.store.accepts(digest) and not self.fills.degraded:
             return await self._join_fill(route, repository, digest, range_header)
         response = await self._open_upstream_blob(route, repository, digest)
-        return self._uncached_stream(route, digest, response, range_header)
+        return self._uncached_stream(route, digest, response, range_header, plans)
 
-    def _plan_for(self, digest: Digest) -> LayerPlan | None:
-        """The per-file plan of layer ``digest``; a layer that already failed it is
-        refused at once, naming the file."""
+    def _plans_for(self, route: Route, repository: str, digest: Digest) -> tuple[LayerPlan, ...]:
+        """The per-file plans of layer ``digest`` in this repository; a layer that
+        already failed one is refused at once, naming the file."""
         try:
-            plan = self.checks.plan_for(digest)
-        except (ValueError, KeyError, TypeError):
+            plans = self.checks.plans_for(RepoKey(route.registry, repository), digest)
+        except ValueError:
             # Fail closed: the next verification of its manifest writes the plan again.
             self.metrics.denied.labels("blob", "mirror").inc()
             raise LayerRefused(
                 f"layer {digest}: its per-file plan is unreadable; pull its manifest again"
             ) from None
-        if plan is not None:
+        for plan in plans:
             reason = self.checks.refusal(digest, plan)
             if reason is not None:
                 raise self._refused(digest, plan, reason)
-        return plan
+        return plans
 
     def _refused(self, digest: Digest, plan: LayerPlan, reason: str) -> LayerRefused:
         self.metrics.denied.labels("blob", "mirror").inc()
         source = f" (signed by {plan.source})" if plan.source else ""
         return LayerRefused(f"layer {digest}: {reason}{source}")
 
-    async def _check_cached(self, digest: Digest, path: Path, plan: LayerPlan) -> None:
-        """A cached layer without the fact that it passed ``plan`` (cached before its
-        model's signature named it): check it from disk once, before serving it."""
+    async def _check_cached(self, digest: Digest, path: Path, plans: tuple[LayerPlan, ...]) -> bool:
+        """Before a cached (or just filled) layer is served: every plan it has must
+        have passed; one that did not (the layer was cached before that signature
+        named it, or a fill checked other plans) is checked from disk now. Whether a
+        check ran."""
+        unchecked = tuple(plan for plan in plans if not self.checks.passed(digest, plan))
+        if not unchecked:
+            return False
 
         def check() -> None:
-            tar = TarCheck(plan)
+            layer = LayerCheck(unchecked)
             with open(path, "rb") as blob:
                 while piece := blob.read(1024 * 1024):
-                    tar.feed(piece)
-            tar.finish()
+                    layer.feed(piece)
+            layer.finish()
 
-        log.info("checking cached layer %s against its per-file plan (no pass recorded)", digest)
+        log.info("checking stored layer %s against %d per-file plan(s)", digest, len(unchecked))
         self.store.pin(digest)
         try:
             await self.datapath.run(_Uncancellable(), check)
         except TarRefused as exc:
+            plan = exc.plan or unchecked[0]
             self.checks.refuse(digest, plan, exc.reason)
             self.metrics.layer_file_checks.labels("refused").inc()
             raise self._refused(digest, plan, exc.reason) from None
         finally:
             self.store.unpin(digest)
-        self.checks.record_pass(digest, plan)
+        for plan in unchecked:
+            self.checks.record_pass(digest, plan)
         self.metrics.layer_file_checks.labels("passed").inc()
+        return True
 
     def _uncached_stream(
         self,
@@ -249,6 +255,7 @@ class BlobPath:
         digest: Digest,
         response: UpstreamResponse,
         range_header: str | None,
+        plans: tuple[LayerPlan, ...],
     ) -> BlobStream:
         size: int | None = response.content_length
         try:
@@ -264,7 +271,7 @@ class BlobPath:
             response=response,
             size=size,
             byte_range=byte_range,
-            plan=self.checks.plan_for(digest),
+            plans=plans,
             checks=self.checks,
         )
 
@@ -291,7 +298,11 @@ class BlobPath:
             return await self._open_upstream_blob(route, repository, digest)
 
         fill = self.fills.get_or_start(
-            digest, route.registry, open_response, plan=self._plan_for(digest), checks=self.checks
+            digest,
+            route.registry,
+            open_response,
+            plans=self._plans_for(route, repository, digest),
+            checks=self.checks,
         )
         fill.readers += 1
         return fill
@@ -305,8 +316,18 @@ class BlobPath:
         async def open_response() -> UpstreamResponse:
             return await self._open_upstream_blob(route, repository, digest)
 
+        plans = self._plans_for(route, repository, digest)
+
+        async def before_tail(path: Path) -> None:
+            await self._check_cached(digest, path, plans)
+
         reader = await self.fills.join(
-            digest, route.registry, open_response, plan=self._plan_for(digest), checks=self.checks
+            digest,
+            route.registry,
+            open_response,
+            plans=plans,
+            checks=self.checks,
+            before_tail=before_tail if plans else None,
         )
         fill = reader.fill
         try:
@@ -319,12 +340,13 @@ class BlobPath:
                 reader.close()
                 if response is None:
                     response = await self._open_upstream_blob(route, repository, digest)
-                return self._uncached_stream(route, digest, response, range_header)
+                return self._uncached_stream(route, digest, response, range_header, plans)
             if fill.state == "failed":
-                self._plan_for(digest)  # a layer its file check refused: say so
+                self._plans_for(route, repository, digest)  # refused by its check: say so
                 raise UpstreamError(f"blob {digest}: {fill.error}")
             if fill.state == "committed" and fill.final_path is not None:
                 reader.close()
+                await self._check_cached(digest, fill.final_path, plans)
                 return BlobFile(digest, fill.final_path, fill.size or 0)
             reader.byte_range = (
                 parse_range(range_header, fill.size) if fill.size is not None else None

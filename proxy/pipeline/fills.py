@@ -80,14 +80,14 @@ class Fill(FillProgress):
         metrics: Metrics,
         lease: FillLease,
         direct_min_bytes: int = DIRECT_MIN_BYTES,
-        plan: LayerPlan | None = None,
+        plans: tuple[LayerPlan, ...] = (),
         checks: LayerChecks | None = None,
     ) -> None:
         self.digest = digest
         self.lease = lease
-        # A tar layer's signed files, checked as it fills; the pass is recorded in
+        # A tar layer's signed files, checked as it fills; the passes are recorded in
         # ``checks`` with the commit, so a warm hit is not parsed again.
-        self.plan = plan
+        self.plans = plans
         self._checks = checks
         self.registry = registry
         self._store = store
@@ -228,7 +228,7 @@ class Fill(FillProgress):
                 body=body,
                 deliver=deliver,
                 hashers=self._datapath.hashers,
-                plan=self.plan,
+                plans=self.plans,
             )
             writer.finish()
             return received
@@ -236,8 +236,8 @@ class Fill(FillProgress):
         try:
             received = await self._datapath.run(body, move)
         except BodyBroken as exc:
-            if exc.refused_file and self.plan is not None and self._checks is not None:
-                self._checks.refuse(self.digest, self.plan, exc.reason)
+            if exc.refused is not None and self._checks is not None:
+                self._checks.refuse(self.digest, exc.refused, exc.reason)
                 self._metrics.layer_file_checks.labels("refused").inc()
             counter = self._metrics.upstream_truncated if exc.truncated else None
             (counter or self._metrics.digest_mismatch).labels(self.registry).inc()
@@ -255,9 +255,10 @@ class Fill(FillProgress):
         self._metrics.fill_bytes.labels("page_cache").inc(received - writer.direct_bytes)
         await loop.run_in_executor(self._pool, os.fsync, fd)
         self._release()
-        if self.plan is not None and self._checks is not None:
+        if self.plans and self._checks is not None:
             # Before the commit: a process that finds the blob must find the fact too.
-            self._checks.record_pass(self.digest, self.plan)
+            for plan in self.plans:
+                self._checks.record_pass(self.digest, plan)
             self._metrics.layer_file_checks.labels("passed").inc()
         self.final_path = self._store.commit(self.digest, self.path, received)
         self.size = received
@@ -377,12 +378,13 @@ class FillTable:
         registry: str,
         open_response: Callable[[], Awaitable[UpstreamResponse]],
         *,
-        plan: LayerPlan | None = None,
+        plans: tuple[LayerPlan, ...] = (),
         checks: LayerChecks | None = None,
     ) -> Fill | Follow:
         """The fill of ``digest`` in progress here, or a new one: this process's own
         if it gets the store's fill lease, else a ``Follow`` of the process that has it.
-        A fill of a layer with a ``plan`` checks its files as it goes."""
+        A fill of a layer with ``plans`` checks its files as it goes; a reader whose
+        plans the fill does not check has them checked before its tail (``FillReader``)."""
         fill = self._fills.get(digest)
         if fill is not None and not fill.done:
             self._metrics.fill_joins.inc()
@@ -414,7 +416,7 @@ class FillTable:
             metrics=self._metrics,
             lease=lease,
             direct_min_bytes=self.direct_min_bytes,
-            plan=plan,
+            plans=plans,
             checks=checks,
         )
         task = self._start(fill, self._run(fill, open_response))
@@ -436,8 +438,9 @@ class FillTable:
         registry: str,
         open_response: Callable[[], Awaitable[UpstreamResponse]],
         *,
-        plan: LayerPlan | None = None,
+        plans: tuple[LayerPlan, ...] = (),
         checks: LayerChecks | None = None,
+        before_tail: Callable[[Path], Awaitable[None]] | None = None,
     ) -> FillReader:
         """Join (or start) the fill of ``digest`` as one reader, once it started.
 
@@ -446,9 +449,11 @@ class FillTable:
         or open the upstream itself and learn why.
         """
         for attempt in range(1, JOIN_ATTEMPTS + 1):
-            fill = self.get_or_start(digest, registry, open_response, plan=plan, checks=checks)
+            fill = self.get_or_start(digest, registry, open_response, plans=plans, checks=checks)
             # Count this reader before waiting, so the fill is not abandoned meanwhile.
-            reader = FillReader(fill=fill, table=self, byte_range=None, pool=self._pool)
+            reader = FillReader(
+                fill=fill, table=self, byte_range=None, pool=self._pool, before_tail=before_tail
+            )
             try:
                 await fill.wait_started()
             except BaseException:
@@ -521,9 +526,13 @@ class FillReader(RangedBody):
         table: FillTable,
         byte_range: ByteRange | None,
         pool: Executor,
+        before_tail: Callable[[Path], Awaitable[None]] | None = None,
     ) -> None:
         self.fill = fill
         self.digest = fill.digest
+        # Awaited with the committed file before the held-back tail goes out; raises
+        # to refuse it (a tar layer's plans that the fill itself did not check).
+        self._before_tail = before_tail
         self._table = table
         self.byte_range = byte_range
         self._pool = pool
@@ -556,6 +565,7 @@ class FillReader(RangedBody):
             raise ConnectionResetError(fill.lead_gone)
         if fill.state != "committed":
             raise FillFailed(fill.error or "fill failed")
+        await self._committed()
         await asyncio.get_running_loop().run_in_executor(self._pool, sender.release)
         served = self.content_length or fill.size or 0
         self._table._metrics.bytes_served.labels("fill_memory").inc(served)
@@ -580,6 +590,7 @@ class FillReader(RangedBody):
                 end = stop if stop is not None else (fill.size if committed else None)
                 if committed:
                     assert end is not None
+                    await self._committed()
                     safe = end
                 else:
                     limit = fill.written if end is None else min(fill.written, end)
@@ -599,6 +610,15 @@ class FillReader(RangedBody):
             if fd >= 0:
                 os.close(fd)
             self.close()
+
+    async def _committed(self) -> None:
+        """The fill committed: run ``before_tail`` once, on the committed file."""
+        check, self._before_tail = self._before_tail, None
+        if check is not None:
+            path = self.fill.final_path
+            if path is None:
+                raise FillFailed(f"blob {self.digest}: its committed file is unknown")
+            await check(path)
 
     def close(self) -> None:
         if not self._closed:

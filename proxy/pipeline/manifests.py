@@ -93,7 +93,8 @@ class _RepoSource:
         )
 
     def expect_layer_files(self, digest: Digest, plan: LayerPlan) -> None:
-        self._pipeline.layer_checks.expect(digest, plan)
+        repo = RepoKey(self._route.registry, self._repository)
+        self._pipeline.layer_checks.expect(repo, digest, plan)
 
 
 class ManifestPath:

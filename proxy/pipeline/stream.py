@@ -26,7 +26,7 @@ from typing import Protocol, TypeVar
 
 from proxy.oci.digest import Digest
 from proxy.oci.ranges import ByteRange
-from proxy.pipeline.tarcheck import LayerPlan, TarCheck, TarRefused
+from proxy.pipeline.tarcheck import LayerCheck, LayerPlan, TarRefused
 from proxy.upstream.body import BodyReader
 
 # The reused buffers a body is read into: two, so one is read while the other is
@@ -51,12 +51,12 @@ class BodyBroken(Exception):
     """The body is wrong (digest) or incomplete (size, connection): nothing of it may
     be completed, cached or trusted."""
 
-    def __init__(self, reason: str, *, truncated: bool, refused_file: bool = False) -> None:
+    def __init__(self, reason: str, *, truncated: bool, refused: LayerPlan | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.truncated = truncated
-        # The bytes are the blob, but a file inside it is not what its signature says.
-        self.refused_file = refused_file
+        # The bytes are the blob, but a file inside it is not what this plan says.
+        self.refused = refused
 
 
 class ClientGone(ConnectionError):
@@ -99,7 +99,7 @@ def hash_and_deliver(
     body: BodyReader,
     deliver: Deliver,
     hashers: concurrent.futures.Executor,
-    plan: LayerPlan | None = None,
+    plans: tuple[LayerPlan, ...] = (),
 ) -> int:
     """Read ``body`` to its end, hash it, hand every piece to ``deliver``; return the
     byte count. Runs in a mover thread.
@@ -107,14 +107,14 @@ def hash_and_deliver(
     1. Read a piece into the free one of two buffers.
     2. Wait for the previous piece's hash (and file check), then hash this one in a
        hash thread (one piece in flight keeps the hasher's order), check the files in
-       it against ``plan`` (a tar layer's signed files) in another, and deliver it
+       it against ``plans`` (a tar layer's signed files) in another, and deliver it
        meanwhile.
     3. At the end, the count must equal ``size`` (if announced), the hash ``digest``,
-       and the files their plan; otherwise ``BodyBroken``. Callers release the held
+       and the files their plans; otherwise ``BodyBroken``. Callers release the held
        tail (or commit) only after this returns.
     """
     hasher = digest.hasher()
-    check = TarCheck(plan) if plan is not None else None
+    check = LayerCheck(plans) if plans else None
     buffers = (memoryview(bytearray(PIECE)), memoryview(bytearray(PIECE)))
     received = 0
     hashing: concurrent.futures.Future[None] | None = None
@@ -160,7 +160,7 @@ def hash_and_deliver(
         try:
             check.finish()
         except TarRefused as exc:
-            raise BodyBroken(exc.reason, truncated=False, refused_file=True) from None
+            raise BodyBroken(exc.reason, truncated=False, refused=exc.plan) from None
     return received
 
 
@@ -168,7 +168,7 @@ def _checked(future: concurrent.futures.Future[None]) -> None:
     try:
         future.result()
     except TarRefused as exc:
-        raise BodyBroken(exc.reason, truncated=False, refused_file=True) from None
+        raise BodyBroken(exc.reason, truncated=False, refused=exc.plan) from None
 
 
 class SocketSender:

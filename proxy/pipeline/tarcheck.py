@@ -30,7 +30,7 @@ import hashlib
 import json
 import posixpath
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -58,6 +58,8 @@ class TarRefused(Exception):
         super().__init__(reason)
         self.reason = reason
         self.path = path
+        self.plan: LayerPlan | None = None
+        """The plan the layer failed (set by ``LayerCheck``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -522,6 +524,30 @@ class TarCheck:
         for path in sorted(self._expected):
             if path not in self._seen:
                 raise TarRefused(f"signed file {path[:120]} is missing from the layer", path=path)
+
+
+class LayerCheck:
+    """Every plan of one layer over the same bytes (two models may share a layer: it
+    must hold what each signature says). A refusal names the plan it failed."""
+
+    def __init__(self, plans: Sequence[LayerPlan]) -> None:
+        self._checks = [(plan, TarCheck(plan)) for plan in plans]
+
+    def feed(self, data: memoryview | bytes) -> None:
+        for plan, check in self._checks:
+            try:
+                check.feed(data)
+            except TarRefused as exc:
+                exc.plan = plan
+                raise
+
+    def finish(self) -> None:
+        for plan, check in self._checks:
+            try:
+                check.finish()
+            except TarRefused as exc:
+                exc.plan = plan
+                raise
 
 
 def check_bytes(plan: LayerPlan, data: bytes, *, piece: int = 1024 * 1024) -> int:

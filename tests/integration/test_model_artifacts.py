@@ -239,8 +239,12 @@ class Node:
         return done.stdout
 
     def get(self, path: str) -> tuple[int, Any]:
+        return self.get_from(self.pullgate, path)
+
+    @staticmethod
+    def get_from(pullgate: Pullgate, path: str) -> tuple[int, Any]:
         try:
-            with urllib.request.urlopen(f"{self.pullgate.url}{path}", timeout=60) as response:
+            with urllib.request.urlopen(f"{pullgate.url}{path}", timeout=60) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"{}")
@@ -422,7 +426,7 @@ def test_warm_hit_of_checked_layer_is_not_parsed_again(node: Node) -> None:
     layers = json.loads(artifact.manifest)["layers"]
     for layer in layers:
         hex_digest = Digest.parse(layer["digest"]).hex
-        assert (checks / f"{hex_digest}.plan.json").exists()
+        assert list(checks.glob(f"{hex_digest}.*.plan.json")), "the plan was not recorded"
         assert list(checks.glob(f"{hex_digest}.*.passed")), "the pass was not recorded"
     # A second client (a fresh containerd would do; a plain GET is enough) gets the
     # cached layer; the upstream is not asked again and the plan's pass still holds.
@@ -444,7 +448,7 @@ def test_warm_hit_of_checked_layer_is_not_parsed_again(node: Node) -> None:
     assert status == 200
     status, body = node.get(f"/v2/models/warm/blobs/{layers[0]['digest']}?ns={REGISTRY}")
     assert status == 200 and hashlib.sha256(body).hexdigest() == layers[0]["digest"][7:]
-    assert f"checking cached layer {layers[0]['digest']}" in node.pullgate.log_text()
+    assert f"checking stored layer {layers[0]['digest']}" in node.pullgate.log_text()
     assert list(checks.glob(f"{Digest.parse(layers[0]['digest']).hex}.*.passed"))
 
 
@@ -568,3 +572,101 @@ def test_every_worker_enforces_the_per_file_plan(
         assert status in (0, 200, 403)
         assert digest != layer["digest"] and received < layer["size"], "a complete tampered layer"
     assert not (tmp_path / "cache2" / "blobs" / "sha256" / layer["digest"][7:]).exists()
+
+
+def test_every_worker_enforces_the_per_file_plan_without_a_cache(
+    registry: Registry, node: Node, make_pullgate: Callable[..., Pullgate]
+) -> None:
+    """No cache directory: the plans live where the workers meet (the supervisor's
+    runtime directory), so the worker that did not verify the manifest refuses too."""
+    from tests.support.pulls import fetch
+
+    pullgate = make_pullgate(
+        upstreams={REGISTRY: registry.url}, policy=node.pullgate.policy, workers=2
+    )
+    files = model_files(9800)
+    signature = sign_model(
+        write_model(node.work / "model", files), node.private_key, node.work / "model.sig"
+    )
+    bad = modelpack_targz("v2", tampered(files))
+    node.push("models/nocache", bad, signature)
+    manifest = json.loads(bad.manifest)
+    layer = next(x for x in manifest["layers"] if x["annotations"][FILEPATH] == TAMPERED_FILE)
+    status, _, _ = fetch(pullgate, f"/v2/models/nocache/manifests/v2?ns={REGISTRY}")
+    assert status == 200
+    for _ in range(6):  # new connections: the kernel spreads them over both workers
+        status, digest, received = fetch(
+            pullgate, f"/v2/models/nocache/blobs/{layer['digest']}?ns={REGISTRY}"
+        )
+        assert status in (0, 200, 403)  # cut before the held-back tail, then refused
+        assert digest != layer["digest"] and received < layer["size"], "a complete tampered layer"
+
+
+def test_refuses_a_tampered_layer_that_another_signers_model_vouches_for(
+    tmp_path: Path, registry: Registry, node: Node, make_pullgate: Callable[..., Pullgate]
+) -> None:
+    """Two scopes, two signers. The victim's model is repackaged with a tampered layer
+    and its original signature; another signer (trusted only for other/**) signs a
+    model of its own with that very layer. Its plan must not stand in for the
+    victim's (the layer must hold what the signatures of its repository say), nor
+    block the other model, whose own signature it does match."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other_private = tmp_path / "other-key.pem"
+    other_private.write_bytes(
+        other_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    assert node.pullgate.policy is not None
+    policy_dir = node.pullgate.policy.parent
+    (policy_dir / "keys" / "other.pub").write_bytes(
+        other_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    policy = policy_dir / "two-signers.yaml"
+    policy.write_text(
+        node.pullgate.policy.read_text() + '  - match: "registry.example.test/other/**"\n'
+        "    require: {modelSigning: {key: keys/other.pub}}\n"
+    )
+    pullgate = make_pullgate(
+        upstreams={REGISTRY: registry.url}, policy=policy, cache_dir=tmp_path / "cache3"
+    )
+    node.containerd.write_hosts(REGISTRY, pullgate.url)
+    files = model_files(9900)
+    victim_signature = sign_model(
+        write_model(tmp_path / "victim", files), node.private_key, tmp_path / "victim.sig"
+    )
+    bad_files = tampered(files)
+    other_signature = sign_model(
+        write_model(tmp_path / "other", bad_files), other_private, tmp_path / "other.sig"
+    )
+    victim, other = modelpack_targz("v2", bad_files), modelpack_targz("v1", bad_files)
+    node.push("models/victim", victim, victim_signature)
+    node.push("other/evil", other, other_signature)
+    layer = next(
+        x for x in json.loads(victim.manifest)["layers"]
+        if x["annotations"][FILEPATH] == TAMPERED_FILE
+    )  # fmt: skip
+    assert layer in json.loads(other.manifest)["layers"], "the two models share the layer"
+    # 1. The victim's manifest is verified (its plan recorded), then the other
+    #    signer's model is pulled whole: the shared layer passes that signer's plan.
+    status, _ = node.get_from(pullgate, f"/v2/models/victim/manifests/v2?ns={REGISTRY}")
+    assert status == 200
+    code, output = node.fetch("other/evil", "v1")
+    assert code == 0, output
+    # 2. The victim's pull of that layer is refused, naming the file: the layer does
+    #    not hold what the victim's signature says, whoever else vouches for it.
+    status, body = node.get_from(
+        pullgate, f"/v2/models/victim/blobs/{layer['digest']}?ns={REGISTRY}"
+    )
+    assert status == 403, body
+    message = body["errors"][0]["message"]
+    assert TAMPERED_FILE in message and "signed sha256:" in message
+    # (This containerd already holds the layer, content-addressed, from the other
+    # model's pull; a node without it gets the refusal above.)
