@@ -357,6 +357,10 @@ def parse_jws(raw: bytes) -> Envelope:
     )
 
 
+# COSE_Sign1 stays on cbor2 (decoding) and cryptography (the signature). pycose 1.1
+# does not take Notation's envelope as it is: it refuses the tagged message ("Bytes
+# cannot be decoded as COSE message"), needs the headers re-wrapped as dicts, and keys
+# converted from the certificate by hand; what would remain is the code below.
 def parse_cose(raw: bytes) -> Envelope:
     item = cbor_item(raw, "COSE envelope")
     if isinstance(item, cbor2.CBORTag):
