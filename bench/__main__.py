@@ -6,7 +6,8 @@ Every peer is started here, on loopback, in a temp dir, and measured in the same
 * ``proxy-cold`` : ``docker-registry`` in proxy mode (pull-through cache), empty;
 * ``nginx``      : nginx sending the same blob file with sendfile (warm-serving limit);
 * ``pullgate-cold`` / ``pullgate-warm`` : pullgate with an empty cache, then a hit;
-* ``pullgate-stream`` : pullgate without a cache (stream + inline sha256 only).
+* ``pullgate-stream`` : pullgate without a cache (stream + inline sha256 only);
+* ``tls`` : the same stream from a TLS upstream (``bench.tls``).
 
 Repetitions alternate the peers' order to cancel drift; medians and min-max are
 reported. Outputs ``results.json``, ``results.md`` and ``results.png`` in ``--out``.
@@ -37,7 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import floor, workers  # noqa: E402
+from bench import floor, tls, workers  # noqa: E402
 from tests.support.ocilayout import push_blob, push_manifest, write_blob_file  # noqa: E402
 from tests.support.peers import Containerd, Nginx, Pullgate, Registry  # noqa: E402
 
@@ -207,6 +208,16 @@ class Bench:
                     self.fan_in(registry, digest)
                 if "ctr" in scenarios:
                     self.ctr_pulls(registry, digest)
+                if "tls" in scenarios:
+                    tls.run(
+                        self.work / "tls",
+                        registry.workdir / "storage",
+                        REPO,
+                        digest,
+                        self.size,
+                        self.reps,
+                        lambda name, unit, value: self.figure(name, unit).samples.append(value),
+                    )
                 if "workers" in scenarios:
                     workers.scaling(
                         self.work,
@@ -528,6 +539,14 @@ def floor_ratios(bench: Bench) -> list[dict[str, Any]]:
                 {"measure": label, "ratio": ratio, "goal": 1.3, "met": ratio <= 1.3,
                  "at_most": True}
             )  # fmt: skip
+    tls_cpu, plain_cpu = median("tls curl pullgate-stream CPU"), median("curl pullgate-stream CPU")
+    if tls_cpu is not None:
+        # No goal: the floor above has no TLS in it (decryption is the upstream hop's).
+        plain = f", {plain_cpu:.2f} from a plain-HTTP upstream" if plain_cpu is not None else ""
+        bench.notes.append(
+            f"TLS upstream: pullgate streams at {tls_cpu:.2f} CPU-s per GiB{plain} "
+            f"({tls_cpu / stream_floor:.2f}x the plain stream floor)"
+        )
     direct = median("curl direct")
     sha_rate = GIB / sha / 1e9
     if direct is not None:
@@ -657,8 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--only",
-        default="pull,ctr,fanin,workers,restart,verify",
-        help="comma list of pull, ctr, fanin, workers, restart, verify",
+        default="pull,ctr,fanin,workers,restart,verify,tls",
+        help="comma list of pull, ctr, fanin, workers, restart, verify, tls",
     )
     args = parser.parse_args(argv)
     size = 16 * MIB if args.smoke else parse_size(args.size)

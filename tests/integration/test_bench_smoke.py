@@ -46,6 +46,9 @@ def test_bench_smoke_reports_every_peer(tmp_path: Path) -> None:
         "floor: new-page write CPU",
         "pullgate-stream CPU",
         "curl pullgate-stream all processes CPU",
+        "tls curl direct",
+        "tls curl pullgate-stream",
+        "tls curl pullgate-stream CPU",
     ):
         assert figures[peer]["samples"], peer
         assert figures[peer]["median"] > 0
@@ -57,6 +60,7 @@ def test_bench_smoke_reports_every_peer(tmp_path: Path) -> None:
     assert figures["fan-in upstream GETs"]["samples"] == [1]
     assert "32/32 clients got correct bytes" in result["notes"][0]
     assert figures["verify: cached verdict"]["median"] > 0
+    assert any(note.startswith("TLS upstream: pullgate streams at") for note in result["notes"])
     assert (tmp_path / "results.md").read_text().count("|") > 20
     assert (tmp_path / "results.png").stat().st_size > 1000
 
