@@ -189,3 +189,109 @@ async def test_model_sig_layer_verifies_and_hands_plans_to_the_source(tmp_path: 
     subject = Subject("r.test", "models/kit", other, mt.OCI_MANIFEST, len(raw))
     result = await verifier.verify(subject, registry, Limits())
     assert not result.ok and "config.json" in result.reason
+
+
+# ---- hostile layouts: a signature layer or a name that dodges the file check ------------
+
+
+def test_refuses_model_sig_layer_named_as_a_model_file() -> None:
+    # The verified model.sig layer, retitled as a signed file, must not hide that file
+    # (its path was skipped like an ignore rule, so a swapped w/a.bin went unchecked).
+    model = manifest(
+        layer(RAW, b"evil weights", **{mt.TITLE: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+        layer(mt.SIGSTORE_BUNDLE_V03, b"bundle", **{mt.TITLE: "w/a.bin"}),
+    )
+    with pytest.raises(SignatureError, match=r"w/a\.bin"):
+        layer_plans(signature(), model, (), source="t", in_artifact=model.layers[2])
+
+
+def test_refuses_model_sig_layer_named_as_a_directory_of_the_model() -> None:
+    model = manifest(
+        layer(TGZ, b"evil tar", **{mt.MODEL_FILEPATH: "w"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+        layer(mt.SIGSTORE_BUNDLE_V03, b"bundle", **{mt.TITLE: "w"}),
+    )
+    with pytest.raises(SignatureError):
+        layer_plans(signature(), model, (), source="t", in_artifact=model.layers[2])
+
+
+def test_refuses_file_under_the_model_sig_path() -> None:
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.TITLE: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+        layer(RAW, b"unsigned", **{mt.TITLE: "model.sig/extra.bin"}),
+        layer(mt.SIGSTORE_BUNDLE_V03, b"bundle", **{mt.TITLE: "model.sig"}),
+    )
+    with pytest.raises(SignatureError, match=r"model\.sig/extra\.bin is not covered"):
+        layer_plans(signature(), model, (), source="t", in_artifact=model.layers[3])
+
+
+def test_refuses_unverified_signature_layer_titled_as_a_model_file() -> None:
+    # Verified through a referrer: a bundle-typed layer titled as a weight file is
+    # bytes the signature never covered, written over the signed file by an unpacker.
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.TITLE: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+        layer(mt.SIGSTORE_BUNDLE_V03, b"evil weights", **{mt.TITLE: "w/a.bin"}),
+    )
+    with pytest.raises(SignatureError, match=r"w/a\.bin"):
+        layer_plans(signature(), model, (), source="t")
+
+
+def test_refuses_second_model_sig_layer_next_to_the_verified_one() -> None:
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.TITLE: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+        layer(mt.SIGSTORE_BUNDLE_V03, b"bundle", **{mt.TITLE: "model.sig"}),
+        layer(RAW, b"anything at all", **{mt.TITLE: "w/model.sig"}),
+    )
+    with pytest.raises(SignatureError, match=r"w/model\.sig"):
+        layer_plans(signature(), model, (), source="t", in_artifact=model.layers[2])
+
+
+def test_refuses_raw_layer_escaping_with_dotdot_under_an_ignored_path() -> None:
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.TITLE: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+        layer(RAW, b"payload", **{mt.TITLE: "docs/../../../home/u/.bashrc"}),
+    )
+    with pytest.raises(SignatureError, match=r"escapes"):
+        layer_plans(signature(), model, ("docs",), source="t")
+
+
+def test_refuses_raw_layer_with_an_absolute_path() -> None:
+    files = {"etc/cron.d/x": hashlib.sha256(CONFIG).hexdigest()}
+    model = manifest(layer(RAW, CONFIG, **{mt.TITLE: "/etc/cron.d/x"}))
+    with pytest.raises(SignatureError, match=r"absolute"):
+        layer_plans(signature(files), model, (), source="t")
+
+
+def test_refuses_raw_layer_whose_title_and_filepath_disagree() -> None:
+    # Checked as config.json (filepath), written as w/a.bin by a title-based unpacker.
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.MODEL_FILEPATH: "config.json", mt.TITLE: "w/a.bin"}),
+    )
+    with pytest.raises(SignatureError, match=r"names two files"):
+        layer_plans(signature(), model, (), source="t")
+
+
+def test_refuses_raw_layers_whose_titles_name_one_file() -> None:
+    # Titles as base names: both layers would be written as a.bin by a title-based unpacker.
+    files = {**SIGNED, "a.bin": hashlib.sha256(CONFIG).hexdigest()}
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin", mt.TITLE: "a.bin"}),
+        layer(RAW, CONFIG, **{mt.MODEL_FILEPATH: "a.bin", mt.TITLE: "a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+    )
+    with pytest.raises(SignatureError, match=r"a\.bin is in two layers"):
+        layer_plans(signature(files), model, (), source="t")
+
+
+def test_raw_layer_title_may_be_the_base_name_of_its_filepath() -> None:
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin", mt.TITLE: "a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+    )
+    assert layer_plans(signature(), model, (), source="t") == {}
