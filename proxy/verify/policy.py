@@ -720,6 +720,12 @@ def _requirement(
             f"{where}: {key} cannot be nested in signedBy (it names who signs the referrer: "
             f"one of {', '.join(SIGNATURE_KEYS)})"
         )
+    if signatures_only and key == "modelSigning":
+        raise PolicyError(
+            f"{where}: modelSigning cannot sign a required referrer: it signs files, not "
+            "the referrer's manifest, so it does not bind the referrer to its subject (use "
+            "cosign or notation)"
+        )
     if key == "referrers":
         return _referrers(value, base_dir, trust, material, f"{where}.referrers")
     if key == "attestation":

@@ -640,3 +640,16 @@ async def test_a_real_cosign_attestation_satisfies_only_its_predicate_type(
     assert verdict.allowed is allowed, verdict.reason
     if not allowed:
         assert f"required attestation {predicate} is missing or not signed" in verdict.reason
+
+
+# ---- who may sign a referrer --------------------------------------------------------------
+
+
+def test_refuses_model_signing_as_the_signer_of_a_required_referrer(policy_dir: Path) -> None:
+    """An OMS signature binds files, not the referrer's manifest: the same signed SBOM
+    file (with its model.sig) in a referrer naming any other model as subject verified,
+    so one signed SBOM vouched for every model. Only a signature over the referrer's
+    manifest digest binds its subject."""
+    require = "{referrers: [{artifactType: application/spdx+json, signedBy: {anyOf: [{cosign: {key: keys/sbom.pub}}, {modelSigning: {key: keys/sbom.pub}}]}}]}"
+    with pytest.raises(PolicyError, match=r"signedBy.*modelSigning.*subject"):
+        parse(REFERRER_SCOPE % require, policy_dir)
