@@ -653,3 +653,49 @@ def test_refuses_model_signing_as_the_signer_of_a_required_referrer(policy_dir: 
     require = "{referrers: [{artifactType: application/spdx+json, signedBy: {anyOf: [{cosign: {key: keys/sbom.pub}}, {modelSigning: {key: keys/sbom.pub}}]}}]}"
     with pytest.raises(PolicyError, match=r"signedBy.*modelSigning.*subject"):
         parse(REFERRER_SCOPE % require, policy_dir)
+
+
+# ---- index coverage across a reload ------------------------------------------------------
+
+COVERED_CHILD_POLICY = """\
+default: deny
+scopes:
+  - match: "registry.example.test/models/**"
+    artifactTypes: ['application/vnd.cncf.model.manifest.v1+json']
+    require: %s
+  - match: "registry.example.test/models/**"
+    require: {cosign: {key: keys/release.pub}}
+"""
+
+
+async def test_refuses_blobs_of_a_covered_child_after_a_reload_requires_its_sbom(
+    policy_dir: Path, keys: dict[str, cs.TestKey], tmp_path: Path
+) -> None:
+    """A child the index covered under the old policy keeps no blob allowance once its
+    own scope requires an SBOM (the index's scope, unchanged, no longer decides it),
+    in this worker and in a sibling reading the shared store."""
+    before = parse(COVERED_CHILD_POLICY % "{cosign: {key: keys/release.pub}}", policy_dir)
+    after = parse(
+        COVERED_CHILD_POLICY
+        % "{referrers: [{artifactType: application/spdx+json, signedBy: {cosign: {key: keys/release.pub}}}]}",
+        policy_dir,
+    )
+    child = model()
+    top = index(parsed(child))
+    registry = cs.MemoryRegistry()
+    registry.add(child)
+    registry.push_manifest(str(top.digest), top.raw, top.media_type)
+    sign(registry, keys["release"], top.digest)
+    store = tmp_path / "allowances.db"
+    SharedAllowances.create(store)
+    gate = SignatureGate(before, shared=SharedAllowances(store, covered_fingerprint=COVERED))
+    assert (await gate.check_manifest(REPO, top, registry)).allowed
+    assert (await gate.check_manifest(REPO, parsed(child), registry)).allowed
+    assert gate.blob_allowed(REPO, Digest.of(b"weights"))
+    sibling = SignatureGate(after, shared=SharedAllowances(store, covered_fingerprint=COVERED))
+    assert not sibling.blob_allowed(REPO, Digest.of(b"weights"))
+    assert gate.replace_policy(after)
+    assert gate.child_allowed(REPO, child.digest)  # the index's scope is unchanged
+    assert not gate.blob_allowed(REPO, Digest.of(b"weights"))
+    verdict = await gate.check_manifest(REPO, parsed(child), registry)
+    assert not verdict.allowed and f"required referrer {SPDX} is missing" in verdict.reason
