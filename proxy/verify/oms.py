@@ -307,7 +307,7 @@ def layer_plans(
             taken in raw_files or any(t.path == taken for t in layout.tar_layers)
         ):
             raise SignatureError(f"file {taken[:120]} is in two layers")
-    titles = [_clean_title(layer) for layer in raw_files.values()]
+    titles = [_clean_title(layer) for layer in model.layers]
     duplicates += sorted(t for t in set(titles) if t is not None and titles.count(t) > 1)
     if duplicates:
         raise SignatureError(f"file {duplicates[0][:120]} is in two layers")

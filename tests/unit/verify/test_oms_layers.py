@@ -295,3 +295,13 @@ def test_raw_layer_title_may_be_the_base_name_of_its_filepath() -> None:
         layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
     )
     assert layer_plans(signature(), model, (), source="t") == {}
+
+
+def test_refuses_tar_layer_titled_as_a_raw_file() -> None:
+    # A title-based unpacker writes the archive as config.json over the signed file.
+    model = manifest(
+        layer(TGZ, b"tar-1", **{mt.MODEL_FILEPATH: "w", mt.TITLE: "config.json"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+    )
+    with pytest.raises(SignatureError, match=r"config\.json is in two layers"):
+        layer_plans(signature(), model, (), source="t")
