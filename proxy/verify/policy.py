@@ -152,7 +152,8 @@ class Leaf:
     """One verifier (``cosign: {...}``, ``notation: {...}``, ``modelSigning: {...}``)."""
 
     verifier: Verifier
-    needs_referrers = False
+    needs_referrers: bool = False
+    """A cosign leaf with a predicateType: it requires an attestation of the manifest."""
 
     def describe(self) -> str:
         return self.verifier.describe()
@@ -748,7 +749,7 @@ def _requirement(
         verifier = _verifier(key, spec, base_dir, trust, where)
     except PolicyError as exc:
         raise PolicyError(f"{where}.{key}: {exc}") from exc
-    return Leaf(verifier)
+    return Leaf(verifier, needs_referrers=key == "cosign" and "predicateType" in spec)
 
 
 def _signed_by(

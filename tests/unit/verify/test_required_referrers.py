@@ -699,3 +699,25 @@ async def test_refuses_blobs_of_a_covered_child_after_a_reload_requires_its_sbom
     assert not gate.blob_allowed(REPO, Digest.of(b"weights"))
     verdict = await gate.check_manifest(REPO, parsed(child), registry)
     assert not verdict.allowed and f"required referrer {SPDX} is missing" in verdict.reason
+
+
+async def test_refuses_index_child_whose_own_scope_requires_a_cosign_predicate_type(
+    policy_dir: Path, keys: dict[str, cs.TestKey]
+) -> None:
+    """``cosign: {..., predicateType}`` requires an attestation of the child itself,
+    which the index's signature does not prove, like ``attestation:``."""
+    policy = parse(
+        COVERED_CHILD_POLICY
+        % "{cosign: {key: keys/release.pub, predicateType: https://spdx.dev/Document}}",
+        policy_dir,
+    )
+    child = model()
+    top = index(parsed(child))
+    registry = cs.MemoryRegistry()
+    registry.add(child)
+    registry.push_manifest(str(top.digest), top.raw, top.media_type)
+    sign(registry, keys["release"], top.digest)
+    gate = SignatureGate(policy)
+    assert (await gate.check_manifest(REPO, top, registry)).allowed
+    verdict = await gate.check_manifest(REPO, parsed(child), registry)
+    assert not verdict.allowed and "no cosign signature verified" in verdict.reason
