@@ -305,3 +305,53 @@ def test_refuses_tar_layer_titled_as_a_raw_file() -> None:
     )
     with pytest.raises(SignatureError, match=r"config\.json is in two layers"):
         layer_plans(signature(), model, (), source="t")
+
+
+async def test_refuses_real_model_sig_layer_retitled_over_a_swapped_file(tmp_path: Path) -> None:
+    """End to end with a real model_signing bundle: the model.sig layer retitled
+    config.json must not exempt a swapped config.json from the check."""
+    import model_signing
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder = tmp_path / "model"
+    (folder / "w").mkdir(parents=True)
+    (folder / "w" / "a.bin").write_bytes(WEIGHTS)
+    (folder / "config.json").write_bytes(CONFIG)
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "k.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (tmp_path / "k.pub").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    model_signing.signing.Config().use_elliptic_key_signer(private_key=tmp_path / "k.pem").sign(
+        folder, tmp_path / "model.sig"
+    )
+    bundle = (tmp_path / "model.sig").read_bytes()
+    evil = b'{"trust_remote_code": true}'
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "artifactType": mt.MODELPACK_ARTIFACT,
+        "config": layer(mt.MODELPACK_CONFIG, b"{}"),
+        "layers": [
+            layer(RAW, WEIGHTS, **{mt.TITLE: "w/a.bin"}),
+            layer(RAW, evil, **{mt.TITLE: "config.json"}),
+            layer(mt.SIGSTORE_BUNDLE_V03, bundle, **{mt.TITLE: "config.json"}),
+        ],
+    }
+    raw = json.dumps(doc).encode()
+    registry = cs.MemoryRegistry()
+    registry.push_blob(bundle)
+    digest = registry.push_manifest("v1", raw, mt.OCI_MANIFEST)
+    verifier = oms_verifier_from_spec({"key": "k.pub"}, base_dir=tmp_path, trust=TrustConfig())
+    subject = Subject("r.test", "models/kit", digest, mt.OCI_MANIFEST, len(raw))
+    result = await verifier.verify(subject, registry, Limits())
+    assert not result.ok and "config.json" in result.reason, result.reason
