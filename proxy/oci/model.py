@@ -52,6 +52,40 @@ def layer_path(layer: Descriptor) -> str | None:
     path = _filepath(layer) or (layer.annotations or {}).get(mt.TITLE)
     if not path:
         return None
+    return _clean(path)
+
+
+def unsafe_layer_name(layer: Descriptor) -> str | None:
+    """Why the file names ``layer``'s annotations give cannot be trusted, or None.
+
+    An unpacker writes a layer where its title or filepath says; the checks match the
+    name ``layer_path`` reads. So a name must not escape the model (absolute, ``..``),
+    and a raw layer's title and filepath must name the same file.
+    """
+    annotations = layer.annotations or {}
+    names = [annotations.get(k) for k in (mt.MODEL_FILEPATH, mt.MODEL_FILEPATH_CNAI, mt.TITLE)]
+    for name in filter(None, names):
+        if name.startswith("/"):
+            return f"layer {layer.digest} names an absolute path {name[:120]}"
+        if ".." in name.split("/"):
+            return f"layer {layer.digest} names {name[:120]}, which escapes the model with .."
+    filepath, title = _filepath(layer), annotations.get(mt.TITLE)
+    # A title may be the file's base name (unpackers that flatten); then titles must be
+    # unique (``layer_plans`` checks that).
+    if (
+        mt.layer_packing(layer.media_type) == "raw"
+        and filepath
+        and title
+        and _clean(title) not in (_clean(filepath), _clean(filepath).rsplit("/", 1)[-1])
+    ):
+        return (
+            f"layer {layer.digest} names two files: {filepath[:120]} (filepath) "
+            f"and {title[:120]} (title)"
+        )
+    return None
+
+
+def _clean(path: str) -> str:
     return "/".join(p for p in path.split("/") if p not in ("", "."))
 
 

@@ -163,7 +163,7 @@ class ManifestPath:
                 repo, manifest, _RepoSource(self, route, repository), pod=pod
             )
         except (UpstreamUnavailable, UpstreamTimeout) as exc:
-            return await self._serve_stored(repo, ref, exc)
+            return await self._serve_stored(repo, ref, exc, pod)
         verified_at = time.time()
         result = "allow" if verdict.allowed else "deny"
         self.metrics.verdicts.labels(result, verdict.mode, front).inc()
@@ -186,7 +186,7 @@ class ManifestPath:
         served = ServedManifest(manifest, verdict, verified_at)
         if remembered is None:
             self._remember_verified(repo, served)
-            await self._store_verified(repo, ref, served)
+            await self._store_verified(repo, ref, served, pod)
         return served
 
     def _verdict_ttl(self) -> float | None:
@@ -211,9 +211,10 @@ class ManifestPath:
             self._verified.popitem(last=False)
 
     async def _store_verified(
-        self, repo: RepoKey, ref: ManifestRef, served: ServedManifest
+        self, repo: RepoKey, ref: ManifestRef, served: ServedManifest, pod: Pod | None
     ) -> None:
-        """Keep an allowed manifest (and its tag) for when the upstream is down."""
+        """Keep an allowed manifest (and its tag) for when the upstream is down, with
+        the pod it was decided for (scopes for pods make that part of the decision)."""
         manifest, verdict = served.manifest, served.verdict
         record: dict[str, Any] = {
             "allowed": verdict.allowed,
@@ -223,6 +224,7 @@ class ManifestPath:
             "details": list(verdict.details),
             "verifiedAt": served.verified_at,
             "policyRevision": self._policy_revision(),
+            "pod": _pod_key(pod),
         }
 
         def write() -> None:
@@ -239,14 +241,15 @@ class ManifestPath:
         await asyncio.get_running_loop().run_in_executor(self.hash_pool, write)
 
     async def _serve_stored(
-        self, repo: RepoKey, ref: ManifestRef, cause: OCIError
+        self, repo: RepoKey, ref: ManifestRef, cause: OCIError, pod: Pod | None = None
     ) -> ServedManifest:
         """Serve a manifest verified earlier, because the upstream is unreachable.
 
         1. A tag resolves to its last verified digest only within ``tag_staleness``.
         2. The stored bytes are re-checked against the digest (the store does it).
         3. Only a verdict that allowed it for this very repository counts, and only
-           while it is within the verdict TTL.
+           while it is within the verdict TTL; where scopes differ by pod, only one
+           reached for the same pod (or, like this request, for none).
         Anything else re-raises the upstream error (503/504), with the reason.
         """
         loop = asyncio.get_running_loop()
@@ -277,6 +280,11 @@ class ManifestPath:
         if record.get("policyRevision", "") != self._policy_revision():
             raise type(cause)(
                 f"{cause.message}; {digest} was verified under another policy revision"
+            )
+        if self.gate.pod_scoped and ("pod" not in record or record["pod"] != _pod_key(pod)):
+            raise type(cause)(
+                f"{cause.message}; {digest} was verified for another pull context (scopes "
+                "for pods may decide it differently)"
             )
         manifest = parse_manifest(stored.raw, stored.media_type)
         details = record.get("details")
@@ -464,6 +472,13 @@ class ManifestPath:
         index = await self.fetch_referrers(route, repository, digest, artifact_type)
         descriptors: list[Descriptor] = list(index.manifests) if index is not None else []
         return build_index(descriptors)
+
+
+def _pod_key(pod: Pod | None) -> list[Any] | None:
+    """The pod a stored verdict was reached for, as JSON (None: no pod)."""
+    if pod is None:
+        return None
+    return [pod.namespace, [list(label) for label in pod.labels]]
 
 
 def _manifest_accept(client_accept: str | None) -> str:

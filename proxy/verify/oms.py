@@ -36,7 +36,8 @@ from model_signing._signing import sign_certificate, sign_ec_key, sign_sigstore_
 from proxy.oci.digest import Digest
 from proxy.oci.errors import OCIError, UpstreamTimeout, UpstreamUnavailable
 from proxy.oci.manifest import Descriptor, Manifest
-from proxy.oci.model import layer_path, model_layout
+from proxy.oci.mediatypes import MODEL_SIGNATURE_FILE
+from proxy.oci.model import layer_path, model_layout, unsafe_layer_name
 from proxy.pipeline.gate import ArtifactSource
 from proxy.pipeline.tarcheck import LayerPlan, ignored
 from proxy.verify.base import (
@@ -271,21 +272,53 @@ def layer_plans(
        one tar layer without that annotation holds the files no other layer holds.
     3. Every signed file (minus the ignore rules) is held by exactly one layer.
     """
+    for layer in model.layers:
+        problem = unsafe_layer_name(layer)
+        if problem is not None:
+            raise SignatureError(problem)
     layout = model_layout(model)
-    if layout.duplicates:
-        raise SignatureError(f"file {layout.duplicates[0][:120]} is in two layers")
-    if layout.unnamed:
-        layer = layout.unnamed[0]
-        raise SignatureError(f"layer {layer.digest} names no file (no {TITLE} annotation)")
+    raw_files = dict(layout.raw_files)
+    duplicates = list(layout.duplicates)
+    nameless = list(layout.unnamed)
     skip = ignore + signature.ignore
+    tar_skip: tuple[str, ...] = ()
+    for layer in layout.signature_layers:
+        path = layer_path(layer)
+        if in_artifact is not None and layer == in_artifact:
+            # The verified signature itself: only a model.sig file, never a model file
+            # or directory (its path is left out of the tar layers' checks).
+            if path is not None and path.rsplit("/", 1)[-1] != MODEL_SIGNATURE_FILE:
+                raise SignatureError(
+                    f"the signature layer is named {path[:120]}, not {MODEL_SIGNATURE_FILE}"
+                )
+            tar_skip = (path or MODEL_SIGNATURE_FILE,)
+            continue
+        # Any other signature layer is bytes this signature does not cover: a file like
+        # any other (signed, or under an ignore rule).
+        if path is None:
+            nameless.append(layer)
+        elif path in raw_files:
+            duplicates.append(path)
+        else:
+            raw_files[path] = layer
     if in_artifact is not None:
-        skip += (layer_path(in_artifact) or "model.sig",)
+        taken = layer_path(in_artifact)
+        if taken is not None and (
+            taken in raw_files or any(t.path == taken for t in layout.tar_layers)
+        ):
+            raise SignatureError(f"file {taken[:120]} is in two layers")
+    titles = [_clean_title(layer) for layer in model.layers]
+    duplicates += sorted(t for t in set(titles) if t is not None and titles.count(t) > 1)
+    if duplicates:
+        raise SignatureError(f"file {duplicates[0][:120]} is in two layers")
+    if nameless:
+        raise SignatureError(f"layer {nameless[0].digest} names no file (no {TITLE} annotation)")
     signed = {n: d for n, d in signature.files.items() if not ignored(n, skip)}
     # 1. raw layers
-    for path, layer in sorted(layout.raw_files.items()):
+    for path, layer in sorted(raw_files.items()):
         if layer.digest.algorithm != "sha256":
             raise SignatureError(f"layer {path[:80]} is not sha256-addressed")
-    raw = {p: layer.digest.hex for p, layer in layout.raw_files.items()}
+    raw = {p: layer.digest.hex for p, layer in raw_files.items()}
     if not layout.tar_layers:
         check_files(ModelSignature(signed, signature.predicate_type), raw, skip)
         return {}
@@ -328,13 +361,18 @@ def layer_plans(
         tar.descriptor.digest: LayerPlan(
             compression=tar.compression,
             files=tuple(sorted(held[tar.descriptor.digest].items())),
-            ignore=skip,
+            ignore=skip + tar_skip,
             allow_symlinks=signature.allow_symlinks,
             signed=all_signed,
             source=source,
         )
         for tar in layout.tar_layers
     }
+
+
+def _clean_title(layer: Descriptor) -> str | None:
+    title = (layer.annotations or {}).get(TITLE)
+    return "/".join(p for p in title.split("/") if p not in ("", ".")) if title else None
 
 
 # ---- the verifier ---------------------------------------------------------------------

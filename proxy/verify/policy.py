@@ -152,7 +152,8 @@ class Leaf:
     """One verifier (``cosign: {...}``, ``notation: {...}``, ``modelSigning: {...}``)."""
 
     verifier: Verifier
-    needs_referrers = False
+    needs_referrers: bool = False
+    """A cosign leaf with a predicateType: it requires an attestation of the manifest."""
 
     def describe(self) -> str:
         return self.verifier.describe()
@@ -720,6 +721,12 @@ def _requirement(
             f"{where}: {key} cannot be nested in signedBy (it names who signs the referrer: "
             f"one of {', '.join(SIGNATURE_KEYS)})"
         )
+    if signatures_only and key == "modelSigning":
+        raise PolicyError(
+            f"{where}: modelSigning cannot sign a required referrer: it signs files, not "
+            "the referrer's manifest, so it does not bind the referrer to its subject (use "
+            "cosign or notation)"
+        )
     if key == "referrers":
         return _referrers(value, base_dir, trust, material, f"{where}.referrers")
     if key == "attestation":
@@ -742,7 +749,7 @@ def _requirement(
         verifier = _verifier(key, spec, base_dir, trust, where)
     except PolicyError as exc:
         raise PolicyError(f"{where}.{key}: {exc}") from exc
-    return Leaf(verifier)
+    return Leaf(verifier, needs_referrers=key == "cosign" and "predicateType" in spec)
 
 
 def _signed_by(

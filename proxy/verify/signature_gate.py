@@ -207,7 +207,9 @@ class SignatureGate:
     def _retain_allowances(self, policy: Policy) -> None:
         def unchanged(repo: RepoKey, artifact: ArtifactKind | None, fingerprint: str) -> bool:
             if fingerprint == COVERED:
-                return True  # kept while the covering index is (_drop_uncovered)
+                # Kept while the covering index is (_drop_uncovered), unless the
+                # manifest's own scope now requires its referrers (no index proves those).
+                return not _needs_own_referrers(policy, repo, artifact, None)
             scope = policy.scope_for(repo, artifact)
             return fingerprint != "" and _fingerprint(policy, scope) == fingerprint
 
@@ -296,7 +298,7 @@ class SignatureGate:
         context.
         """
         if self.child_allowed(repo, manifest.digest) and not _needs_own_referrers(
-            policy, repo, manifest, pod
+            policy, repo, manifest.kind, pod
         ):
             return _COVERED_DECISION, False
         pod_scope: Scope | None = None
@@ -377,7 +379,10 @@ class SignatureGate:
     def _counts_here(self, grant: Grant, *, depth: int) -> bool:
         """Whether this worker's policy in force would keep ``grant`` (reload rule)."""
         if grant.fingerprint == COVERED:
-            # Coverage counts while a grant that counts here still covers the manifest.
+            # Coverage counts while a grant that counts here still covers the manifest,
+            # and its own scope here does not require its referrers.
+            if _needs_own_referrers(self._policy, grant.repo, grant.artifact, None):
+                return False
             return depth < MAX_COVER_DEPTH and self._allowed(
                 self._children, CHILDREN, grant.repo, grant.manifest, depth=depth + 1
             )
@@ -733,12 +738,12 @@ class SignatureGate:
 
 
 def _needs_own_referrers(
-    policy: Policy, repo: RepoKey, manifest: Manifest, pod: Pod | None
+    policy: Policy, repo: RepoKey, kind: ArtifactKind | None, pod: Pod | None
 ) -> bool:
-    """Whether the manifest's own scope requires referrers of it (an SBOM, an
+    """Whether the scope of a manifest of ``kind`` requires referrers of it (an SBOM, an
     attestation): an index's signature covers a child's digest, not those, so such a
     child is decided by its own scope."""
-    scope = policy.scope_for(repo, manifest.kind, pod)
+    scope = policy.scope_for(repo, kind, pod)
     return (
         scope is not None
         and scope.mode != "allow"

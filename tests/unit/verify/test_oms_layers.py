@@ -189,3 +189,169 @@ async def test_model_sig_layer_verifies_and_hands_plans_to_the_source(tmp_path: 
     subject = Subject("r.test", "models/kit", other, mt.OCI_MANIFEST, len(raw))
     result = await verifier.verify(subject, registry, Limits())
     assert not result.ok and "config.json" in result.reason
+
+
+# ---- hostile layouts: a signature layer or a name that dodges the file check ------------
+
+
+def test_refuses_model_sig_layer_named_as_a_model_file() -> None:
+    # The verified model.sig layer, retitled as a signed file, must not hide that file
+    # (its path was skipped like an ignore rule, so a swapped w/a.bin went unchecked).
+    model = manifest(
+        layer(RAW, b"evil weights", **{mt.TITLE: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+        layer(mt.SIGSTORE_BUNDLE_V03, b"bundle", **{mt.TITLE: "w/a.bin"}),
+    )
+    with pytest.raises(SignatureError, match=r"w/a\.bin"):
+        layer_plans(signature(), model, (), source="t", in_artifact=model.layers[2])
+
+
+def test_refuses_model_sig_layer_named_as_a_directory_of_the_model() -> None:
+    model = manifest(
+        layer(TGZ, b"evil tar", **{mt.MODEL_FILEPATH: "w"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+        layer(mt.SIGSTORE_BUNDLE_V03, b"bundle", **{mt.TITLE: "w"}),
+    )
+    with pytest.raises(SignatureError):
+        layer_plans(signature(), model, (), source="t", in_artifact=model.layers[2])
+
+
+def test_refuses_file_under_the_model_sig_path() -> None:
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.TITLE: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+        layer(RAW, b"unsigned", **{mt.TITLE: "model.sig/extra.bin"}),
+        layer(mt.SIGSTORE_BUNDLE_V03, b"bundle", **{mt.TITLE: "model.sig"}),
+    )
+    with pytest.raises(SignatureError, match=r"model\.sig/extra\.bin is not covered"):
+        layer_plans(signature(), model, (), source="t", in_artifact=model.layers[3])
+
+
+def test_refuses_unverified_signature_layer_titled_as_a_model_file() -> None:
+    # Verified through a referrer: a bundle-typed layer titled as a weight file is
+    # bytes the signature never covered, written over the signed file by an unpacker.
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.TITLE: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+        layer(mt.SIGSTORE_BUNDLE_V03, b"evil weights", **{mt.TITLE: "w/a.bin"}),
+    )
+    with pytest.raises(SignatureError, match=r"w/a\.bin"):
+        layer_plans(signature(), model, (), source="t")
+
+
+def test_refuses_second_model_sig_layer_next_to_the_verified_one() -> None:
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.TITLE: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+        layer(mt.SIGSTORE_BUNDLE_V03, b"bundle", **{mt.TITLE: "model.sig"}),
+        layer(RAW, b"anything at all", **{mt.TITLE: "w/model.sig"}),
+    )
+    with pytest.raises(SignatureError, match=r"w/model\.sig"):
+        layer_plans(signature(), model, (), source="t", in_artifact=model.layers[2])
+
+
+def test_refuses_raw_layer_escaping_with_dotdot_under_an_ignored_path() -> None:
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.TITLE: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+        layer(RAW, b"payload", **{mt.TITLE: "docs/../../../home/u/.bashrc"}),
+    )
+    with pytest.raises(SignatureError, match=r"escapes"):
+        layer_plans(signature(), model, ("docs",), source="t")
+
+
+def test_refuses_raw_layer_with_an_absolute_path() -> None:
+    files = {"etc/cron.d/x": hashlib.sha256(CONFIG).hexdigest()}
+    model = manifest(layer(RAW, CONFIG, **{mt.TITLE: "/etc/cron.d/x"}))
+    with pytest.raises(SignatureError, match=r"absolute"):
+        layer_plans(signature(files), model, (), source="t")
+
+
+def test_refuses_raw_layer_whose_title_and_filepath_disagree() -> None:
+    # Checked as config.json (filepath), written as w/a.bin by a title-based unpacker.
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.MODEL_FILEPATH: "config.json", mt.TITLE: "w/a.bin"}),
+    )
+    with pytest.raises(SignatureError, match=r"names two files"):
+        layer_plans(signature(), model, (), source="t")
+
+
+def test_refuses_raw_layers_whose_titles_name_one_file() -> None:
+    # Titles as base names: both layers would be written as a.bin by a title-based unpacker.
+    files = {**SIGNED, "a.bin": hashlib.sha256(CONFIG).hexdigest()}
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin", mt.TITLE: "a.bin"}),
+        layer(RAW, CONFIG, **{mt.MODEL_FILEPATH: "a.bin", mt.TITLE: "a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+    )
+    with pytest.raises(SignatureError, match=r"a\.bin is in two layers"):
+        layer_plans(signature(files), model, (), source="t")
+
+
+def test_raw_layer_title_may_be_the_base_name_of_its_filepath() -> None:
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin", mt.TITLE: "a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+    )
+    assert layer_plans(signature(), model, (), source="t") == {}
+
+
+def test_refuses_tar_layer_titled_as_a_raw_file() -> None:
+    # A title-based unpacker writes the archive as config.json over the signed file.
+    model = manifest(
+        layer(TGZ, b"tar-1", **{mt.MODEL_FILEPATH: "w", mt.TITLE: "config.json"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+    )
+    with pytest.raises(SignatureError, match=r"config\.json is in two layers"):
+        layer_plans(signature(), model, (), source="t")
+
+
+async def test_refuses_real_model_sig_layer_retitled_over_a_swapped_file(tmp_path: Path) -> None:
+    """End to end with a real model_signing bundle: the model.sig layer retitled
+    config.json must not exempt a swapped config.json from the check."""
+    import model_signing
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder = tmp_path / "model"
+    (folder / "w").mkdir(parents=True)
+    (folder / "w" / "a.bin").write_bytes(WEIGHTS)
+    (folder / "config.json").write_bytes(CONFIG)
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "k.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (tmp_path / "k.pub").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    model_signing.signing.Config().use_elliptic_key_signer(private_key=tmp_path / "k.pem").sign(
+        folder, tmp_path / "model.sig"
+    )
+    bundle = (tmp_path / "model.sig").read_bytes()
+    evil = b'{"trust_remote_code": true}'
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "artifactType": mt.MODELPACK_ARTIFACT,
+        "config": layer(mt.MODELPACK_CONFIG, b"{}"),
+        "layers": [
+            layer(RAW, WEIGHTS, **{mt.TITLE: "w/a.bin"}),
+            layer(RAW, evil, **{mt.TITLE: "config.json"}),
+            layer(mt.SIGSTORE_BUNDLE_V03, bundle, **{mt.TITLE: "config.json"}),
+        ],
+    }
+    raw = json.dumps(doc).encode()
+    registry = cs.MemoryRegistry()
+    registry.push_blob(bundle)
+    digest = registry.push_manifest("v1", raw, mt.OCI_MANIFEST)
+    verifier = oms_verifier_from_spec({"key": "k.pub"}, base_dir=tmp_path, trust=TrustConfig())
+    subject = Subject("r.test", "models/kit", digest, mt.OCI_MANIFEST, len(raw))
+    result = await verifier.verify(subject, registry, Limits())
+    assert not result.ok and "config.json" in result.reason, result.reason

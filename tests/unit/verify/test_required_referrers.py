@@ -640,3 +640,84 @@ async def test_a_real_cosign_attestation_satisfies_only_its_predicate_type(
     assert verdict.allowed is allowed, verdict.reason
     if not allowed:
         assert f"required attestation {predicate} is missing or not signed" in verdict.reason
+
+
+# ---- who may sign a referrer --------------------------------------------------------------
+
+
+def test_refuses_model_signing_as_the_signer_of_a_required_referrer(policy_dir: Path) -> None:
+    """An OMS signature binds files, not the referrer's manifest: the same signed SBOM
+    file (with its model.sig) in a referrer naming any other model as subject verified,
+    so one signed SBOM vouched for every model. Only a signature over the referrer's
+    manifest digest binds its subject."""
+    require = "{referrers: [{artifactType: application/spdx+json, signedBy: {anyOf: [{cosign: {key: keys/sbom.pub}}, {modelSigning: {key: keys/sbom.pub}}]}}]}"
+    with pytest.raises(PolicyError, match=r"signedBy.*modelSigning.*subject"):
+        parse(REFERRER_SCOPE % require, policy_dir)
+
+
+# ---- index coverage across a reload ------------------------------------------------------
+
+COVERED_CHILD_POLICY = """\
+default: deny
+scopes:
+  - match: "registry.example.test/models/**"
+    artifactTypes: ['application/vnd.cncf.model.manifest.v1+json']
+    require: %s
+  - match: "registry.example.test/models/**"
+    require: {cosign: {key: keys/release.pub}}
+"""
+
+
+async def test_refuses_blobs_of_a_covered_child_after_a_reload_requires_its_sbom(
+    policy_dir: Path, keys: dict[str, cs.TestKey], tmp_path: Path
+) -> None:
+    """A child the index covered under the old policy keeps no blob allowance once its
+    own scope requires an SBOM (the index's scope, unchanged, no longer decides it),
+    in this worker and in a sibling reading the shared store."""
+    before = parse(COVERED_CHILD_POLICY % "{cosign: {key: keys/release.pub}}", policy_dir)
+    after = parse(
+        COVERED_CHILD_POLICY
+        % "{referrers: [{artifactType: application/spdx+json, signedBy: {cosign: {key: keys/release.pub}}}]}",
+        policy_dir,
+    )
+    child = model()
+    top = index(parsed(child))
+    registry = cs.MemoryRegistry()
+    registry.add(child)
+    registry.push_manifest(str(top.digest), top.raw, top.media_type)
+    sign(registry, keys["release"], top.digest)
+    store = tmp_path / "allowances.db"
+    SharedAllowances.create(store)
+    gate = SignatureGate(before, shared=SharedAllowances(store, covered_fingerprint=COVERED))
+    assert (await gate.check_manifest(REPO, top, registry)).allowed
+    assert (await gate.check_manifest(REPO, parsed(child), registry)).allowed
+    assert gate.blob_allowed(REPO, Digest.of(b"weights"))
+    sibling = SignatureGate(after, shared=SharedAllowances(store, covered_fingerprint=COVERED))
+    assert not sibling.blob_allowed(REPO, Digest.of(b"weights"))
+    assert gate.replace_policy(after)
+    assert gate.child_allowed(REPO, child.digest)  # the index's scope is unchanged
+    assert not gate.blob_allowed(REPO, Digest.of(b"weights"))
+    verdict = await gate.check_manifest(REPO, parsed(child), registry)
+    assert not verdict.allowed and f"required referrer {SPDX} is missing" in verdict.reason
+
+
+async def test_refuses_index_child_whose_own_scope_requires_a_cosign_predicate_type(
+    policy_dir: Path, keys: dict[str, cs.TestKey]
+) -> None:
+    """``cosign: {..., predicateType}`` requires an attestation of the child itself,
+    which the index's signature does not prove, like ``attestation:``."""
+    policy = parse(
+        COVERED_CHILD_POLICY
+        % "{cosign: {key: keys/release.pub, predicateType: https://spdx.dev/Document}}",
+        policy_dir,
+    )
+    child = model()
+    top = index(parsed(child))
+    registry = cs.MemoryRegistry()
+    registry.add(child)
+    registry.push_manifest(str(top.digest), top.raw, top.media_type)
+    sign(registry, keys["release"], top.digest)
+    gate = SignatureGate(policy)
+    assert (await gate.check_manifest(REPO, top, registry)).allowed
+    verdict = await gate.check_manifest(REPO, parsed(child), registry)
+    assert not verdict.allowed and "no cosign signature verified" in verdict.reason
