@@ -194,20 +194,26 @@ class Transport:
         """Send the request; the open response once its headers arrived.
 
         Raises ``TransportFailed`` for a refused or timed-out connection, no headers
-        within ``firstByte`` seconds, or a broken exchange.
+        within ``firstByte`` seconds (nor complete ones within ``connect`` +
+        ``firstByte``), or a broken exchange.
         """
+        # ``sock_read`` restarts with every byte: a transport dripping its headers
+        # would never hit it. The whole exchange up to the headers (redirects
+        # included) gets connect + firstByte, no more.
+        deadline = self.config.connect + self.config.first_byte
         try:
-            response = await self._session.request(
-                method,
-                self.url(path),
-                # No Authorization, ever: a transport is not trusted with credentials
-                # (the configured headers cannot carry any, see proxy.config).
-                headers=dict(self.config.headers),
-                allow_redirects=True,
-                max_redirects=5,
-                timeout=self._timeout,
-                ssl=self._ssl,
-            )
+            async with asyncio.timeout(deadline):
+                response = await self._session.request(
+                    method,
+                    self.url(path),
+                    # No Authorization, ever: a transport is not trusted with credentials
+                    # (the configured headers cannot carry any, see proxy.config).
+                    headers=dict(self.config.headers),
+                    allow_redirects=True,
+                    max_redirects=5,
+                    timeout=self._timeout,
+                    ssl=self._ssl,
+                )
         except aiohttp.ConnectionTimeoutError as exc:
             detail = f"no connection within {self.config.connect}s"
             raise TransportFailed("timeout", detail) from exc
@@ -218,7 +224,9 @@ class Transport:
         except aiohttp.ClientConnectorError as exc:
             raise TransportFailed("refused", f"cannot connect: {exc.os_error}") from exc
         except TimeoutError as exc:
-            raise TransportFailed("timeout", "timed out") from exc
+            raise TransportFailed(
+                "first_byte", f"no complete response headers within {deadline}s of the request"
+            ) from exc
         except aiohttp.ClientError as exc:
             raise TransportFailed("error", f"{type(exc).__name__}: {exc}") from exc
         # The first-byte timeout covered the headers; the body gets the read timeout.

@@ -708,3 +708,144 @@ async def test_without_hedging_a_missing_blob_asks_one_transport_at_a_time(
             for name in ("first", "second"):
                 missing = {"registry": REGISTRY, "transport": name, "reason": "not_found"}
                 assert sample(mirror, "pullgate_transport_failovers_total", **missing) == 1
+
+
+# ---- a hostile transport (security review) -----------------------------------------
+
+
+class DripServer:
+    """Answers a status line, then drips header bytes one at a time and never ends the
+    headers (bounded: it gives up after ``limit`` seconds): a transport that keeps a
+    per-read timer alive while never answering."""
+
+    def __init__(self, *, every: float = 0.05, limit: float = 60.0) -> None:
+        self._every = every
+        self._limit = limit
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        self._sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            thread = threading.Thread(target=self._drip, args=(conn,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+                for _ in range(int(self._limit / self._every)):
+                    if self._stop.wait(self._every):
+                        return
+                    conn.sendall(b"a")
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for thread in self._threads:
+            thread.join(5)
+        self._sock.close()
+
+
+async def test_refuses_to_wait_past_first_byte_for_headers_a_transport_drips(
+    origin: RecordingRegistry, image: Image, policy_file: Path
+) -> None:
+    drip = DripServer()
+    try:
+        async with serve_fake_registry(origin) as origin_url:
+            config = with_transports(
+                origin_url,
+                [transport(drip.url, "drip", first_byte=0.5, read=30, down_for=300)],
+                policy=policy_file,
+                cache_dir=None,
+            )
+            async with start_mirror(config) as mirror:
+                layer = image.layers[0]
+                # The drip keeps a per-read timer alive for a minute; firstByte bounds
+                # the whole wait for the headers, so the origin takes over long before.
+                status, body, cut = await asyncio.wait_for(pull_blob(mirror, image, layer), 20)
+                assert (status, cut) == (200, False)
+                assert Digest.of(body) == layer
+                assert blob_gets(origin, layer) == 1
+                assert drip.accepted == 1
+                timed_out = {"registry": REGISTRY, "transport": "drip", "reason": "first_byte"}
+                assert sample(mirror, "pullgate_transport_marked_bad_total", **timed_out) == 1
+    finally:
+        drip.close()
+
+
+class CookieRegistry(RecordingRegistry):
+    """A registry that sets a cookie on every answer and records the ones it is sent."""
+
+    def __init__(self, cookie: str) -> None:
+        super().__init__()
+        self.cookie = cookie
+        self.cookies_seen: list[str] = []
+
+    def app(self) -> web.Application:
+        app = super().app()
+
+        @web.middleware
+        async def cookies(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            if "Cookie" in request.headers:
+                self.cookies_seen.append(request.headers["Cookie"])
+            response = await handler(request)
+            response.headers.add("Set-Cookie", f"{self.cookie}; Path=/")
+            return response
+
+        app.middlewares.append(cookies)
+        return app
+
+
+async def test_refuses_to_carry_cookies_between_the_origin_and_a_transport(
+    policy_file: Path,
+) -> None:
+    origin = CookieRegistry("origin_session=origin-secret")
+    image = origin.add_image("app/web", "1.0", LAYER, b"second layer")
+    cache = CookieRegistry("planted=by-the-transport")
+    cache.blobs[image.layers[0]] = origin.blobs[image.layers[0]]
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(cache) as cache_url,
+    ):
+        # One host name for both, as a node-local cache next to a same-host origin, or
+        # a cache and an origin under one parent domain: cookies ignore ports.
+        origin_url = origin_url.replace("127.0.0.1", "localhost")
+        cache_url = cache_url.replace("127.0.0.1", "localhost")
+        config = with_transports(
+            origin_url, [transport(cache_url, "regional")], policy=policy_file, cache_dir=None
+        )
+        async with start_mirror(config) as mirror:
+            # The origin answers the manifest (and sets its cookie), the transport the
+            # first layer (and plants one), the origin the second layer.
+            for layer in image.layers:
+                status, body, cut = await pull_blob(mirror, image, layer)
+                assert (status, cut) == (200, False)
+                assert Digest.of(body) == layer
+            assert blob_gets(cache, image.layers[0]) == 1
+            assert blob_gets(origin, image.layers[1]) == 1
+            assert cache.cookies_seen == []
+            assert origin.cookies_seen == []
