@@ -281,7 +281,8 @@ class TransportChain:
            a 5xx/429 marks it down and moves on.
         3. A 401, 403 or 404 means it has not got the blob: the next one is asked.
         4. A 200 is returned, tied to the transport: its bytes are counted under its
-           name and a digest mismatch reported on it marks it bad.
+           name and a digest mismatch reported on it marks it bad. A 200 without a
+           Content-Length is not used (``no_length``): nothing would bound its body.
         5. Hedging: a transport with ``hedgeAfter`` that has not answered by then is
            raced by the next candidate (transport or origin); the first usable answer
            wins and the others are cancelled. Without it, one at a time.
@@ -356,6 +357,17 @@ class TransportChain:
             self._failover(transport, exc.reason)
             return None
         status = response.status
+        if status == 200 and response.content_length is None:
+            # Nothing would bound what a fill writes to the disk for it: not usable.
+            response.close()
+            log.info(
+                "transport %s of %s answered %s without a length; trying the next",
+                transport.name,
+                self.registry,
+                path,
+            )
+            self._failover(transport, "no_length")
+            return None
         if status == 200:
             log.debug("blob %s from transport %s of %s", path, transport.name, self.registry)
             return UpstreamResponse(

@@ -849,3 +849,67 @@ async def test_refuses_to_carry_cookies_between_the_origin_and_a_transport(
             assert blob_gets(origin, image.layers[1]) == 1
             assert cache.cookies_seen == []
             assert origin.cookies_seen == []
+
+
+class EndlessRegistry(FakeRegistry):
+    """Answers every blob request 200 with a chunked body of no announced length that
+    goes on (bounded: ``limit`` bytes) for as long as the reader reads."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.sent = 0
+
+    def app(self) -> web.Application:
+        app = super().app()
+
+        @web.middleware
+        async def endless(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            if "/blobs/" not in request.path:
+                return await handler(request)
+            self.seen.append(
+                Seen(request.method, request.path, dict(request.query), request.query_string)
+            )
+            response = web.StreamResponse(status=200)
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            piece = b"\0" * (1024 * 1024)
+            try:
+                while self.sent < self.limit:
+                    await response.write(piece)
+                    self.sent += len(piece)
+            except (ConnectionError, RuntimeError):
+                pass
+            return response
+
+        app.middlewares.append(endless)
+        return app
+
+
+async def test_refuses_a_transport_body_without_a_length_that_could_fill_the_cache(
+    origin: RecordingRegistry, image: Image, policy_file: Path, tmp_path: Path
+) -> None:
+    endless = EndlessRegistry(limit=64 * 1024 * 1024)
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(endless) as endless_url,
+    ):
+        config = with_transports(
+            origin_url,
+            [transport(endless_url, "endless")],
+            policy=policy_file,
+            cache_dir=tmp_path / "cache",
+        )
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            status, body, cut = await asyncio.wait_for(pull_blob(mirror, image, layer), 60)
+            # Without a length nothing bounds what a fill would write to the disk: such
+            # an answer is not used, and the origin serves the blob.
+            assert (status, cut) == (200, False)
+            assert Digest.of(body) == layer
+            assert blob_gets(origin, layer) == 1
+            assert endless.sent < endless.limit
+            unusable = {"registry": REGISTRY, "transport": "endless", "reason": "no_length"}
+            assert sample(mirror, "pullgate_transport_failovers_total", **unusable) == 1
