@@ -30,6 +30,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import ssl
 import time
@@ -49,6 +50,8 @@ log = logging.getLogger("pullgate.transports")
 # Statuses that mean "not here", not "unwell": the next transport is asked, and the
 # transport stays in use for other blobs.
 NOT_HERE_STATUSES = frozenset({401, 403, 404})
+# A shared mark file is a few dozen bytes; more is not one.
+MAX_MARK_BYTES = 4096
 
 
 class TransportFailed(Exception):
@@ -66,7 +69,8 @@ class SharedMarks:
     corrupting cache costs one pull per node, not one per worker.
 
     One small JSON file per transport, ``{"until": <unix time>, "reason": ...}``,
-    replaced atomically; a reader looks at it only when its mtime changed.
+    replaced atomically; a reader looks at it only when it changed (another inode or
+    mtime: file timestamps are coarse, two marks in one tick share an mtime).
     """
 
     def __init__(self, directory: Path) -> None:
@@ -86,14 +90,22 @@ class SharedMarks:
             log.warning("cannot share a transport mark in %s: %s", self.directory, exc)
 
     @staticmethod
-    def read(path: Path, seen_mtime: int) -> tuple[int, float, str] | None:
-        """(mtime, until, reason) if the file changed since ``seen_mtime``, else None."""
+    def read(path: Path, seen: tuple[int, int]) -> tuple[tuple[int, int], float, str] | None:
+        """((inode, mtime), until, reason) if the file changed since ``seen``, else
+        None (also for a file that is not a mark: a finite ``until``, a ``reason``)."""
         try:
-            mtime = path.stat().st_mtime_ns
-            if mtime == seen_mtime:
+            stat = path.stat()
+            key = (stat.st_ino, stat.st_mtime_ns)
+            if key == seen:
                 return None
-            doc = json.loads(path.read_text())
-            return mtime, float(doc["until"]), str(doc["reason"])
+            with open(path, "rb") as file:
+                doc = json.loads(file.read(MAX_MARK_BYTES))
+            until = doc["until"]
+            if isinstance(until, bool) or not isinstance(until, (int, float)):
+                return None
+            if not math.isfinite(until):
+                return None
+            return key, float(until), str(doc["reason"])[:200]
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -115,7 +127,7 @@ class Transport:
         self.name = config.name
         self._marks = marks
         self._mark_path = marks.path(registry, config.name) if marks is not None else None
-        self._seen_mtime = 0
+        self._seen_mark = (0, 0)
         self.registry = registry
         self._session = session
         self._metrics = metrics
@@ -137,11 +149,13 @@ class Transport:
             return True
         if self._mark_path is None:
             return False
-        shared = SharedMarks.read(self._mark_path, self._seen_mtime)
+        shared = SharedMarks.read(self._mark_path, self._seen_mark)
         if shared is None:
             return False
-        self._seen_mtime, until, reason = shared
-        left = until - time.time()
+        self._seen_mark, until, reason = shared
+        # Never longer than this transport's own periods (a wall clock stepped back,
+        # a file that is not what a worker writes).
+        left = min(until - time.time(), max(self.config.bad_for, self.config.down_for))
         if left <= 0:
             return False
         self._bypassed_until = self._clock() + left

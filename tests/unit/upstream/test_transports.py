@@ -9,6 +9,7 @@ wrong digest marks it bad, a dead or silent one marks it down, and the next tran
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -913,3 +914,66 @@ async def test_refuses_a_transport_body_without_a_length_that_could_fill_the_cac
             assert endless.sent < endless.limit
             unusable = {"registry": REGISTRY, "transport": "endless", "reason": "no_length"}
             assert sample(mirror, "pullgate_transport_failovers_total", **unusable) == 1
+
+
+@pytest.mark.parametrize(
+    "until",
+    ["1e300", "Infinity", "NaN", '"soon"', "null"],
+    ids=["far-future", "infinity", "nan", "string", "null"],
+)
+async def test_refuses_a_shared_mark_beyond_the_transports_own_periods(
+    tmp_path: Path, until: str
+) -> None:
+    """A mark file another worker wrote (or one written before the wall clock stepped
+    back) never bypasses a transport longer than its own badFor/downFor."""
+    now = [1000.0]
+    metrics = Metrics()
+    config = (transport("http://127.0.0.1:9", "t", bad_for=60, down_for=5),)
+    async with new_upstream_session() as session:
+        marks = SharedMarks(tmp_path / "transports")
+        (reader,) = TransportChain(
+            registry=REGISTRY,
+            transports=config,
+            session=session,
+            metrics=metrics,
+            clock=lambda: now[0],
+            marks=marks,
+        ).transports
+        path = marks.path(REGISTRY, "t")
+        path.write_text('{"until": ' + until + ', "reason": "digest"}')
+        reader.bypassed()
+        assert reader.bypassed_for() <= 60
+        now[0] += 61
+        assert not reader.bypassed()
+
+
+async def test_a_mark_replaced_within_one_timestamp_tick_is_still_seen(tmp_path: Path) -> None:
+    """File timestamps are coarse (a kernel tick): a second mark written right after the
+    first can carry the same mtime, and must not be taken for the one already read."""
+    now = [1000.0]
+    metrics = Metrics()
+    config = (transport("http://127.0.0.1:9", "t", bad_for=600, down_for=5),)
+    async with new_upstream_session() as session:
+        marks = SharedMarks(tmp_path / "transports")
+        writer, reader = (
+            TransportChain(
+                registry=REGISTRY,
+                transports=config,
+                session=session,
+                metrics=metrics,
+                clock=lambda: now[0],
+                marks=marks,
+            ).transports[0]
+            for _ in range(2)
+        )
+        writer.mark("refused", bad=False)
+        assert reader.bypassed()
+        path = marks.path(REGISTRY, "t")
+        first = path.stat().st_mtime_ns
+        writer.report_broken("digest")
+        os.utime(path, ns=(first, first))  # the same tick
+        # Past the first (down) mark, the second (bad) one still holds.
+        now[0] += 6
+        assert reader.bypassed()
+        assert reader.reason == "digest"
+        assert reader.bypassed_for() > 60
