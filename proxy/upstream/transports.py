@@ -336,6 +336,7 @@ class TransportChain:
                     self._failover(latest, "hedged")
                     start_next()
                     continue
+                winner: UpstreamResponse | None = None
                 for task in done:
                     del running[task]
                     try:
@@ -343,8 +344,14 @@ class TransportChain:
                     except OCIError as exc:  # only the origin raises
                         origin_error = exc
                         continue
-                    if response is not None:
-                        return response
+                    if response is None:
+                        continue
+                    if winner is None:
+                        winner = response
+                    else:  # answered in the same turn, and lost: free its connection
+                        response.close()
+                if winner is not None:
+                    return winner
                 # The latest started answered "not here" or failed: ask the next now,
                 # even while an earlier, hedged one is still on its way.
                 if started < len(candidates) and started - 1 not in running.values():

@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from proxy.cli.status import transport_lines
 from proxy.config import (
@@ -31,6 +32,7 @@ from proxy.config import (
 )
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
+from proxy.upstream.client import UpstreamResponse
 from proxy.upstream.session import new_upstream_session
 from proxy.upstream.transports import SharedMarks, TransportChain
 from tests.support.inprocess import (
@@ -977,3 +979,61 @@ async def test_a_mark_replaced_within_one_timestamp_tick_is_still_seen(tmp_path:
         assert reader.bypassed()
         assert reader.reason == "digest"
         assert reader.bypassed_for() > 60
+
+
+async def test_a_hedged_answer_that_loses_a_tie_is_closed_not_leaked() -> None:
+    """Two candidates that answer in the same turn of the loop: one is served, the
+    other's response (and its connection) is closed, not left to the garbage collector."""
+
+    async def slow_blob(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)
+        return web.Response(body=big)
+
+    async def origin_blob(request: web.Request) -> web.Response:
+        return web.Response(body=big)
+
+    big = bytes(32 * 1024 * 1024)  # more than a read buffer: open until read or closed
+
+    app = web.Application()
+    app.router.add_get("/v2/{name:.*}", slow_blob)
+    origin_app = web.Application()
+    origin_app.router.add_get("/v2/{name:.*}", origin_blob)
+    metrics = Metrics()
+    async with (
+        TestServer(app, host="127.0.0.1") as server,
+        TestServer(origin_app, host="127.0.0.1") as origin_server,
+        new_upstream_session() as session,
+    ):
+        url = str(server.make_url("")).rstrip("/")
+        chain = TransportChain(
+            registry=REGISTRY,
+            transports=(transport(url, "slow", hedge_after=0.05),),
+            session=session,
+            metrics=metrics,
+        )
+        origin_response = UpstreamResponse(
+            await session.get(str(origin_server.make_url("/v2/a/blobs/sha256:00")))
+        )
+        asking: list[asyncio.Task[object]] = []
+
+        def origin() -> asyncio.Future[UpstreamResponse]:
+            # Hedged in: answer in the very turn the transport's answer completes.
+            (ask,) = [
+                t
+                for t in asyncio.all_tasks()
+                if getattr(t.get_coro(), "__qualname__", "") == "TransportChain._ask"
+            ]
+            asking.append(ask)
+            answer: asyncio.Future[UpstreamResponse] = asyncio.get_running_loop().create_future()
+            ask.add_done_callback(lambda _: answer.set_result(origin_response))
+            return answer
+
+        served = await chain.open_blob("/v2/a/blobs/sha256:00", origin=origin)
+        (ask,) = asking
+        from_transport = ask.result()
+        assert isinstance(from_transport, UpstreamResponse)
+        loser = from_transport if served is origin_response else origin_response
+        assert served is not loser
+        assert loser._response.closed
+        assert not served._response.closed
+        served.close()
