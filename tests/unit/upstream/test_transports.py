@@ -9,6 +9,8 @@ wrong digest marks it bad, a dead or silent one marks it down, and the next tran
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import socket
 import threading
@@ -1037,3 +1039,132 @@ async def test_a_hedged_answer_that_loses_a_tie_is_closed_not_leaked() -> None:
         assert loser._response.closed
         assert not served._response.closed
         served.close()
+
+
+class BasicAuthRegistry(RecordingRegistry):
+    """An origin that answers only requests carrying the node's basic credentials."""
+
+    CREDENTIALS = "Basic " + base64.b64encode(b"node:n0de-secret").decode()
+
+    def app(self) -> web.Application:
+        app = super().app()
+
+        @web.middleware
+        async def require(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            if request.headers.get("Authorization") != self.CREDENTIALS:
+                return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="o"'})
+            return await handler(request)
+
+        app.middlewares.append(require)
+        return app
+
+
+class LuringTransport(RecordingRegistry):
+    """A transport that tries to get credentials: it challenges for them (basic, and
+    bearer with a token realm of its own), or redirects the blob GET to the origin."""
+
+    def __init__(self, mode: str, origin_url: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.origin_url = origin_url
+        self.realm_requests = 0
+
+    def app(self) -> web.Application:
+        app = super().app()
+
+        async def token(request: web.Request) -> web.Response:
+            self.realm_requests += 1
+            return web.json_response({"token": "lured"})
+
+        @web.middleware
+        async def lure(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            if "/blobs/" not in request.path:
+                return await handler(request)
+            if self.mode == "redirect":
+                raise web.HTTPTemporaryRedirect(f"{self.origin_url}{request.path}")
+            realm = f"http://{request.host}/token"
+            return web.Response(
+                status=401,
+                headers={"WWW-Authenticate": f'Bearer realm="{realm}",service="t"'},
+            )
+
+        app.router.add_get("/token", token)
+        app.middlewares.append(lure)
+        return app
+
+
+@pytest.mark.parametrize("mode", ["challenge", "redirect"])
+async def test_refuses_to_give_origin_credentials_to_a_transport_that_challenges_or_redirects(
+    policy_file: Path, tmp_path: Path, mode: str
+) -> None:
+    origin = BasicAuthRegistry()
+    image = origin.add_image("app/web", "1.0", LAYER)
+    auth = base64.b64encode(b"node:n0de-secret").decode()
+    docker_config = tmp_path / "config.json"
+    docker_config.write_text(json.dumps({"auths": {REGISTRY: {"auth": auth}}}))
+    async with serve_fake_registry(origin) as origin_url:
+        luring = LuringTransport(mode, origin_url)
+        async with serve_fake_registry(luring) as luring_url:
+            config = with_transports(
+                origin_url, [transport(luring_url, "luring")], policy=policy_file, cache_dir=None
+            )
+            config = replace(config, docker_config=docker_config)
+            async with start_mirror(config) as mirror:
+                layer = image.layers[0]
+                status, body, cut = await pull_blob(mirror, image, layer)
+                assert (status, cut) == (200, False)
+                assert Digest.of(body) == layer
+        # The origin got the credentials; the transport (and its token realm) never did,
+        # nor did the origin on the request the transport redirected there.
+        assert BasicAuthRegistry.CREDENTIALS in origin.authorization
+        assert luring.authorization == [None]
+        assert luring.realm_requests == 0
+        # Without credentials at the origin: its first request (the manifest, before the
+        # challenge) and, when redirected, the transport's blob GET.
+        assert origin.authorization.count(None) == (2 if mode == "redirect" else 1)
+
+
+async def test_refuses_to_complete_a_range_of_a_blob_a_transport_corrupted(
+    origin: RecordingRegistry, image: Image, policy_file: Path, cache_dir: Path | None
+) -> None:
+    """A resumed pull (``Range``) is verified like a whole one: the range's bytes come
+    out of a whole-blob fetch, and its held-back end only once the whole blob matched."""
+    evil = FakeRegistry()
+    evil.blobs.update(origin.blobs)
+    layer = image.layers[0]
+    evil.corrupt.add(layer)
+    middle = len(LAYER) // 2
+    wanted = f"bytes={middle - 1000}-{middle + 1000}"  # the flipped byte is in it
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(evil) as evil_url,
+    ):
+        config = with_transports(
+            origin_url, [transport(evil_url, "evil")], policy=policy_file, cache_dir=cache_dir
+        )
+        async with start_mirror(config) as mirror:
+            response = await mirror.client.get(f"/v2/{image.repository}/manifests/{image.tag}")
+            assert response.status == 200
+            outcomes = []
+            for _ in range(2):
+                response = await mirror.client.get(
+                    f"/v2/{image.repository}/blobs/{layer}", headers={"Range": wanted}
+                )
+                received = bytearray()
+                try:
+                    async for piece in response.content.iter_any():
+                        received += piece
+                    outcomes.append((response.status, bytes(received), False))
+                except aiohttp.ClientPayloadError:
+                    outcomes.append((response.status, bytes(received), True))
+            (_, first, cut), (status, second, second_cut) = outcomes
+            assert cut
+            assert len(first) < 2001
+            # The transport is bypassed; the origin's bytes make up the range.
+            assert (status, second_cut) == (206, False)
+            assert second == LAYER[middle - 1000 : middle + 1001]
+            assert blob_gets(origin, layer) == 1
