@@ -115,6 +115,12 @@ class UpstreamResponse:
         self.bytes_counter = bytes_counter
         self._on_broken = on_broken
 
+    @property
+    def trusted(self) -> bool:
+        """Whether the body is the origin's own: what a transport served proves
+        nothing about the blob (a refusal of its bytes is not remembered)."""
+        return self._on_broken is None
+
     def report_broken(self, *, truncated: bool) -> None:
         """The body did not hash to its digest (``truncated`` False) or broke off: a
         transport that served it is marked bad and bypassed (no-op for the origin)."""

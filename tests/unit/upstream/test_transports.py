@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import io
 import json
 import os
 import socket
+import tarfile
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -34,6 +37,8 @@ from proxy.config import (
 )
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
+from proxy.pipeline.gate import RepoKey
+from proxy.pipeline.tarcheck import LayerPlan
 from proxy.upstream.client import UpstreamResponse
 from proxy.upstream.session import new_upstream_session
 from proxy.upstream.transports import SharedMarks, TransportChain
@@ -1167,4 +1172,59 @@ async def test_refuses_to_complete_a_range_of_a_blob_a_transport_corrupted(
             # The transport is bypassed; the origin's bytes make up the range.
             assert (status, second_cut) == (206, False)
             assert second == LAYER[middle - 1000 : middle + 1001]
+            assert blob_gets(origin, layer) == 1
+
+
+def tar_layer(*members: tuple[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+async def test_refuses_to_let_a_transports_corruption_condemn_a_signed_layer(
+    policy_file: Path, cache_dir: Path | None
+) -> None:
+    """A model layer with a per-file plan: a transport that flips a byte inside a signed
+    file fails that pull (and is marked bad), but the layer is not remembered as
+    refused: its bytes were the transport's, not the layer's. The next pull gets the
+    origin's bytes, which pass."""
+    weights = bytes((i * 7 + i // 251) & 0xFF for i in range(400 * 1024))
+    tail = b"tail of the model" * 6000
+    layer_bytes = tar_layer(("weights.bin", weights), ("tail.bin", tail))
+    origin = FakeRegistry()
+    image = origin.add_image("app/web", "1.0", layer_bytes)
+    layer = image.layers[0]
+    evil = FakeRegistry()
+    evil.blobs.update(origin.blobs)
+    evil.corrupt.add(layer)  # the flipped byte is inside weights.bin
+    plan = LayerPlan(
+        compression="none",
+        files=(
+            ("weights.bin", hashlib.sha256(weights).hexdigest()),
+            ("tail.bin", hashlib.sha256(tail).hexdigest()),
+        ),
+        source="the model's signature",
+    )
+    async with (
+        serve_fake_registry(origin) as origin_url,
+        serve_fake_registry(evil) as evil_url,
+    ):
+        config = with_transports(
+            origin_url, [transport(evil_url, "evil")], policy=policy_file, cache_dir=cache_dir
+        )
+        async with start_mirror(config) as mirror:
+            # What a verified model signature gives this layer here.
+            mirror.pipeline.layer_checks.expect(RepoKey(REGISTRY, "app/web"), layer, plan)
+            status, body, cut = await pull_blob(mirror, image, layer)
+            assert cut or status != 200
+            assert body != layer_bytes
+            marked = {"registry": REGISTRY, "transport": "evil", "reason": "digest"}
+            assert sample(mirror, "pullgate_transport_marked_bad_total", **marked) == 1
+            status, body, cut = await pull_blob(mirror, image, layer)
+            assert (status, cut) == (200, False)
+            assert body == layer_bytes
             assert blob_gets(origin, layer) == 1
