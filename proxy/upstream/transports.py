@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import ipaddress
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
@@ -243,11 +244,56 @@ class Transport:
             ) from exc
         except aiohttp.ClientError as exc:
             raise TransportFailed("error", f"{type(exc).__name__}: {exc}") from exc
+        if response.history:
+            refusal = self._redirect_refusal(response)
+            if refusal is not None:
+                response.close()
+                raise TransportFailed("redirect", refusal)
         # The first-byte timeout covered the headers; the body gets the read timeout.
         connection = response.connection
         if connection is not None and connection.protocol is not None:
             connection.protocol.read_timeout = self.config.read
         return response
+
+    def _redirect_refusal(self, response: aiohttp.ClientResponse) -> str | None:
+        """Why a redirected answer is not used, or None.
+
+        pullgate reaches what a transport cannot: the node's loopback services, the
+        link-local metadata address. Their answer to a redirected GET would be
+        streamed (all but the held-back tail) to a client before the digest fails, so
+        a redirect elsewhere than the transport itself must have landed on an address
+        that is none of those; when that cannot be told (the answer came and went with
+        its connection), it is not used either.
+        """
+        own = urlsplit(self.config.url)
+        final = response.url
+        if (final.scheme, final.host, final.port) == (
+            own.scheme,
+            own.hostname,
+            own.port or (443 if own.scheme == "https" else 80),
+        ):
+            return None
+        connection = response.connection
+        peer = None
+        if connection is not None and connection.transport is not None:
+            peer = connection.transport.get_extra_info("peername")
+        if not peer:
+            return f"redirected to {final.host}, whose address cannot be checked"
+        try:
+            address = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+        except ValueError:
+            return f"redirected to {final.host}, at an address that is not IP"
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if (
+            address.is_loopback
+            or address.is_link_local
+            or address.is_unspecified
+            or address.is_multicast
+            or address.is_reserved
+        ):
+            return f"redirected to {final.host}, a node-local address ({address})"
+        return None
 
 
 class TransportChain:

@@ -1228,3 +1228,42 @@ async def test_refuses_to_let_a_transports_corruption_condemn_a_signed_layer(
             assert (status, cut) == (200, False)
             assert body == layer_bytes
             assert blob_gets(origin, layer) == 1
+
+
+async def test_refuses_to_stream_a_node_local_service_a_transport_redirects_to(
+    origin: RecordingRegistry, image: Image, policy_file: Path
+) -> None:
+    """pullgate reaches what the transport cannot: the node's loopback services, the
+    cloud metadata address. A transport that redirects the blob GET there must not get
+    their answer streamed (all but the held-back tail) to a client on the node."""
+    secret = b"SECRET node-local answer " * 20000  # far more than the held-back tail
+
+    async def internal(request: web.Request) -> web.Response:
+        return web.Response(body=secret)
+
+    internal_app = web.Application()
+    internal_app.router.add_get("/{path:.*}", internal)
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"{internal_url}/status")
+
+    luring_app = web.Application()
+    luring_app.router.add_get("/v2/{path:.*}", redirect)
+    async with (
+        TestServer(internal_app, host="127.0.0.1") as internal_server,
+        TestServer(luring_app, host="127.0.0.1") as luring_server,
+        serve_fake_registry(origin) as origin_url,
+    ):
+        internal_url = str(internal_server.make_url("")).rstrip("/")
+        luring_url = str(luring_server.make_url("")).rstrip("/")
+        config = with_transports(
+            origin_url, [transport(luring_url, "luring")], policy=policy_file, cache_dir=None
+        )
+        async with start_mirror(config) as mirror:
+            layer = image.layers[0]
+            status, body, cut = await pull_blob(mirror, image, layer)
+            assert b"SECRET" not in body
+            assert (status, cut) == (200, False)
+            assert Digest.of(body) == layer
+            refused = {"registry": REGISTRY, "transport": "luring", "reason": "redirect"}
+            assert sample(mirror, "pullgate_transport_failovers_total", **refused) == 1
