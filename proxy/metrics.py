@@ -244,7 +244,8 @@ class Metrics:
         self.transport_failovers = Counter(
             "pullgate_transport_failovers",
             "Blob requests that left a transport for the next one (or the origin), by"
-            " reason: refused, timeout, first_byte, error, status, not_found, skipped"
+            " reason: refused, timeout, first_byte, error, status, not_found, no_length, redirect,"
+            " skipped"
             " (marked bad or down), hedged (raced by the next after hedgeAfter)",
             ["registry", "transport", "reason"],
             registry=r,

@@ -105,7 +105,9 @@ class BlobStream(RangedBody):
         try:
             received = await datapath.run(body, move)
         except BodyBroken as exc:
-            if exc.refused is not None and self._checks is not None:
+            # A transport's bytes that fail a plan are its corruption, not the layer's.
+            trusted = self._response.trusted
+            if exc.refused is not None and self._checks is not None and trusted:
                 self._checks.refuse(self.digest, exc.refused, exc.reason)
                 metrics.layer_file_checks.labels("refused").inc()
             raise self._broken(exc.reason, truncated=exc.truncated) from None

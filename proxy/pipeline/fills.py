@@ -236,7 +236,9 @@ class Fill(FillProgress):
         try:
             received = await self._datapath.run(body, move)
         except BodyBroken as exc:
-            if exc.refused is not None and self._checks is not None:
+            # A transport's bytes that fail a plan are its corruption, not the layer's:
+            # remembering the refusal would refuse the origin's good bytes later.
+            if exc.refused is not None and self._checks is not None and response.trusted:
                 self._checks.refuse(self.digest, exc.refused, exc.reason)
                 self._metrics.layer_file_checks.labels("refused").inc()
             counter = self._metrics.upstream_truncated if exc.truncated else None

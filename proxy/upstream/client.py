@@ -115,6 +115,12 @@ class UpstreamResponse:
         self.bytes_counter = bytes_counter
         self._on_broken = on_broken
 
+    @property
+    def trusted(self) -> bool:
+        """Whether the body is the origin's own: what a transport served proves
+        nothing about the blob (a refusal of its bytes is not remembered)."""
+        return self._on_broken is None
+
     def report_broken(self, *, truncated: bool) -> None:
         """The body did not hash to its digest (``truncated`` False) or broke off: a
         transport that served it is marked bad and bypassed (no-op for the origin)."""
@@ -400,12 +406,15 @@ class UpstreamClient:
     async def _send(
         self, method: str, url: str, headers: dict[str, str], auth: str | None
     ) -> aiohttp.ClientResponse:
-        origin = urlsplit(url).netloc
+        origin = urlsplit(url)
         for _ in range(MAX_REDIRECTS + 1):
             send_headers = dict(headers)
             # Authorization goes only to the upstream itself, never to a redirect target
-            # on another host (blob storage, CDN).
-            if auth is not None and urlsplit(url).netloc == origin:
+            # on another host (blob storage, CDN), nor in plain text after https (the
+            # same netloc: without ports, https://host and http://host share one).
+            target = urlsplit(url)
+            downgraded = origin.scheme == "https" and target.scheme != "https"
+            if auth is not None and target.netloc == origin.netloc and not downgraded:
                 send_headers["Authorization"] = auth
             try:
                 response = await self._session.request(

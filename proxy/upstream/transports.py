@@ -28,14 +28,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import ipaddress
 import json
 import logging
+import math
 import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
@@ -49,6 +51,8 @@ log = logging.getLogger("pullgate.transports")
 # Statuses that mean "not here", not "unwell": the next transport is asked, and the
 # transport stays in use for other blobs.
 NOT_HERE_STATUSES = frozenset({401, 403, 404})
+# A shared mark file is a few dozen bytes; more is not one.
+MAX_MARK_BYTES = 4096
 
 
 class TransportFailed(Exception):
@@ -66,7 +70,8 @@ class SharedMarks:
     corrupting cache costs one pull per node, not one per worker.
 
     One small JSON file per transport, ``{"until": <unix time>, "reason": ...}``,
-    replaced atomically; a reader looks at it only when its mtime changed.
+    replaced atomically; a reader looks at it only when it changed (another inode or
+    mtime: file timestamps are coarse, two marks in one tick share an mtime).
     """
 
     def __init__(self, directory: Path) -> None:
@@ -86,14 +91,22 @@ class SharedMarks:
             log.warning("cannot share a transport mark in %s: %s", self.directory, exc)
 
     @staticmethod
-    def read(path: Path, seen_mtime: int) -> tuple[int, float, str] | None:
-        """(mtime, until, reason) if the file changed since ``seen_mtime``, else None."""
+    def read(path: Path, seen: tuple[int, int]) -> tuple[tuple[int, int], float, str] | None:
+        """((inode, mtime), until, reason) if the file changed since ``seen``, else
+        None (also for a file that is not a mark: a finite ``until``, a ``reason``)."""
         try:
-            mtime = path.stat().st_mtime_ns
-            if mtime == seen_mtime:
+            stat = path.stat()
+            key = (stat.st_ino, stat.st_mtime_ns)
+            if key == seen:
                 return None
-            doc = json.loads(path.read_text())
-            return mtime, float(doc["until"]), str(doc["reason"])
+            with open(path, "rb") as file:
+                doc = json.loads(file.read(MAX_MARK_BYTES))
+            until = doc["until"]
+            if isinstance(until, bool) or not isinstance(until, (int, float)):
+                return None
+            if not math.isfinite(until):
+                return None
+            return key, float(until), str(doc["reason"])[:200]
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -115,7 +128,7 @@ class Transport:
         self.name = config.name
         self._marks = marks
         self._mark_path = marks.path(registry, config.name) if marks is not None else None
-        self._seen_mtime = 0
+        self._seen_mark = (0, 0)
         self.registry = registry
         self._session = session
         self._metrics = metrics
@@ -137,11 +150,13 @@ class Transport:
             return True
         if self._mark_path is None:
             return False
-        shared = SharedMarks.read(self._mark_path, self._seen_mtime)
+        shared = SharedMarks.read(self._mark_path, self._seen_mark)
         if shared is None:
             return False
-        self._seen_mtime, until, reason = shared
-        left = until - time.time()
+        self._seen_mark, until, reason = shared
+        # Never longer than this transport's own periods (a wall clock stepped back,
+        # a file that is not what a worker writes).
+        left = min(until - time.time(), max(self.config.bad_for, self.config.down_for))
         if left <= 0:
             return False
         self._bypassed_until = self._clock() + left
@@ -194,20 +209,26 @@ class Transport:
         """Send the request; the open response once its headers arrived.
 
         Raises ``TransportFailed`` for a refused or timed-out connection, no headers
-        within ``firstByte`` seconds, or a broken exchange.
+        within ``firstByte`` seconds (nor complete ones within ``connect`` +
+        ``firstByte``), or a broken exchange.
         """
+        # ``sock_read`` restarts with every byte: a transport dripping its headers
+        # would never hit it. The whole exchange up to the headers (redirects
+        # included) gets connect + firstByte, no more.
+        deadline = self.config.connect + self.config.first_byte
         try:
-            response = await self._session.request(
-                method,
-                self.url(path),
-                # No Authorization, ever: a transport is not trusted with credentials
-                # (the configured headers cannot carry any, see proxy.config).
-                headers=dict(self.config.headers),
-                allow_redirects=True,
-                max_redirects=5,
-                timeout=self._timeout,
-                ssl=self._ssl,
-            )
+            async with asyncio.timeout(deadline):
+                response = await self._session.request(
+                    method,
+                    self.url(path),
+                    # No Authorization, ever: a transport is not trusted with credentials
+                    # (the configured headers cannot carry any, see proxy.config).
+                    headers=dict(self.config.headers),
+                    allow_redirects=True,
+                    max_redirects=5,
+                    timeout=self._timeout,
+                    ssl=self._ssl,
+                )
         except aiohttp.ConnectionTimeoutError as exc:
             detail = f"no connection within {self.config.connect}s"
             raise TransportFailed("timeout", detail) from exc
@@ -218,14 +239,61 @@ class Transport:
         except aiohttp.ClientConnectorError as exc:
             raise TransportFailed("refused", f"cannot connect: {exc.os_error}") from exc
         except TimeoutError as exc:
-            raise TransportFailed("timeout", "timed out") from exc
+            raise TransportFailed(
+                "first_byte", f"no complete response headers within {deadline}s of the request"
+            ) from exc
         except aiohttp.ClientError as exc:
             raise TransportFailed("error", f"{type(exc).__name__}: {exc}") from exc
+        if response.history:
+            refusal = self._redirect_refusal(response)
+            if refusal is not None:
+                response.close()
+                raise TransportFailed("redirect", refusal)
         # The first-byte timeout covered the headers; the body gets the read timeout.
         connection = response.connection
         if connection is not None and connection.protocol is not None:
             connection.protocol.read_timeout = self.config.read
         return response
+
+    def _redirect_refusal(self, response: aiohttp.ClientResponse) -> str | None:
+        """Why a redirected answer is not used, or None.
+
+        pullgate reaches what a transport cannot: the node's loopback services, the
+        link-local metadata address. Their answer to a redirected GET would be
+        streamed (all but the held-back tail) to a client before the digest fails, so
+        a redirect elsewhere than the transport itself must have landed on an address
+        that is none of those; when that cannot be told (the answer came and went with
+        its connection), it is not used either.
+        """
+        own = urlsplit(self.config.url)
+        final = response.url
+        if (final.scheme, final.host, final.port) == (
+            own.scheme,
+            own.hostname,
+            own.port or (443 if own.scheme == "https" else 80),
+        ):
+            return None
+        connection = response.connection
+        peer = None
+        if connection is not None and connection.transport is not None:
+            peer = connection.transport.get_extra_info("peername")
+        if not peer:
+            return f"redirected to {final.host}, whose address cannot be checked"
+        try:
+            address = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+        except ValueError:
+            return f"redirected to {final.host}, at an address that is not IP"
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if (
+            address.is_loopback
+            or address.is_link_local
+            or address.is_unspecified
+            or address.is_multicast
+            or address.is_reserved
+        ):
+            return f"redirected to {final.host}, a node-local address ({address})"
+        return None
 
 
 class TransportChain:
@@ -273,7 +341,8 @@ class TransportChain:
            a 5xx/429 marks it down and moves on.
         3. A 401, 403 or 404 means it has not got the blob: the next one is asked.
         4. A 200 is returned, tied to the transport: its bytes are counted under its
-           name and a digest mismatch reported on it marks it bad.
+           name and a digest mismatch reported on it marks it bad. A 200 without a
+           Content-Length is not used (``no_length``): nothing would bound its body.
         5. Hedging: a transport with ``hedgeAfter`` that has not answered by then is
            raced by the next candidate (transport or origin); the first usable answer
            wins and the others are cancelled. Without it, one at a time.
@@ -313,6 +382,7 @@ class TransportChain:
                     self._failover(latest, "hedged")
                     start_next()
                     continue
+                winner: UpstreamResponse | None = None
                 for task in done:
                     del running[task]
                     try:
@@ -320,8 +390,14 @@ class TransportChain:
                     except OCIError as exc:  # only the origin raises
                         origin_error = exc
                         continue
-                    if response is not None:
-                        return response
+                    if response is None:
+                        continue
+                    if winner is None:
+                        winner = response
+                    else:  # answered in the same turn, and lost: free its connection
+                        response.close()
+                if winner is not None:
+                    return winner
                 # The latest started answered "not here" or failed: ask the next now,
                 # even while an earlier, hedged one is still on its way.
                 if started < len(candidates) and started - 1 not in running.values():
@@ -348,6 +424,17 @@ class TransportChain:
             self._failover(transport, exc.reason)
             return None
         status = response.status
+        if status == 200 and response.content_length is None:
+            # Nothing would bound what a fill writes to the disk for it: not usable.
+            response.close()
+            log.info(
+                "transport %s of %s answered %s without a length; trying the next",
+                transport.name,
+                self.registry,
+                path,
+            )
+            self._failover(transport, "no_length")
+            return None
         if status == 200:
             log.debug("blob %s from transport %s of %s", path, transport.name, self.registry)
             return UpstreamResponse(

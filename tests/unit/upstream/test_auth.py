@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import ssl
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -268,3 +271,130 @@ async def test_a_missing_or_unreadable_docker_config_means_no_node_credentials_n
         assert "does not exist: no node credentials" in caplog.text
     elif content == "{not json" or content == "":
         assert "is unreadable" in caplog.text
+
+
+class TlsThenPlainServer:
+    """One loopback port that answers TLS with a redirect to itself over plain
+    ``http://`` (same host and port, so the same netloc), and records the headers of
+    every plain-text request that arrives."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        self.ca_file = tmp_path / "origin-ca.pem"
+        self.ca_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file = tmp_path / "origin-key.pem"
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._tls.load_cert_chain(self.ca_file, key_file)
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(8)
+        self.port = self._sock.getsockname()[1]
+        self.plain_requests: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self._sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(5)
+            try:
+                with conn:
+                    self._answer(conn)
+            except OSError:
+                continue
+
+    def _answer(self, conn: socket.socket) -> None:
+        if conn.recv(1, socket.MSG_PEEK) == b"\x16":  # a TLS handshake
+            with self._tls.wrap_socket(conn, server_side=True) as tls:
+                _read_head(tls)
+                location = f"http://127.0.0.1:{self.port}/v2/a/blobs/sha256:00"
+                tls.sendall(
+                    f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\n"
+                    "Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
+                )
+            return
+        self.plain_requests.append(_read_head(conn))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+
+def _read_head(conn: socket.socket) -> str:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = conn.recv(4096)
+        if not piece:
+            break
+        head += piece
+    return head.decode("latin-1")
+
+
+async def test_refuses_to_send_credentials_over_a_redirect_from_https_to_plain_http(
+    tmp_path: Path,
+) -> None:
+    server = TlsThenPlainServer(tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = UpstreamClient(
+                config=UpstreamConfig(
+                    name="registry.example.test",
+                    url=f"https://127.0.0.1:{server.port}",
+                    ca_file=server.ca_file,
+                ),
+                session=session,
+                credentials=Credentials(registry_token="n0de-t0ken"),
+                timeouts=TimeoutConfig(connect=2, read=5),
+                retries=RetryConfig(attempts=1, backoff=0.01, max_backoff=0.05),
+                metrics=Metrics(),
+            )
+            async with await client.get("/v2/a/blobs/sha256:00", scope="repository:a:pull"):
+                pass
+        # The redirect went to the same host and port, but in plain text: no token.
+        (plain,) = server.plain_requests
+        assert plain.startswith("GET /v2/a/blobs/sha256:00 ")
+        assert "n0de-t0ken" not in plain
+        assert "authorization" not in plain.lower()
+    finally:
+        server.close()
