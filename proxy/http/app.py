@@ -50,6 +50,7 @@ POD_GRANT_KEY = web.RequestKey("pod_grant", PullGrant)
 # What the request's access log line says beyond method, path and status.
 ACCESS_FIELDS = web.RequestKey("access_fields", dict[str, Any])
 STARTED_AT = web.RequestKey("started_at", float)
+ENDPOINT = web.RequestKey("endpoint", str)
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_METHODS = frozenset({"GET", "HEAD"})
@@ -80,16 +81,16 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     request[STARTED_AT] = started
     try:
         response = await handler(request)
-        endpoint = request.get("endpoint", "other")
+        endpoint = request.get(ENDPOINT, "other")
     except OCIError as error:
-        endpoint = request.get("endpoint", "other")
+        endpoint = request.get(ENDPOINT, "other")
         fields.update(code=error.code, reason=error.message)
         response = error_response(error, head=request.method == "HEAD")
     except web.HTTPException:
         raise
     except Exception:
         # A bug, not a refusal and not the upstream's fault: 500 UNKNOWN, logged in full.
-        endpoint = request.get("endpoint", "other")
+        endpoint = request.get(ENDPOINT, "other")
         log.exception("internal error on %s %s", request.method, request.path_qs[:200])
         response = error_response(
             InternalError("internal error while handling the request; see pullgate's log"),
@@ -155,10 +156,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     # Writes are refused before the path is even parsed: whatever the path, the answer
     # to a push is that this mirror is read-only.
     if request.method not in READ_METHODS:
-        request["endpoint"] = "write"
+        request[ENDPOINT] = "write"
         raise Unsupported(f"{request.method} is not supported: pullgate is a read-only mirror")
     parsed = parse_distribution_path(raw_path)
-    request["endpoint"] = parsed.endpoint.value
+    request[ENDPOINT] = parsed.endpoint.value
     if len(query) > MAX_QUERY_LENGTH:
         raise RouteUnknown("query string is too long")
     if parsed.endpoint is Endpoint.BASE:
@@ -198,7 +199,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 
 
 async def _admin(request: web.Request, path: str) -> web.StreamResponse:
-    request["endpoint"] = path.strip("/")
+    request[ENDPOINT] = path.strip("/")
     if path == "/healthz":
         return web.Response(text="ok\n")
     if path == "/readyz":
