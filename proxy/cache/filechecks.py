@@ -20,8 +20,10 @@ this process), so a client's retry is refused at once, with the same reason.
 A pass stays true after the blob leaves the cache: the same digest is the same bytes,
 and the same plan (by fingerprint) gives the same outcome; a re-fill checks anyway.
 
-Layout under ``root``: ``<hex>.<repository id>.<fingerprint>.plan.json`` and
-``<hex>.<fingerprint>.passed``.
+Layout under ``root``: ``<hex>/<repository id>.<fingerprint>.plan.json`` and
+``<hex>.<fingerprint>.passed``. Plans are read from disk at each blob request (a
+missing directory for a layer without plans), never from a memory of them: a plan
+another worker records counts at once.
 """
 
 from __future__ import annotations
@@ -54,15 +56,14 @@ class LayerChecks:
 
     def __init__(self, root: Path | None = None) -> None:
         if root is None:
-            # Never memory alone: a plan that fell out of a bounded table would leave
-            # its layer unchecked. A process of its own keeps them in a private dir.
+            # Never memory alone: plans are read from disk at each use. A process of its
+            # own keeps them in a private directory.
             root = Path(tempfile.mkdtemp(prefix="pullgate-filechecks-"))
             self._owned: Path | None = root
         else:
             root.mkdir(parents=True, exist_ok=True)
             self._owned = None
         self.root = root
-        self._plans: OrderedDict[tuple[RepoKey, Digest], tuple[LayerPlan, ...]] = OrderedDict()
         self._passed: OrderedDict[tuple[Digest, str], None] = OrderedDict()
         self._refused: OrderedDict[tuple[Digest, str], str] = OrderedDict()
 
@@ -76,32 +77,39 @@ class LayerChecks:
     def expect(self, repo: RepoKey, digest: Digest, plan: LayerPlan) -> None:
         """From now on, layer ``digest`` is served in ``repo`` only through ``plan``'s
         check, and those of every other signature in ``repo`` that named it."""
-        name = f"{digest.hex}.{_repo_id(repo)}.{plan.fingerprint()}.plan.json"
-        _write_atomic(self.root / name, json.dumps(plan.to_json()))
-        self._plans.pop((repo, digest), None)  # read again, with the new one, from disk
+        directory = self.root / digest.hex
+        directory.mkdir(exist_ok=True)
+        name = f"{_repo_id(repo)}.{plan.fingerprint()}.plan.json"
+        _write_atomic(directory / name, json.dumps(plan.to_json()))
 
     def plans_for(self, repo: RepoKey, digest: Digest) -> tuple[LayerPlan, ...]:
         """The plans layer ``digest`` must pass in ``repo`` (none: not a checked layer).
 
+        Read from disk every time (one failed lookup for a layer without plans): a
+        plan another worker records must count here at once, so none is remembered.
         Raises ``ValueError`` (fail closed) if a plan file cannot be read."""
-        key = (repo, digest)
-        plans = self._plans.get(key)
-        if plans is not None:
-            self._plans.move_to_end(key)
-            return plans
         from proxy.pipeline.tarcheck import LayerPlan
 
+        prefix = f"{_repo_id(repo)}."
+        try:
+            with os.scandir(self.root / digest.hex) as entries:
+                names = sorted(
+                    e.name
+                    for e in entries
+                    if e.name.startswith(prefix) and e.name.endswith(".plan.json")
+                )
+        except FileNotFoundError:
+            return ()
         found = []
-        for path in sorted(self.root.glob(f"{digest.hex}.{_repo_id(repo)}.*.plan.json")):
+        for name in names:
+            path = self.root / digest.hex / name
             try:
                 found.append(LayerPlan.from_json(json.loads(path.read_text())))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 # Fail closed: a layer that had a plan must not lose it to a broken file.
-                log.error("unreadable layer plan %s: %s", path.name, exc)
-                raise ValueError(f"unreadable layer plan {path.name}") from exc
-        plans = tuple(found)
-        self._remember(self._plans, key, plans)
-        return plans
+                log.error("unreadable layer plan %s: %s", path, exc)
+                raise ValueError(f"unreadable layer plan {digest.hex}/{name}") from exc
+        return tuple(found)
 
     # -- facts ---------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cache import filechecks
 from proxy.cache.filechecks import LayerChecks
 from proxy.oci.digest import Digest
 from proxy.pipeline.gate import RepoKey
@@ -49,19 +48,23 @@ def test_refuses_to_let_a_second_signature_replace_a_layers_plan(tmp_path: Path)
     assert set(checks.plans_for(REPO, LAYER)) == {PLAN, OTHER}
 
 
-def test_refuses_to_forget_a_plan_when_memory_is_full(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Without a cache directory the plans still live on disk (a private directory):
-    # a layer whose plan fell out of the bounded memory table must not go unchecked.
-    monkeypatch.setattr(filechecks, "MAX_ENTRIES", 2)
+def test_refuses_to_miss_a_plan_another_worker_records_after_a_lookup(tmp_path: Path) -> None:
+    # A worker that looked a layer up before its model was verified (no plan then)
+    # must see the plan the verifying worker records at its next lookup.
+    serving, verifying = LayerChecks(tmp_path), LayerChecks(tmp_path)
+    assert serving.plans_for(REPO, LAYER) == ()
+    verifying.expect(REPO, LAYER, PLAN)
+    assert serving.plans_for(REPO, LAYER) == (PLAN,)
+    verifying.expect(REPO, LAYER, OTHER)
+    assert set(serving.plans_for(REPO, LAYER)) == {PLAN, OTHER}
+
+
+def test_a_process_without_a_cache_keeps_plans_in_a_private_directory() -> None:
     checks = LayerChecks()
     try:
         checks.expect(REPO, LAYER, PLAN)
         assert checks.plans_for(REPO, LAYER) == (PLAN,)
-        for n in range(5):
-            checks.plans_for(REPO, Digest.of(b"other %d" % n))
-        assert checks.plans_for(REPO, LAYER) == (PLAN,)
+        assert checks.root.is_dir()
     finally:
         checks.close()
     assert not checks.root.exists(), "the private directory is removed on close"
@@ -80,7 +83,7 @@ def test_refusal_is_per_plan_and_in_memory() -> None:
 
 def test_unreadable_plan_fails_closed(tmp_path: Path) -> None:
     LayerChecks(tmp_path).expect(REPO, LAYER, PLAN)
-    [path] = tmp_path.glob(f"{LAYER.hex}.*.plan.json")
+    [path] = (tmp_path / LAYER.hex).glob("*.plan.json")
     path.write_text("{not json")
     with pytest.raises(ValueError, match="unreadable layer plan"):
         LayerChecks(tmp_path).plans_for(REPO, LAYER)
