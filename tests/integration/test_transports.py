@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -32,6 +30,7 @@ from tests.support.faultproxy import FaultProxy, corrupt_byte, stall
 from tests.support.ocilayout import PushedArtifact, deterministic_bytes, push_image
 from tests.support.peers import Containerd, Pullgate, Registry
 from tests.support.pulls import fetch
+from tests.support.silent import SilentServer
 
 pytestmark = pytest.mark.integration
 
@@ -134,40 +133,6 @@ def faults(regional: Registry) -> Iterator[FaultProxy]:
         yield proxy
     finally:
         proxy.stop()
-
-
-class SilentServer:
-    """Accepts connections and never answers: a transport that stalls."""
-
-    def __init__(self) -> None:
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
-        self._sock.settimeout(0.1)
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        self.accepted = 0
-        self._held: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            self._held.append(conn)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        for conn in self._held:
-            conn.close()
-        self._sock.close()
 
 
 def pull_on_two_cold_nodes(

@@ -54,6 +54,7 @@ from tests.support.inprocess import (
     start_mirror,
 )
 from tests.support.peers import free_port
+from tests.support.silent import SilentServer
 
 LAYER = bytes((i * 13 + i // 241) & 0xFF for i in range(1024 * 1024 + 77))
 
@@ -79,44 +80,6 @@ class RecordingRegistry(FakeRegistry):
 
         app.middlewares.append(record)
         return app
-
-
-class SilentServer:
-    """Accepts connections and never answers: a transport that stalls."""
-
-    def __init__(self) -> None:
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
-        self.port = self._sock.getsockname()[1]
-        self.accepted = 0
-        self._held: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _serve(self) -> None:
-        self._sock.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            self._held.append(conn)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        for conn in self._held:
-            conn.close()
-        self._sock.close()
 
 
 @pytest.fixture
