@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -26,10 +27,43 @@ from typing import IO, Any, Self
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port that is free now and stays free until a peer binds it.
+
+    ``bind(0)`` hands out a port from the kernel's ephemeral range, which every outgoing
+    connection draws from too: between this pick and the peer's bind, a client socket
+    (the load or fault suites open thousands) can take it, and the peer exits with
+    EADDRINUSE. Ports are therefore drawn below that range, and never twice per process.
+    """
+    low, _high = _ephemeral_range()
+    top = min(low, 65536)
+    bottom = max(1024, top - 12000)
+    if top - bottom < 1000:  # an unusual range: fall back to the kernel's choice
+        bottom, top = 0, 0
+    for _ in range(200):
+        port = random.randrange(bottom, top) if top else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = int(sock.getsockname()[1])
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def wait_http(url: str, *, timeout: float = 20.0, process: subprocess.Popen[Any] | None = None,
@@ -251,8 +285,12 @@ class Pullgate(_Process):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._log_offset = len(self.log_text())
         self._spawn(self.argv(), cwd=ROOT, env=self.env)
-        wait_http(f"{self.url}/v2/", process=self.process, timeout=timeout)
-        wait_http(f"{self.admin_url}/healthz", process=self.process, timeout=timeout)
+        try:
+            wait_http(f"{self.url}/v2/", process=self.process, timeout=timeout)
+            wait_http(f"{self.admin_url}/healthz", process=self.process, timeout=timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            tail = self.log_text()[self._log_offset :][-2000:]
+            raise type(exc)(f"{exc}; pullgate's log ends with:\n{tail}") from exc
         # Printed once every worker serves (the first one answering is not enough).
         deadline = time.monotonic() + timeout
         while "pullgate: serving on" not in self.log_text()[self._log_offset :]:
