@@ -1,15 +1,15 @@
 """Shared shapes for the signature verifiers.
 
-Verifiers are synchronous, CPU-bound functions over material the gate has already
-fetched (size-capped) from the upstream. They never touch the network: trust
-material is passed in. A failed check raises ``SignatureError`` (a security failure,
-not a bug) or returns a failing ``CheckResult`` with the reason.
+A verifier fetches signature material only through the gate's ``ArtifactSource``
+(size-capped by ``Limits``) and runs its CPU-bound checks in a thread. Trust material
+is passed in, never discovered. A failed check raises ``SignatureError`` (a security
+failure, not a bug) or returns a failing ``CheckResult`` with the reason.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,14 +52,6 @@ class Subject:
     @property
     def name(self) -> str:
         return f"{self.registry}/{self.repository}"
-
-
-@dataclass(frozen=True, slots=True)
-class SignatureArtifact:
-    """One signature artifact fetched from the registry: its manifest and its blobs."""
-
-    manifest: Manifest
-    blobs: dict[Digest, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

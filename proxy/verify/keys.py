@@ -149,15 +149,6 @@ def load_public_key_pem(data: bytes) -> VerificationKey:
     return wrap_key(key)
 
 
-def load_public_key_der(data: bytes) -> VerificationKey:
-    """Parse a DER SubjectPublicKeyInfo."""
-    try:
-        key = serialization.load_der_public_key(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise KeyFormatError(f"not a DER public key: {first_line(exc, 120)}") from exc
-    return wrap_key(key)
-
-
 def load_certificates_pem(data: bytes, *, max_count: int = 10) -> list[x509.Certificate]:
     """Parse one or more PEM certificates (a chain); at least one is required."""
     if len(data) > MAX_PEM_BYTES:
