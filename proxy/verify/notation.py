@@ -45,11 +45,9 @@ from typing import Any
 import cbor2
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from jwcrypto import jwk, jws
+from jwcrypto import jwa, jwk, jws
 from jwcrypto.common import JWException, JWSEHeaderParameter, base64url_decode, base64url_encode
 
 from proxy.oci.errors import (
@@ -93,11 +91,6 @@ COSE_ALGORITHMS = {
     -7: "ES256",
     -35: "ES384",
     -36: "ES512",
-}
-HASHES: dict[str, type[hashes.HashAlgorithm]] = {
-    "256": hashes.SHA256,
-    "384": hashes.SHA384,
-    "512": hashes.SHA512,
 }
 CHECKS = ("integrity", "authenticity", "authenticTimestamp", "expiry", "revocation")
 LEVELS: dict[str, dict[str, str]] = {
@@ -421,42 +414,23 @@ def parse_envelope(media_type: str, raw: bytes) -> Envelope:
 
 
 def _verify_signature(envelope: Envelope) -> None:
+    """Integrity, by jwcrypto for both envelopes: COSE_Sign1 signs with the JOSE
+    algorithms and their encodings (RFC 9053 section 2.1: ECDSA as r || s; RFC 8230:
+    PSS with the hash's length as salt), so its JWA verifies the Sig_structure too."""
     key = envelope.chain[0].public_key()
     algorithm = envelope.algorithm
-    digest = HASHES.get(algorithm[2:])
-    if digest is None or algorithm[:2] not in ("PS", "ES"):
+    if algorithm not in COSE_ALGORITHMS.values():
         raise SignatureError(f"unsupported signature algorithm {algorithm[:20]}")
-    if envelope.jws is not None:
-        if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-            raise SignatureError(f"{algorithm} needs an RSA or EC key")
-        try:
-            envelope.jws.verify(jwk.JWK.from_pyca(key), alg=algorithm)
-        except (JWException, ValueError, TypeError) as exc:
-            raise SignatureError("the envelope's signature does not verify (integrity)") from exc
-        return
-    # COSE_Sign1: the Sig_structure is built in parse_cose; cryptography verifies it.
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise SignatureError(f"{algorithm} needs an RSA or EC key")
     try:
-        if algorithm.startswith("PS"):
-            if not isinstance(key, rsa.RSAPublicKey):
-                raise SignatureError(f"{algorithm} needs an RSA key")
-            key.verify(
-                envelope.signature,
-                envelope.signing_input,
-                padding.PSS(mgf=padding.MGF1(digest()), salt_length=padding.PSS.DIGEST_LENGTH),
-                digest(),
-            )
+        public = jwk.JWK.from_pyca(key)
+        if envelope.jws is not None:
+            envelope.jws.verify(public, alg=algorithm)
         else:
-            if not isinstance(key, ec.EllipticCurvePublicKey):
-                raise SignatureError(f"{algorithm} needs an EC key")
-            half = len(envelope.signature) // 2
-            if half == 0 or len(envelope.signature) % 2:
-                raise SignatureError("ECDSA signature has a bad length")
-            der = encode_dss_signature(
-                int.from_bytes(envelope.signature[:half], "big"),
-                int.from_bytes(envelope.signature[half:], "big"),
-            )
-            key.verify(der, envelope.signing_input, ec.ECDSA(digest()))
-    except InvalidSignature as exc:
+            signing: Any = jwa.JWA.signing_alg(algorithm)  # typed without verify()
+            signing.verify(public, envelope.signing_input, envelope.signature)
+    except (JWException, InvalidSignature, ValueError, TypeError) as exc:
         raise SignatureError("the envelope's signature does not verify (integrity)") from exc
 
 

@@ -1,6 +1,7 @@
 """A test Notation signer: a test CA, JWS and COSE envelopes, signature manifests.
 
-``TestNotary()`` holds a root CA and a code-signing leaf (RSA, PS256);
+``TestNotary()`` holds a root CA and a code-signing leaf (RSA, PS256; or ECDSA with
+``curve=``, ES256/384/512 with r || s signatures);
 ``notary.signer(name)`` is another leaf under the same root. ``notary.intermediates``
 (empty) go into x5c between the leaf and the root.
 ``notary.jws(descriptor, ...)`` / ``notary.cose(descriptor, ...)`` return envelope bytes
@@ -23,13 +24,15 @@ from typing import Any
 import cbor2
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.oci.digest import Digest
 from tests.support.cosign_sign import Artifact
 
 PAYLOAD_TYPE = "application/vnd.cncf.notary.payload.v1+json"
+_EC_BITS = {"secp256r1": "256", "secp384r1": "384", "secp521r1": "512"}
 UTC = dt.UTC
 
 
@@ -72,7 +75,9 @@ class TestNotary:
         leaf_not_before: dt.datetime | None = None,
         leaf_lifetime: dt.timedelta = dt.timedelta(days=365),
         name: str = "release signer",
+        curve: ec.EllipticCurve | None = None,
     ) -> None:
+        self.curve = curve
         now = dt.datetime.now(UTC)
         self.root_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.root = (
@@ -91,7 +96,11 @@ class TestNotary:
         self._issue_leaf(name, leaf_not_before or now - dt.timedelta(hours=1), leaf_lifetime)
 
     def _issue_leaf(self, name: str, start: dt.datetime, lifetime: dt.timedelta) -> None:
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = (
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            if self.curve is None
+            else ec.generate_private_key(self.curve)
+        )
         self.leaf = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
@@ -118,12 +127,23 @@ class TestNotary:
         )
         return other
 
+    @property
+    def algorithm(self) -> str:
+        """The JOSE name of the signing algorithm: PS256, or ES256/384/512 by curve."""
+        return "PS256" if self.curve is None else f"ES{_EC_BITS[self.curve.name]}"
+
     def _sign(self, data: bytes) -> bytes:
-        return self.key.sign(
-            data,
-            padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
-            hashes.SHA256(),
-        )
+        if isinstance(self.key, rsa.RSAPrivateKey):
+            return self.key.sign(
+                data,
+                padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
+                hashes.SHA256(),
+            )
+        bits = _EC_BITS[self.key.curve.name]
+        digest = {"256": hashes.SHA256(), "384": hashes.SHA384(), "512": hashes.SHA512()}[bits]
+        r, s = decode_dss_signature(self.key.sign(data, ec.ECDSA(digest)))
+        size = (self.key.curve.key_size + 7) // 8
+        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
 
     def _chain(self) -> list[bytes]:
         certificates = (self.leaf, *self.intermediates, self.root)
@@ -138,7 +158,7 @@ class TestNotary:
         tamper: bool = False,
     ) -> bytes:
         protected: dict[str, Any] = {
-            "alg": "PS256",
+            "alg": self.algorithm,
             "cty": PAYLOAD_TYPE,
             "crit": ["io.cncf.notary.signingScheme", *extra_critical],
             "io.cncf.notary.signingScheme": "notary.x509",
@@ -167,7 +187,7 @@ class TestNotary:
 
     def cose(self, descriptor: dict[str, Any], *, expiry: dt.datetime | None = None) -> bytes:
         protected: dict[Any, Any] = {
-            1: -37,
+            1: {"PS256": -37, "ES256": -7, "ES384": -35, "ES512": -36}[self.algorithm],
             2: ["io.cncf.notary.signingScheme"],
             3: PAYLOAD_TYPE,
             "io.cncf.notary.signingScheme": "notary.x509",

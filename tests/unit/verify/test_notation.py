@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import json
@@ -10,6 +11,12 @@ from pathlib import Path
 import cbor2
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -64,6 +71,84 @@ async def test_generated_jws_and_cose_signatures_verify(tmp_path: Path) -> None:
         result = await verifier.verify(subject, fresh, Limits())
         assert result.ok, result.reason
     assert verifier.describe() == "notation trustPolicy trustpolicy.json"
+
+
+@pytest.mark.parametrize("curve", [ec.SECP256R1(), ec.SECP384R1(), ec.SECP521R1()])
+async def test_generated_ecdsa_jws_and_cose_signatures_verify(
+    tmp_path: Path, curve: ec.EllipticCurve
+) -> None:
+    notary = TestNotary(curve=curve)
+    _, image, verifier, subject = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    for envelope, media_type in ((notary.jws(target), JWS), (notary.cose(target), COSE)):
+        fresh = cs.MemoryRegistry()
+        fresh.add(image)
+        fresh.add(signature_artifact(envelope, media_type, target))
+        result = await verifier.verify(subject, fresh, Limits())
+        assert result.ok, result.reason
+
+
+async def test_refuses_cose_ecdsa_signature_in_der_encoding(tmp_path: Path) -> None:
+    """COSE (RFC 9053 section 2.1) carries ECDSA as r || s; an ASN.1 DER signature, what
+    a verifier written for X.509 would take, is not a COSE signature."""
+    notary = TestNotary(curve=ec.SECP256R1())
+    _, image, verifier, subject = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    tagged = cbor2.loads(notary.cose(target))
+    protected_raw, unprotected, payload, raw_signature = tagged.value
+    half = len(raw_signature) // 2
+    der = encode_dss_signature(
+        int.from_bytes(raw_signature[:half], "big"), int.from_bytes(raw_signature[half:], "big")
+    )
+    envelope = cbor2.dumps(cbor2.CBORTag(18, [protected_raw, unprotected, payload, der]))
+    registry = cs.MemoryRegistry()
+    registry.add(image)
+    registry.add(signature_artifact(envelope, COSE, target))
+    result = await verifier.verify(subject, registry, Limits())
+    assert not result.ok
+    assert "does not verify (integrity)" in result.reason
+
+
+@pytest.mark.parametrize("media_type", [JWS, COSE])
+async def test_refuses_ecdsa_algorithm_claimed_for_another_curve(
+    tmp_path: Path, media_type: str
+) -> None:
+    """ES256 over a P-384 key: the algorithm names the curve (RFC 7518 3.4, RFC 9053 2.1),
+    so the header cannot pick a weaker hash than the key's."""
+    notary = TestNotary(curve=ec.SECP384R1())
+    _, image, verifier, subject = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+
+    def es256(data: bytes) -> bytes:
+        assert isinstance(notary.key, ec.EllipticCurvePrivateKey)
+        r, s = decode_dss_signature(notary.key.sign(data, ec.ECDSA(hashes.SHA256())))
+        return r.to_bytes(48, "big") + s.to_bytes(48, "big")
+
+    if media_type == JWS:
+        doc = json.loads(notary.jws(target))
+        protected = json.loads(base64.urlsafe_b64decode(doc["protected"] + "=="))
+        protected["alg"] = "ES256"
+        doc["protected"] = (
+            base64.urlsafe_b64encode(json.dumps(protected).encode()).rstrip(b"=").decode()
+        )
+        signature = es256(f"{doc['protected']}.{doc['payload']}".encode())
+        doc["signature"] = base64.urlsafe_b64encode(signature).rstrip(b"=").decode()
+        envelope = json.dumps(doc).encode()
+    else:
+        protected_raw, unprotected, payload, _ = cbor2.loads(notary.cose(target)).value
+        header = dict(cbor2.loads(protected_raw))
+        header[1] = -7  # ES256
+        protected_raw = cbor2.dumps(header)
+        signature = es256(cbor2.dumps(["Signature1", protected_raw, b"", payload]))
+        envelope = cbor2.dumps(
+            cbor2.CBORTag(18, [protected_raw, dict(unprotected), payload, signature])
+        )
+    registry = cs.MemoryRegistry()
+    registry.add(image)
+    registry.add(signature_artifact(envelope, media_type, target))
+    result = await verifier.verify(subject, registry, Limits())
+    assert not result.ok
+    assert "does not verify (integrity)" in result.reason
 
 
 @pytest.mark.parametrize("field", ["digest", "size", "mediaType"])
