@@ -168,7 +168,7 @@ class SignatureGate:
         self._revocations_seen = shared.revocation_mark() if shared is not None else 0
         # Dates decisions for siblings: one clock for every process on the node.
         self._wall_clock = wall_clock
-        # (repo, artifact type) -> fingerprint under the policy in force.
+        # (repo, artifact type, pod) -> fingerprint under the policy in force.
         self._fingerprints: dict[tuple[RepoKey, ArtifactKind | None, Pod | None], str] = {}
         self._log_policy(policy, "loaded")
         self._policy_info(None, policy)
@@ -332,7 +332,8 @@ class SignatureGate:
         for it, or an index covered so in turn. Coverage decided by another pull's scope
         does not count: that scope may accept an index this one refuses."""
         self._sync()
-        return self._covered(repo, digest, pod, depth=0)
+        # Without scopes for pods every pull picks the same scopes.
+        return self._covered(repo, digest, pod if self._policy.pod_scoped else None, depth=0)
 
     def _covered(self, repo: RepoKey, digest: Digest, pod: Pod | None, *, depth: int) -> bool:
         policy = self._policy
