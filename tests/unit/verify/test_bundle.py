@@ -155,11 +155,16 @@ async def test_key_dsse_bundle_verifies(tmp_path: Path, key: TestKey, image: Art
     assert result.ok, result.reason
 
 
+@pytest.mark.parametrize("with_predicate", [True, False], ids=["v3.0.5+", "v2.6-v3.0.4"])
 async def test_key_dsse_bundle_of_cosign_sign_verifies_as_signature(
-    tmp_path: Path, key: TestKey, image: Artifact
+    tmp_path: Path, key: TestKey, image: Artifact, with_predicate: bool
 ) -> None:
-    """What ``cosign sign --new-bundle-format`` attaches satisfies a plain requirement."""
-    bundle = dsse_bundle(key, sign_statement(image.digest))
+    """What ``cosign sign --new-bundle-format`` attaches satisfies a plain requirement
+    (before cosign 3.0.5 its statement had no ``predicate`` at all)."""
+    statement = json.loads(sign_statement(image.digest))
+    if not with_predicate:
+        del statement["predicate"]
+    bundle = dsse_bundle(key, json.dumps(statement).encode())
     result = await _run(_key_verifier(tmp_path, key), image, _registry(image, bundle))
     assert result.ok, result.reason
 
