@@ -350,9 +350,9 @@ COSIGN_SIGN_PREDICATE = "https://sigstore.dev/cosign/sign/v1"
 
 
 def sign_statement(digest: Digest) -> bytes:
-    """The statement ``cosign sign --new-bundle-format`` signs (cosign 2.6+, 3.x): in-toto
-    v1, the image digest as the only subject (no name), cosign's sign predicate type and
-    an empty predicate."""
+    """The statement ``cosign sign --new-bundle-format`` signs (cosign 2.6+): in-toto v1,
+    the image digest as the only subject (no name), cosign's sign predicate type and an
+    empty predicate (3.0.5+; earlier versions wrote none)."""
     doc = {
         "_type": "https://in-toto.io/Statement/v1",
         "subject": [{"digest": {digest.algorithm: digest.hex}}],
