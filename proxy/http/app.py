@@ -181,7 +181,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:
         raise CredentialsRequired(f"unusable Authorization header: {exc}") from None
     # containerd pulling for a pod the CRI front end checked carries that pod's grant:
-    # the pod (for the manifest it was granted: scopes for pods) and its credentials.
+    # the pod (for the manifests of that pull: scopes for pods) and its credentials.
     grant = pipeline.grants.open(credentials)
     if grant is not None:
         credentials = grant.credentials
@@ -244,9 +244,9 @@ async def _manifest(
     pipeline = request.app[PIPELINE_KEY]
     assert parsed.reference is not None
     grant = request.get(POD_GRANT_KEY)
-    pod = None
-    if grant is not None and str(parsed.reference) == grant.digest:
-        pod = grant.pod
+    # containerd pulls for the pod: the granted digest and, by digest, the children of
+    # that index, which are covered only for the pod whose scope verified the index.
+    pod = grant.pod if grant is not None else None
     try:
         served = await pipeline.get_manifest(
             route,

@@ -11,10 +11,11 @@ left it; a node that restarts starts empty (and the restart restore re-verifies)
 
 What is kept:
 
-- ``grants``: one row per (kind, repository, manifest): what the manifest allows
-  (``BLOBS``: its config and layers; ``CHILDREN``: the child manifests a verified index
-  covers; ``OFFLINE``: the blobs of a manifest served from the cache while the upstream
-  was down), the fingerprint of the scope that decided it, its artifact type, the policy
+- ``grants``: one row per (kind, repository, manifest, fingerprint of the scope that
+  decided it: a pod's scope and the scope for everyone keep a row each): what the
+  manifest allows (``BLOBS``: its config and layers; ``CHILDREN``: the child manifests a
+  verified index covers; ``OFFLINE``: the blobs of a manifest served from the cache while
+  the upstream was down), its artifact type, the policy
   revision it was decided under, when, and the decision itself (so a sibling can reuse
   it within the positive verdict TTL instead of verifying again).
 - ``entries``: (kind, registry, repository, digest) -> grant, the lookup index.
@@ -70,7 +71,7 @@ CREATE TABLE IF NOT EXISTS grants (
     decided_at REAL NOT NULL,
     decision TEXT NOT NULL,
     size INTEGER NOT NULL,
-    UNIQUE (kind, registry, repository, manifest)
+    UNIQUE (kind, registry, repository, manifest, fingerprint)
 );
 CREATE TABLE IF NOT EXISTS entries (
     digest TEXT NOT NULL,
@@ -195,12 +196,16 @@ class SharedAllowances:
         ).fetchall()
         return [_grant(row) for row in rows]
 
-    def grant(self, kind: int, repo: RepoKey, manifest: Digest) -> Grant | None:
-        """The grant of ``kind`` that ``manifest`` holds in ``repo``, if any."""
+    def grant(
+        self, kind: int, repo: RepoKey, manifest: Digest, *, fingerprint: str | None = None
+    ) -> Grant | None:
+        """The newest grant of ``kind`` that ``manifest`` holds in ``repo`` (decided by
+        ``fingerprint``, if given), if any."""
         row = self._db.execute(
             f"SELECT {_GRANT_COLUMNS} FROM grants g "
-            "WHERE g.kind = ? AND g.registry = ? AND g.repository = ? AND g.manifest = ?",
-            (kind, repo.registry, repo.repository, str(manifest)),
+            "WHERE g.kind = ? AND g.registry = ? AND g.repository = ? AND g.manifest = ? "
+            "AND (? IS NULL OR g.fingerprint = ?) ORDER BY g.seq DESC LIMIT 1",
+            (kind, repo.registry, repo.repository, str(manifest), fingerprint, fingerprint),
         ).fetchone()
         return None if row is None else _grant(row)
 
@@ -348,8 +353,8 @@ class SharedAllowances:
     ) -> None:
         self._db.execute(
             "DELETE FROM grants WHERE kind = ? AND registry = ? AND repository = ? "
-            "AND manifest = ?",
-            (kind, repo.registry, repo.repository, str(manifest)),
+            "AND manifest = ? AND fingerprint = ?",
+            (kind, repo.registry, repo.repository, str(manifest), fingerprint),
         )
         cursor = self._db.execute(
             "INSERT INTO grants (kind, registry, repository, manifest, artifact_type, "

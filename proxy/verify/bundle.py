@@ -10,7 +10,9 @@
   signature.
 
 For an image, the artifact is the manifest: ``messageDigest`` is the manifest digest,
-and a DSSE statement must list that digest among its subjects.
+and a DSSE statement must list that digest among its subjects. A DSSE statement is a
+signature only with cosign's own predicate type (``cosign sign --new-bundle-format``);
+any other is an attestation, which counts only where the policy names its type.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ IN_TOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 IN_TOTO_STATEMENT_TYPES = frozenset(
     {"https://in-toto.io/Statement/v0.1", "https://in-toto.io/Statement/v1"}
 )
+COSIGN_SIGN_PREDICATE_TYPE = "https://sigstore.dev/cosign/sign/v1"
+"""What ``cosign sign --new-bundle-format`` states about an image (cosign's
+``types.CosignSignPredicateType``; ``cosign attest`` writes the attestation's own type)."""
 MAX_DSSE_SIGNATURES = 8
 MAX_TLOG_ENTRIES = 8
 MAX_STATEMENT_SUBJECTS = 1024
@@ -288,9 +293,17 @@ def _check_statement(
             break
     if not found:
         raise SignatureError(f"in-toto statement is not about {artifact_digest}")
-    if predicate_type is not None and statement.get("predicateType") != predicate_type:
-        got = str(statement.get("predicateType"))[:120]
-        raise SignatureError(f"predicate type {got!r} is not {predicate_type!r}")
+    # A plain cosign requirement takes signatures only: an attestation about the image
+    # (provenance, an SBOM) is not an approval of it.
+    got = statement.get("predicateType")
+    shown = str(got)[:120]
+    if predicate_type is None and got != COSIGN_SIGN_PREDICATE_TYPE:
+        raise SignatureError(
+            f"bundle is an attestation (predicate type {shown!r}), not a cosign signature "
+            f"({COSIGN_SIGN_PREDICATE_TYPE}); attestations count only under attestation:"
+        )
+    if predicate_type is not None and got != predicate_type:
+        raise SignatureError(f"predicate type {shown!r} is not {predicate_type!r}")
 
 
 def _check_tlog(

@@ -11,6 +11,8 @@ A policy leaf ``cosign: {...}`` becomes one ``CosignVerifier``:
   writes it without a tag), or name that repository with any tag or digest;
 * ``predicateType: URI``: the in-toto predicate a DSSE bundle must carry; then only
   DSSE attestations count (a plain signature or a message-signature bundle does not).
+  Without it only signatures count: a DSSE bundle must carry the predicate type
+  ``cosign sign --new-bundle-format`` writes, never an attestation's.
 
 Verification looks for (1) the legacy signature image at tag ``sha256-<hex>.sig``, whose
 simple-signing layers each carry a signature annotation, then (2) referrers of type

@@ -6,7 +6,9 @@
    it (the index's scope says ``indexes: coverChildren``, the default): the index's
    signature covers its children's digests, so the index's scope decides for them,
    unless the child's own scope requires referrers of it (an SBOM, an attestation),
-   which the index's signature does not prove.
+   which the index's signature does not prove. Coverage is recorded under the scope that
+   verified the index and counts only for a pull whose own scope for that index is the
+   same (a pod's scope may accept an index the scope for everyone refuses).
    This is looked up live, never cached, so it ends when the index's allowance does;
 2. returns a cached decision for (registry, repository, digest, policy revision);
 3. picks the most specific scope for the repository and the manifest's artifactType,
@@ -87,7 +89,8 @@ class Decision:
     """The deciding scope lets a verified index cover its child manifests."""
     fingerprint: str = ""
     """What decided it (scope or default); allowances survive a reload only if it is
-    equal under the new policy. "" never survives."""
+    equal under the new policy, and index coverage counts only for a pull whose scope
+    for the index has it. "" never survives."""
     would_refuse: bool = False
     """Allowed only because of mode warn / default warn."""
     decided_at: float = 0.0
@@ -165,8 +168,8 @@ class SignatureGate:
         self._revocations_seen = shared.revocation_mark() if shared is not None else 0
         # Dates decisions for siblings: one clock for every process on the node.
         self._wall_clock = wall_clock
-        # (repo, artifact type) -> fingerprint under the policy in force.
-        self._fingerprints: dict[tuple[RepoKey, ArtifactKind], str] = {}
+        # (repo, artifact type, pod) -> fingerprint under the policy in force.
+        self._fingerprints: dict[tuple[RepoKey, ArtifactKind | None, Pod | None], str] = {}
         self._log_policy(policy, "loaded")
         self._policy_info(None, policy)
 
@@ -215,7 +218,7 @@ class SignatureGate:
 
         for allowances in (self._children, self._blobs):
             allowances.retain(
-                (repo, manifest)
+                (repo, manifest, fingerprint)
                 for repo, manifest, artifact, fingerprint in allowances.entries()
                 if unchanged(repo, artifact, fingerprint)
             )
@@ -236,17 +239,13 @@ class SignatureGate:
         # A covered child may be an index covering children in turn; digests form no
         # cycles, so this settles within the nesting depth.
         while True:
-            uncovered = [
-                (repo, manifest)
-                for repo, manifest, _, fingerprint in self._children.entries()
-                if fingerprint == COVERED and (repo, manifest) not in self._children
-            ]
-            if not uncovered:
+            records = [(repo, manifest, fp) for repo, manifest, _, fp in self._children.entries()]
+            kept = [r for r in records if r[2] != COVERED or r[:2] in self._children]
+            if len(kept) == len(records):
                 break
-            for repo, manifest in uncovered:
-                self._children.revoke(repo, manifest)
+            self._children.retain(kept)
         self._blobs.retain(
-            (repo, manifest)
+            (repo, manifest, fingerprint)
             for repo, manifest, _, fingerprint in self._blobs.entries()
             if fingerprint != COVERED or (repo, manifest) in self._children
         )
@@ -297,7 +296,7 @@ class SignatureGate:
         decision is theirs: cached under that scope, never taken from (or for) another
         context.
         """
-        if self.child_allowed(repo, manifest.digest) and not _needs_own_referrers(
+        if self.child_allowed(repo, manifest.digest, pod) and not _needs_own_referrers(
             policy, repo, manifest.kind, pod
         ):
             return _COVERED_DECISION, False
@@ -327,12 +326,36 @@ class SignatureGate:
         self._sync()
         return self._allowed(self._blobs, BLOBS, repo, digest, depth=0)
 
-    def child_allowed(self, repo: RepoKey, digest: Digest) -> bool:
-        """Whether a verified index of ``repo`` covers the child manifest ``digest``."""
-        if self._shared is None:
-            return (repo, digest) in self._children
+    def child_allowed(self, repo: RepoKey, digest: Digest, pod: Pod | None = None) -> bool:
+        """Whether a verified index of ``repo`` covers the child manifest ``digest`` for a
+        pull for ``pod`` (None: no pod): an index verified by the scope this pull picks
+        for it, or an index covered so in turn. Coverage decided by another pull's scope
+        does not count: that scope may accept an index this one refuses."""
         self._sync()
-        return self._allowed(self._children, CHILDREN, repo, digest, depth=0)
+        # Without scopes for pods every pull picks the same scopes.
+        return self._covered(repo, digest, pod if self._policy.pod_scoped else None, depth=0)
+
+    def _covered(self, repo: RepoKey, digest: Digest, pod: Pod | None, *, depth: int) -> bool:
+        policy = self._policy
+
+        def decided_for_this_pull(index: Digest, kind: ArtifactKind | None, by: str) -> bool:
+            if by == COVERED:  # a nested index, let through as a child in turn
+                return (
+                    depth < MAX_COVER_DEPTH
+                    and not _needs_own_referrers(policy, repo, kind, pod)
+                    and self._covered(repo, index, pod, depth=depth + 1)
+                )
+            return by != "" and by == self._fingerprint_for(repo, kind, pod)
+
+        if any(decided_for_this_pull(*h) for h in self._children.holders(repo, digest)):
+            return True
+        if self._shared is None:
+            return False
+        for grant in self._shared.grants_for(CHILDREN, repo, digest):
+            if decided_for_this_pull(grant.manifest, grant.artifact, grant.fingerprint):
+                self._import(self._children, grant)
+                return True
+        return False
 
     # -- shared with sibling workers -----------------------------------------------------
 
@@ -366,15 +389,19 @@ class SignatureGate:
         assert self._shared is not None
         for grant in self._shared.grants_for(kind, repo, digest):
             if self._counts_here(grant, depth=depth):
-                local.record(
-                    repo,
-                    grant.manifest,
-                    self._shared.digests(grant),
-                    artifact=grant.artifact,
-                    fingerprint=grant.fingerprint,
-                )
+                self._import(local, grant)
                 return True
         return False
+
+    def _import(self, local: Allowances, grant: Grant) -> None:
+        assert self._shared is not None
+        local.record(
+            grant.repo,
+            grant.manifest,
+            self._shared.digests(grant),
+            artifact=grant.artifact,
+            fingerprint=grant.fingerprint,
+        )
 
     def _counts_here(self, grant: Grant, *, depth: int) -> bool:
         """Whether this worker's policy in force would keep ``grant`` (reload rule)."""
@@ -392,14 +419,17 @@ class SignatureGate:
             grant.repo, grant.artifact
         )
 
-    def _fingerprint_for(self, repo: RepoKey, artifact: ArtifactKind) -> str:
-        key = (repo, artifact)
+    def _fingerprint_for(
+        self, repo: RepoKey, artifact: ArtifactKind | None, pod: Pod | None = None
+    ) -> str:
+        """The fingerprint of the scope the policy in force picks (for ``pod``)."""
+        key = (repo, artifact, pod)
         fingerprint = self._fingerprints.get(key)
         if fingerprint is None:
             if len(self._fingerprints) > 4096:
                 self._fingerprints.clear()
             policy = self._policy
-            fingerprint = _fingerprint(policy, policy.scope_for(repo, artifact))
+            fingerprint = _fingerprint(policy, policy.scope_for(repo, artifact, pod))
             self._fingerprints[key] = fingerprint
         return fingerprint
 
@@ -409,12 +439,11 @@ class SignatureGate:
         """2b. An allowing decision a sibling recorded within the positive TTL (not one
         a pod's namespace scope made: it is that pod's alone)."""
         assert self._shared is not None
-        grant = self._shared.grant(BLOBS, repo, manifest.digest)
+        wanted = None
+        if policy.pod_scoped:
+            wanted = _fingerprint(policy, policy.scope_for(repo, manifest.kind))
+        grant = self._shared.grant(BLOBS, repo, manifest.digest, fingerprint=wanted)
         if grant is None or grant.fingerprint == COVERED:
-            return None
-        if policy.pod_scoped and grant.fingerprint != _fingerprint(
-            policy, policy.scope_for(repo, manifest.kind)
-        ):
             return None
         left = policy.positive_ttl - (self._wall_clock() - grant.decided_at)
         if left <= 0 or not self._counts_here(grant, depth=0):
@@ -754,11 +783,13 @@ def _needs_own_referrers(
 
 def _fingerprint(policy: Policy, scope: Scope | None) -> str:
     """What a decision depended on: the scope's YAML, the limits and the trust files, or
-    the default. "" (a scope not read from a file) never matches."""
+    the default. A scope not read from a file (built in code) is named by its place in
+    this revision of the policy: it never matches under another."""
     if scope is None:
         return f"default {policy.default}"
     if not scope.fingerprint:
-        return ""
+        place = next((i for i, s in enumerate(policy.scopes) if s is scope), -1)
+        return f"scope {place} of revision {policy.revision} (not from a file)"
     return "\0".join((scope.fingerprint, repr(policy.limits), policy.trust_digest))
 
 

@@ -509,6 +509,42 @@ def test_refuses_bare_public_key_where_certificate_is_expected(env: Env) -> None
     )
 
 
+def test_control_cosign_sign_bundle_is_served(env: Env) -> None:
+    """What ``cosign sign --new-bundle-format`` attaches: a DSSE bundle of cosign's sign
+    statement, as a referrer (found through the fallback tag)."""
+    pushed = env.image("bypass/bundle-signed")
+    statement = cs.sign_statement(Digest.parse(pushed.manifest_digest))
+    bundle = cs.dsse_bundle(env.key, statement)
+    referrer = cs.bundle_referrer(
+        bundle, env.subject(pushed), predicate_type=cs.COSIGN_SIGN_PREDICATE
+    )
+    env.referrer(pushed, referrer, cs.BUNDLE_TYPE)
+    env.assert_served(pushed)
+
+
+def test_refuses_cosign_attestation_as_signature(env: Env) -> None:
+    """A CI that attests the provenance of every image it builds (``cosign attest``, the
+    release key, about this very digest) has not signed them: a plain ``cosign:``
+    requirement takes only signatures."""
+    pushed = env.image("bypass/attested-only")
+    provenance = "https://slsa.dev/provenance/v1"
+    statement = cs.in_toto_statement(
+        Digest.parse(pushed.manifest_digest), provenance, name=f"{REGISTRY}/{pushed.repository}"
+    )
+    bundle = cs.dsse_bundle(env.key, statement)
+    referrer = cs.bundle_referrer(bundle, env.subject(pushed), predicate_type=provenance)
+    env.referrer(pushed, referrer, cs.BUNDLE_TYPE)
+    env.assert_gated(
+        pushed,
+        RELEASE_KEY,
+        reason=re.escape(
+            f"bundle is an attestation (predicate type '{provenance}'), not a cosign "
+            "signature (https://sigstore.dev/cosign/sign/v1); attestations count only "
+            "under attestation:"
+        ),
+    )
+
+
 def test_refuses_dsse_payload_type_mismatch(env: Env) -> None:
     """GHSA-w6c6-c85g-mmv6."""
     pushed = env.image("attest/payloadtype")

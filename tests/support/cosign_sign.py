@@ -20,7 +20,8 @@ Sigstore bundles as referrers
     hashedrekord/dsse tlog entry, SET, inclusion proof and signed checkpoint, and an
     embedded SCT, which sigstore-python accepts offline against
     ``TestSigstore.trusted_root()``.
-    ``in_toto_statement(digest, predicate_type)`` builds a statement.
+    ``in_toto_statement(digest, predicate_type)`` builds a statement (an attestation);
+    ``sign_statement(digest)`` the one ``cosign sign --new-bundle-format`` signs.
     ``bundle_referrer(bundle, subject_descriptor)`` → ``Artifact`` (no tag).
     ``document_referrer(document, subject_descriptor, artifact_type)`` → an ORAS-style
     referrer (an SBOM: ``spdx_document(name)``), signed like any manifest.
@@ -341,6 +342,22 @@ def in_toto_statement(
         "subject": [{"name": name, "digest": {digest.algorithm: digest.hex}}],
         "predicateType": predicate_type,
         "predicate": {"Data": "test"},
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+COSIGN_SIGN_PREDICATE = "https://sigstore.dev/cosign/sign/v1"
+
+
+def sign_statement(digest: Digest) -> bytes:
+    """The statement ``cosign sign --new-bundle-format`` signs (cosign 2.6+): in-toto v1,
+    the image digest as the only subject (no name), cosign's sign predicate type and an
+    empty predicate (3.0.5+; earlier versions wrote none)."""
+    doc = {
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"digest": {digest.algorithm: digest.hex}}],
+        "predicateType": COSIGN_SIGN_PREDICATE,
+        "predicate": {},
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 

@@ -161,6 +161,32 @@ def test_a_grant_recorded_by_one_instance_is_found_by_another(store_path: Path) 
     assert reader.grants_for(BLOBS, REPO, Digest.of(b"never referenced")) == []
 
 
+def test_a_manifest_keeps_one_grant_per_deciding_scope(store_path: Path) -> None:
+    """A pod's scope and the scope for everyone may both allow an index: neither
+    replaces the other's coverage, and a refusal removes both."""
+    store = open_store(store_path)
+    child = image(b"child of an index allowed twice")
+    parent = index(child)
+    for fingerprint in ("pod scope", "scope for everyone", "pod scope"):
+        store.record(
+            REPO,
+            parent.digest,
+            {CHILDREN: [child.digest]},
+            artifact=ArtifactKind(),
+            fingerprint=fingerprint,
+            revision="r1",
+            decided_at=time.time(),
+            decision="{}",
+        )
+    grants = store.grants_for(CHILDREN, REPO, child.digest)
+    assert sorted(g.fingerprint for g in grants) == ["pod scope", "scope for everyone"]
+    found = store.grant(CHILDREN, REPO, parent.digest, fingerprint="scope for everyone")
+    assert found is not None and found.fingerprint == "scope for everyone"
+    assert store.grant(CHILDREN, REPO, parent.digest, fingerprint="another scope") is None
+    store.revoke(REPO, parent.digest)
+    assert store.grants_for(CHILDREN, REPO, child.digest) == []
+
+
 def test_a_grant_recorded_in_one_process_is_found_in_another(store_path: Path) -> None:
     manifest = image(b"cross-process")
     layer = next(iter(manifest.blob_digests))

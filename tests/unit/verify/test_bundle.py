@@ -29,6 +29,7 @@ from tests.support.cosign_sign import (
     image_manifest,
     in_toto_statement,
     message_signature_bundle,
+    sign_statement,
 )
 
 ISSUER = "https://issuer.example.test"
@@ -152,6 +153,47 @@ async def test_key_dsse_bundle_verifies(tmp_path: Path, key: TestKey, image: Art
     verifier = _key_verifier(tmp_path, key, predicateType=PREDICATE)
     result = await _run(verifier, image, _registry(image, bundle, predicate_type=PREDICATE))
     assert result.ok, result.reason
+
+
+@pytest.mark.parametrize("with_predicate", [True, False], ids=["v3.0.5+", "v2.6-v3.0.4"])
+async def test_key_dsse_bundle_of_cosign_sign_verifies_as_signature(
+    tmp_path: Path, key: TestKey, image: Artifact, with_predicate: bool
+) -> None:
+    """What ``cosign sign --new-bundle-format`` attaches satisfies a plain requirement
+    (before cosign 3.0.5 its statement had no ``predicate`` at all)."""
+    statement = json.loads(sign_statement(image.digest))
+    if not with_predicate:
+        del statement["predicate"]
+    bundle = dsse_bundle(key, json.dumps(statement).encode())
+    result = await _run(_key_verifier(tmp_path, key), image, _registry(image, bundle))
+    assert result.ok, result.reason
+
+
+@pytest.mark.parametrize(
+    "predicate", [PREDICATE, "https://slsa.dev/provenance/v1", "https://spdx.dev/Document"]
+)
+async def test_refuses_key_dsse_attestation_as_signature(
+    tmp_path: Path, key: TestKey, image: Artifact, predicate: str
+) -> None:
+    """An attestation about the image, by the trusted key, is not a signature of it."""
+    bundle = dsse_bundle(key, in_toto_statement(image.digest, predicate))
+    registry = _registry(image, bundle, predicate_type=predicate)
+    result = await _run(_key_verifier(tmp_path, key), image, registry)
+    assert not result.ok
+    assert f"bundle is an attestation (predicate type {predicate!r})" in result.reason
+    # The same bundle counts where the policy asks for that attestation.
+    verifier = _key_verifier(tmp_path, key, predicateType=predicate)
+    assert (await _run(verifier, image, registry)).ok
+
+
+async def test_refuses_cosign_signature_as_attestation(
+    tmp_path: Path, key: TestKey, image: Artifact
+) -> None:
+    bundle = dsse_bundle(key, sign_statement(image.digest))
+    verifier = _key_verifier(tmp_path, key, predicateType=PREDICATE)
+    result = await _run(verifier, image, _registry(image, bundle))
+    assert not result.ok
+    assert "predicate type 'https://sigstore.dev/cosign/sign/v1' is not" in result.reason
 
 
 async def test_refuses_dsse_with_other_payload_type(
@@ -282,13 +324,13 @@ async def test_key_dsse_bundle_with_tlog_entry_binds_payload(
 ) -> None:
     root = sigstore.write_trusted_root(tmp_path / "root.json")
     verifier = _key_verifier(tmp_path, key, tlog="required", root=root)
-    envelope = dsse_envelope(key, in_toto_statement(image.digest))
+    envelope = dsse_envelope(key, sign_statement(image.digest))
     good_entry = sigstore.tlog_entry(
         sigstore.dsse_body(envelope=envelope, signer_pem=key.public_pem), kind="dsse"
     )
     good = dsse_bundle(key, b"", envelope=envelope, tlog_entries=[good_entry])
     assert (await _run(verifier, image, _registry(image, good))).ok
-    other_envelope = dsse_envelope(key, in_toto_statement(image.digest, "https://other/v1"))
+    other_envelope = dsse_envelope(key, sign_statement(Digest.of(b"other image")))
     spliced_entry = sigstore.tlog_entry(
         sigstore.dsse_body(envelope=other_envelope, signer_pem=key.public_pem), kind="dsse"
     )
@@ -318,6 +360,28 @@ async def test_certificate_dsse_bundle_verifies_with_sigstore_python(
     verifier = _keyless_verifier(tmp_path, sigstore, predicateType=PREDICATE)
     result = await _run(verifier, image, _registry(image, bundle))
     assert result.ok, result.reason
+
+
+async def test_certificate_dsse_bundle_of_cosign_sign_verifies_as_signature(
+    tmp_path: Path, sigstore: TestSigstore, image: Artifact
+) -> None:
+    bundle = sigstore.certificate_bundle(
+        generate_key(), image.digest, statement=sign_statement(image.digest)
+    )
+    result = await _run(_keyless_verifier(tmp_path, sigstore), image, _registry(image, bundle))
+    assert result.ok, result.reason
+
+
+async def test_refuses_certificate_dsse_attestation_as_signature(
+    tmp_path: Path, sigstore: TestSigstore, image: Artifact
+) -> None:
+    provenance = "https://slsa.dev/provenance/v1"
+    bundle = sigstore.certificate_bundle(
+        generate_key(), image.digest, statement=in_toto_statement(image.digest, provenance)
+    )
+    result = await _run(_keyless_verifier(tmp_path, sigstore), image, _registry(image, bundle))
+    assert not result.ok
+    assert f"bundle is an attestation (predicate type {provenance!r})" in result.reason
 
 
 async def test_refuses_certificate_dsse_bundle_with_other_predicate(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -122,8 +123,14 @@ def test_dsse_rekor_v2_bundle_verifies_against_statement_subject() -> None:
         "https://github.com/sigstore-conformance/extremely-dangerous-public-oidc-beacon/"
         ".github/workflows/extremely-dangerous-oidc-beacon.yml@refs/heads/main"
     )
-    policy = _policy(STG, identity, ACTIONS)
+    # An SLSA provenance attestation: it verifies where that predicate type is asked for,
+    policy = replace(_policy(STG, identity, ACTIONS), predicate_type=statement["predicateType"])
     assert verify_bundle(raw, artifact_digest=digest, artifact=None, policy=policy)
+    # ... never as a plain signature of its subject.
+    with pytest.raises(SignatureError, match=r"bundle is an attestation .*slsa\.dev/provenance/v1"):
+        verify_bundle(
+            raw, artifact_digest=digest, artifact=None, policy=_policy(STG, identity, ACTIONS)
+        )
     # The file itself is not the statement's subject (GHSA-w6c6-c85g-mmv6).
     other = Digest.of((ASSETS / "a.dsse.staging-rekor-v2.txt").read_bytes())
     with pytest.raises(SignatureError, match="not about"):
