@@ -36,12 +36,17 @@ MODEL_CONFIGS = frozenset(
     {mt.MODELPACK_CONFIG, "application/vnd.cnai.model.config.v1+json", mt.MODELKIT_CONFIG}
 )
 EMPTY_CONFIG = Digest.of(b"{}")
-# What containerd reads from any config blob, whatever its media type (Go's JSON
-# decoding matches names case-insensitively, with Unicode folding): ``rootfs`` to
-# unpack the layers into a filesystem, and the process to run it with.
+# containerd's CRI image store (what pods run from) decodes the config blob as an image
+# config without looking at its media type, and ``ctr images pull`` (containerd 1.6,
+# tried here) unpacks the layers that a model-typed config's ``rootfs`` names. Go's JSON
+# decoding matches names case-insensitively, with Unicode folding. These are the fields
+# of an image config's ``config``: how its process runs.
 _RUNNABLE_KEYS = frozenset(
     k.casefold()
-    for k in ("Entrypoint", "Cmd", "Env", "User", "WorkingDir", "Shell", "OnBuild", "Healthcheck")
+    for k in (
+        *("User", "ExposedPorts", "Env", "Entrypoint", "Cmd", "Volumes", "WorkingDir"),
+        *("Labels", "StopSignal", "ArgsEscaped", "Healthcheck", "OnBuild", "Shell"),
+    )
 )
 
 
@@ -178,8 +183,9 @@ def config_refusal(config: Descriptor | None) -> str | None:
 def config_content_refusal(media_type: str, content: bytes) -> str | None:
     """Why a model config blob is an image config in disguise, or None.
 
-    containerd reads the config blob as an image config whatever its media type says,
-    so a model config must carry no ``rootfs`` and no process fields under ``config``.
+    containerd's CRI reads the config blob as an image config whatever its media type
+    says, so a model config must carry no ``rootfs`` and no process fields under
+    ``config``.
     Every occurrence of a key counts (Go merges a repeated object into one struct).
     """
     shown = media_type[:100]

@@ -153,6 +153,7 @@ async def test_refuses_model_signature_authorising_an_image_config(
         (RUNNABLE, "sets Cmd, Entrypoint, User: it is an image config"),
         (b'{"rootfs": {"type": "layers", "diff_ids": []}}', "has a rootfs"),
         (b'{"config": {"Cmd": ["sh"]}}', "sets Cmd"),
+        (b'{"config": {"format": "gguf", "volumes": {"/data": {}}}}', "sets volumes"),
         (b'{"CONFIG": {"entrypoint": ["sh"], "ENV": ["A=1"]}}', "sets ENV, entrypoint"),
         (b'{"rootf\\u017f": {"type": "layers"}}', "has a rootfs"),  # Go folds U+017F
         (b'{"config": {"User": "0"}, "config": {"format": "gguf"}}', "sets User"),
@@ -163,6 +164,7 @@ async def test_refuses_model_signature_authorising_an_image_config(
         "image-config",
         "rootfs",
         "cmd",
+        "volumes",
         "case",
         "unicode-fold",
         "repeated-key",
