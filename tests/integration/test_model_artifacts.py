@@ -658,10 +658,10 @@ OCI_IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_TGZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
-def modelcar(tag: str, files: dict[str, bytes]) -> cs.Artifact:
+def modelcar(tag: str, files: dict[str, bytes], config_type: str = OCI_IMAGE_CONFIG) -> cs.Artifact:
     """The signed files as an ordinary, unpackable image (a KServe ModelCar-like
     packing): one image tar+gzip layer per file, each with its filepath, and an image
-    config that names a process to run."""
+    config that names a process to run (typed ``config_type``)."""
     import platform
 
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
@@ -683,7 +683,7 @@ def modelcar(tag: str, files: dict[str, bytes]) -> cs.Artifact:
     doc = {
         "schemaVersion": 2,
         "mediaType": mt.OCI_MANIFEST,
-        "config": descriptor(OCI_IMAGE_CONFIG, config),
+        "config": descriptor(config_type, config),
         "layers": [d for d, _ in layers],
     }
     raw = json.dumps(doc, separators=(",", ":")).encode()
@@ -726,6 +726,15 @@ def test_refuses_model_signature_authorising_an_image_config(
     config_digest = json.loads(image.manifest)["config"]["digest"]
     status, body = node.get(f"/v2/models/modelcar/blobs/{config_digest}?ns={REGISTRY}")
     assert status == 403, "the runnable config must not be served"
+    # The same config typed as a ModelPack config (containerd unpacks and its CRI
+    # decodes it all the same) is read and refused too.
+    node.push("models/disguised", modelcar("v1", files, mt.MODELPACK_CONFIG), signature)
+    code, output = pull_image(node, "models/disguised", "v1")
+    assert code != 0, f"containerd pulled a disguised image config: {output}"
+    status, body = node.get(f"/v2/models/disguised/manifests/v1?ns={REGISTRY}")
+    assert status == 403, body
+    message = body["errors"][0]["message"]
+    assert f"the {mt.MODELPACK_CONFIG} config sets Entrypoint, User" in message, message
 
     # The opt-in: a cosign signature of the manifest covers the config.
     release = cs.generate_key()
