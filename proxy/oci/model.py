@@ -185,8 +185,8 @@ def config_content_refusal(media_type: str, content: bytes) -> str | None:
 
     containerd's CRI reads the config blob as an image config whatever its media type
     says, so a model config must carry no ``rootfs`` and no process fields under
-    ``config``.
-    Every occurrence of a key counts (Go merges a repeated object into one struct).
+    ``config``. Every occurrence of a key counts (Go merges a repeated object into one
+    struct).
     """
     shown = media_type[:100]
     try:
