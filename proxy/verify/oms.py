@@ -410,6 +410,11 @@ class OMSVerifier:
     def describe(self) -> str:
         return self._label
 
+    @property
+    def allow_image_config(self) -> bool:
+        """Whether the config is left to another requirement (the policy checks one)."""
+        return self._allow_image_config
+
     async def verify(self, subject: Subject, source: ArtifactSource, limits: Limits) -> CheckResult:
         """1. a ``model.sig`` layer of the model itself, 2. the bundles that refer to it."""
         try:

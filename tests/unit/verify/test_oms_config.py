@@ -335,3 +335,51 @@ def test_refuses_signature_listing_no_file_of_the_model() -> None:
     config = _descriptor(RAW, FILES["config.json"], **{mt.MODEL_FILEPATH: "config.json"})
     with pytest.raises(SignatureError, match="lists no file of the model"):
         _plans(weights, config, ignore=("weights", "config.json"))
+
+
+# ---- the policy: allowImageConfig only beside a signature of the manifest ------------
+
+
+@pytest.mark.parametrize(
+    "require",
+    [
+        "{modelSigning: {key: keys/model.pub, allowImageConfig: true}}",
+        "{anyOf: [{cosign: {key: keys/release.pub}}, {modelSigning: {key: keys/model.pub,"
+        " allowImageConfig: true}}]}",
+        "{allOf: [{anyOf: [{cosign: {key: keys/release.pub}}, {modelSigning: {key:"
+        " keys/model.pub}}]}, {modelSigning: {key: keys/model.pub, allowImageConfig: true}}]}",
+        "{allOf: [{modelSigning: {key: keys/model.pub}}, {modelSigning: {key: keys/model.pub,"
+        " allowImageConfig: true}}]}",
+    ],
+    ids=["alone", "anyOf", "allOf-anyOf-with-a-model-signature", "allOf-model-signatures"],
+)
+def test_refuses_policy_allowing_an_image_config_without_a_manifest_signature(
+    signed: tuple[Path, bytes], require: str
+) -> None:
+    work, _ = signed
+    cs.generate_key().write_public(work / "keys" / "release.pub")
+    text = f"scopes:\n  - match: 'registry.example.test/**'\n    require: {require}\n"
+    with pytest.raises(PolicyError, match="allowImageConfig must be in an allOf with cosign"):
+        parse_policy(text.encode(), base_dir=work)
+
+
+@pytest.mark.parametrize(
+    "require",
+    [
+        "{allOf: [{cosign: {key: keys/release.pub}}, {modelSigning: {key: keys/model.pub,"
+        " allowImageConfig: true}}]}",
+        "{allOf: [{anyOf: [{cosign: {key: keys/release.pub}}, {cosign: {key: keys/model.pub}}]},"
+        " {anyOf: [{modelSigning: {key: keys/model.pub, allowImageConfig: true}}]}]}",
+        "{anyOf: [{allOf: [{cosign: {key: keys/release.pub}}, {modelSigning: {key:"
+        " keys/model.pub, allowImageConfig: true}}]}, {modelSigning: {key: keys/model.pub}}]}",
+    ],
+    ids=["allOf", "nested", "anyOf-of-guarded"],
+)
+def test_policy_allows_an_image_config_beside_a_manifest_signature(
+    signed: tuple[Path, bytes], require: str
+) -> None:
+    work, _ = signed
+    cs.generate_key().write_public(work / "keys" / "release.pub")
+    text = f"scopes:\n  - match: 'registry.example.test/**'\n    require: {require}\n"
+    (scope,) = parse_policy(text.encode(), base_dir=work).scopes
+    assert scope.require is not None
