@@ -13,14 +13,41 @@ Recognised packagings (all plain OCI image manifests):
 
 A layer titled ``model.sig`` (or of the Sigstore bundle media type) is the model's
 OMS signature shipped inside the artifact, not a model file.
+
+An OMS signature lists files and nothing else, so the config a model-only signature
+may come with is confined (``config_refusal``, ``config_content_refusal``): the empty
+``{}`` or a model config that is not an image config in disguise.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.oci import mediatypes as mt
+from proxy.oci.digest import Digest
 from proxy.oci.manifest import Descriptor, Manifest
+
+IMAGE_CONFIGS = frozenset(
+    {"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"}
+)
+MODEL_CONFIGS = frozenset(
+    {mt.MODELPACK_CONFIG, "application/vnd.cnai.model.config.v1+json", mt.MODELKIT_CONFIG}
+)
+EMPTY_CONFIG = Digest.of(b"{}")
+# containerd's CRI image store (what pods run from) decodes the config blob as an image
+# config without looking at its media type, and ``ctr images pull`` (containerd 1.6,
+# tried here) unpacks the layers that a model-typed config's ``rootfs`` names. Go's JSON
+# decoding matches names case-insensitively, with Unicode folding. These are the fields
+# of an image config's ``config``: how its process runs.
+_RUNNABLE_KEYS = frozenset(
+    k.casefold()
+    for k in (
+        *("User", "ExposedPorts", "Env", "Entrypoint", "Cmd", "Volumes", "WorkingDir"),
+        *("Labels", "StopSignal", "ArgsEscaped", "Healthcheck", "OnBuild", "Shell"),
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,3 +146,64 @@ def model_layout(manifest: Manifest) -> ModelLayout:
         else:
             raw[path] = layer
     return ModelLayout(raw, tuple(tars), tuple(signatures), tuple(unnamed), tuple(duplicates))
+
+
+def config_is_empty(config: Descriptor) -> bool:
+    """The config is the 2-byte ``{}`` (the OCI empty descriptor, or ORAS' older
+    ``application/vnd.unknown.config.v1+json``): nothing in it to check or run."""
+    return config.digest == EMPTY_CONFIG and config.size == 2
+
+
+def config_refusal(config: Descriptor | None) -> str | None:
+    """Why a signature of the model's files alone cannot authorise ``config``, by its
+    descriptor; None when it may (a model config still needs ``config_content_refusal``).
+
+    An OMS signature covers no config, and containerd runs what an image config says
+    (entrypoint, command, environment, user), so only an empty config or a model
+    config's metadata may ride along with the signed files.
+    """
+    if config is None:
+        return "the manifest has no config"
+    shown = config.media_type[:100]
+    if config.media_type in IMAGE_CONFIGS:
+        return (
+            f"the config is {shown}, a runnable image config (entrypoint, command, "
+            "environment, user) that a model signature does not cover"
+        )
+    if config_is_empty(config) or config.media_type in MODEL_CONFIGS:
+        return None
+    if config.media_type == mt.OCI_EMPTY:
+        return f"the config is {shown} but not the 2-byte {{}} ({config.digest})"
+    return (
+        f"the config is {shown}: a model signature covers only an empty config ({{}}) "
+        f"or a model config ({', '.join(sorted(MODEL_CONFIGS))})"
+    )
+
+
+def config_content_refusal(media_type: str, content: bytes) -> str | None:
+    """Why a model config blob is an image config in disguise, or None.
+
+    containerd's CRI reads the config blob as an image config whatever its media type
+    says, so a model config must carry no ``rootfs`` and no process fields under
+    ``config``. Every occurrence of a key counts (Go merges a repeated object into one
+    struct).
+    """
+    shown = media_type[:100]
+    try:
+        top = json.loads(content, object_pairs_hook=_Object)
+    except (ValueError, RecursionError):
+        return f"the {shown} config is not JSON"
+    if not isinstance(top, _Object):
+        return f"the {shown} config is not a JSON object"
+    for key, value in top:
+        if key.casefold() == "rootfs":
+            return f"the {shown} config has a rootfs: it is an image config"
+        if key.casefold() == "config" and isinstance(value, _Object):
+            runnable = sorted({k[:40] for k, _ in value if k.casefold() in _RUNNABLE_KEYS})
+            if runnable:
+                return f"the {shown} config sets {', '.join(runnable)}: it is an image config"
+    return None
+
+
+class _Object(list[tuple[str, Any]]):
+    """A JSON object as all its (key, value) pairs, repeated keys included."""

@@ -17,6 +17,10 @@ layers get a per-file plan (``proxy.pipeline.tarcheck``) checked as they stream:
 2. ``model_signing`` reads the statement into its manifest (subject digest checked);
 3. pullgate's own part: the signed files are exactly the model's files: raw layers
    by digest now, tar layers (``proxy.oci.model``) by the plan handed to the pipeline.
+
+The statement binds files only: not the manifest, its config, annotations,
+artifactType or subject, so signed files can be replayed into any manifest. Before
+any of the above (0.), what the manifest brings besides files must be harmless.
 """
 
 from __future__ import annotations
@@ -37,7 +41,14 @@ from proxy.oci.digest import Digest
 from proxy.oci.errors import OCIError, UpstreamTimeout, UpstreamUnavailable
 from proxy.oci.manifest import Descriptor, Manifest
 from proxy.oci.mediatypes import MODEL_SIGNATURE_FILE
-from proxy.oci.model import layer_path, model_layout, unsafe_layer_name
+from proxy.oci.model import (
+    config_content_refusal,
+    config_is_empty,
+    config_refusal,
+    layer_path,
+    model_layout,
+    unsafe_layer_name,
+)
 from proxy.pipeline.gate import ArtifactSource
 from proxy.pipeline.tarcheck import LayerPlan, ignored
 from proxy.verify.base import (
@@ -59,6 +70,7 @@ PREDICATE_V1 = "https://model_signing/signature/v1.0"
 PREDICATE_V01 = "https://model_signing/Digests/v0.1"
 TITLE = "org.opencontainers.image.title"
 MAX_RESOURCES = 100_000
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +326,8 @@ def layer_plans(
     if nameless:
         raise SignatureError(f"layer {nameless[0].digest} names no file (no {TITLE} annotation)")
     signed = {n: d for n, d in signature.files.items() if not ignored(n, skip)}
+    if not signed:
+        raise SignatureError("the signature lists no file of the model (after the ignore rules)")
     # 1. raw layers
     for path, layer in sorted(raw_files.items()):
         if layer.digest.algorithm != "sha256":
@@ -352,6 +366,12 @@ def layer_plans(
     for tar in unnamed:
         held[tar.descriptor.digest] = {n: d for n, d in signed.items() if n not in holder}
         holder.update(dict.fromkeys(held[tar.descriptor.digest], "the tar layer"))
+    # A layer holding no signed file is not in the signed file list: refused now, not
+    # streamed with an empty plan (unless its whole path is under an ignore rule).
+    for tar in layout.tar_layers:
+        if not held[tar.descriptor.digest] and not (tar.path and ignored(tar.path, skip)):
+            named = f" ({tar.path[:120]})" if tar.path else ""
+            raise SignatureError(f"layer {tar.descriptor.digest}{named} holds no signed file")
     # 3. nothing signed is left out
     missing = sorted(set(signed) - set(holder))
     if missing:
@@ -379,13 +399,21 @@ def _clean_title(layer: Descriptor) -> str | None:
 
 
 class OMSVerifier:
-    def __init__(self, *, label: str, check: Any, ignore: tuple[str, ...]) -> None:
+    def __init__(
+        self, *, label: str, check: Any, ignore: tuple[str, ...], allow_image_config: bool = False
+    ) -> None:
         self._label = label
         self._check = check
         self._ignore = ignore
+        self._allow_image_config = allow_image_config
 
     def describe(self) -> str:
         return self._label
+
+    @property
+    def allow_image_config(self) -> bool:
+        """Whether the config is left to another requirement (the policy checks one)."""
+        return self._allow_image_config
 
     async def verify(self, subject: Subject, source: ArtifactSource, limits: Limits) -> CheckResult:
         """1. a ``model.sig`` layer of the model itself, 2. the bundles that refer to it."""
@@ -397,6 +425,9 @@ class OMSVerifier:
             return CheckResult(False, f"modelSigning: cannot fetch the model: {exc.message}")
         if model is None:
             return CheckResult(False, "modelSigning: the model manifest is gone")
+        uncovered = await self._uncovered(model, source)
+        if uncovered is not None:
+            return CheckResult(False, f"modelSigning: {uncovered}")
         reasons: list[str] = []
         for layer in model_layout(model).signature_layers[: limits.max_signatures]:
             reason = await self._bundle(source, limits, model, layer)
@@ -424,6 +455,41 @@ class OMSVerifier:
                 return CheckResult(True, f"modelSigning bundle {descriptor.digest} verified")
             reasons.append(reason)
         return CheckResult(False, "modelSigning: " + "; ".join(sorted(set(reasons)))[:600])
+
+    async def _uncovered(self, model: Manifest, source: ArtifactSource) -> str | None:
+        """0. Why ``model`` asks a model signature to authorise more than files, or None.
+
+        An index is no model. The config must be ``{}`` or a model config that is not an
+        image config in disguise (``proxy.oci.model.config_refusal``): containerd runs
+        what an image config says, and no OMS signature covers it. A model config is
+        metadata that nothing signed mentions (its ``modelfs.diffIds`` are layer
+        digests, not file digests), so nothing in it is checked against the signature.
+        Annotations, artifactType and subject are not bound either; pullgate trusts
+        none of them for more than selecting a scope. ``allowImageConfig`` leaves the
+        config to a requirement that signs the manifest (cosign or notation, in allOf).
+        """
+        if model.is_index:
+            return "an index is not a model (verify indexes with cosign or notation)"
+        if self._allow_image_config:
+            return None
+        refusal = config_refusal(model.config)
+        if refusal is not None:
+            return (
+                f"{refusal} (to allow it, require a cosign or notation signature of the "
+                "manifest too, in allOf, and set allowImageConfig: true)"
+            )
+        config = model.config
+        if config is None or config_is_empty(config):
+            return None
+        if config.size > MAX_CONFIG_BYTES:
+            return f"the config of {config.size} bytes exceeds the {MAX_CONFIG_BYTES}-byte cap"
+        try:
+            content = await source.blob(config.digest, max_bytes=MAX_CONFIG_BYTES)
+        except (UpstreamUnavailable, UpstreamTimeout):
+            raise
+        except OCIError as exc:
+            return f"cannot fetch the config: {exc.message}"
+        return config_content_refusal(config.media_type, content)
 
     async def _referrer(
         self,
@@ -490,13 +556,16 @@ class OMSVerifier:
 def oms_verifier_from_spec(
     spec: Mapping[str, Any], *, base_dir: Path, trust: TrustConfig
 ) -> OMSVerifier:
-    known = {"key", "certificate", "sigstore", "ignorePaths"}
+    known = {"key", "certificate", "sigstore", "ignorePaths", "allowImageConfig"}
     unknown = set(spec) - known
     if unknown:
         raise PolicyError(f"unknown keys {sorted(unknown)}; known: {sorted(known)}")
     ignore = spec.get("ignorePaths") or []
     if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
         raise PolicyError("ignorePaths must be a list of paths")
+    allow_image_config = spec.get("allowImageConfig", False)
+    if not isinstance(allow_image_config, bool):
+        raise PolicyError("allowImageConfig must be true or false")
     methods = [k for k in ("key", "certificate", "sigstore") if k in spec]
     if len(methods) != 1:
         raise PolicyError("modelSigning needs exactly one of key, certificate or sigstore")
@@ -512,6 +581,7 @@ def oms_verifier_from_spec(
             label=f"modelSigning key {spec['key']}",
             check=lambda raw: verify_with_key(raw, key, verifier=prebuilt_key),
             ignore=tuple(ignore),
+            allow_image_config=allow_image_config,
         )
     if method == "certificate":
         ca = spec["certificate"].get("caFile") if isinstance(spec["certificate"], dict) else None
@@ -528,6 +598,7 @@ def oms_verifier_from_spec(
             label=f"modelSigning certificate caFile {ca}",
             check=lambda raw: verify_with_ca(raw, roots, verifier=prebuilt_ca),
             ignore=tuple(ignore),
+            allow_image_config=allow_image_config,
         )
     options = spec["sigstore"]
     if not isinstance(options, dict) or not {"issuer", "subject"} <= set(options):
@@ -546,4 +617,5 @@ def oms_verifier_from_spec(
         label=f"modelSigning sigstore {identity.describe()}",
         check=lambda raw: verify_with_sigstore(raw, verifier, identity),
         ignore=tuple(ignore),
+        allow_image_config=allow_image_config,
     )

@@ -647,6 +647,11 @@ def _scope(
         if require_doc is not None
         else None
     )
+    if require is not None and _config_unsigned(require, guarded=False):
+        raise PolicyError(
+            f"{where}.require: modelSigning with allowImageConfig must be in an allOf with "
+            "cosign or notation (a signature of the manifest, which covers its config)"
+        )
     # mode allow is logged loudly by the gate when the policy goes into force, and on use.
     canonical = json.dumps(item, sort_keys=True, default=str, separators=(",", ":"))
     return Scope(
@@ -661,6 +666,36 @@ def _scope(
         pod_labels=pod_labels,
         _regex=glob_to_regex(match),
         fingerprint=hashlib.sha256(canonical.encode()).hexdigest(),
+    )
+
+
+def _signs_manifest(req: Requirement) -> bool:
+    """Whether ``req`` passes only with a cosign or Notation signature of the manifest."""
+    if isinstance(req, Leaf):
+        return req.format in ("cosign", "notation")
+    if not isinstance(req, _Composite):
+        return False  # required referrers and attestations: signatures of other manifests
+    signs = [_signs_manifest(c) for c in req.children]
+    return any(signs) if isinstance(req, AllOf) else all(signs)
+
+
+def _config_unsigned(req: Requirement, *, guarded: bool) -> bool:
+    """Whether a modelSigning ``allowImageConfig`` leaf can pass with no signature of
+    the manifest beside it in an allOf (a model signature covers no config)."""
+    if isinstance(req, Leaf):
+        return not guarded and getattr(req.verifier, "allow_image_config", False) is True
+    if not isinstance(req, _Composite):
+        return False
+    return any(
+        _config_unsigned(
+            child,
+            guarded=guarded
+            or (
+                isinstance(req, AllOf)
+                and any(_signs_manifest(o) for o in req.children if o is not child)
+            ),
+        )
+        for child in req.children
     )
 
 

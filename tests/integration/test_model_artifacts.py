@@ -650,3 +650,157 @@ def test_refuses_a_tampered_layer_that_another_signers_model_vouches_for(
     assert TAMPERED_FILE in message and "signed sha256:" in message
     # (This containerd already holds the layer, content-addressed, from the other
     # model's pull; a node without it gets the refusal above.)
+
+
+# ---- what a model-only signature does not cover -----------------------------------------
+
+OCI_IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_TGZ = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def modelcar(tag: str, files: dict[str, bytes], config_type: str = OCI_IMAGE_CONFIG) -> cs.Artifact:
+    """The signed files as an ordinary, unpackable image (a KServe ModelCar-like
+    packing): one image tar+gzip layer per file, each with its filepath, and an image
+    config that names a process to run (typed ``config_type``)."""
+    import platform
+
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    layers = []
+    for name in sorted(files):
+        blob = tar_of({name: files[name]}, gz=True)
+        layers.append((descriptor(OCI_LAYER_TGZ, blob, **{FILEPATH: name}), blob))
+    config = json.dumps(
+        {
+            "architecture": arch,
+            "os": "linux",
+            "config": {"Entrypoint": ["/bin/sh", "-c", "echo not a model"], "User": "0"},
+            "rootfs": {
+                "type": "layers",
+                "diff_ids": [str(Digest.of(gzip.decompress(b))) for _, b in layers],
+            },
+        }
+    ).encode()
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "config": descriptor(config_type, config),
+        "layers": [d for d, _ in layers],
+    }
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    return cs.Artifact(raw, mt.OCI_MANIFEST, (config, *(b for _, b in layers)), tag)
+
+
+def pull_image(node: Node, repository: str, tag: str) -> tuple[int, str]:
+    done = node.containerd.ctr(
+        "images", "pull", "--plain-http", "--hosts-dir", str(node.containerd.certs_dir),
+        f"{REGISTRY}/{repository}:{tag}",
+        check=False,
+    )  # fmt: skip
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_refuses_model_signature_authorising_an_image_config(
+    tmp_path: Path, registry: Registry, node: Node, make_pullgate: Callable[..., Pullgate]
+) -> None:
+    """The model's files, signed by model_signing, replayed into an image whose config
+    runs a process: a model signature covers the files only, so on its own it does not
+    authorise the config. With allowImageConfig inside an allOf that also requires a
+    cosign signature of the manifest (the README's recipe), containerd unpacks it."""
+    files = model_files(9950)
+    signature = sign_model(
+        write_model(node.work / "model", files), node.private_key, node.work / "model.sig"
+    )
+    # Control: the same signature over the same files, packed as ModelPack, is served.
+    node.push("models/plain", modelpack_targz("v1", files), signature)
+    code, output = node.fetch("models/plain", "v1")
+    assert code == 0, output
+
+    image = modelcar("v1", files)
+    digest = node.push("models/modelcar", image, signature)
+    code, output = pull_image(node, "models/modelcar", "v1")
+    assert code != 0, f"containerd pulled an image authorised by a model signature: {output}"
+    status, body = node.get(f"/v2/models/modelcar/manifests/v1?ns={REGISTRY}")
+    assert status == 403, body
+    message = body["errors"][0]["message"]
+    assert f"the config is {OCI_IMAGE_CONFIG}, a runnable image config" in message, message
+    config_digest = json.loads(image.manifest)["config"]["digest"]
+    status, body = node.get(f"/v2/models/modelcar/blobs/{config_digest}?ns={REGISTRY}")
+    assert status == 403, "the runnable config must not be served"
+    # The same config typed as a ModelPack config (containerd unpacks and its CRI
+    # decodes it all the same) is read and refused too.
+    node.push("models/disguised", modelcar("v1", files, mt.MODELPACK_CONFIG), signature)
+    code, output = pull_image(node, "models/disguised", "v1")
+    assert code != 0, f"containerd pulled a disguised image config: {output}"
+    status, body = node.get(f"/v2/models/disguised/manifests/v1?ns={REGISTRY}")
+    assert status == 403, body
+    message = body["errors"][0]["message"]
+    assert f"the {mt.MODELPACK_CONFIG} config sets Entrypoint, User" in message, message
+
+    # The opt-in: a cosign signature of the manifest covers the config.
+    release = cs.generate_key()
+    assert node.pullgate.policy is not None
+    policy_dir = node.pullgate.policy.parent
+    release.write_public(policy_dir / "keys" / "release.pub")
+    policy = policy_dir / "modelcar.yaml"
+    policy.write_text(
+        "default: deny\n"
+        "verdictCache: {negativeTTL: 0}\n"  # the refusal below is not kept
+        "scopes:\n"
+        '  - match: "registry.example.test/models/**"\n'
+        "    require:\n"
+        "      allOf:\n"
+        "        - cosign: {key: keys/release.pub}\n"
+        "        - modelSigning: {key: keys/model.pub, allowImageConfig: true}\n"
+    )
+    pullgate = make_pullgate(upstreams={REGISTRY: registry.url}, policy=policy)
+    node.containerd.write_hosts(REGISTRY, pullgate.url)
+    status, body = node.get_from(pullgate, f"/v2/models/modelcar/manifests/v1?ns={REGISTRY}")
+    assert status == 403 and "no cosign signature" in body["errors"][0]["message"], body
+    payload = cs.simple_signing_payload(digest, f"{REGISTRY}/models/modelcar")
+    signed = cs.signature_image(digest, [cs.sign_layer(release, payload)])
+    cs.push_to_registry(registry.url, "models/modelcar", signed)
+    code, output = pull_image(node, "models/modelcar", "v1")
+    assert code == 0, f"the cosign-signed ModelCar did not pull: {output}"
+    # Still checked per file: the tampered files under the same two signatures are not.
+    bad = modelcar("v2", tampered(files))
+    bad_digest = node.push("models/modelcar", bad, signature)
+    payload = cs.simple_signing_payload(bad_digest, f"{REGISTRY}/models/modelcar")
+    cs.push_to_registry(
+        registry.url,
+        "models/modelcar",
+        cs.signature_image(bad_digest, [cs.sign_layer(release, payload)]),
+    )
+    code, output = pull_image(node, "models/modelcar", "v2")
+    assert code != 0, f"containerd pulled a tampered ModelCar: {output}"
+
+
+@pytest.mark.parametrize("packing", ["raw", "tar"])
+def test_refuses_layer_not_in_the_signed_file_list(node: Node, packing: str) -> None:
+    """A signed model plus one layer the signature does not list (a script, raw or as
+    a tar layer with a path of its own): the manifest is refused before any layer moves."""
+    files = model_files(9960 + len(packing))
+    signature = sign_model(
+        write_model(node.work / "model", files), node.private_key, node.work / "model.sig"
+    )
+    script = b"import os\nos.system('id')\n"
+    honest = modelpack_raw("v1", files)
+    doc = json.loads(honest.manifest)
+    if packing == "raw":
+        extra = script
+        doc["layers"].append(descriptor(MODELPACK_WEIGHT_RAW, extra, **{FILEPATH: "load.py"}))
+        reason = "file load.py is not covered by the signature"
+    else:
+        extra = tar_of({"extras/load.py": script}, gz=True)
+        doc["layers"].append(descriptor(MODELPACK_WEIGHT_TGZ, extra, **{FILEPATH: "extras"}))
+        reason = f"layer {Digest.of(extra)} (extras) holds no signed file"
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    artifact = cs.Artifact(raw, mt.OCI_MANIFEST, (*honest.blobs, extra), "v1")
+    repository = f"models/extra-{packing}"
+    node.push(repository, artifact, signature)
+    code, output = node.fetch(repository, "v1")
+    assert code != 0, f"containerd fetched a model with an unsigned {packing} layer: {output}"
+    status, body = node.get(f"/v2/{repository}/manifests/v1?ns={REGISTRY}")
+    assert status == 403 and reason in body["errors"][0]["message"], body
+    status, _ = node.get(f"/v2/{repository}/blobs/{Digest.of(extra)}?ns={REGISTRY}")
+    assert status == 403
+    assert str(Digest.of(extra)) not in node.containerd.content_digests()
