@@ -14,12 +14,30 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from proxy.oci.digest import Digest
+from proxy.oci.errors import (
+    OCIError,
+    TooManyRequests,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from proxy.oci.manifest import Descriptor, Manifest
 from proxy.pipeline.gate import ArtifactSource
 
 
 class SignatureError(Exception):
     """A signature, certificate or envelope that does not verify. Carries the reason."""
+
+
+TRANSIENT_ERRORS: tuple[type[OCIError], ...] = (
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    UpstreamError,
+    TooManyRequests,
+)
+"""The registry could not be asked (unreachable, slow, 5xx, throttled, a broken body),
+which says nothing about a signature: every verifier lets these propagate, so they end
+as a 5xx and are never cached as a refusal. Any other ``OCIError`` is a reason."""
 
 
 def json_object(raw: str | bytes, what: str) -> dict[str, Any]:
@@ -121,6 +139,24 @@ async def fetch_referrer(
         got = str(referrer.effective_artifact_type)[:120]
         raise SignatureError(f"referrer's own artifactType is {got!r}")
     return referrer
+
+
+async def fetch_signature_blob(
+    source: ArtifactSource, layer: Descriptor, limits: Limits, *, what: str
+) -> bytes:
+    """A signature blob (bundle, envelope, simple-signing payload) within the bundle cap.
+
+    ``SignatureError`` says why it does not count; ``TRANSIENT_ERRORS`` propagate."""
+    if layer.size > limits.max_bundle_bytes:
+        raise SignatureError(
+            f"{what} of {layer.size} bytes exceeds the cap of {limits.max_bundle_bytes}"
+        )
+    try:
+        return await source.blob(layer.digest, max_bytes=limits.max_bundle_bytes)
+    except TRANSIENT_ERRORS:
+        raise
+    except OCIError as exc:
+        raise SignatureError(f"{what} {layer.digest}: {exc.message[:160]}") from exc
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

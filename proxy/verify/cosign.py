@@ -36,10 +36,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from proxy.oci import mediatypes as mt
 from proxy.oci.digest import Digest
-from proxy.oci.errors import OCIError, UpstreamUnavailable
+from proxy.oci.errors import OCIError
 from proxy.oci.manifest import MAX_MANIFEST_BYTES, Descriptor, Manifest
 from proxy.pipeline.gate import ArtifactSource
 from proxy.verify.base import (
+    TRANSIENT_ERRORS,
     CheckResult,
     Limits,
     PolicyError,
@@ -48,6 +49,7 @@ from proxy.verify.base import (
     TrustConfig,
     Verifier,
     fetch_referrer,
+    fetch_signature_blob,
 )
 from proxy.verify.bundle import CosignPolicy, sigstore_verifier_for, verify_bundle
 from proxy.verify.keys import (
@@ -160,7 +162,7 @@ class CosignVerifier:
         tag = f"{subject.digest.fallback_tag}.sig"
         try:
             sig_manifest = await source.manifest(tag, max_bytes=limits.max_signature_manifest_bytes)
-        except UpstreamUnavailable:
+        except TRANSIENT_ERRORS:
             raise
         except OCIError as exc:
             failures.append(f"signature manifest {tag}: {exc.message[:160]}")
@@ -176,17 +178,12 @@ class CosignVerifier:
             if ANN_SIGNATURE not in layer.annotations:
                 failures.append("layer has no signature annotation")
                 continue
-            if layer.size > limits.max_bundle_bytes:
-                failures.append(f"payload of {layer.size} bytes exceeds the size cap")
-                continue
             payload = payloads.get(layer.digest)
             if payload is None:
                 try:
-                    payload = await source.blob(layer.digest, max_bytes=limits.max_bundle_bytes)
-                except UpstreamUnavailable:
-                    raise
-                except OCIError as exc:
-                    failures.append(f"payload {layer.digest.hex[:12]}: {exc.message[:160]}")
+                    payload = await fetch_signature_blob(source, layer, limits, what="payload")
+                except SignatureError as exc:
+                    failures.append(str(exc))
                     continue
                 payloads[layer.digest] = payload
             signature = LegacySignature(payload, dict(layer.annotations))
@@ -296,7 +293,7 @@ class CosignVerifier:
     ) -> bool:
         try:
             index = await source.referrers(subject.digest, mt.SIGSTORE_BUNDLE_V03)
-        except UpstreamUnavailable:
+        except TRANSIENT_ERRORS:
             raise
         except OCIError as exc:
             failures.append(f"referrers: {exc.message[:160]}")
@@ -310,7 +307,7 @@ class CosignVerifier:
         for descriptor in candidates[: limits.max_signatures]:
             try:
                 raw = await self._fetch_bundle(descriptor, subject, source, limits)
-            except UpstreamUnavailable:
+            except TRANSIENT_ERRORS:
                 raise
             except OCIError as exc:
                 failures.append(f"bundle referrer: {exc.message[:160]}")
@@ -340,7 +337,7 @@ class CosignVerifier:
             return None
         try:
             manifest = await source.manifest(str(subject.digest), max_bytes=MAX_MANIFEST_BYTES)
-        except UpstreamUnavailable:
+        except TRANSIENT_ERRORS:
             raise
         except OCIError:
             return None
@@ -358,11 +355,7 @@ class CosignVerifier:
         layer = _bundle_layer(referrer)
         if layer is None:
             raise SignatureError("bundle referrer has no bundle layer")
-        if layer.size > limits.max_bundle_bytes:
-            raise SignatureError(
-                f"bundle of {layer.size} bytes exceeds the cap of {limits.max_bundle_bytes}"
-            )
-        return await source.blob(layer.digest, max_bytes=limits.max_bundle_bytes)
+        return await fetch_signature_blob(source, layer, limits, what="bundle")
 
 
 def _bundle_layer(referrer: Manifest) -> Descriptor | None:

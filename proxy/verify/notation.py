@@ -51,21 +51,19 @@ from jwcrypto import jwa, jwk, jws
 from jwcrypto.common import JWException, JWSEHeaderParameter, base64url_decode, base64url_encode
 
 from proxy.oci.errors import (
-    DigestInvalid,
     OCIError,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
 )
 from proxy.oci.manifest import Descriptor, Manifest
 from proxy.pipeline.gate import ArtifactSource
 from proxy.verify.base import (
+    TRANSIENT_ERRORS,
     CheckResult,
     Limits,
     PolicyError,
     SignatureError,
     Subject,
     fetch_referrer,
+    fetch_signature_blob,
     first_line,
     json_object,
 )
@@ -506,7 +504,7 @@ class NotationVerifier:
             return CheckResult(True, f"Notation statement {statement.name!r} skips verification")
         try:
             index = await source.referrers(subject.digest, ARTIFACT_TYPE)
-        except (UpstreamUnavailable, UpstreamTimeout, UpstreamError):
+        except TRANSIENT_ERRORS:
             raise
         except OCIError as exc:
             return CheckResult(False, f"cannot list Notation signatures: {exc.message}")
@@ -538,7 +536,7 @@ class NotationVerifier:
     ) -> str | None:
         try:
             manifest = await fetch_referrer(source, listed, subject, limits)
-        except (UpstreamUnavailable, UpstreamTimeout):
+        except TRANSIENT_ERRORS:
             raise
         except OCIError as exc:
             return f"signature manifest {listed.digest}: {exc.message}"
@@ -548,14 +546,10 @@ class NotationVerifier:
         if problem:
             return problem
         layer = manifest.layers[0]
-        if layer.size > limits.max_bundle_bytes:
-            return f"envelope of {layer.size} bytes exceeds the {limits.max_bundle_bytes}-byte cap"
         try:
-            raw = await source.blob(layer.digest, max_bytes=limits.max_bundle_bytes)
-        except (UpstreamUnavailable, UpstreamTimeout):
-            raise
-        except (OCIError, DigestInvalid) as exc:
-            return f"envelope {layer.digest}: {getattr(exc, 'message', exc)}"
+            raw = await fetch_signature_blob(source, layer, limits, what="envelope")
+        except SignatureError as exc:
+            return str(exc)
         return await asyncio.to_thread(
             self.check_envelope, layer.media_type, raw, subject, statement
         )

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from model_signing._signing import sign_certificate, sign_ec_key, sign_sigstore_pb, signing
 
 from proxy.oci.digest import Digest
-from proxy.oci.errors import OCIError, UpstreamTimeout, UpstreamUnavailable
+from proxy.oci.errors import OCIError
 from proxy.oci.manifest import Descriptor, Manifest
 from proxy.oci.mediatypes import MODEL_SIGNATURE_FILE
 from proxy.oci.model import (
@@ -52,12 +52,15 @@ from proxy.oci.model import (
 from proxy.pipeline.gate import ArtifactSource
 from proxy.pipeline.tarcheck import LayerPlan, ignored
 from proxy.verify.base import (
+    TRANSIENT_ERRORS,
     CheckResult,
     Limits,
     PolicyError,
     SignatureError,
     Subject,
     TrustConfig,
+    fetch_referrer,
+    fetch_signature_blob,
     first_line,
     json_object,
 )
@@ -419,7 +422,7 @@ class OMSVerifier:
         """1. a ``model.sig`` layer of the model itself, 2. the bundles that refer to it."""
         try:
             model = await source.manifest(str(subject.digest), max_bytes=4 * 1024 * 1024)
-        except (UpstreamUnavailable, UpstreamTimeout):
+        except TRANSIENT_ERRORS:
             raise
         except OCIError as exc:
             return CheckResult(False, f"modelSigning: cannot fetch the model: {exc.message}")
@@ -436,7 +439,7 @@ class OMSVerifier:
             reasons.append(reason)
         try:
             index = await source.referrers(subject.digest, BUNDLE_ARTIFACT_TYPE)
-        except (UpstreamUnavailable, UpstreamTimeout):
+        except TRANSIENT_ERRORS:
             raise
         except OCIError as exc:
             reasons.append(f"cannot fetch signatures: {exc.message}")
@@ -447,7 +450,7 @@ class OMSVerifier:
         for descriptor in descriptors[: limits.max_signatures]:
             try:
                 reason = await self._referrer(subject, source, limits, model, descriptor)
-            except (UpstreamUnavailable, UpstreamTimeout):
+            except TRANSIENT_ERRORS:
                 raise
             except OCIError as exc:
                 reason = exc.message
@@ -485,7 +488,7 @@ class OMSVerifier:
             return f"the config of {config.size} bytes exceeds the {MAX_CONFIG_BYTES}-byte cap"
         try:
             content = await source.blob(config.digest, max_bytes=MAX_CONFIG_BYTES)
-        except (UpstreamUnavailable, UpstreamTimeout):
+        except TRANSIENT_ERRORS:
             raise
         except OCIError as exc:
             return f"cannot fetch the config: {exc.message}"
@@ -499,14 +502,10 @@ class OMSVerifier:
         model: Manifest,
         descriptor: Descriptor,
     ) -> str | None:
-        ref = str(descriptor.digest)
-        referrer = await source.manifest(ref, max_bytes=limits.max_signature_manifest_bytes)
-        if (
-            referrer is None
-            or referrer.subject is None
-            or referrer.subject.digest != subject.digest
-        ):
-            return "a signature manifest's subject is another manifest (ignored)"
+        try:
+            referrer = await fetch_referrer(source, descriptor, subject, limits)
+        except SignatureError as exc:
+            return f"signature manifest {descriptor.digest}: {exc}"
         if len(referrer.layers) != 1:
             return "a bundle manifest must have exactly one layer"
         return await self._bundle(source, limits, model, referrer.layers[0], referred=True)
@@ -523,14 +522,10 @@ class OMSVerifier:
         """Verify one bundle (a referrer's layer, or the model's own ``model.sig``
         layer) against ``model``; on success hand its tar layers' plans to the pipeline."""
         where = "bundle" if referred else f"{layer_path(layer) or 'model.sig'} layer"
-        if layer.size > limits.max_bundle_bytes:
-            return f"{where} of {layer.size} bytes exceeds the {limits.max_bundle_bytes}-byte cap"
         try:
-            raw = await source.blob(layer.digest, max_bytes=limits.max_bundle_bytes)
-        except (UpstreamUnavailable, UpstreamTimeout):
-            raise
-        except OCIError as exc:
-            return f"{where}: {exc.message}"
+            raw = await fetch_signature_blob(source, layer, limits, what=where)
+        except SignatureError as exc:
+            return str(exc)
 
         def check() -> str | dict[Digest, LayerPlan]:
             try:

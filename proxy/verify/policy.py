@@ -78,17 +78,12 @@ from typing import Any, ClassVar, Literal, Protocol, cast
 
 import yaml
 
-from proxy.oci.errors import (
-    OCIError,
-    TooManyRequests,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from proxy.oci.errors import OCIError
 from proxy.oci.manifest import ArtifactKind
 from proxy.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES, upstream_repository
 from proxy.pipeline.gate import ArtifactSource, Pod, RepoKey
 from proxy.verify.base import (
+    TRANSIENT_ERRORS,
     CheckResult,
     Limits,
     PolicyError,
@@ -117,14 +112,6 @@ MATERIAL_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "notation": (("trustPolicy",), ("trustStore",)),
     "modelSigning": (("key",), ("certificate", "caFile")),
 }
-# Errors that mean "the registry could not be asked", not "the signature is bad": they
-# propagate (5xx, never cached as a denial).
-TRANSIENT_ERRORS: tuple[type[OCIError], ...] = (
-    UpstreamUnavailable,
-    UpstreamTimeout,
-    UpstreamError,
-    TooManyRequests,
-)
 
 
 class Requirement(Protocol):

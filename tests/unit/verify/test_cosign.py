@@ -526,7 +526,7 @@ async def test_oversize_payload_is_not_fetched(
         _key_verifier(tmp_path, key), image, registry, Limits(max_bundle_bytes=4096)
     )
     assert not result.ok
-    assert "exceeds the size cap" in result.reason
+    assert f"payload of {len(payload)} bytes exceeds the cap of 4096" in result.reason
     assert registry.fetched_blobs == []
 
 
