@@ -10,10 +10,13 @@ A small parent process that serves nothing itself. It
 3. starts N workers (``python -m proxy.node.worker``), each the full app (``proxy.node``)
    on the same ports, and waits until every one serves; if one fails first, it stops
    the others and exits with that worker's code (2: configuration or policy error);
-4. restarts a worker that dies, after a backoff that doubles with each quick failure
+4. keeps a snapshot of the last good policy in the runtime directory (polled like the
+   workers poll the file; ``proxy.node.policy_snapshot``), so that a worker started
+   while the policy file does not load serves that instead of failing again and again;
+5. restarts a worker that dies, after a backoff that doubles with each quick failure
    (``BACKOFF_FIRST`` up to ``BACKOFF_MAX``; reset once a worker ran ``STABLE_AFTER``
    seconds), logging why, and tells prometheus-client the dead process is gone;
-5. on SIGTERM or SIGINT stops restarting, sends SIGTERM to every worker, waits for them
+6. on SIGTERM or SIGINT stops restarting, sends SIGTERM to every worker, waits for them
    to finish what is in flight (SIGKILL after ``STOP_TIMEOUT``, or at a second
    signal), and exits 0 if they all stopped by themselves.
 
@@ -52,7 +55,9 @@ from proxy.node import (
     announce_serving,
     describe,
 )
+from proxy.node.policy_snapshot import SnapshotKeeper
 from proxy.pipeline.shared import SharedAllowances
+from proxy.verify.base import PolicyError
 
 log = logging.getLogger("pullgate.supervisor")
 
@@ -125,6 +130,8 @@ class Supervisor:
         self._selector = selectors.DefaultSelector()
         self._signals: list[int] = []
         self._runtime: Path | None = None
+        self._snapshots: SnapshotKeeper | None = None
+        self._next_snapshot_check = 0.0
         self._worker_env: dict[str, str] = {}
         # Pull grants sealed by the CRI front end (worker 0) open in every worker.
         self._grant_key = os.urandom(32)
@@ -151,6 +158,17 @@ class Supervisor:
             self._runtime = self._make_runtime_dir()
             log.info("%s", describe(self.config, self.workers))
             log.info("runtime directory %s", self._runtime)
+            if self.config.policy is not None:
+                self._snapshots = SnapshotKeeper(
+                    runtime=self._runtime, policy_path=self.config.policy
+                )
+                try:
+                    self._snapshots.start()
+                except PolicyError as exc:
+                    log.error("policy error: %s", exc)
+                    print(f"pullgate: policy error: {exc}", file=sys.stderr)
+                    return 2
+                self._next_snapshot_check = time.monotonic() + self._snapshots.interval
             if (problem := queued_connections_problem()) is not None:
                 log.warning("%s", problem)
             code = self._start_all()
@@ -255,14 +273,26 @@ class Supervisor:
         while not self._signals:
             now = time.monotonic()
             due = [s.restart_at for s in self._slots if s.restart_at is not None]
+            if self._snapshots is not None:
+                due.append(self._next_snapshot_check)
             timeout = max(0.0, min(due) - now) if due else None
             for slot, gone in self._poll(timeout):
                 if gone:
                     self._worker_died(slot)
             now = time.monotonic()
+            if self._snapshots is not None and now >= self._next_snapshot_check:
+                self._check_policy(self._snapshots)
+                now = time.monotonic()
             for slot in self._slots:
                 if slot.restart_at is not None and now >= slot.restart_at and not self._signals:
                     self._spawn(slot)
+
+    def _check_policy(self, snapshots: SnapshotKeeper) -> None:
+        try:
+            snapshots.check()
+        except Exception:  # the supervisor must not die of it: log and poll again
+            log.exception("policy snapshot check failed")
+        self._next_snapshot_check = time.monotonic() + snapshots.interval
 
     def _worker_died(self, slot: _Slot) -> None:
         lived = time.monotonic() - slot.started_at
