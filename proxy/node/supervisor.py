@@ -23,6 +23,10 @@ A small parent process that serves nothing itself. It
 Each worker reaches the supervisor through a socketpair on its stdin: it reads its spec
 (the validated config and its role) there, writes ``ready`` once it serves, and stops
 gracefully when the supervisor goes away (end of file), so no worker outlives it.
+
+The config was read once by the command line; the CA files it names are read once too,
+here (``proxy.node.config_files``), so a restarted worker trusts what the others do
+even if a file was broken since.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from proxy.config import Config
+from proxy.config import Config, ConfigError
 from proxy.metrics import MULTIPROC_ENV
 from proxy.node import (
     ALLOWANCES_FILE,
@@ -55,6 +59,7 @@ from proxy.node import (
     announce_serving,
     describe,
 )
+from proxy.node.config_files import pin_ca_files
 from proxy.node.policy_snapshot import SnapshotKeeper
 from proxy.pipeline.shared import SharedAllowances
 from proxy.verify.base import PolicyError
@@ -158,6 +163,12 @@ class Supervisor:
             self._runtime = self._make_runtime_dir()
             log.info("%s", describe(self.config, self.workers))
             log.info("runtime directory %s", self._runtime)
+            try:
+                self.config = pin_ca_files(self.config, self._runtime)
+            except ConfigError as exc:
+                log.error("configuration error: %s", exc)
+                print(f"pullgate: configuration error: {exc}", file=sys.stderr)
+                return 2
             if self.config.policy is not None:
                 self._snapshots = SnapshotKeeper(
                     runtime=self._runtime, policy_path=self.config.policy

@@ -30,7 +30,8 @@ from tests.integration.test_workers import (
     manifest_path,
 )
 from tests.support import cosign_sign as cs
-from tests.support.peers import Pullgate, Registry
+from tests.support.peers import Pullgate, Registry, free_port
+from tests.support.pki_sign import issue
 
 pytestmark = pytest.mark.integration
 
@@ -218,3 +219,32 @@ def test_snapshot_meta_names_the_revision_in_force(policy_node: PolicyNode) -> N
         if key.startswith("pullgate_policy_info{") and value == 1.0
     }
     assert any(meta["revision"][:16] in key for key in revisions), (meta, revisions)
+
+
+# ---- files the config names ---------------------------------------------------------
+
+
+def test_refuses_to_crash_loop_on_a_ca_file_broken_after_start(
+    tmp_path: Path, registry: Registry, make_pullgate: Callable[..., Pullgate]
+) -> None:
+    """The config is read once; a worker started later must not fail on a CA file
+    (a transport's, read when it starts) that was broken since."""
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(issue("transport CA", ca=True, key_usage="ca").pem)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"upstreams:\n  {REGISTRY}:\n    url: {registry.url}\n"
+        f"    transports:\n      - {{name: peer, url: 'http://127.0.0.1:{free_port()}',"
+        f" caFile: {ca}}}\n"
+        f"defaultUpstream: {REGISTRY}\n"
+    )
+    pullgate = make_pullgate(upstreams={}, config=config, workers=WORKERS)
+    key = cs.generate_key()
+    node = PolicyNode(Node(registry, pullgate, key), tmp_path / "none", tmp_path / "none")
+    pushed = node.node.push_unsigned("team/app", "v1", seed=730)
+    ca.write_text("not a certificate\n")
+    restarted = node.kill_a_worker()
+    log = node.log()
+    assert "cannot serve" not in log and "exited with code" not in log, log[-3000:]
+    reply = node.node.get_from(blob_path("team/app", pushed.layer_digests[0]), {restarted})
+    assert reply.status == 200
