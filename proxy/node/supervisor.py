@@ -169,6 +169,9 @@ class Supervisor:
                 log.error("configuration error: %s", exc)
                 print(f"pullgate: configuration error: {exc}", file=sys.stderr)
                 return 2
+            except OSError as exc:
+                print(f"pullgate: cannot copy CA files to {self._runtime}: {exc}", file=sys.stderr)
+                return 1
             if self.config.policy is not None:
                 self._snapshots = SnapshotKeeper(
                     runtime=self._runtime, policy_path=self.config.policy
@@ -179,6 +182,13 @@ class Supervisor:
                     log.error("policy error: %s", exc)
                     print(f"pullgate: policy error: {exc}", file=sys.stderr)
                     return 2
+                except OSError as exc:  # the workers load the file themselves
+                    log.error(
+                        "cannot keep a policy snapshot in %s (%s): a worker started while the "
+                        "policy file does not load will fail to start",
+                        self._runtime,
+                        exc,
+                    )
                 self._next_snapshot_check = time.monotonic() + self._snapshots.interval
             if (problem := queued_connections_problem()) is not None:
                 log.warning("%s", problem)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,30 @@ def test_a_single_process_never_uses_a_snapshot(tmp_path: Path) -> None:
     with pytest.raises(PolicyError):
         Node.build(config)  # no runtime dir: nothing to fall back on
     assert os.path.islink(work / CURRENT_LINK)
+
+
+def test_a_snapshot_of_a_configmap_mount_survives_the_next_swap(tmp_path: Path) -> None:
+    """The kubelet's layout: files are links through ``..data`` to a timestamped dir."""
+    mount = tmp_path / "etc" / "pullgate" / "policy"
+    first = mount / "..2026_12_03_08_00_00.1"
+    cs.generate_key().write_public(first / "keys" / "release.pub")
+    (first / "policy.yaml").write_text(POLICY)
+    (mount / "..data").symlink_to(first.name)
+    (mount / "policy.yaml").symlink_to("..data/policy.yaml")
+    (mount / "keys").symlink_to("..data/keys")
+    path = mount / "policy.yaml"
+    work = runtime(tmp_path)
+    revision = take_snapshot(work, path).revision
+    # The kubelet swaps in a broken edit and removes the old directory.
+    second = mount / "..2026_12_03_09_00_00.2"
+    (second / "keys").mkdir(parents=True)
+    (second / "keys" / "release.pub").write_text("not a key")
+    (second / "policy.yaml").write_text(POLICY)
+    swap = mount / "..data_tmp"
+    swap.symlink_to(second.name)
+    swap.replace(mount / "..data")
+    shutil.rmtree(first)
+    with pytest.raises(PolicyError):
+        load_policy(path)
+    snapshot = load_snapshot(work)
+    assert snapshot is not None and snapshot.policy.revision == revision
