@@ -65,12 +65,16 @@ class PolicyWatcher:
         # gate's load and the watcher's start is not missed (same revision: no swap).
         self._seen: Fingerprint | None = None
         self._failure: tuple[Fingerprint, str] | None = None
+        # The trust files of the policy last loaded from the file (stat'ed each poll).
+        # Not the gate's: a gate that serves a snapshot holds copies' paths, and keeps
+        # them when the file loads again with the same revision.
+        self._material = gate.policy.material
         self.snapshot = snapshot
         if snapshot is not None:
             metrics.policy_snapshot_in_use.set(1)
 
     def _read(self) -> tuple[Fingerprint, bytes | None]:
-        stamps = tuple(file_stamp(p) for p in (self._path, *self._gate.policy.material))
+        stamps = tuple(file_stamp(p) for p in (self._path, *self._material))
         try:
             raw: bytes | None = self._path.read_bytes()
         except OSError:
@@ -105,6 +109,7 @@ class PolicyWatcher:
             return None
         self._seen = fingerprint
         self._failure = None
+        self._material = policy.material
         if self.snapshot is not None:
             log.warning(
                 "policy file %s loads again (revision %s): leaving the snapshot %s",

@@ -158,6 +158,11 @@ def test_refuses_to_crash_on_a_broken_policy_file_when_a_snapshot_exists(
         assert not watcher.check_once()
         assert watcher.snapshot is None
         assert node.metrics.policy_snapshot_in_use._value.get() == 0
+        # From now on the files on disk are watched, not the snapshot's copies: a key
+        # rotated under the same YAML is a new revision here too.
+        cs.generate_key().write_public(config.policy.parent / "keys" / "release.pub")
+        assert watcher.check_once()
+        assert node.gate.revision not in (revision, "")
     finally:
         assert node.shared is not None
         node.shared.close()
