@@ -139,6 +139,10 @@ def test_refuses_to_crash_loop_on_broken_policy_after_start(
         lambda: node.pullgate.metrics().get("pullgate_policy_reload_failures_total", 0) >= WORKERS,
     )
     assert "policy reload REFUSED" in node.log()
+    time.sleep(1.5)  # past the verdict TTLs: the workers decide again, under the kept policy
+    for slot in (str(w) for w in range(WORKERS)):
+        _refused_for_its_signature(node.node.get_from(manifest_path("team/open", "v1"), {slot}))
+        assert node.node.get_from(manifest_path("team/app", "v1"), {slot}).status == 200
 
     # 2. A worker that starts now serves the last good policy from the snapshot.
     restarted = node.kill_a_worker()
