@@ -1,4 +1,5 @@
-"""The CA files the config names, read once by the supervisor for every worker.
+"""The files the config names that workers read when they start: CA files and the
+node's docker config, kept by the supervisor for workers that start later.
 
 The config is read and validated once, at start, and passed down to the workers. The
 CA files it names (``upstreams.<name>.caFile`` and each transport's ``caFile``) are
@@ -9,18 +10,31 @@ CA file once at start into its runtime directory (``ca/<sha256>.pem``), checks t
 loads as a CA bundle, and gives the workers a config naming the copies: every worker,
 first or restarted, trusts what the node started with (a changed CA file takes a
 restart, as a changed config does).
+
+The docker config (node credentials) is different: it may be rotated in place, and a
+worker that starts reads the file as it is then. But one broken since (a half-written
+file, a Secret removed) would leave a restarted worker with no credentials, while its
+siblings have them. So the supervisor keeps a copy of it as it loaded at start
+(``docker-config.json``), and a worker whose file does not load uses that copy, saying
+so at ERROR.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import ssl
 from dataclasses import replace
 from pathlib import Path
 
 from proxy.config import Config, ConfigError
+from proxy.upstream.auth import load_docker_config
+
+log = logging.getLogger("pullgate")
 
 CA_DIR = "ca"
+DOCKER_CONFIG_COPY = "docker-config.json"
 
 
 class _Pinner:
@@ -70,3 +84,43 @@ def pin_ca_files(config: Config, runtime: Path) -> Config:
             upstream, ca_file=pinner.pin(upstream.ca_file, where), transports=transports
         )
     return replace(config, upstreams=upstreams)
+
+
+def keep_docker_config(config: Config, runtime: Path) -> Path | None:
+    """Copy the docker config to ``runtime`` if it loads now (the copy, else None)."""
+    path = config.docker_config
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+        load_docker_config(path)
+    except (OSError, ValueError):
+        return None  # each worker says why, as a single process does
+    copy = runtime / DOCKER_CONFIG_COPY
+    fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+    return copy
+
+
+def docker_config_or_copy(config: Config, runtime: Path | None) -> Config:
+    """``config``, or with the supervisor's copy of the docker config when the file
+    does not load now (a worker started after it broke) and a copy was kept."""
+    path = config.docker_config
+    if path is None or runtime is None:
+        return config
+    copy = runtime / DOCKER_CONFIG_COPY
+    try:
+        load_docker_config(path)
+        return config
+    except (OSError, ValueError) as exc:
+        if not copy.is_file():
+            return config
+        log.error(
+            "docker config %s does not load (%s): using the copy taken when pullgate "
+            "started (%s) until a restart",
+            path,
+            exc,
+            copy,
+        )
+    return replace(config, docker_config=copy)

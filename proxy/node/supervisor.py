@@ -26,7 +26,8 @@ gracefully when the supervisor goes away (end of file), so no worker outlives it
 
 The config was read once by the command line; the CA files it names are read once too,
 here (``proxy.node.config_files``), so a restarted worker trusts what the others do
-even if a file was broken since.
+even if a file was broken since; the docker config is copied as it loaded at start, for
+a worker that starts while the file does not load.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from proxy.node import (
     announce_serving,
     describe,
 )
-from proxy.node.config_files import pin_ca_files
+from proxy.node.config_files import keep_docker_config, pin_ca_files
 from proxy.node.policy_snapshot import SnapshotKeeper
 from proxy.pipeline.shared import SharedAllowances
 from proxy.verify.base import PolicyError
@@ -165,12 +166,13 @@ class Supervisor:
             log.info("runtime directory %s", self._runtime)
             try:
                 self.config = pin_ca_files(self.config, self._runtime)
+                keep_docker_config(self.config, self._runtime)
             except ConfigError as exc:
                 log.error("configuration error: %s", exc)
                 print(f"pullgate: configuration error: {exc}", file=sys.stderr)
                 return 2
             except OSError as exc:
-                print(f"pullgate: cannot copy CA files to {self._runtime}: {exc}", file=sys.stderr)
+                print(f"pullgate: cannot copy files to {self._runtime}: {exc}", file=sys.stderr)
                 return 1
             if self.config.policy is not None:
                 self._snapshots = SnapshotKeeper(
