@@ -196,6 +196,13 @@ class Metrics:
             "pullgate_policy_reload_failures", "Policy files refused on reload", registry=r
         )
         self.policy_reloads = Counter("pullgate_policy_reloads", "Policy files loaded", registry=r)
+        self.policy_snapshot_in_use = Gauge(
+            "pullgate_policy_snapshot_in_use",
+            "Workers serving the supervisor's snapshot of the last good policy, because the"
+            " policy file did not load when they started",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.verification_seconds = Histogram(
             "pullgate_verification_duration_seconds",
             "Time to decide a manifest's signatures on a verdict-cache miss, by outcome",

@@ -41,13 +41,14 @@ from proxy.config import Config
 from proxy.http.admin import build_admin_app
 from proxy.http.app import build_app
 from proxy.metrics import Metrics
+from proxy.node.policy_snapshot import Snapshot, load_snapshot
 from proxy.pipeline import Pipeline
 from proxy.pipeline.gate import AllowAllGate, Gate
 from proxy.pipeline.shared import SharedAllowances
 from proxy.upstream.router import UpstreamRouter
 from proxy.upstream.session import new_upstream_session
 from proxy.verify.base import PolicyError
-from proxy.verify.policy import load_policy
+from proxy.verify.policy import Policy, load_policy
 from proxy.verify.reload import PolicyWatcher
 from proxy.verify.signature_gate import COVERED, SignatureGate
 
@@ -100,15 +101,50 @@ class CriEndpoints:
     runtime: str
 
 
-def build_gate(config: Config, metrics: Metrics, shared: SharedAllowances | None = None) -> Gate:
-    """The signature gate for ``config.policy``; allow-all, loudly, without one."""
+def build_gate(
+    config: Config,
+    metrics: Metrics,
+    shared: SharedAllowances | None = None,
+    policy: Policy | None = None,
+) -> Gate:
+    """The signature gate for ``policy`` (else ``config.policy``, loaded now);
+    allow-all, loudly, only when the config names no policy."""
     if config.policy is None:
         log.warning(
             "no --policy given: serving everything UNVERIFIED (allow-all). "
             "Give a policy to verify signatures."
         )
         return AllowAllGate()
-    return SignatureGate(load_policy(config.policy), metrics=metrics, shared=shared)
+    if policy is None:
+        policy = load_policy(config.policy)
+    return SignatureGate(policy, metrics=metrics, shared=shared)
+
+
+def load_node_policy(path: Path, role: Role) -> tuple[Policy, Snapshot | None]:
+    """The policy file, or for a worker of several whose file does not load, the
+    supervisor's snapshot of the last good policy (which snapshot it is, second).
+
+    PolicyError when neither loads: a broken file never means serving with no policy.
+    """
+    try:
+        return load_policy(path), None
+    except PolicyError as broken:
+        if not role.shared or role.runtime_dir is None:
+            raise
+        try:
+            snapshot = load_snapshot(role.runtime_dir)
+        except PolicyError as damaged:
+            raise PolicyError(f"{broken}; and {damaged}") from broken
+        if snapshot is None:
+            raise
+        log.error(
+            "policy file %s does not load: serving the last good policy snapshot, %s, "
+            "until the file loads again. The file's problem: %s",
+            path,
+            snapshot.describe(),
+            broken,
+        )
+        return snapshot.policy, snapshot
 
 
 def build_stores(config: Config) -> tuple[BlobStore, VerifiedManifestStore]:
@@ -184,9 +220,13 @@ class Node:
             shared = SharedAllowances(
                 role.runtime_dir / ALLOWANCES_FILE, covered_fingerprint=COVERED
             )
+        snapshot: Snapshot | None = None
         if gate is None:
             try:
-                gate = build_gate(config, metrics, shared)
+                policy = None
+                if config.policy is not None:
+                    policy, snapshot = load_node_policy(config.policy, role)
+                gate = build_gate(config, metrics, shared, policy)
             except BaseException:
                 if shared is not None:
                     shared.close()
@@ -210,7 +250,12 @@ class Node:
         )
         watcher = None
         if isinstance(gate, SignatureGate) and config.policy is not None:
-            watcher = PolicyWatcher(path=config.policy, gate=gate, metrics=metrics)
+            watcher = PolicyWatcher(
+                path=config.policy,
+                gate=gate,
+                metrics=metrics,
+                snapshot=snapshot.describe() if snapshot is not None else None,
+            )
         return cls(
             config=config,
             role=role,

@@ -10,16 +10,24 @@ A small parent process that serves nothing itself. It
 3. starts N workers (``python -m proxy.node.worker``), each the full app (``proxy.node``)
    on the same ports, and waits until every one serves; if one fails first, it stops
    the others and exits with that worker's code (2: configuration or policy error);
-4. restarts a worker that dies, after a backoff that doubles with each quick failure
+4. keeps a snapshot of the last good policy in the runtime directory (polled like the
+   workers poll the file; ``proxy.node.policy_snapshot``), so that a worker started
+   while the policy file does not load serves that instead of failing again and again;
+5. restarts a worker that dies, after a backoff that doubles with each quick failure
    (``BACKOFF_FIRST`` up to ``BACKOFF_MAX``; reset once a worker ran ``STABLE_AFTER``
    seconds), logging why, and tells prometheus-client the dead process is gone;
-5. on SIGTERM or SIGINT stops restarting, sends SIGTERM to every worker, waits for them
+6. on SIGTERM or SIGINT stops restarting, sends SIGTERM to every worker, waits for them
    to finish what is in flight (SIGKILL after ``STOP_TIMEOUT``, or at a second
    signal), and exits 0 if they all stopped by themselves.
 
 Each worker reaches the supervisor through a socketpair on its stdin: it reads its spec
 (the validated config and its role) there, writes ``ready`` once it serves, and stops
 gracefully when the supervisor goes away (end of file), so no worker outlives it.
+
+The config was read once by the command line; the CA files it names are read once too,
+here (``proxy.node.config_files``), so a restarted worker trusts what the others do
+even if a file was broken since; the docker config is copied as it loaded at start, for
+a worker that starts while the file does not load.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from proxy.config import Config
+from proxy.config import Config, ConfigError
 from proxy.metrics import MULTIPROC_ENV
 from proxy.node import (
     ALLOWANCES_FILE,
@@ -52,7 +60,10 @@ from proxy.node import (
     announce_serving,
     describe,
 )
+from proxy.node.config_files import keep_docker_config, pin_ca_files
+from proxy.node.policy_snapshot import SnapshotKeeper
 from proxy.pipeline.shared import SharedAllowances
+from proxy.verify.base import PolicyError
 
 log = logging.getLogger("pullgate.supervisor")
 
@@ -125,6 +136,8 @@ class Supervisor:
         self._selector = selectors.DefaultSelector()
         self._signals: list[int] = []
         self._runtime: Path | None = None
+        self._snapshots: SnapshotKeeper | None = None
+        self._next_snapshot_check = 0.0
         self._worker_env: dict[str, str] = {}
         # Pull grants sealed by the CRI front end (worker 0) open in every worker.
         self._grant_key = os.urandom(32)
@@ -151,6 +164,34 @@ class Supervisor:
             self._runtime = self._make_runtime_dir()
             log.info("%s", describe(self.config, self.workers))
             log.info("runtime directory %s", self._runtime)
+            try:
+                self.config = pin_ca_files(self.config, self._runtime)
+                keep_docker_config(self.config, self._runtime)
+            except ConfigError as exc:
+                log.error("configuration error: %s", exc)
+                print(f"pullgate: configuration error: {exc}", file=sys.stderr)
+                return 2
+            except OSError as exc:
+                print(f"pullgate: cannot copy files to {self._runtime}: {exc}", file=sys.stderr)
+                return 1
+            if self.config.policy is not None:
+                self._snapshots = SnapshotKeeper(
+                    runtime=self._runtime, policy_path=self.config.policy
+                )
+                try:
+                    self._snapshots.start()
+                except PolicyError as exc:
+                    log.error("policy error: %s", exc)
+                    print(f"pullgate: policy error: {exc}", file=sys.stderr)
+                    return 2
+                except OSError as exc:  # the workers load the file themselves
+                    log.error(
+                        "cannot keep a policy snapshot in %s (%s): a worker started while the "
+                        "policy file does not load will fail to start",
+                        self._runtime,
+                        exc,
+                    )
+                self._next_snapshot_check = time.monotonic() + self._snapshots.interval
             if (problem := queued_connections_problem()) is not None:
                 log.warning("%s", problem)
             code = self._start_all()
@@ -255,14 +296,26 @@ class Supervisor:
         while not self._signals:
             now = time.monotonic()
             due = [s.restart_at for s in self._slots if s.restart_at is not None]
+            if self._snapshots is not None:
+                due.append(self._next_snapshot_check)
             timeout = max(0.0, min(due) - now) if due else None
             for slot, gone in self._poll(timeout):
                 if gone:
                     self._worker_died(slot)
             now = time.monotonic()
+            if self._snapshots is not None and now >= self._next_snapshot_check:
+                self._check_policy(self._snapshots)
+                now = time.monotonic()
             for slot in self._slots:
                 if slot.restart_at is not None and now >= slot.restart_at and not self._signals:
                     self._spawn(slot)
+
+    def _check_policy(self, snapshots: SnapshotKeeper) -> None:
+        try:
+            snapshots.check()
+        except Exception:  # the supervisor must not die of it: log and poll again
+            log.exception("policy snapshot check failed")
+        self._next_snapshot_check = time.monotonic() + snapshots.interval
 
     def _worker_died(self, slot: _Slot) -> None:
         lived = time.monotonic() - slot.started_at

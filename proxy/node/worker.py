@@ -14,6 +14,7 @@ import sys
 
 from proxy.cli import logs
 from proxy.node import Node, serve_node
+from proxy.node.config_files import docker_config_or_copy
 from proxy.node.supervisor import READY, WorkerSpec, receive_spec
 from proxy.verify.base import PolicyError
 
@@ -28,8 +29,9 @@ def main() -> int:
         print(f"pullgate worker: no spec from the supervisor: {exc}", file=sys.stderr)
         return 1
     logs.configure(spec.config.log_level, spec.config.log_format, worker=spec.role.index)
+    config = docker_config_or_copy(spec.config, spec.role.runtime_dir)
     try:
-        node = Node.build(spec.config, spec.role)
+        node = Node.build(config, spec.role)
     except PolicyError as exc:
         print(f"pullgate: policy error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,10 @@ atomically (on the event loop, between requests). A file that does not load is r
 with a log line and ``pullgate_policy_reload_failures_total`` (once per distinct failure);
 the policy in force stays, and the file is tried again at every poll, so a policy that
 names a key mounted a little later (a Secret beside a ConfigMap) goes into force then.
+
+A worker that started while the file did not load serves the supervisor's snapshot of
+the last good policy (``proxy.node.policy_snapshot``; ``snapshot`` names it here and
+``pullgate_policy_snapshot_in_use`` counts it) until the file loads again.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ FileStamp = tuple[str, int, int, int] | tuple[str]
 Fingerprint = tuple[tuple[FileStamp, ...], str]
 
 
-def _stamp(path: Path) -> FileStamp:
+def file_stamp(path: Path) -> FileStamp:
+    """What identifies a file's version cheaply: its resolved path, inode, size, mtime."""
     try:
         real = os.path.realpath(path)
         st = os.stat(real)
@@ -42,8 +47,16 @@ class PolicyWatcher:
     """Polls the policy file (and its trust files) and swaps new revisions into a gate."""
 
     def __init__(
-        self, *, path: Path, gate: SignatureGate, metrics: Metrics, interval: float = 1.0
+        self,
+        *,
+        path: Path,
+        gate: SignatureGate,
+        metrics: Metrics,
+        interval: float = 1.0,
+        snapshot: str | None = None,
     ) -> None:
+        """``snapshot``: what the gate serves instead of the file (a description), when
+        this process started while the file did not load."""
         self._path = path
         self._gate = gate
         self._metrics = metrics
@@ -52,9 +65,16 @@ class PolicyWatcher:
         # gate's load and the watcher's start is not missed (same revision: no swap).
         self._seen: Fingerprint | None = None
         self._failure: tuple[Fingerprint, str] | None = None
+        # The trust files of the policy last loaded from the file (stat'ed each poll).
+        # Not the gate's: a gate that serves a snapshot holds copies' paths, and keeps
+        # them when the file loads again with the same revision.
+        self._material = gate.policy.material
+        self.snapshot = snapshot
+        if snapshot is not None:
+            metrics.policy_snapshot_in_use.set(1)
 
     def _read(self) -> tuple[Fingerprint, bytes | None]:
-        stamps = tuple(_stamp(p) for p in (self._path, *self._gate.policy.material))
+        stamps = tuple(file_stamp(p) for p in (self._path, *self._material))
         try:
             raw: bytes | None = self._path.read_bytes()
         except OSError:
@@ -81,13 +101,24 @@ class PolicyWatcher:
                 self._failure = failure
                 self._metrics.policy_reload_failures.inc()
                 log.error(
-                    "policy reload REFUSED, revision %s stays in force: %s",
+                    "policy reload REFUSED, revision %s stays in force%s: %s",
                     self._gate.revision[:16],
+                    "" if self.snapshot is None else f" (the snapshot {self.snapshot})",
                     exc,
                 )
             return None
         self._seen = fingerprint
         self._failure = None
+        self._material = policy.material
+        if self.snapshot is not None:
+            log.warning(
+                "policy file %s loads again (revision %s): leaving the snapshot %s",
+                self._path,
+                policy.revision[:16],
+                self.snapshot,
+            )
+            self.snapshot = None
+            self._metrics.policy_snapshot_in_use.set(0)
         if policy.revision == self._gate.revision:
             return None
         return policy
