@@ -452,6 +452,22 @@ async def test_refuses_origin_dripping_its_body(
     assert origin.drips_ended == origin.dripping == 1
 
 
+async def test_an_upstreams_own_min_rate_overrides_the_timeouts_one(
+    origin: FaultyRegistry, image: Image, policy_file: Path
+) -> None:
+    layer = image.layers[0]
+    origin.drip[layer] = len(LAYER) - 80  # the last 80 bytes over about a second
+    async with serve_fake_registry(origin) as origin_url:
+        config = bounded_config(origin_url, policy=policy_file, cache_dir=None)
+        # Every origin is held to 64 KiB/s, but this one turns its floor off.
+        upstream = replace(config.upstreams[REGISTRY], min_rate=0.0)
+        config = replace(config, upstreams={REGISTRY: upstream})
+        async with start_mirror(config) as mirror:
+            pulled = await asyncio.wait_for(pull_blob(mirror, image, layer), 20)
+            assert (pulled.status, pulled.cut) == (200, False)
+            assert Digest.of(pulled.body) == layer
+
+
 # ---- the mirror: lengths ------------------------------------------------------------
 
 
