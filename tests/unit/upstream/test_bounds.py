@@ -456,7 +456,7 @@ async def test_an_upstreams_own_min_rate_overrides_the_timeouts_one(
     origin: FaultyRegistry, image: Image, policy_file: Path
 ) -> None:
     layer = image.layers[0]
-    origin.drip[layer] = len(LAYER) - 80  # the last 80 bytes over about a second
+    origin.drip[layer] = len(LAYER) - 240  # the last 240 bytes over about 3 s
     async with serve_fake_registry(origin) as origin_url:
         config = bounded_config(origin_url, policy=policy_file, cache_dir=None)
         # Every origin is held to 64 KiB/s, but this one turns its floor off.
