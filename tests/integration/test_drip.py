@@ -251,3 +251,30 @@ def test_refuses_transport_whose_content_length_differs_from_the_manifest(
         reason="length",
     )  # fmt: skip
     assert metrics[marked] == 1
+
+
+def test_refuses_lying_length_in_a_worker_that_did_not_serve_the_manifest(
+    tmp_path: Path,
+    origin: Registry,
+    faults: FaultProxy,
+    make_pullgate: Callable[..., Pullgate],
+) -> None:
+    # Two workers under a policy: the size a served manifest gives a blob is shared
+    # (the node's allowance store), so whichever worker a blob request lands on bounds
+    # the body by it.
+    pushed = push(origin, "drip/workers", size=2 << 20)
+    layer = pushed.layer_digests[0]
+    size = pushed.blobs[layer]
+    faults.set_fault(f"/blobs/{layer}", lie_length(-4096))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f'default: deny\nscopes:\n  - match: "{REGISTRY}/drip/**"\n    mode: allow\n')
+    config = write_config(tmp_path / "config.yaml", faults.url)
+    pullgate = make_pullgate(upstreams={}, config=config, policy=policy, workers=2)
+    status, _, _ = fetch(pullgate, f"/v2/{pushed.repository}/manifests/{pushed.tag}?ns={REGISTRY}")
+    assert status == 200
+    for _ in range(8):  # new connections: spread over both workers
+        status, body, _ = get_json(pullgate, f"/v2/{pushed.repository}/blobs/{layer}?ns={REGISTRY}")
+        assert status == 502, body
+        message = body["errors"][0]["message"]
+        assert f"Content-Length of {size - 4096} bytes" in message
+        assert f"descriptor says {size} bytes" in message
