@@ -23,6 +23,15 @@ class ConfigError(Exception):
     """A configuration file or flag that cannot be used; the message says why."""
 
 
+# The minimum transfer rate of a blob body (``minRate``, bytes per second of waiting
+# for the upstream), judged over ``minRateWindow`` seconds of waiting: a healthy pull
+# (a congested WAN link shared by a few layers still moves hundreds of KB/s) never
+# comes near it; a drip of a few bytes just inside the read timeout fails it in
+# one window. 0 disables it.
+DEFAULT_MIN_RATE = 16 * 1024.0
+DEFAULT_MIN_RATE_WINDOW = 30.0
+
+
 @dataclass(frozen=True, slots=True)
 class TransportConfig:
     """One untrusted transport in front of an upstream (``upstreams.<name>.transports``):
@@ -40,6 +49,10 @@ class TransportConfig:
     first_byte: float = 5.0
     # Seconds without a byte mid-body before the body counts as broken.
     read: float = 30.0
+    # Bytes per second below which a body counts as stalled (``minRate``; 0: off),
+    # judged over ``minRateWindow`` seconds of waiting; it marks the transport bad.
+    min_rate: float = DEFAULT_MIN_RATE
+    min_rate_window: float = DEFAULT_MIN_RATE_WINDOW
     # Seconds a transport that served a wrong digest (or broke mid-body) is bypassed.
     bad_for: float = 300.0
     # Seconds a transport that failed to answer (refused, timed out, 5xx) is bypassed.
@@ -64,12 +77,18 @@ class UpstreamConfig:
     token_realm_hosts: tuple[str, ...] = ()
     # Tried in order for blobs before the origin (``url``); see ``TransportConfig``.
     transports: tuple[TransportConfig, ...] = ()
+    # The origin's own ``minRate``/``minRateWindow``; None: ``timeouts``'.
+    min_rate: float | None = None
+    min_rate_window: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class TimeoutConfig:
     connect: float = 10.0
     read: float = 60.0
+    # Every origin's minimum blob transfer rate, unless its upstream sets its own.
+    min_rate: float = DEFAULT_MIN_RATE
+    min_rate_window: float = DEFAULT_MIN_RATE_WINDOW
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +191,16 @@ def make_upstream(name: str, raw: Any, *, where: str) -> UpstreamConfig:
     realms = raw.get("tokenRealmHosts") or raw.get("token_realm_hosts") or []
     if not isinstance(realms, list) or not all(isinstance(h, str) for h in realms):
         raise ConfigError(f"{where}: tokenRealmHosts must be a list of host names")
-    known = {"url", "caFile", "ca_file", "tokenRealmHosts", "token_realm_hosts", "transports"}
+    known = {
+        "url",
+        "caFile",
+        "ca_file",
+        "tokenRealmHosts",
+        "token_realm_hosts",
+        "transports",
+        "minRate",
+        "minRateWindow",
+    }
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -182,7 +210,43 @@ def make_upstream(name: str, raw: Any, *, where: str) -> UpstreamConfig:
         ca_file=Path(ca_file) if ca_file else None,
         token_realm_hosts=tuple(realms),
         transports=make_transports(raw.get("transports"), origin=url, where=where),
+        **_min_rate_fields(raw, where),
     )
+
+
+def parse_rate(raw: object, *, where: str) -> float:
+    """``minRate``: bytes per second, a number or a size (``16K``, ``1M``); 0 disables."""
+    if isinstance(raw, bool):
+        raise ConfigError(f"{where} must be a number of bytes per second (or 0: off)")
+    if isinstance(raw, str):
+        if raw.strip() in ("0", "0.0"):
+            return 0.0
+        try:
+            return float(parse_size(raw))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    if not isinstance(raw, (int, float)) or not 0 <= raw < float("inf"):
+        raise ConfigError(f"{where} must be a number of bytes per second (or 0: off)")
+    return float(raw)
+
+
+def parse_rate_window(raw: object, *, where: str) -> float:
+    """``minRateWindow``: seconds, more than 0 and at most a day."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0 < raw <= 86400:
+        raise ConfigError(f"{where} must be more than 0 and at most 86400 seconds")
+    return float(raw)
+
+
+def _min_rate_fields(raw: dict[str, Any], where: str) -> dict[str, float]:
+    """The ``minRate``/``minRateWindow`` keys of an upstream or transport entry."""
+    fields: dict[str, float] = {}
+    if "minRate" in raw:
+        fields["min_rate"] = parse_rate(raw["minRate"], where=f"{where}: minRate")
+    if "minRateWindow" in raw:
+        fields["min_rate_window"] = parse_rate_window(
+            raw["minRateWindow"], where=f"{where}: minRateWindow"
+        )
+    return fields
 
 
 TRANSPORT_TIMEOUT_KEYS = {"connect": "connect", "firstByte": "first_byte", "read": "read"}
@@ -238,6 +302,8 @@ def make_transports(raw: Any, *, origin: str, where: str) -> tuple[TransportConf
             "headers",
             "hedgeAfter",
             "repositoryPrefix",
+            "minRate",
+            "minRateWindow",
         }
         prefix = entry.get("repositoryPrefix", "")
         if not isinstance(prefix, str):
@@ -294,6 +360,7 @@ def make_transports(raw: Any, *, origin: str, where: str) -> tuple[TransportConf
                 headers=_transport_headers(entry.get("headers"), at),
                 repository_prefix=prefix,
                 **values,
+                **_min_rate_fields(entry, at),
             )
         )
     names = [t.name for t in transports]
@@ -381,7 +448,18 @@ def load_config_file(path: Path, base: Config = DEFAULT_CONFIG) -> Config:
             raise ConfigError(f"{path}: logFormat must be text or json")
         config = replace(config, log_format=str(doc["logFormat"]))
     if "timeouts" in doc:
-        config = replace(config, timeouts=_dataclass_from(TimeoutConfig, doc["timeouts"], path))
+        raw_timeouts = doc["timeouts"]
+        if isinstance(raw_timeouts, dict):
+            raw_timeouts = dict(raw_timeouts)
+            if "minRate" in raw_timeouts:
+                at = f"{path}: timeouts.minRate"
+                raw_timeouts["minRate"] = parse_rate(raw_timeouts["minRate"], where=at)
+            if "minRateWindow" in raw_timeouts:
+                at = f"{path}: timeouts.minRateWindow"
+                raw_timeouts["minRateWindow"] = parse_rate_window(
+                    raw_timeouts["minRateWindow"], where=at
+                )
+        config = replace(config, timeouts=_dataclass_from(TimeoutConfig, raw_timeouts, path))
     if "cache" in doc:
         raw_cache = doc["cache"]
         if not isinstance(raw_cache, dict):

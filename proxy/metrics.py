@@ -81,6 +81,15 @@ class Metrics:
             ["registry"],
             registry=r,
         )
+        # ``source``: origin or the transport's name.
+        self.upstream_bodies_refused = Counter(
+            "pullgate_upstream_bodies_refused",
+            "Upstream blob bodies refused by their bounds, by reason: slow (below the"
+            " minimum transfer rate, minRate), length (a Content-Length other than the"
+            " verified descriptor's size)",
+            ["registry", "source", "reason"],
+            registry=r,
+        )
         # ``front``: which front end asked: mirror (HTTP) or cri (kubelet's PullImage).
         self.verdicts = Counter(
             "pullgate_verdicts", "Manifest verdicts", ["result", "mode", "front"], registry=r
@@ -251,8 +260,8 @@ class Metrics:
         self.transport_failovers = Counter(
             "pullgate_transport_failovers",
             "Blob requests that left a transport for the next one (or the origin), by"
-            " reason: refused, timeout, first_byte, error, status, not_found, no_length, redirect,"
-            " skipped"
+            " reason: refused, timeout, first_byte, error, status, not_found, no_length, length"
+            " (not the verified size), redirect, skipped"
             " (marked bad or down), hedged (raced by the next after hedgeAfter)",
             ["registry", "transport", "reason"],
             registry=r,
@@ -260,8 +269,9 @@ class Metrics:
         self.transport_marked_bad = Counter(
             "pullgate_transport_marked_bad",
             "Times a transport was marked bad (digest: served bytes not matching their"
-            " digest; broken: a body broken off) or down (refused, timeout, first_byte,"
-            " error, status), and bypassed for a while",
+            " digest; broken: a body broken off; slow: below minRate; length: a"
+            " Content-Length other than the verified size) or down (refused, timeout,"
+            " first_byte, error, status), and bypassed for a while",
             ["registry", "transport", "reason"],
             registry=r,
         )

@@ -143,6 +143,11 @@ class UpstreamTimeout(OCIError):
     code = "UPSTREAM_TIMEOUT"
 
 
+class UpstreamTooSlow(UpstreamTimeout):
+    """A body that kept arriving, but below the minimum transfer rate (``minRate``):
+    a drip just inside the read timeout, which would hold a pull for hours."""
+
+
 class RegistryUnknown(OCIError):
     """``ns=`` names a registry with no configured upstream."""
 

@@ -4,6 +4,10 @@ from the store while the upstream was down (shared with sibling worker processes
 A blob is served only when a verified manifest of the same repository references it.
 After a restart, a blob that the background restore may still allow waits for it (at
 most ``RESTORE_WAIT`` seconds) before it is refused.
+
+The sizes those manifests' descriptors give their blobs are kept too
+(``record_sizes``), so an uncached upstream body is bound to the verified size
+(``expected_size``) rather than to whatever length the upstream announces.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ log = logging.getLogger("pullgate.pipeline")
 OFFLINE_ALLOWED_ENTRIES = 65536
 # How long a blob request that would be refused waits for the restart restore.
 RESTORE_WAIT = 30.0
+# Blob sizes remembered from served manifests (least recently used first out).
+BLOB_SIZE_ENTRIES = 131072
 
 
 class BlobAllowances:
@@ -43,6 +49,60 @@ class BlobAllowances:
         self._offline_allowed: OrderedDict[tuple[str, str, Digest], None] = OrderedDict()
         # The restart restore in progress (or done), this process's or a sibling's.
         self.restoring: asyncio.Task[int] | None = None
+        # (registry, repository, blob) -> the sizes served manifests give it.
+        self._sizes: OrderedDict[tuple[str, str, Digest], frozenset[int]] = OrderedDict()
+
+    def record_sizes(self, repo: RepoKey, manifest: Manifest) -> None:
+        """Remember the size each descriptor of ``manifest`` (served from ``repo``
+        after the gate allowed it) gives its blob, here and for sibling workers."""
+        descriptors = list(manifest.layers)
+        if manifest.config is not None:
+            descriptors.append(manifest.config)
+        new: list[tuple[Digest, int]] = []
+        for descriptor in descriptors:
+            key = (repo.registry, repo.repository, descriptor.digest)
+            known = self._sizes.get(key, frozenset())
+            if descriptor.size not in known:
+                self._sizes[key] = known | {descriptor.size}
+                new.append((descriptor.digest, descriptor.size))
+            self._sizes.move_to_end(key)
+        while len(self._sizes) > BLOB_SIZE_ENTRIES:
+            self._sizes.popitem(last=False)
+        if new and self.shared is not None:
+            try:
+                self.shared.record_sizes(repo, new)
+            except Exception:  # sharing is best effort: siblings then keep today's bound
+                log.exception("could not share the blob sizes of %s@%s", repo, manifest.digest)
+
+    def expected_size(self, route: Route, repository: str, digest: Digest) -> int | None:
+        """The size of blob ``digest`` as the served manifests of the repository give
+        it, or None when not known: without a policy (allow-all) a blob is often
+        fetched without its manifest passing through this node, and two served
+        manifests that disagree on it leave it unknown too (one of them is wrong, and
+        the digest check still decides). None keeps the upstream's length as the
+        bound, as before this check existed."""
+        key = (route.registry, repository, digest)
+        sizes = self._sizes.get(key)
+        if sizes is None and self.shared is not None:
+            try:
+                sizes = self.shared.blob_sizes(RepoKey(route.registry, repository), digest)
+            except Exception:
+                log.exception("could not read the shared size of blob %s", digest)
+                sizes = frozenset()
+            if sizes:
+                self._sizes[key] = sizes
+        if not sizes or len(sizes) != 1:
+            if sizes:
+                log.warning(
+                    "served manifests of %s/%s give blob %s several sizes %s; not bound",
+                    route.registry,
+                    repository,
+                    digest,
+                    sorted(sizes),
+                )
+            return None
+        self._sizes.move_to_end(key)
+        return next(iter(sizes))
 
     def allow_offline(self, repo: RepoKey, manifest: Manifest, verified_at: float) -> None:
         """Allow the blobs of ``manifest``, served from the store while the upstream is

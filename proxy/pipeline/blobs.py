@@ -16,7 +16,14 @@ from proxy.cache.directio import DirectReader, resident
 from proxy.cache.filechecks import LayerChecks
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
-from proxy.oci.errors import BlobUnknown, LayerRefused, OCIError, StreamAborted, UpstreamError
+from proxy.oci.errors import (
+    BlobUnknown,
+    LayerRefused,
+    OCIError,
+    StreamAborted,
+    UpstreamError,
+    UpstreamTooSlow,
+)
 from proxy.oci.ranges import ByteRange, parse_range
 from proxy.oci.reference import upstream_repository
 from proxy.pipeline.allowances import BlobAllowances
@@ -112,7 +119,8 @@ class BlobStream(RangedBody):
                 metrics.layer_file_checks.labels("refused").inc()
             raise self._broken(exc.reason, truncated=exc.truncated) from None
         except OCIError as exc:
-            raise self._broken(exc.message, truncated=True) from None
+            slow = isinstance(exc, UpstreamTooSlow)
+            raise self._broken(exc.message, truncated=True, slow=slow) from None
         finally:
             body.close()
             metrics.streams_active.dec()
@@ -123,13 +131,17 @@ class BlobStream(RangedBody):
         served = self.byte_range.length if self.byte_range else received
         metrics.bytes_served.labels("upstream").inc(served)
 
-    def _broken(self, reason: str, *, truncated: bool) -> StreamAborted:
+    def _broken(self, reason: str, *, truncated: bool, slow: bool = False) -> StreamAborted:
         metrics = self._metrics
         if truncated:
             metrics.upstream_truncated.labels(self._registry).inc()
         else:
             metrics.digest_mismatch.labels(self._registry).inc()
-        self._response.report_broken(truncated=truncated)  # a transport is marked bad
+        if slow:
+            source = self._response.source
+            metrics.upstream_bodies_refused.labels(self._registry, source, "slow").inc()
+        # A transport is marked bad.
+        self._response.report_broken(truncated=truncated, slow=slow)
         log.error(
             "aborting blob %s from %s (%s): %s; the client connection is cut so no "
             "complete wrong body is delivered",
@@ -281,9 +293,16 @@ class BlobPath:
         self, route: Route, repository: str, digest: Digest
     ) -> UpstreamResponse:
         urepo = upstream_repository(route.registry, repository)
-        # Through the registry's transports first, if it has any (proxy.upstream.transports).
+        # Through the registry's transports first, if it has any (proxy.upstream.transports),
+        # bound to the size the verified manifest gives the blob: a length other than
+        # that is refused before any byte goes out, and a body without one is cut past
+        # it. Not known (allow-all without the manifest passing here): the upstream's
+        # length bounds it, as it always did.
         path = f"/v2/{urepo}/blobs/{digest}"
-        response = await route.client.get_blob(path, scope=pull_scope(urepo))
+        expected = self._allowances.expected_size(route, repository, digest)
+        response = await route.client.get_blob(
+            path, scope=pull_scope(urepo), expected_size=expected
+        )
         if response.status == 404:
             response.close()
             raise BlobUnknown(f"blob {digest} not found in {route.registry}/{repository}")
@@ -407,4 +426,7 @@ class BlobPath:
         async with response:
             if response.status == 404:
                 raise BlobUnknown(f"blob {digest} not found in {route.registry}/{repository}")
+            expected = self._allowances.expected_size(route, repository, digest)
+            if expected is not None:
+                response.expect_length(expected, what=f"blob {digest}")
             return response.content_length

@@ -37,7 +37,7 @@ from proxy.cache.directio import DIRECT_MIN_BYTES, IngestWriter, open_ingest
 from proxy.cache.filechecks import LayerChecks
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
-from proxy.oci.errors import OCIError, StreamAborted
+from proxy.oci.errors import OCIError, StreamAborted, UpstreamTooSlow
 from proxy.oci.ranges import ByteRange
 from proxy.pipeline.follow import Follow
 from proxy.pipeline.progress import FillProgress
@@ -247,7 +247,11 @@ class Fill(FillProgress):
             raise FillFailed(f"{exc.reason} (from {response.source})") from None
         except OCIError as exc:
             self._metrics.upstream_truncated.labels(self.registry).inc()
-            response.report_broken(truncated=True)
+            slow = isinstance(exc, UpstreamTooSlow)
+            if slow:
+                refused = self._metrics.upstream_bodies_refused
+                refused.labels(self.registry, response.source, "slow").inc()
+            response.report_broken(truncated=True, slow=slow)
             raise FillFailed(f"{exc.message} (from {response.source})") from None
         finally:
             body.close()

@@ -184,6 +184,8 @@ class ManifestPath:
                 verdict.reason,
             )
         served = ServedManifest(manifest, verdict, verified_at)
+        # Its blobs' upstream bodies are bound to the sizes it gives them.
+        self._allowances.record_sizes(repo, manifest)
         if remembered is None:
             self._remember_verified(repo, served)
             await self._store_verified(repo, ref, served, pod)
@@ -296,6 +298,7 @@ class ManifestPath:
             details=tuple(str(d) for d in details) if isinstance(details, list) else (),
         )
         self._allowances.allow_offline(repo, manifest, float(verified_at))
+        self._allowances.record_sizes(repo, manifest)
         log.warning(
             "upstream of %s unavailable (%s); serving %s@%s verified %.0fs ago from the cache",
             repo,

@@ -23,6 +23,9 @@ What is kept:
   replays the entries it has not seen into its own memory before it trusts that
   memory, so a refusal anywhere closes the door everywhere.
 - ``meta``: the restart-restore marker.
+- ``blob_sizes``: (registry, repository, digest) -> size, as the descriptors of the
+  manifests a worker served after its gate allowed them say; a sibling serving such
+  a blob bounds its upstream body by it (``proxy.pipeline.allowances``).
 
 Whether a grant counts is decided by the reading worker, under its policy in force (see
 ``SignatureGate``): the store only keeps and finds. Bounded: beyond ``max_manifests``
@@ -97,6 +100,14 @@ CREATE TABLE IF NOT EXISTS totals (
 );
 INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blob_sizes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    digest TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    registry TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    UNIQUE (digest, repository, registry, size)
+);
 CREATE TRIGGER IF NOT EXISTS grants_added AFTER INSERT ON grants BEGIN
     UPDATE totals SET grants = grants + 1, entries = entries + NEW.size WHERE id = 0;
 END;
@@ -245,6 +256,14 @@ class SharedAllowances:
         ).fetchone()
         return row is not None
 
+    def blob_sizes(self, repo: RepoKey, digest: Digest) -> frozenset[int]:
+        """The sizes served manifests of ``repo`` give blob ``digest`` (usually one)."""
+        rows = self._db.execute(
+            "SELECT size FROM blob_sizes WHERE digest = ? AND repository = ? AND registry = ?",
+            (str(digest), repo.repository, repo.registry),
+        ).fetchall()
+        return frozenset(int(row[0]) for row in rows)
+
     def restore_pending(self) -> bool:
         """Whether the node's restart restore has not finished yet."""
         row = self._db.execute("SELECT value FROM meta WHERE key = 'restore'").fetchone()
@@ -294,6 +313,23 @@ class SharedAllowances:
                 )
             self._evict()
         return True
+
+    def record_sizes(self, repo: RepoKey, sizes: Iterable[tuple[Digest, int]]) -> None:
+        """Keep the descriptor sizes of a manifest served from ``repo`` (bounded: the
+        oldest rows go beyond ``max_entries``)."""
+        rows = [(str(digest), repo.repository, repo.registry, size) for digest, size in sizes]
+        if not rows:
+            return
+        with _Transaction(self._db):
+            self._db.executemany(
+                "INSERT OR IGNORE INTO blob_sizes (digest, repository, registry, size) "
+                "VALUES (?, ?, ?, ?)",
+                rows,
+            )
+            self._db.execute(
+                "DELETE FROM blob_sizes WHERE seq <= (SELECT max(seq) FROM blob_sizes) - ?",
+                (self._max_entries,),
+            )
 
     def revoke(self, repo: RepoKey, manifest: Digest) -> int:
         """Forget what ``manifest`` allowed in ``repo`` (and the coverage it gave), and

@@ -41,7 +41,7 @@ from proxy.upstream.auth import (
     realm_is_trusted,
     requester_credentials,
 )
-from proxy.upstream.body import BodyReader, LoopBody, SocketBody
+from proxy.upstream.body import BodyReader, LoopBody, SocketBody, rate_floor
 
 if TYPE_CHECKING:
     from proxy.upstream.transports import TransportChain
@@ -96,7 +96,8 @@ class UpstreamResponse:
 
     ``source`` names who answered: ``origin`` (the upstream itself) or a transport
     (``proxy.upstream.transports``); a blob body's bytes go to ``bytes_counter`` and
-    ``report_broken`` tells the transport its body was wrong.
+    ``report_broken`` tells the transport its body was wrong. A blob body read through
+    ``body_reader`` is held to ``min_rate`` bytes per second (``RateFloor``; 0: off).
     """
 
     def __init__(
@@ -107,9 +108,15 @@ class UpstreamResponse:
         source: str = "origin",
         bytes_counter: ByteCounter | None = None,
         on_broken: Callable[[str], None] | None = None,
+        min_rate: float = 0.0,
+        min_rate_window: float = 30.0,
     ) -> None:
         self._response = response
         self._idle_timeout = idle_timeout
+        self._min_rate = min_rate
+        self._min_rate_window = min_rate_window
+        # The verified size the body must have (``expect_length``), if known.
+        self._expected_length: int | None = None
         self._detached = False
         self.source = source
         self.bytes_counter = bytes_counter
@@ -121,11 +128,12 @@ class UpstreamResponse:
         nothing about the blob (a refusal of its bytes is not remembered)."""
         return self._on_broken is None
 
-    def report_broken(self, *, truncated: bool) -> None:
-        """The body did not hash to its digest (``truncated`` False) or broke off: a
-        transport that served it is marked bad and bypassed (no-op for the origin)."""
+    def report_broken(self, *, truncated: bool, slow: bool = False) -> None:
+        """The body did not hash to its digest (``truncated`` False), broke off, or
+        came below the minimum rate (``slow``): a transport that served it is marked
+        bad and bypassed (no-op for the origin)."""
         if self._on_broken is not None:
-            self._on_broken("broken" if truncated else "digest")
+            self._on_broken("slow" if slow else "broken" if truncated else "digest")
 
     @property
     def status(self) -> int:
@@ -137,7 +145,23 @@ class UpstreamResponse:
 
     @property
     def content_length(self) -> int | None:
-        return self._response.content_length
+        """The length the body must have: the upstream's ``Content-Length``, else the
+        verified size given to ``expect_length``, else None (unknown)."""
+        length = self._response.content_length
+        return self._expected_length if length is None else length
+
+    def expect_length(self, size: int, *, what: str) -> None:
+        """Bind the body to ``size`` (a verified descriptor's): ``UpstreamError``,
+        naming both sizes, if the upstream announced another length; without a
+        length, ``size`` becomes the body's, so a body that runs past it is cut."""
+        announced = self._response.content_length
+        if announced is not None and announced != size:
+            raise UpstreamError(
+                f"the upstream ({self.source}) announced a Content-Length of {announced} "
+                f"bytes for {what}, "
+                f"but the verified manifest's descriptor says {size} bytes"
+            )
+        self._expected_length = size
 
     async def read_capped(self, limit: int, *, what: str) -> bytes | None:
         """Read the whole body, or None if it exceeds ``limit`` bytes."""
@@ -210,8 +234,9 @@ class UpstreamResponse:
             and "Transfer-Encoding" not in response.headers
         ):
             sock = transport.get_extra_info("socket")
+        floor = rate_floor(self._min_rate, self._min_rate_window)
         if sock is None or length is None or protocol is None:
-            return LoopBody(self.iter_body(), asyncio.get_running_loop())
+            return LoopBody(self.iter_body(), asyncio.get_running_loop(), floor=floor)
         try:
             buffered = response.content.read_nowait(-1)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -225,7 +250,12 @@ class UpstreamResponse:
             prefix=buffered,
             remaining=length - len(buffered),
             idle_timeout=self._idle_timeout,
+            floor=floor,
         )
+
+    def discard(self) -> None:
+        """Close without reading the body: the connection is not reused."""
+        self._response.close()
 
     def close(self) -> None:
         if self._detached:
@@ -273,6 +303,14 @@ class UpstreamClient:
         self._retries = retries
         self._metrics = metrics
         self._read_timeout = float(timeouts.read)
+        # The origin's minimum blob rate: its upstream's own, else every origin's.
+        self._min_rate = config.min_rate if config.min_rate is not None else timeouts.min_rate
+        self._min_rate_window = (
+            config.min_rate_window
+            if config.min_rate_window is not None
+            else timeouts.min_rate_window
+        )
+        self._metrics_refused = metrics.upstream_bodies_refused
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
         )
@@ -286,19 +324,38 @@ class UpstreamClient:
     def url(self, path: str) -> str:
         return self.config.url + path
 
-    async def get_blob(self, path: str, *, scope: str) -> UpstreamResponse:
+    async def get_blob(
+        self, path: str, *, scope: str, expected_size: int | None = None
+    ) -> UpstreamResponse:
         """GET a blob by digest (``path``): through the transports first, in order,
         then from the origin (``get``). The caller checks the digest as always and
-        calls ``report_broken`` on a mismatch."""
+        calls ``report_broken`` on a mismatch.
+
+        ``expected_size`` is the blob's size in the verified manifest that allows it:
+        a transport announcing another length is skipped (and marked bad), the origin
+        refused (``UpstreamError`` naming both sizes) before any byte goes out, and a
+        body without a length is bound to it. None (not known: no policy, or no
+        manifest of it passed here) keeps the upstream's word for the length.
+        """
 
         async def from_origin() -> UpstreamResponse:
             response = await self.get(path, scope=scope)
             response.bytes_counter = self._origin_bytes
+            if expected_size is not None and response.status == 200:
+                try:
+                    response.expect_length(expected_size, what=f"blob {path.rsplit('/', 1)[-1]}")
+                except UpstreamError as exc:
+                    response.discard()
+                    self._metrics_refused.labels(self.name, "origin", "length").inc()
+                    log.warning("refusing %s from %s: %s", path, self.name, exc.message)
+                    raise
             return response
 
         if self.transports is None:
             return await from_origin()
-        return await self.transports.open_blob(path, origin=from_origin)
+        return await self.transports.open_blob(
+            path, origin=from_origin, expected_size=expected_size
+        )
 
     async def get(
         self,
@@ -331,7 +388,12 @@ class UpstreamClient:
                 status = response.status
                 self._metrics.upstream_requests.labels(self.name, str(status)).inc()
                 if status in ok_statuses or status in pass_statuses:
-                    return UpstreamResponse(response, idle_timeout=self._read_timeout)
+                    return UpstreamResponse(
+                        response,
+                        idle_timeout=self._read_timeout,
+                        min_rate=self._min_rate,
+                        min_rate_window=self._min_rate_window,
+                    )
                 body = await _short_body(response)
                 response.release()
                 if status in RETRYABLE_STATUSES:

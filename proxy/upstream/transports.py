@@ -12,8 +12,10 @@ Nothing a transport says is trusted:
   referrers and tag lists always come from the origin, so what the gate verifies and
   what is served as "the tag" is the origin's word;
 - its bytes go through the same held-back hashing stream as the origin's; the pipeline
-  reports a wrong digest or a broken body back (``UpstreamResponse.report_broken``) and
-  the transport is marked bad for ``badFor`` seconds;
+  reports a wrong digest, a broken body or one below ``minRate`` back
+  (``UpstreamResponse.report_broken``) and the transport is marked bad for ``badFor``
+  seconds; a length other than the verified manifest's size for the blob marks it bad
+  before a byte is read, and the next one is asked;
 - it never receives credentials (neither the node's nor a requester's): the request
   carries only the origin's identity, ``?ns=<registry>``, as containerd does for its
   mirrors, so a transport that fetches from the origin itself knows where to go.
@@ -187,8 +189,8 @@ class Transport:
         )
 
     def report_broken(self, reason: str) -> None:
-        """The pipeline found a body this transport served wrong (``digest``) or
-        broken off (``broken``)."""
+        """The pipeline found a body this transport served wrong (``digest``), broken
+        off (``broken``) or below its minimum rate (``slow``)."""
         self.mark(reason, bad=True)
 
     def refresh_gauge(self) -> None:
@@ -331,7 +333,11 @@ class TransportChain:
             transport.refresh_gauge()
 
     async def open_blob(
-        self, path: str, *, origin: Callable[[], Awaitable[UpstreamResponse]]
+        self,
+        path: str,
+        *,
+        origin: Callable[[], Awaitable[UpstreamResponse]],
+        expected_size: int | None = None,
     ) -> UpstreamResponse:
         """The first usable answer to ``path`` (a blob by digest): from a transport in
         use, in order, else from ``origin`` (which opens it at the upstream itself).
@@ -343,6 +349,8 @@ class TransportChain:
         4. A 200 is returned, tied to the transport: its bytes are counted under its
            name and a digest mismatch reported on it marks it bad. A 200 without a
            Content-Length is not used (``no_length``): nothing would bound its body.
+           Nor is one whose length is not ``expected_size`` (the verified manifest's
+           size for the blob, when known): it is marked bad (``length``).
         5. Hedging: a transport with ``hedgeAfter`` that has not answered by then is
            raced by the next candidate (transport or origin); the first usable answer
            wins and the others are cancelled. Without it, one at a time.
@@ -353,7 +361,7 @@ class TransportChain:
             if transport.bypassed():
                 self._failover(transport, "skipped")
                 continue
-            candidates.append(functools.partial(self._ask, transport, path))
+            candidates.append(functools.partial(self._ask, transport, path, expected_size))
             owners.append(transport)
         candidates.append(origin)
         owners.append(None)
@@ -409,7 +417,9 @@ class TransportChain:
         assert origin_error is not None  # the origin answers or raises
         raise origin_error
 
-    async def _ask(self, transport: Transport, path: str) -> UpstreamResponse | None:
+    async def _ask(
+        self, transport: Transport, path: str, expected_size: int | None
+    ) -> UpstreamResponse | None:
         try:
             response = await transport.open("GET", path)
         except TransportFailed as exc:
@@ -436,14 +446,34 @@ class TransportChain:
             self._failover(transport, "no_length")
             return None
         if status == 200:
-            log.debug("blob %s from transport %s of %s", path, transport.name, self.registry)
-            return UpstreamResponse(
+            answer = UpstreamResponse(
                 response,
                 idle_timeout=transport.config.read,
                 source=transport.name,
                 bytes_counter=transport.bytes_counter,
                 on_broken=transport.report_broken,
+                min_rate=transport.config.min_rate,
+                min_rate_window=transport.config.min_rate_window,
             )
+            if expected_size is not None:
+                try:
+                    answer.expect_length(expected_size, what=path.rsplit("/", 1)[-1])
+                except OCIError as exc:
+                    answer.discard()
+                    log.warning(
+                        "transport %s of %s: %s; trying the next",
+                        transport.name,
+                        self.registry,
+                        exc.message,
+                    )
+                    self._metrics.upstream_bodies_refused.labels(
+                        self.registry, transport.name, "length"
+                    ).inc()
+                    transport.mark("length", bad=True)
+                    self._failover(transport, "length")
+                    return None
+            log.debug("blob %s from transport %s of %s", path, transport.name, self.registry)
+            return answer
         response.release()
         if status in NOT_HERE_STATUSES:
             self._failover(transport, "not_found" if status == 404 else "status")

@@ -1,5 +1,7 @@
 """A small fault-injecting HTTP proxy in front of a real registry, for faults a real
-registry cannot produce: a flipped byte, a cut stream, a stall, a status, a slow drip.
+registry cannot produce: a flipped byte, a cut stream, a stall, a status, a slow drip,
+a trickle of small pieces just inside a read timeout, a lying Content-Length, a body
+without a length that runs past the blob.
 
 It runs its own event loop in a thread, binds 127.0.0.1, and forwards everything else
 to the target unchanged (headers included, so Content-Length still promises the
@@ -20,13 +22,16 @@ from tests.support.peers import free_port
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # corrupt | cut | stall | status | drip
+    kind: str  # corrupt | cut | stall | status | drip | trickle | length | overrun
     offset: int = 0
     seconds: float = 0.0
     status: int = 500
     retry_after: int | None = None
     times: int = 1_000_000
     bytes_per_second: int = 0
+    # trickle: bytes per piece; length: added to the announced length; overrun: bytes
+    # appended to a body sent without a length.
+    amount: int = 0
 
 
 def corrupt_byte(offset: int) -> Fault:
@@ -47,6 +52,28 @@ def status(code: int, *, retry_after: int | None = None, times: int = 1) -> Faul
 
 def drip(bytes_per_second: int) -> Fault:
     return Fault("drip", bytes_per_second=bytes_per_second)
+
+
+def trickle(offset: int, *, piece: int, every: float) -> Fault:
+    """Forward ``offset`` bytes at full speed, then ``piece`` bytes every ``every``
+    seconds (at most ``TRICKLE_LIMIT`` seconds of it): each piece inside any read
+    timeout, the whole far below any sane rate."""
+    return Fault("trickle", offset=offset, amount=piece, seconds=every)
+
+
+def lie_length(delta: int) -> Fault:
+    """Announce a Content-Length ``delta`` bytes off the real one (the body is the
+    real one, cut or padded to what was announced, and the connection closed)."""
+    return Fault("length", amount=delta)
+
+
+def overrun(extra: int) -> Fault:
+    """Send the body chunked (no Content-Length) with ``extra`` bytes after it."""
+    return Fault("overrun", amount=extra)
+
+
+# The longest a trickle goes on (a test's bound, whatever the reader does).
+TRICKLE_LIMIT = 60.0
 
 
 class FaultProxy:
@@ -113,10 +140,17 @@ class FaultProxy:
             for key, value in upstream.headers.items():
                 if key.lower() not in ("transfer-encoding", "connection", "content-encoding"):
                     response.headers[key] = value
+            body_fault = fault is not None and request.method == "GET" and upstream.status == 200
+            if body_fault and fault is not None and fault.kind in ("length", "overrun"):
+                return await self._misframed(request, response, upstream, fault)
             await response.prepare(request)
             sent = 0
             async for chunk in upstream.content.iter_chunked(64 * 1024):
                 data = bytearray(chunk)
+                if fault is not None and fault.kind == "trickle" and body_fault:
+                    await self._trickle(request, response, bytes(data), sent, fault)
+                    sent += len(data)
+                    continue
                 if fault is not None:
                     end = sent + len(data)
                     if fault.kind == "corrupt" and sent <= fault.offset < end:
@@ -134,6 +168,48 @@ class FaultProxy:
                 sent += len(data)
             await response.write_eof()
             return response
+
+    @staticmethod
+    async def _trickle(
+        request: web.Request, response: web.StreamResponse, data: bytes, sent: int, fault: Fault
+    ) -> None:
+        """Send ``data`` (at ``sent`` in the body): fast up to the fault's offset, then
+        a small piece at a time (bounded by ``TRICKLE_LIMIT``)."""
+        fast = max(0, min(len(data), fault.offset - sent))
+        if fast:
+            await response.write(data[:fast])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TRICKLE_LIMIT
+        for start in range(fast, len(data), max(1, fault.amount)):
+            if loop.time() > deadline or request.transport is None:
+                raise ConnectionResetError("trickle over")
+            await asyncio.sleep(fault.seconds)
+            await response.write(data[start : start + max(1, fault.amount)])
+
+    @staticmethod
+    async def _misframed(
+        request: web.Request,
+        response: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        fault: Fault,
+    ) -> web.StreamResponse:
+        """A body framed wrong: announced ``amount`` bytes off (``length``), or sent
+        without a length and ``amount`` bytes too long (``overrun``)."""
+        body = await upstream.read()
+        if fault.kind == "length":
+            announced = len(body) + fault.amount
+            response.headers["Content-Length"] = str(announced)
+            await response.prepare(request)
+            await response.write(body[:announced] + b"\0" * max(0, announced - len(body)))
+        else:
+            response.headers.pop("Content-Length", None)
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            await response.write(body + b"\0" * fault.amount)
+        await response.write_eof()
+        if request.transport is not None:
+            request.transport.close()
+        return response
 
     def start(self) -> FaultProxy:
         ready = threading.Event()

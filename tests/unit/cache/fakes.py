@@ -62,7 +62,7 @@ class FakeResponse:
         body = self._upstream.body
         return None if len(body) > limit else body
 
-    def report_broken(self, *, truncated: bool) -> None:
+    def report_broken(self, *, truncated: bool, slow: bool = False) -> None:
         self.broken_reports.append(truncated)
 
     def close(self) -> None:
