@@ -14,7 +14,6 @@ pullgate as a subprocess, and containerd (``ctr content fetch``) as the client.
 from __future__ import annotations
 
 import http.client
-import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -25,14 +24,14 @@ import pytest
 
 from tests.support import counts
 from tests.support.faultproxy import FaultProxy, lie_length, trickle
-from tests.support.ocilayout import PushedArtifact, deterministic_bytes, push_image
+from tests.support.mirrorconfig import REGISTRY, label, push
+from tests.support.mirrorconfig import write_config as mirror_config
+from tests.support.ocilayout import PushedArtifact
 from tests.support.peers import Containerd, Pullgate, Registry
 from tests.support.pulls import fetch
 
 pytestmark = pytest.mark.integration
 
-REGISTRY = "registry.example.test"
-SEEDS = itertools.count(17_000)
 # Fast for the first MiB, then 16 bytes every 0.2 s: each piece far inside the read
 # timeout (30 s), the whole about 80 bytes/s.
 TRICKLE = {"piece": 16, "every": 0.2}
@@ -41,35 +40,8 @@ TRICKLE = {"piece": 16, "every": 0.2}
 FLOOR = {"minRate": "64K", "minRateWindow": 1}
 
 
-def write_config(
-    path: Path,
-    origin: str,
-    *,
-    transports: list[dict[str, Any]] | None = None,
-    cache: Path | None = None,
-) -> Path:
-    doc: dict[str, Any] = {
-        "upstreams": {REGISTRY: {"url": origin, "transports": transports or []}},
-        "defaultUpstream": REGISTRY,
-        "unlistedRegistries": "deny",
-        "retries": {"attempts": 2, "backoff": 0.05},
-        "timeouts": {"connect": 5, "read": 30, **FLOOR},
-    }
-    if cache is not None:
-        doc["cache"] = {"dir": str(cache), "scrubBytesPerSecond": 0}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc))  # JSON is YAML
-    return path
-
-
-def push(origin: Registry, repository: str, *, size: int = 4 << 20) -> PushedArtifact:
-    layers = [deterministic_bytes(size, seed=next(SEEDS)), b"small layer %d" % next(SEEDS)]
-    return push_image(origin.url, repository, "v1", layers=layers)
-
-
-def label(name: str, **labels: str) -> str:
-    inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    return f"{name}{{{inner}}}"
+def write_config(path: Path, origin: str, **options: Any) -> Path:
+    return mirror_config(path, origin, timeouts={"connect": 5, "read": 30, **FLOOR}, **options)
 
 
 def ctr_fetch(containerd: Containerd, pushed: PushedArtifact) -> tuple[int, str]:
@@ -122,7 +94,7 @@ def test_refuses_transport_dripping_its_body(
     make_pullgate: Callable[..., Pullgate],
     cached: bool,
 ) -> None:
-    pushed = push(origin, f"drip/transport{int(cached)}")
+    pushed = push(origin, f"drip/transport{int(cached)}", size=4 << 20)
     layer = pushed.layer_digests[0]
     faults.set_fault(f"/blobs/{layer}", trickle(1 << 20, **TRICKLE))
     dripper = {"name": "dripper", "url": faults.url, "badFor": 600, **FLOOR}
@@ -169,7 +141,7 @@ def test_refuses_origin_dripping_its_body(
     faults: FaultProxy,
     make_pullgate: Callable[..., Pullgate],
 ) -> None:
-    pushed = push(origin, "drip/origin")
+    pushed = push(origin, "drip/origin", size=4 << 20)
     layer = pushed.layer_digests[0]
     size = pushed.blobs[layer]
     faults.set_fault(f"/blobs/{layer}", trickle(1 << 20, **TRICKLE))

@@ -9,8 +9,6 @@ that misbehaves is bypassed.
 
 from __future__ import annotations
 
-import itertools
-import json
 import subprocess
 import sys
 import time
@@ -19,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,43 +24,13 @@ from proxy.oci.digest import Digest
 from tests.support import cosign_sign as cs
 from tests.support import counts
 from tests.support.faultproxy import FaultProxy, corrupt_byte, stall
-from tests.support.ocilayout import PushedArtifact, deterministic_bytes, push_image
+from tests.support.mirrorconfig import REGISTRY, label, push, write_config
+from tests.support.ocilayout import PushedArtifact
 from tests.support.peers import Containerd, Pullgate, Registry
 from tests.support.pulls import fetch
 from tests.support.silent import SilentServer
 
 pytestmark = pytest.mark.integration
-
-REGISTRY = "registry.example.test"
-SEEDS = itertools.count(13_000)
-
-
-def write_config(
-    path: Path,
-    origin: str,
-    transports: list[dict[str, Any]],
-    *,
-    cache: Path | None = None,
-    policy: Path | None = None,
-) -> Path:
-    doc: dict[str, Any] = {
-        "upstreams": {REGISTRY: {"url": origin, "transports": transports}},
-        "defaultUpstream": REGISTRY,
-        "unlistedRegistries": "deny",
-        "retries": {"attempts": 2, "backoff": 0.05},
-    }
-    if cache is not None:
-        doc["cache"] = {"dir": str(cache), "scrubBytesPerSecond": 0}
-    if policy is not None:
-        doc["policy"] = str(policy)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc))  # JSON is YAML
-    return path
-
-
-def push(origin: Registry, repository: str, *, size: int = 1 << 20) -> PushedArtifact:
-    layers = [deterministic_bytes(size, seed=next(SEEDS)), b"small layer %d" % next(SEEDS)]
-    return push_image(origin.url, repository, "v1", layers=layers)
 
 
 def settled(count: Callable[[], int]) -> int:
@@ -101,11 +68,6 @@ def http_pull(pullgate: Pullgate, pushed: PushedArtifact, digest: str) -> tuple[
     status, _, _ = fetch(pullgate, f"/v2/{pushed.repository}/manifests/{pushed.tag}?ns={REGISTRY}")
     assert status == 200
     return fetch(pullgate, f"/v2/{pushed.repository}/blobs/{digest}?ns={REGISTRY}")
-
-
-def label(name: str, **labels: str) -> str:
-    inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    return f"{name}{{{inner}}}"
 
 
 @pytest.fixture
