@@ -277,6 +277,23 @@ def test_refuses_raw_layer_whose_title_and_filepath_disagree() -> None:
         layer_plans(signature(), model, (), source="t")
 
 
+@pytest.mark.parametrize("packing", [RAW, TGZ])
+def test_refuses_layer_whose_cncf_and_cnai_filepaths_disagree(packing: str) -> None:
+    # Checked as .git/x (ignored by model_signing's defaults), written over w/a.bin by an
+    # unpacker that reads the spec's earlier annotation (org.cnai.model.filepath).
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+        layer(
+            packing,
+            b"unsigned",
+            **{mt.MODEL_FILEPATH: ".git/x", mt.MODEL_FILEPATH_CNAI: "w/a.bin"},
+        ),
+    )
+    with pytest.raises(SignatureError, match=r"names two files"):
+        layer_plans(signature(ignore=(".git",)), model, (), source="t")
+
+
 def test_refuses_raw_layers_whose_titles_name_one_file() -> None:
     # Titles as base names: both layers would be written as a.bin by a title-based unpacker.
     files = {**SIGNED, "a.bin": hashlib.sha256(CONFIG).hexdigest()}
