@@ -306,6 +306,19 @@ def test_refuses_raw_layers_whose_titles_name_one_file() -> None:
         layer_plans(signature(files), model, (), source="t")
 
 
+def test_refuses_layer_titled_as_another_layers_file() -> None:
+    # Titled a.bin beside the untitled a.bin layer: a title-based unpacker writes w/a.bin's
+    # bytes as a.bin (or skips the untitled layer and keeps them there).
+    files = {**SIGNED, "a.bin": hashlib.sha256(CONFIG).hexdigest()}
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin", mt.TITLE: "a.bin"}),
+        layer(RAW, CONFIG, **{mt.MODEL_FILEPATH: "config.json"}),
+        layer(RAW, CONFIG, **{mt.MODEL_FILEPATH: "a.bin"}),
+    )
+    with pytest.raises(SignatureError, match=r"a\.bin is in two layers"):
+        layer_plans(signature(files), model, (), source="t")
+
+
 def test_raw_layer_title_may_be_the_base_name_of_its_filepath() -> None:
     model = manifest(
         layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin", mt.TITLE: "a.bin"}),
