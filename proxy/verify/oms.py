@@ -293,6 +293,15 @@ def layer_plans(
     duplicates = list(layout.duplicates)
     nameless = list(layout.unnamed)
     skip = ignore + signature.ignore
+    # A layer under an ignore rule is not checked: every name it may be written as must
+    # be under one too (a title-based unpacker writes it at its title).
+    for each in model.layers:
+        path, title = layer_path(each), _clean_title(each)
+        if path and title and ignored(path, skip) and not ignored(title, skip):
+            raise SignatureError(
+                f"layer {each.digest} at {path[:120]} is under an ignore rule, but titled "
+                f"{title[:120]}, which is not"
+            )
     tar_skip: tuple[str, ...] = ()
     for layer in layout.signature_layers:
         path = layer_path(layer)

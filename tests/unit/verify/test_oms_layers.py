@@ -319,6 +319,26 @@ def test_refuses_layer_titled_as_another_layers_file() -> None:
         layer_plans(signature(files), model, (), source="t")
 
 
+@pytest.mark.parametrize("packing", [RAW, TGZ])
+def test_refuses_layer_under_an_ignore_rule_titled_outside_it(packing: str) -> None:
+    # Unchecked as .git/run.py (ignored); a title-based unpacker writes it as run.py, a
+    # file the signature does not list and no ignore rule leaves out.
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.MODEL_FILEPATH: "config.json"}),
+        layer(packing, b"unsigned", **{mt.MODEL_FILEPATH: ".git/run.py", mt.TITLE: "run.py"}),
+    )
+    with pytest.raises(SignatureError, match=r"titled run\.py"):
+        layer_plans(signature(ignore=(".git",)), model, (), source="t")
+    # Titled under the rule too, it is what the ignore rule leaves out.
+    fine = manifest(
+        layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.MODEL_FILEPATH: "config.json"}),
+        layer(RAW, b"unsigned", **{mt.MODEL_FILEPATH: ".git/HEAD", mt.TITLE: ".git/HEAD"}),
+    )
+    assert layer_plans(signature(ignore=(".git",)), fine, (), source="t") == {}
+
+
 def test_raw_layer_title_may_be_the_base_name_of_its_filepath() -> None:
     model = manifest(
         layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin", mt.TITLE: "a.bin"}),
