@@ -539,6 +539,15 @@ class NotationVerifier:
     def describe(self) -> str:
         return self._label
 
+    @property
+    def authenticates(self) -> bool:
+        """Whether every trust statement enforces integrity and authenticity, so that a
+        verified signature is a trusted signer's (not at audit or skip)."""
+        return all(
+            s.actions["integrity"] == "enforce" and s.actions["authenticity"] == "enforce"
+            for s in self._statements
+        )
+
     async def verify(self, subject: Subject, source: ArtifactSource, limits: Limits) -> CheckResult:
         statement = select_statement(self._statements, subject.name)
         if statement is None:
