@@ -21,6 +21,7 @@ from proxy.http.sendfile import flush, sendfile, socket_fd
 from proxy.metrics import Metrics
 from proxy.oci.errors import (
     CredentialsRequired,
+    Denied,
     DeniedWithoutPod,
     InternalError,
     OCIError,
@@ -182,11 +183,16 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         raise CredentialsRequired(f"unusable Authorization header: {exc}") from None
     # containerd pulling for a pod the CRI front end checked carries that pod's grant:
     # the pod (for the manifests of that pull: scopes for pods) and its credentials.
+    # A pull stays in its repository; a grant presented for another is a replay.
     grant = pipeline.grants.open(credentials)
     if grant is not None:
+        if (grant.registry, grant.repository) != (route.registry, parsed.repository):
+            raise Denied(
+                f"the pull grant is for {grant.registry}/{grant.repository}, not "
+                f"{route.registry}/{parsed.repository}; pull through the CRI"
+            )
         credentials = grant.credentials
-        if (grant.registry, grant.repository) == (route.registry, parsed.repository):
-            request[POD_GRANT_KEY] = grant
+        request[POD_GRANT_KEY] = grant
     # Private repositories answer only to credentials the upstream accepts, cached
     # or not (``proxy.pipeline.access``).
     return await pipeline.guard(

@@ -87,7 +87,8 @@ def unsafe_layer_name(layer: Descriptor) -> str | None:
 
     An unpacker writes a layer where its title or filepath says; the checks match the
     name ``layer_path`` reads. So a name must not escape the model (absolute, ``..``),
-    and a raw layer's title and filepath must name the same file.
+    the two filepath annotations must agree, and a raw layer's title and filepath must
+    name the same file.
     """
     annotations = layer.annotations or {}
     names = [annotations.get(k) for k in (mt.MODEL_FILEPATH, mt.MODEL_FILEPATH_CNAI, mt.TITLE)]
@@ -96,6 +97,14 @@ def unsafe_layer_name(layer: Descriptor) -> str | None:
             return f"layer {layer.digest} names an absolute path {name[:120]}"
         if ".." in name.split("/"):
             return f"layer {layer.digest} names {name[:120]}, which escapes the model with .."
+    # Both spellings of the filepath (the spec's current and earlier names) must agree:
+    # pullgate reads the first, an older unpacker the second.
+    cncf, cnai = annotations.get(mt.MODEL_FILEPATH), annotations.get(mt.MODEL_FILEPATH_CNAI)
+    if cncf and cnai and _clean(cncf) != _clean(cnai):
+        return (
+            f"layer {layer.digest} names two files: {cncf[:120]} ({mt.MODEL_FILEPATH}) "
+            f"and {cnai[:120]} ({mt.MODEL_FILEPATH_CNAI})"
+        )
     filepath, title = _filepath(layer), annotations.get(mt.TITLE)
     # A title may be the file's base name (unpackers that flatten); then titles must be
     # unique (``layer_plans`` checks that).

@@ -12,7 +12,7 @@ Refused, each as ``TarRefused`` naming the file:
 1. a member path that escapes the layer (``..`` or absolute), a duplicate path;
 2. a member type other than file and directory (hard links, devices, sparse files),
    or a symlink the signature does not allow (allowed ones must point at a signed
-   file with the same digest, inside the model);
+   file with the same digest, inside the model; none may lie under an ignore rule);
 3. a file the signature does not list (after the ignore rules), or whose sha256 is
    not the signed one;
 4. after the end: a signed file the layer was to hold but did not;
@@ -467,7 +467,13 @@ class TarCheck:
         self._seen.add(path)
         self._links.add(path)
         if ignored(path, self._plan.ignore):
-            return
+            # Unsigned, yet it redirects every later write under its name (an ignored
+            # raw layer, another tar layer): out of the model or over a signed file.
+            raise TarRefused(
+                f"member {path[:120]} is a symlink under an ignore rule (nothing signed "
+                "says where it may point)",
+                path=path,
+            )
         if not self._plan.allow_symlinks:
             raise TarRefused(
                 f"member {path[:120]} is a symlink; the signature does not allow symlinks",

@@ -90,6 +90,9 @@ COSE_ALGORITHMS = {
     -35: "ES384",
     -36: "ES512",
 }
+# The Notary Project's key specs and the one algorithm each signs with.
+RSA_KEY_SPECS = {2048: "PS256", 3072: "PS384", 4096: "PS512"}
+EC_KEY_SPECS = {"secp256r1": ("ES256", 32), "secp384r1": ("ES384", 48), "secp521r1": ("ES512", 66)}
 CHECKS = ("integrity", "authenticity", "authenticTimestamp", "expiry", "revocation")
 LEVELS: dict[str, dict[str, str]] = {
     "strict": dict.fromkeys(CHECKS, "enforce"),
@@ -411,16 +414,54 @@ def parse_envelope(media_type: str, raw: bytes) -> Envelope:
     raise SignatureError(f"unsupported envelope media type {media_type[:80]}")
 
 
+def _key_spec_problem(
+    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, algorithm: str, signature: bytes
+) -> str | None:
+    """Why ``algorithm`` and ``signature`` do not fit the leaf's key under the Notary
+    Project's key specs (RSA 2048/3072/4096 with PS256/384/512; P-256/384/521 with
+    ES256/384/512, as notation-go checks), or None. ECDSA's r || s is exactly two
+    curve-size integers: jwcrypto splits any length in half, so a padded or odd-length
+    encoding of a valid signature would verify as another envelope."""
+    if isinstance(key, rsa.RSAPublicKey):
+        wanted = RSA_KEY_SPECS.get(key.key_size)
+        if wanted is None:
+            return (
+                f"a {key.key_size}-bit RSA key is not a Notary Project key spec (2048, 3072, 4096)"
+            )
+        if algorithm != wanted:
+            return (
+                f"{algorithm[:20]} is not the algorithm of a {key.key_size}-bit RSA key ({wanted})"
+            )
+        return None
+    spec = EC_KEY_SPECS.get(key.curve.name)
+    if spec is None:
+        return f"curve {key.curve.name[:40]} is not a Notary Project key spec (P-256, P-384, P-521)"
+    if algorithm != spec[0]:
+        return f"{algorithm[:20]} is not the algorithm of a {key.curve.name} key ({spec[0]})"
+    if len(signature) != 2 * spec[1]:
+        return (
+            f"an {algorithm} signature of {len(signature)} bytes, not {2 * spec[1]} bytes (r || s)"
+        )
+    return None
+
+
 def _verify_signature(envelope: Envelope) -> None:
     """Integrity, by jwcrypto for both envelopes: COSE_Sign1 signs with the JOSE
     algorithms and their encodings (RFC 9053 section 2.1: ECDSA as r || s; RFC 8230:
-    PSS with the hash's length as salt), so its JWA verifies the Sig_structure too."""
+    PSS with the hash's length as salt), so its JWA verifies the Sig_structure too.
+    The algorithm and the signature's length must fit the leaf's key spec first."""
     key = envelope.chain[0].public_key()
     algorithm = envelope.algorithm
     if algorithm not in COSE_ALGORITHMS.values():
         raise SignatureError(f"unsupported signature algorithm {algorithm[:20]}")
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise SignatureError(f"{algorithm} needs an RSA or EC key")
+    signature = envelope.signature
+    if envelope.jws is not None:
+        signature = envelope.jws.objects.get("signature", b"")
+    problem = _key_spec_problem(key, algorithm, signature)
+    if problem is not None:
+        raise SignatureError(f"the envelope's signature does not verify (integrity): {problem}")
     try:
         public = jwk.JWK.from_pyca(key)
         if envelope.jws is not None:
@@ -495,6 +536,15 @@ class NotationVerifier:
 
     def describe(self) -> str:
         return self._label
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether every trust statement enforces integrity and authenticity, so that a
+        verified signature is a trusted signer's (not at audit or skip)."""
+        return all(
+            s.actions["integrity"] == "enforce" and s.actions["authenticity"] == "enforce"
+            for s in self._statements
+        )
 
     async def verify(self, subject: Subject, source: ArtifactSource, limits: Limits) -> CheckResult:
         statement = select_statement(self._statements, subject.name)

@@ -296,6 +296,15 @@ def layer_plans(
     duplicates = list(layout.duplicates)
     nameless = list(layout.unnamed)
     skip = ignore + signature.ignore
+    # A layer under an ignore rule is not checked: every name it may be written as must
+    # be under one too (a title-based unpacker writes it at its title).
+    for each in model.layers:
+        path, title = layer_path(each), _clean_title(each)
+        if path and title and ignored(path, skip) and not ignored(title, skip):
+            raise SignatureError(
+                f"layer {each.digest} at {path[:120]} is under an ignore rule, but titled "
+                f"{title[:120]}, which is not"
+            )
     tar_skip: tuple[str, ...] = ()
     for layer in layout.signature_layers:
         path = layer_path(layer)
@@ -322,8 +331,13 @@ def layer_plans(
             taken in raw_files or any(t.path == taken for t in layout.tar_layers)
         ):
             raise SignatureError(f"file {taken[:120]} is in two layers")
-    titles = [_clean_title(layer) for layer in model.layers]
-    duplicates += sorted(t for t in set(titles) if t is not None and titles.count(t) > 1)
+    # Every name a layer may be written as (its title, its filepath) is that layer's
+    # alone: an unpacker that reads titles must not write one layer over another's file.
+    claimed: dict[str, int] = {}
+    for index, each in enumerate(model.layers):
+        for name in {_clean_title(each), layer_path(each)}:
+            if name and claimed.setdefault(name, index) != index:
+                duplicates.append(name)
     if duplicates:
         raise SignatureError(f"file {duplicates[0][:120]} is in two layers")
     if nameless:

@@ -637,7 +637,8 @@ def _scope(
     if require is not None and _config_unsigned(require, guarded=False):
         raise PolicyError(
             f"{where}.require: modelSigning with allowImageConfig must be in an allOf with "
-            "cosign or notation (a signature of the manifest, which covers its config)"
+            "cosign or notation (a signature of the manifest, which covers its config; a "
+            "Notation trust policy with a statement at level audit or skip does not count)"
         )
     # mode allow is logged loudly by the gate when the policy goes into force, and on use.
     canonical = json.dumps(item, sort_keys=True, default=str, separators=(",", ":"))
@@ -657,9 +658,13 @@ def _scope(
 
 
 def _signs_manifest(req: Requirement) -> bool:
-    """Whether ``req`` passes only with a cosign or Notation signature of the manifest."""
+    """Whether ``req`` passes only with a cosign or Notation signature of the manifest
+    (a Notation one only where every trust statement enforces authenticity: at audit
+    anyone's signature passes, at skip none is needed)."""
     if isinstance(req, Leaf):
-        return req.format in ("cosign", "notation")
+        if req.format == "notation":
+            return getattr(req.verifier, "authenticates", False) is True
+        return req.format == "cosign"
     if not isinstance(req, _Composite):
         return False  # required referrers and attestations: signatures of other manifests
     signs = [_signs_manifest(c) for c in req.children]

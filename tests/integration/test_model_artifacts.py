@@ -17,6 +17,7 @@ with ``model_signing verify`` (the CLI the Sigstore Model Validation Operator ru
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -540,6 +541,44 @@ def test_refuses_hostile_tar_layer_with_reason_and_bounded_rss(node: Node, case:
     assert HOSTILE[case] in body["errors"][0]["message"], body
     grown_mib = (_peak_rss_kib(node.pullgate.pid) - before) / 1024
     assert grown_mib < 64, f"pullgate's peak RSS grew {grown_mib:.0f} MiB on a {case} layer"
+
+
+def test_refuses_symlink_layer_under_an_ignore_rule(node: Node) -> None:
+    """model_signing ignores .git by default, so layers under it carry no signed file.
+    A symlink there (.git -> weights) would let a later ignored layer (a raw layer
+    titled .git/<weight>) be unpacked over a signed weight file."""
+    files = model_files(9700)
+    signature_path = node.work / "model.sig"
+    signature = sign_model(
+        write_model(node.work / "model", files), node.private_key, signature_path
+    )
+    statement = json.loads(base64.b64decode(json.loads(signature)["dsseEnvelope"]["payload"]))
+    assert ".git" in statement["predicate"]["serialization"]["ignore_paths"]
+    honest = modelpack_targz("v1", files)
+    link = gzip.compress(
+        _member(".git", kind=tarfile.SYMTYPE, target="weights") + bytes(2 * tarfile.BLOCKSIZE),
+        mtime=0,
+    )
+    evil = b"unsigned weights"
+    layers = list(zip(json.loads(honest.manifest)["layers"], honest.blobs[1:], strict=True))
+    layers.append((descriptor(MODELPACK_WEIGHT_TGZ, link, **{FILEPATH: ".git"}), link))
+    overwrite = f".git/{TAMPERED_FILE.split('/', 1)[1]}"
+    layers.append((descriptor(MODELPACK_WEIGHT_RAW, evil, **{FILEPATH: overwrite}), evil))
+    config = honest.blobs[0]
+    artifact = manifest_artifact(
+        "v1",
+        artifact_type=mt.MODELPACK_ARTIFACT,
+        config=(mt.MODELPACK_CONFIG, config),
+        layers=layers,
+    )
+    node.push("models/ignored-link", artifact, signature)
+    code, output = node.fetch("models/ignored-link", "v1")
+    assert code != 0, f"containerd fetched a symlink under an ignore rule: {output}"
+    link_digest = str(Digest.of(link))
+    assert link_digest not in node.containerd.content_digests()
+    status, body = node.get(f"/v2/models/ignored-link/blobs/{link_digest}?ns={REGISTRY}")
+    assert status == 403
+    assert "symlink under an ignore rule" in body["errors"][0]["message"], body
 
 
 @pytest.mark.parametrize("cached", [True, False], ids=["cache", "no-cache"])

@@ -1,7 +1,8 @@
 """A test Notation signer: a test CA, JWS and COSE envelopes, signature manifests.
 
-``TestNotary()`` holds a root CA and a code-signing leaf (RSA, PS256; or ECDSA with
-``curve=``, ES256/384/512 with r || s signatures);
+``TestNotary()`` holds a root CA and a code-signing leaf (RSA of ``rsa_bits``, PS256,
+PS384 or PS512 by size; or ECDSA with ``curve=``, ES256/384/512 with r || s
+signatures); ``algorithm=`` claims and signs with another algorithm than the key's;
 ``notary.signer(name)`` is another leaf under the same root. ``notary.intermediates``
 (empty) go into x5c between the leaf and the root.
 ``notary.jws(descriptor, ...)`` / ``notary.cose(descriptor, ...)`` return envelope bytes
@@ -33,6 +34,16 @@ from tests.support.cosign_sign import Artifact
 
 PAYLOAD_TYPE = "application/vnd.cncf.notary.payload.v1+json"
 _EC_BITS = {"secp256r1": "256", "secp384r1": "384", "secp521r1": "512"}
+_RSA_ALGORITHMS = {2048: "PS256", 3072: "PS384", 4096: "PS512"}
+_HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+COSE_ALGORITHMS = {
+    "PS256": -37,
+    "PS384": -38,
+    "PS512": -39,
+    "ES256": -7,
+    "ES384": -35,
+    "ES512": -36,
+}
 UTC = dt.UTC
 
 
@@ -76,8 +87,12 @@ class TestNotary:
         leaf_lifetime: dt.timedelta = dt.timedelta(days=365),
         name: str = "release signer",
         curve: ec.EllipticCurve | None = None,
+        rsa_bits: int = 2048,
+        algorithm: str | None = None,
     ) -> None:
         self.curve = curve
+        self.rsa_bits = rsa_bits
+        self._algorithm = algorithm
         now = dt.datetime.now(UTC)
         self.root_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.root = (
@@ -97,7 +112,7 @@ class TestNotary:
 
     def _issue_leaf(self, name: str, start: dt.datetime, lifetime: dt.timedelta) -> None:
         self.key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = (
-            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            rsa.generate_private_key(public_exponent=65537, key_size=self.rsa_bits)
             if self.curve is None
             else ec.generate_private_key(self.curve)
         )
@@ -129,18 +144,22 @@ class TestNotary:
 
     @property
     def algorithm(self) -> str:
-        """The JOSE name of the signing algorithm: PS256, or ES256/384/512 by curve."""
-        return "PS256" if self.curve is None else f"ES{_EC_BITS[self.curve.name]}"
+        """The JOSE name of the signing algorithm: the one given, else the key's
+        (PS256/384/512 by RSA size, ES256/384/512 by curve)."""
+        if self._algorithm is not None:
+            return self._algorithm
+        if self.curve is None:
+            return _RSA_ALGORITHMS.get(self.rsa_bits, "PS256")
+        return f"ES{_EC_BITS[self.curve.name]}"
 
     def _sign(self, data: bytes) -> bytes:
+        digest = _HASHES[self.algorithm[2:]]()
         if isinstance(self.key, rsa.RSAPrivateKey):
             return self.key.sign(
                 data,
-                padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
-                hashes.SHA256(),
+                padding.PSS(mgf=padding.MGF1(digest), salt_length=digest.digest_size),
+                digest,
             )
-        bits = _EC_BITS[self.key.curve.name]
-        digest = {"256": hashes.SHA256(), "384": hashes.SHA384(), "512": hashes.SHA512()}[bits]
         r, s = decode_dss_signature(self.key.sign(data, ec.ECDSA(digest)))
         size = (self.key.curve.key_size + 7) // 8
         return r.to_bytes(size, "big") + s.to_bytes(size, "big")
@@ -187,7 +206,7 @@ class TestNotary:
 
     def cose(self, descriptor: dict[str, Any], *, expiry: dt.datetime | None = None) -> bytes:
         protected: dict[Any, Any] = {
-            1: {"PS256": -37, "ES256": -7, "ES384": -35, "ES512": -36}[self.algorithm],
+            1: COSE_ALGORITHMS[self.algorithm],
             2: ["io.cncf.notary.signingScheme"],
             3: PAYLOAD_TYPE,
             "io.cncf.notary.signingScheme": "notary.x509",

@@ -15,6 +15,9 @@ from yarl import URL
 
 from proxy.http import app as app_module
 from proxy.oci.digest import Digest
+from proxy.pipeline.access import PullGrant
+from proxy.pipeline.gate import Pod
+from proxy.upstream.auth import Credentials
 from tests.support.inprocess import (
     ALLOW_APP_POLICY,
     REGISTRY,
@@ -116,6 +119,31 @@ async def test_refuses_manifest_no_policy_scope_allows(
     error = await _oci_error(response)
     assert error["code"] == "DENIED"
     assert "no policy scope matches" in error["message"]
+
+
+async def test_refuses_pull_grant_replayed_for_another_repository(
+    mirror: Mirror, upstream: FakeRegistry, image: Image
+) -> None:
+    """A grant is containerd's pull for one pod of one repository: presented for another
+    repository it is a replay, not a pull (it carries the pod's credentials)."""
+    other = upstream.add_image("app/api", "1.0", b"api layer")
+    grant = PullGrant(
+        registry=mirror.route().registry,
+        repository="app/web",
+        digest=str(image.digest),
+        pod=Pod("ml-dev", ()),
+        credentials=Credentials("pod-user", "s3cret"),
+    )
+    sealed = mirror.pipeline.grants.seal(grant)
+    auth = aiohttp.BasicAuth(sealed.username, sealed.password)
+    granted = await mirror.client.get(f"/v2/app/web/manifests/{image.digest}", auth=auth)
+    assert granted.status == 200 and await granted.read() == image.manifest
+    for path in (f"/v2/app/api/manifests/{other.tag}", f"/v2/app/api/blobs/{other.config}"):
+        response = await mirror.client.get(path, auth=auth)
+        assert response.status == 403, path
+        error = await _oci_error(response)
+        assert error["code"] == "DENIED"
+        assert "pull grant is for" in error["message"] and "app/web" in error["message"]
 
 
 # ---- blobs -------------------------------------------------------------------------

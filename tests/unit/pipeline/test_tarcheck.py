@@ -176,6 +176,24 @@ def test_refuses_member_written_through_a_symlink() -> None:
         check_bytes(p, data)
 
 
+@pytest.mark.parametrize("target", ["/etc", "../../etc", "weights", "."])
+def test_refuses_symlink_under_an_ignore_rule(target: str) -> None:
+    # OMS signers ignore .git by default. An ignored symlink is unsigned, yet every
+    # later write under its name (an ignored raw layer titled .git/x, another tar
+    # layer) goes where it points: outside the model, or over a signed file.
+    data = build_tar(
+        [
+            file("model/weights.bin", WEIGHTS),
+            file("model/config.json", CONFIG),
+            link("model/.git", target),
+        ]
+    )
+    err = refused(plan(ignore=("model/.git",)), data)
+    assert err.path == "model/.git" and "symlink" in err.reason and "ignore" in err.reason
+    allowed = plan(ignore=("model/.git",), allow_symlinks=True, signed=plan().files)
+    assert refused(allowed, data).path == "model/.git"
+
+
 def test_refuses_hard_link() -> None:
     data = build_tar(
         [

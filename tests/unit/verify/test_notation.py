@@ -151,6 +151,77 @@ async def test_refuses_ecdsa_algorithm_claimed_for_another_curve(
     assert "does not verify (integrity)" in result.reason
 
 
+async def _verify_both(tmp_path: Path, notary: TestNotary, signature=None):  # type: ignore[no-untyped-def]
+    """Verify a JWS and a COSE envelope of ``notary`` (each in its own trust dir), the
+    signature bytes passed through ``signature`` first when given; the two results."""
+    results = []
+    for media_type in (JWS, COSE):
+        _, image, verifier, subject = setup(tmp_path / media_type.rsplit("/", 1)[-1], notary)
+        target = descriptor_of(image.manifest, image.media_type)
+        if media_type == JWS:
+            envelope = notary.jws(target)
+            if signature is not None:
+                doc = json.loads(envelope)
+                raw = base64.urlsafe_b64decode(doc["signature"] + "==")
+                doc["signature"] = base64.urlsafe_b64encode(signature(raw)).rstrip(b"=").decode()
+                envelope = json.dumps(doc).encode()
+        else:
+            envelope = notary.cose(target)
+            if signature is not None:
+                protected_raw, unprotected, payload, raw = cbor2.loads(envelope).value
+                envelope = cbor2.dumps(
+                    cbor2.CBORTag(18, [protected_raw, dict(unprotected), payload, signature(raw)])
+                )
+        registry = cs.MemoryRegistry()
+        registry.add(image)
+        registry.add(signature_artifact(envelope, media_type, target))
+        results.append(await verifier.verify(subject, registry, Limits()))
+    return results
+
+
+@pytest.mark.parametrize(("rsa_bits", "algorithm"), [(3072, "PS384"), (4096, "PS512")])
+async def test_rsa_keys_of_each_notation_size_verify(
+    tmp_path: Path, rsa_bits: int, algorithm: str
+) -> None:
+    notary = TestNotary(rsa_bits=rsa_bits)
+    assert notary.algorithm == algorithm
+    for result in await _verify_both(tmp_path, notary):
+        assert result.ok, result.reason
+
+
+@pytest.mark.parametrize(
+    ("rsa_bits", "algorithm"), [(1024, "PS256"), (1536, "PS384"), (4096, "PS256"), (2048, "PS512")]
+)
+async def test_refuses_rsa_key_size_or_algorithm_outside_notation_key_specs(
+    tmp_path: Path, rsa_bits: int, algorithm: str
+) -> None:
+    """The Notary Project signs with RSA 2048/3072/4096 only, each with its own PSS hash
+    (PS256/384/512), as notation-go checks: a short key is refused whatever it claims,
+    and an algorithm is not taken from the header for a key of another size."""
+    notary = TestNotary(rsa_bits=rsa_bits, algorithm=algorithm)
+    for result in await _verify_both(tmp_path, notary):
+        assert not result.ok
+        assert f"{rsa_bits}-bit RSA" in result.reason, result.reason
+
+
+@pytest.mark.parametrize(
+    "reencode",
+    [
+        lambda sig: b"\0" + sig[:32] + b"\0" + sig[32:],  # each half zero-padded
+        lambda sig: sig[:32] + b"\0" + sig[32:],  # odd length, s padded
+    ],
+    ids=["padded", "odd-length"],
+)
+async def test_refuses_ecdsa_signature_not_twice_the_curve_size(tmp_path: Path, reencode) -> None:  # type: ignore[no-untyped-def]
+    """r || s is exactly two curve-size integers (RFC 7518 3.4, RFC 9053 2.1); a padded
+    or odd-length encoding of a valid signature is another envelope with the same
+    signature (malleable), which notation-go refuses."""
+    notary = TestNotary(curve=ec.SECP256R1())
+    for result in await _verify_both(tmp_path, notary, signature=reencode):
+        assert not result.ok
+        assert "64 bytes" in result.reason, result.reason
+
+
 @pytest.mark.parametrize("field", ["digest", "size", "mediaType"])
 async def test_refuses_notation_target_mismatch(tmp_path: Path, field: str) -> None:
     notary = TestNotary()

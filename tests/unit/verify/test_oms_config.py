@@ -24,6 +24,7 @@ from proxy.verify.base import Limits, PolicyError, SignatureError, Subject, Trus
 from proxy.verify.oms import ModelSignature, layer_plans, oms_verifier_from_spec
 from proxy.verify.policy import parse_policy
 from tests.support import cosign_sign as cs
+from tests.support.notation_sign import TestNotary
 
 FILES = {"config.json": b'{"layers": 2}', "weights/model.safetensors": b"weights" * 1000}
 OCI_IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -381,5 +382,35 @@ def test_policy_allows_an_image_config_beside_a_manifest_signature(
     work, _ = signed
     cs.generate_key().write_public(work / "keys" / "release.pub")
     text = f"scopes:\n  - match: 'registry.example.test/**'\n    require: {require}\n"
+    (scope,) = parse_policy(text.encode(), base_dir=work).scopes
+    assert scope.require is not None
+
+
+NOTATION_BESIDE = (
+    "{allOf: [{notation: {trustPolicy: notation/trustpolicy.json, trustStore: "
+    "notation/truststore}}, {modelSigning: {key: keys/model.pub, allowImageConfig: true}}]}"
+)
+
+
+@pytest.mark.parametrize("level", ["audit", "skip"])
+def test_refuses_policy_allowing_an_image_config_beside_notation_that_authenticates_nobody(
+    signed: tuple[Path, bytes], level: str
+) -> None:
+    """At level audit a Notation trust policy accepts anyone's signature, at skip none is
+    needed: beside either, a runnable config would rest on the model signature alone."""
+    work, _ = signed
+    TestNotary().write_trust(work / "notation", level=level)
+    text = f"scopes:\n  - match: 'registry.example.test/**'\n    require: {NOTATION_BESIDE}\n"
+    with pytest.raises(PolicyError, match="allowImageConfig must be in an allOf with cosign"):
+        parse_policy(text.encode(), base_dir=work)
+
+
+@pytest.mark.parametrize("level", ["strict", "permissive"])
+def test_policy_allows_an_image_config_beside_notation_that_authenticates(
+    signed: tuple[Path, bytes], level: str
+) -> None:
+    work, _ = signed
+    TestNotary().write_trust(work / "notation", level=level)
+    text = f"scopes:\n  - match: 'registry.example.test/**'\n    require: {NOTATION_BESIDE}\n"
     (scope,) = parse_policy(text.encode(), base_dir=work).scopes
     assert scope.require is not None

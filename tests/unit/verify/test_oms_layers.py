@@ -277,6 +277,23 @@ def test_refuses_raw_layer_whose_title_and_filepath_disagree() -> None:
         layer_plans(signature(), model, (), source="t")
 
 
+@pytest.mark.parametrize("packing", [RAW, TGZ])
+def test_refuses_layer_whose_cncf_and_cnai_filepaths_disagree(packing: str) -> None:
+    # Checked as .git/x (ignored by model_signing's defaults), written over w/a.bin by an
+    # unpacker that reads the spec's earlier annotation (org.cnai.model.filepath).
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.TITLE: "config.json"}),
+        layer(
+            packing,
+            b"unsigned",
+            **{mt.MODEL_FILEPATH: ".git/x", mt.MODEL_FILEPATH_CNAI: "w/a.bin"},
+        ),
+    )
+    with pytest.raises(SignatureError, match=r"names two files"):
+        layer_plans(signature(ignore=(".git",)), model, (), source="t")
+
+
 def test_refuses_raw_layers_whose_titles_name_one_file() -> None:
     # Titles as base names: both layers would be written as a.bin by a title-based unpacker.
     files = {**SIGNED, "a.bin": hashlib.sha256(CONFIG).hexdigest()}
@@ -287,6 +304,39 @@ def test_refuses_raw_layers_whose_titles_name_one_file() -> None:
     )
     with pytest.raises(SignatureError, match=r"a\.bin is in two layers"):
         layer_plans(signature(files), model, (), source="t")
+
+
+def test_refuses_layer_titled_as_another_layers_file() -> None:
+    # Titled a.bin beside the untitled a.bin layer: a title-based unpacker writes w/a.bin's
+    # bytes as a.bin (or skips the untitled layer and keeps them there).
+    files = {**SIGNED, "a.bin": hashlib.sha256(CONFIG).hexdigest()}
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin", mt.TITLE: "a.bin"}),
+        layer(RAW, CONFIG, **{mt.MODEL_FILEPATH: "config.json"}),
+        layer(RAW, CONFIG, **{mt.MODEL_FILEPATH: "a.bin"}),
+    )
+    with pytest.raises(SignatureError, match=r"a\.bin is in two layers"):
+        layer_plans(signature(files), model, (), source="t")
+
+
+@pytest.mark.parametrize("packing", [RAW, TGZ])
+def test_refuses_layer_under_an_ignore_rule_titled_outside_it(packing: str) -> None:
+    # Unchecked as .git/run.py (ignored); a title-based unpacker writes it as run.py, a
+    # file the signature does not list and no ignore rule leaves out.
+    model = manifest(
+        layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.MODEL_FILEPATH: "config.json"}),
+        layer(packing, b"unsigned", **{mt.MODEL_FILEPATH: ".git/run.py", mt.TITLE: "run.py"}),
+    )
+    with pytest.raises(SignatureError, match=r"titled run\.py"):
+        layer_plans(signature(ignore=(".git",)), model, (), source="t")
+    # Titled under the rule too, it is what the ignore rule leaves out.
+    fine = manifest(
+        layer(RAW, WEIGHTS, **{mt.MODEL_FILEPATH: "w/a.bin"}),
+        layer(RAW, CONFIG, **{mt.MODEL_FILEPATH: "config.json"}),
+        layer(RAW, b"unsigned", **{mt.MODEL_FILEPATH: ".git/HEAD", mt.TITLE: ".git/HEAD"}),
+    )
+    assert layer_plans(signature(ignore=(".git",)), fine, (), source="t") == {}
 
 
 def test_raw_layer_title_may_be_the_base_name_of_its_filepath() -> None:
