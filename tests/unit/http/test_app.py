@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -135,11 +136,12 @@ async def test_refuses_pull_grant_replayed_for_another_repository(
         credentials=Credentials("pod-user", "s3cret"),
     )
     sealed = mirror.pipeline.grants.seal(grant)
-    auth = aiohttp.BasicAuth(sealed.username, sealed.password)
-    granted = await mirror.client.get(f"/v2/app/web/manifests/{image.digest}", auth=auth)
+    basic = base64.b64encode(f"{sealed.username}:{sealed.password}".encode()).decode()
+    auth = {"Authorization": f"Basic {basic}"}
+    granted = await mirror.client.get(f"/v2/app/web/manifests/{image.digest}", headers=auth)
     assert granted.status == 200 and await granted.read() == image.manifest
     for path in (f"/v2/app/api/manifests/{other.tag}", f"/v2/app/api/blobs/{other.config}"):
-        response = await mirror.client.get(path, auth=auth)
+        response = await mirror.client.get(path, headers=auth)
         assert response.status == 403, path
         error = await _oci_error(response)
         assert error["code"] == "DENIED"
