@@ -141,6 +141,24 @@ async def fetch_referrer(
     return referrer
 
 
+async def list_referrers(
+    source: ArtifactSource, subject: Subject, artifact_type: str, *, untyped: bool = True
+) -> list[Descriptor]:
+    """What the subject's referrers listing names with ``artifact_type`` (applied here too:
+    a registry may ignore the filter) and, with ``untyped``, what names no type (older
+    tools and the tag-schema fallback may not say). Only the registry's word: each one
+    is checked by ``fetch_referrer``. ``SignatureError`` if the listing fails for another
+    reason than ``TRANSIENT_ERRORS``, which propagate."""
+    try:
+        index = await source.referrers(subject.digest, artifact_type)
+    except TRANSIENT_ERRORS:
+        raise
+    except OCIError as exc:
+        raise SignatureError(f"referrers cannot be listed: {exc.message[:160]}") from exc
+    accepted = (artifact_type, None) if untyped else (artifact_type,)
+    return [d for d in (index.manifests if index else ()) if d.artifact_type in accepted]
+
+
 async def fetch_signature_blob(
     source: ArtifactSource, layer: Descriptor, limits: Limits, *, what: str
 ) -> bytes:

@@ -50,6 +50,7 @@ from proxy.verify.base import (
     Verifier,
     fetch_referrer,
     fetch_signature_blob,
+    list_referrers,
 )
 from proxy.verify.bundle import CosignPolicy, sigstore_verifier_for, verify_bundle
 from proxy.verify.keys import (
@@ -292,17 +293,10 @@ class CosignVerifier:
         self, subject: Subject, source: ArtifactSource, limits: Limits, failures: list[str]
     ) -> bool:
         try:
-            index = await source.referrers(subject.digest, mt.SIGSTORE_BUNDLE_V03)
-        except TRANSIENT_ERRORS:
-            raise
-        except OCIError as exc:
-            failures.append(f"referrers: {exc.message[:160]}")
+            candidates = await list_referrers(source, subject, mt.SIGSTORE_BUNDLE_V03)
+        except SignatureError as exc:
+            failures.append(str(exc))
             return False
-        if index is None:
-            return False
-        candidates = [
-            d for d in index.manifests if d.artifact_type in (None, mt.SIGSTORE_BUNDLE_V03)
-        ]
         artifact = await self._artifact_bytes(subject, source) if candidates else None
         for descriptor in candidates[: limits.max_signatures]:
             try:

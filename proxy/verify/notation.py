@@ -66,6 +66,7 @@ from proxy.verify.base import (
     fetch_signature_blob,
     first_line,
     json_object,
+    list_referrers,
 )
 from proxy.verify.chains import NOTATION, ChainError, verify_chain
 
@@ -553,16 +554,9 @@ class NotationVerifier:
         if statement.level == "skip":
             return CheckResult(True, f"Notation statement {statement.name!r} skips verification")
         try:
-            index = await source.referrers(subject.digest, ARTIFACT_TYPE)
-        except TRANSIENT_ERRORS:
-            raise
-        except OCIError as exc:
-            return CheckResult(False, f"cannot list Notation signatures: {exc.message}")
-        candidates = [
-            d
-            for d in (index.manifests if index is not None else ())
-            if d.artifact_type in (ARTIFACT_TYPE, None)
-        ]
+            candidates = await list_referrers(source, subject, ARTIFACT_TYPE)
+        except SignatureError as exc:
+            return CheckResult(False, f"cannot list Notation signatures: {exc}")
         if not candidates:
             return CheckResult(False, "no Notation signatures found")
         reasons: list[str] = []

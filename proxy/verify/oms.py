@@ -63,6 +63,7 @@ from proxy.verify.base import (
     fetch_signature_blob,
     first_line,
     json_object,
+    list_referrers,
 )
 from proxy.verify.chains import MAX_CHAIN, OMS, ChainError, verify_chain
 from proxy.verify.keys import KeyFormatError, VerificationKey, load_public_key_pem
@@ -452,13 +453,10 @@ class OMSVerifier:
                 return CheckResult(True, f"modelSigning {layer_path(layer)} layer verified")
             reasons.append(reason)
         try:
-            index = await source.referrers(subject.digest, BUNDLE_ARTIFACT_TYPE)
-        except TRANSIENT_ERRORS:
-            raise
-        except OCIError as exc:
-            reasons.append(f"cannot fetch signatures: {exc.message}")
+            descriptors = await list_referrers(source, subject, BUNDLE_ARTIFACT_TYPE)
+        except SignatureError as exc:
+            reasons.append(f"cannot fetch signatures: {exc}")
             return CheckResult(False, "modelSigning: " + "; ".join(reasons)[:600])
-        descriptors = list(index.manifests) if index is not None else []
         if not descriptors and not reasons:
             return CheckResult(False, "modelSigning: no model signatures found")
         for descriptor in descriptors[: limits.max_signatures]:

@@ -92,6 +92,7 @@ from proxy.verify.base import (
     TrustConfig,
     Verifier,
     fetch_referrer,
+    list_referrers,
 )
 
 log = logging.getLogger("pullgate.policy")
@@ -282,16 +283,9 @@ class RequiredReferrer:
         about the subject; 3. check its signature with ``signed_by``; one must pass."""
         wanted = f"required referrer {self.artifact_type}"
         try:
-            index = await source.referrers(subject.digest, self.artifact_type)
-        except TRANSIENT_ERRORS:
-            raise
-        except OCIError as exc:
-            return CheckResult(False, f"{wanted}: referrers cannot be listed: {exc.message}")
-        listed = [
-            d
-            for d in (index.manifests if index is not None else ())
-            if d.artifact_type == self.artifact_type
-        ]
+            listed = await list_referrers(source, subject, self.artifact_type, untyped=False)
+        except SignatureError as exc:
+            return CheckResult(False, f"{wanted}: {exc}")
         if not listed:
             return CheckResult(False, f"{wanted} is missing")
         failures = []
