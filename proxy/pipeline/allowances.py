@@ -33,6 +33,9 @@ OFFLINE_ALLOWED_ENTRIES = 65536
 RESTORE_WAIT = 30.0
 # Blob sizes remembered from served manifests (least recently used first out).
 BLOB_SIZE_ENTRIES = 131072
+# Different sizes kept for one blob (served manifests that disagree on it): the first
+# ones; a manifest giving yet another is not believed for it (its length is refused).
+BLOB_SIZES_PER_BLOB = 8
 
 
 class BlobAllowances:
@@ -59,13 +62,26 @@ class BlobAllowances:
         if manifest.config is not None:
             descriptors.append(manifest.config)
         new: list[tuple[Digest, int]] = []
+        ignored = 0
         for descriptor in descriptors:
             key = (repo.registry, repo.repository, descriptor.digest)
             known = self._sizes.get(key, frozenset())
             if descriptor.size not in known:
+                if len(known) >= BLOB_SIZES_PER_BLOB:
+                    ignored += 1
+                    continue
                 self._sizes[key] = known | {descriptor.size}
                 new.append((descriptor.digest, descriptor.size))
             self._sizes.move_to_end(key)
+        if ignored:
+            log.warning(
+                "%s@%s gives %d blobs yet another size beyond the %d kept for each; "
+                "not believed (such a length is refused)",
+                repo,
+                manifest.digest,
+                ignored,
+                BLOB_SIZES_PER_BLOB,
+            )
         while len(self._sizes) > BLOB_SIZE_ENTRIES:
             self._sizes.popitem(last=False)
         if new and self.shared is not None:

@@ -102,3 +102,23 @@ def test_shared_sizes_are_bounded(tmp_path: Path) -> None:
         ]
     finally:
         shared.close()
+
+
+def test_refuses_to_keep_sizes_without_bound_for_one_blob(tmp_path: Path) -> None:
+    # Each allowed manifest naming the blob with yet another size (a manifest can
+    # also name it many times) added one to its set, in memory and in the shared
+    # table: memory without bound, and a union that grew with every size. A few are
+    # kept, the first ones (the verified manifest's size is not pushed out).
+    path = tmp_path / "allowances.db"
+    SharedAllowances.create(path)
+    shared = SharedAllowances(path, covered_fingerprint="covered")
+    try:
+        here = allowances(shared)
+        for size in range(5, 5 + 1000):
+            here.record_sizes(REPO, manifest(size))
+        sizes = here.expected_sizes(route(), REPO.repository, LAYER)
+        assert 5 in sizes
+        assert len(sizes) <= 16
+        assert len(shared.blob_sizes(REPO, LAYER)) <= 16
+    finally:
+        shared.close()
