@@ -117,8 +117,19 @@ def test_min_rate_parses_on_timeouts_upstreams_and_transports(tmp_path: Path) ->
         {"minRateWindow": 0},
         {"minRateWindow": 100000},
         {"minRateWindow": "30s"},
+        {"minRate": "1e400"},
+        {"minRate": "infK"},
     ],
-    ids=["negative", "word", "bool", "zero-window", "window-over-a-day", "window-string"],
+    ids=[
+        "negative",
+        "word",
+        "bool",
+        "zero-window",
+        "window-over-a-day",
+        "window-string",
+        "overflowing-size",
+        "infinite-size",
+    ],
 )
 def test_refuses_unusable_min_rate_settings(tmp_path: Path, entry: dict[str, object]) -> None:
     for doc in (
