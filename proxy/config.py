@@ -537,7 +537,7 @@ def parse_size(text: str) -> int:
     number = cleaned[:-1] if cleaned[-1:] in units else cleaned
     try:
         value = int(float(number) * factor)
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:  # OverflowError: inf, 1e400
         raise ConfigError(f"size {text!r} is not a number with an optional K/M/G/T unit") from exc
     if value <= 0:
         raise ConfigError(f"size {text!r} must be positive")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -41,7 +42,7 @@ from proxy.config import Config
 from proxy.http.admin import build_admin_app
 from proxy.http.app import build_app
 from proxy.metrics import Metrics
-from proxy.node.policy_snapshot import Snapshot, load_snapshot
+from proxy.node.policy_snapshot import Snapshot, load_snapshot, take_snapshot
 from proxy.pipeline import Pipeline
 from proxy.pipeline.gate import AllowAllGate, Gate
 from proxy.pipeline.shared import SharedAllowances
@@ -147,6 +148,10 @@ def load_node_policy(path: Path, role: Role) -> tuple[Policy, Snapshot | None]:
         return snapshot.policy, snapshot
 
 
+def _keep_snapshot(runtime: Path, path: Path, raw: bytes, read_at: float) -> None:
+    take_snapshot(runtime, path, raw, read_at=read_at)
+
+
 def build_stores(config: Config) -> tuple[BlobStore, VerifiedManifestStore]:
     """The blob store and the verified-manifest store, both under ``--cache-dir``
     (nothing kept without one)."""
@@ -250,11 +255,17 @@ class Node:
         )
         watcher = None
         if isinstance(gate, SignatureGate) and config.policy is not None:
+            on_loaded = None
+            if role.shared and role.runtime_dir is not None:
+                # A revision this worker puts into force is the last good one, even if
+                # the file breaks again before the supervisor's next poll.
+                on_loaded = functools.partial(_keep_snapshot, role.runtime_dir, config.policy)
             watcher = PolicyWatcher(
                 path=config.policy,
                 gate=gate,
                 metrics=metrics,
                 snapshot=snapshot.describe() if snapshot is not None else None,
+                on_loaded=on_loaded,
             )
         return cls(
             config=config,

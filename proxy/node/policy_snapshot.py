@@ -15,7 +15,13 @@ A snapshot is a directory ``policy-snapshots/<revision>/`` with
   ``base_dir = tree/<the policy's directory>``;
 - ``meta.json``: the revision, the policy's path and directory, when it was taken.
 
-``policy-snapshot`` (a symlink, swapped atomically) names the current one. A snapshot is
+``policy-snapshot`` (a symlink, swapped atomically) names the current one. The supervisor
+polls the file, and every worker that loads a revision from it takes a snapshot too: a
+policy tightened and broken again between two polls of the supervisor is still the last
+good one if a worker put it into force. The link only moves forward: under a lock,
+``policy-snapshot.read-at`` holds when (monotonic clock) the file was read for the
+snapshot it names, and a snapshot of an earlier read (a slower process) does not
+replace it. A snapshot is
 parsed again right after it is written and kept only if that gives the revision of the
 live file: the revision is the sha256 of the YAML and of every trust file, so equal
 revisions mean the copy is exactly what was validated. A worker checks it once more when
@@ -29,6 +35,7 @@ read where they are, not from the copy.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -48,6 +55,9 @@ log = logging.getLogger("pullgate.policy")
 
 SNAPSHOTS_DIR = "policy-snapshots"
 CURRENT_LINK = "policy-snapshot"
+# When the file was read for the snapshot the link names (seconds since the epoch).
+READ_AT_FILE = "policy-snapshot.read-at"
+LOCK_FILE = ".policy-snapshot.lock"
 POLICY_FILE = "policy.yaml"
 META_FILE = "meta.json"
 TREE_DIR = "tree"
@@ -93,12 +103,19 @@ def _copy_material(policy: Policy, base_dir: Path, tree: Path) -> None:
             target.write_bytes(path.read_bytes())
 
 
-def take_snapshot(runtime: Path, policy_path: Path, raw: bytes | None = None) -> Policy:
+def take_snapshot(
+    runtime: Path, policy_path: Path, raw: bytes | None = None, *, read_at: float | None = None
+) -> Policy:
     """Load ``policy_path`` and keep a snapshot of it under ``runtime``; the policy.
 
-    ``raw``: the file's bytes when the caller already read them. PolicyError if the
+    ``raw``: the file's bytes when the caller already read them, and ``read_at`` when
+    (``time.monotonic()`` just before the read, the same clock in every process of the
+    node and never stepped back; now if not given). The snapshot becomes the
+    current one unless one of a later read of the file is already. PolicyError if the
     file does not load, or changed while it was copied (try again later).
     """
+    if read_at is None:
+        read_at = time.monotonic()
     if raw is None:
         try:
             raw = policy_path.read_bytes()
@@ -136,28 +153,47 @@ def take_snapshot(runtime: Path, policy_path: Path, raw: bytes | None = None) ->
                     raise
         finally:
             shutil.rmtree(building, ignore_errors=True)
-    _point_to(runtime, final)
-    _prune(snapshots, keep=final)
+    fd = os.open(runtime / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        current = _point_to(runtime, final, read_at)
+        _prune(snapshots, keep=current)
+    finally:
+        os.close(fd)  # releases the lock
     return policy
 
 
-def _point_to(runtime: Path, snapshot: Path) -> None:
+def _point_to(runtime: Path, snapshot: Path, read_at: float) -> Path:
+    """Point the link to ``snapshot`` unless it names one of a later read of the file
+    (the caller holds the lock); the snapshot it names now."""
     link = runtime / CURRENT_LINK
-    with contextlib.suppress(OSError):
-        if os.readlink(link) == os.path.relpath(snapshot, runtime):
-            return
+    order = runtime / READ_AT_FILE
+    try:
+        current_read_at = float(order.read_text())
+    except (OSError, ValueError):
+        current_read_at = float("-inf")
+    if read_at < current_read_at and link.is_symlink():
+        log.info(
+            "policy snapshot %s not made current: the file was read again since",
+            snapshot.name[:16],
+        )
+        return link.resolve()
     swap = runtime / f".{CURRENT_LINK}.{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         swap.unlink()
     swap.symlink_to(os.path.relpath(snapshot, runtime))
     swap.replace(link)
+    order_swap = runtime / f".{READ_AT_FILE}.{os.getpid()}"
+    order_swap.write_text(repr(read_at))
+    order_swap.replace(order)
+    return snapshot
 
 
 def _prune(snapshots: Path, *, keep: Path) -> None:
     """Drop all but the current snapshot and the ``KEEP_PREVIOUS`` newest others."""
     others = []
     for entry in snapshots.iterdir():
-        if entry == keep or entry.name.startswith("."):
+        if entry.name == keep.name or entry.name.startswith("."):
             continue
         with contextlib.suppress(OSError):
             others.append((entry.stat().st_mtime_ns, entry))
@@ -204,6 +240,7 @@ class SnapshotKeeper:
         self._seen: tuple[tuple[FileStamp, ...], str] | None = None
         self._material: tuple[Path, ...] = ()
         self._failure: str | None = None
+        self._read_at = 0.0
 
     def start(self) -> Policy:
         """The first snapshot, at start: PolicyError if the policy does not load."""
@@ -230,6 +267,7 @@ class SnapshotKeeper:
             log.error("cannot snapshot the policy under %s: %s", self.runtime, exc)
 
     def _read(self) -> tuple[tuple[tuple[FileStamp, ...], str], bytes | None]:
+        self._read_at = time.monotonic()
         stamps = tuple(file_stamp(p) for p in (self.policy_path, *self._material))
         try:
             raw: bytes | None = self.policy_path.read_bytes()
@@ -241,7 +279,7 @@ class SnapshotKeeper:
     def _take(self, fingerprint: tuple[tuple[FileStamp, ...], str], raw: bytes | None) -> Policy:
         if raw is None:
             raise PolicyError(f"cannot read policy {self.policy_path}")
-        policy = take_snapshot(self.runtime, self.policy_path, raw)
+        policy = take_snapshot(self.runtime, self.policy_path, raw, read_at=self._read_at)
         if self._failure is not None:
             log.warning("policy file %s loads again", self.policy_path)
         if policy.revision != self.revision:

@@ -7,7 +7,7 @@ most ``RESTORE_WAIT`` seconds) before it is refused.
 
 The sizes those manifests' descriptors give their blobs are kept too
 (``record_sizes``), so an uncached upstream body is bound to the verified size
-(``expected_size``) rather than to whatever length the upstream announces.
+(``expected_sizes``) rather than to whatever length the upstream announces.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ OFFLINE_ALLOWED_ENTRIES = 65536
 RESTORE_WAIT = 30.0
 # Blob sizes remembered from served manifests (least recently used first out).
 BLOB_SIZE_ENTRIES = 131072
+# Different sizes kept for one blob (served manifests that disagree on it): the first
+# ones; a manifest giving yet another is not believed for it (its length is refused).
+BLOB_SIZES_PER_BLOB = 8
 
 
 class BlobAllowances:
@@ -59,13 +62,26 @@ class BlobAllowances:
         if manifest.config is not None:
             descriptors.append(manifest.config)
         new: list[tuple[Digest, int]] = []
+        ignored = 0
         for descriptor in descriptors:
             key = (repo.registry, repo.repository, descriptor.digest)
             known = self._sizes.get(key, frozenset())
             if descriptor.size not in known:
+                if len(known) >= BLOB_SIZES_PER_BLOB:
+                    ignored += 1
+                    continue
                 self._sizes[key] = known | {descriptor.size}
                 new.append((descriptor.digest, descriptor.size))
             self._sizes.move_to_end(key)
+        if ignored:
+            log.warning(
+                "%s@%s gives %d blobs yet another size beyond the %d kept for each; "
+                "not believed (such a length is refused)",
+                repo,
+                manifest.digest,
+                ignored,
+                BLOB_SIZES_PER_BLOB,
+            )
         while len(self._sizes) > BLOB_SIZE_ENTRIES:
             self._sizes.popitem(last=False)
         if new and self.shared is not None:
@@ -74,13 +90,14 @@ class BlobAllowances:
             except Exception:  # sharing is best effort: siblings then keep today's bound
                 log.exception("could not share the blob sizes of %s@%s", repo, manifest.digest)
 
-    def expected_size(self, route: Route, repository: str, digest: Digest) -> int | None:
-        """The size of blob ``digest`` as the served manifests of the repository give
-        it, or None when not known: without a policy (allow-all) a blob is often
-        fetched without its manifest passing through this node, and two served
-        manifests that disagree on it leave it unknown too (one of them is wrong, and
-        the digest check still decides). None keeps the upstream's length as the
-        bound, as before this check existed."""
+    def expected_sizes(self, route: Route, repository: str, digest: Digest) -> frozenset[int]:
+        """The sizes the served manifests of the repository give blob ``digest``
+        (usually one), or none when not known: without a policy (allow-all) a blob is
+        often fetched without its manifest passing through this node. Two served
+        manifests that disagree on it give both: one of them is wrong and the digest
+        check decides, but a length neither gives is still refused (a disagreement
+        must not lift the bound). None known keeps the upstream's length as the bound,
+        as before this check existed."""
         key = (route.registry, repository, digest)
         sizes = self._sizes.get(key)
         if sizes is None and self.shared is not None:
@@ -91,18 +108,18 @@ class BlobAllowances:
                 sizes = frozenset()
             if sizes:
                 self._sizes[key] = sizes
-        if not sizes or len(sizes) != 1:
-            if sizes:
-                log.warning(
-                    "served manifests of %s/%s give blob %s several sizes %s; not bound",
-                    route.registry,
-                    repository,
-                    digest,
-                    sorted(sizes),
-                )
-            return None
+        if not sizes:
+            return frozenset()
+        if len(sizes) != 1:
+            log.warning(
+                "served manifests of %s/%s give blob %s several sizes %s",
+                route.registry,
+                repository,
+                digest,
+                sorted(sizes),
+            )
         self._sizes.move_to_end(key)
-        return next(iter(sizes))
+        return sizes
 
     def allow_offline(self, repo: RepoKey, manifest: Manifest, verified_at: float) -> None:
         """Allow the blobs of ``manifest``, served from the store while the upstream is

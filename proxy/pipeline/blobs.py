@@ -299,9 +299,9 @@ class BlobPath:
         # it. Not known (allow-all without the manifest passing here): the upstream's
         # length bounds it, as it always did.
         path = f"/v2/{urepo}/blobs/{digest}"
-        expected = self._allowances.expected_size(route, repository, digest)
+        expected = self._allowances.expected_sizes(route, repository, digest)
         response = await route.client.get_blob(
-            path, scope=pull_scope(urepo), expected_size=expected
+            path, scope=pull_scope(urepo), expected_sizes=expected
         )
         if response.status == 404:
             response.close()
@@ -426,7 +426,7 @@ class BlobPath:
         async with response:
             if response.status == 404:
                 raise BlobUnknown(f"blob {digest} not found in {route.registry}/{repository}")
-            expected = self._allowances.expected_size(route, repository, digest)
-            if expected is not None:
+            expected = self._allowances.expected_sizes(route, repository, digest)
+            if expected:
                 response.expect_length(expected, what=f"blob {digest}")
             return response.content_length

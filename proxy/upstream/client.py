@@ -150,18 +150,20 @@ class UpstreamResponse:
         length = self._response.content_length
         return self._expected_length if length is None else length
 
-    def expect_length(self, size: int, *, what: str) -> None:
-        """Bind the body to ``size`` (a verified descriptor's): ``UpstreamError``,
-        naming both sizes, if the upstream announced another length; without a
-        length, ``size`` becomes the body's, so a body that runs past it is cut."""
+    def expect_length(self, sizes: frozenset[int], *, what: str) -> None:
+        """Bind the body to ``sizes`` (verified descriptors'; usually one):
+        ``UpstreamError``, naming the sizes, if the upstream announced another length;
+        without a length, the largest becomes the body's, so a body that runs past
+        it is cut."""
         announced = self._response.content_length
-        if announced is not None and announced != size:
+        if announced is not None and announced not in sizes:
+            says = " or ".join(str(size) for size in sorted(sizes))
             raise UpstreamError(
                 f"the upstream ({self.source}) announced a Content-Length of {announced} "
                 f"bytes for {what}, "
-                f"but the verified manifest's descriptor says {size} bytes"
+                f"but the verified manifest's descriptor says {says} bytes"
             )
-        self._expected_length = size
+        self._expected_length = max(sizes)
 
     async def read_capped(self, limit: int, *, what: str) -> bytes | None:
         """Read the whole body, or None if it exceeds ``limit`` bytes."""
@@ -325,25 +327,26 @@ class UpstreamClient:
         return self.config.url + path
 
     async def get_blob(
-        self, path: str, *, scope: str, expected_size: int | None = None
+        self, path: str, *, scope: str, expected_sizes: frozenset[int] = frozenset()
     ) -> UpstreamResponse:
         """GET a blob by digest (``path``): through the transports first, in order,
         then from the origin (``get``). The caller checks the digest as always and
         calls ``report_broken`` on a mismatch.
 
-        ``expected_size`` is the blob's size in the verified manifest that allows it:
+        ``expected_sizes`` is the blob's size in the verified manifests that allow it
+        (several only when served manifests disagree; a length must be one of them):
         a transport announcing another length is skipped (and marked bad), the origin
         refused (``UpstreamError`` naming both sizes) before any byte goes out, and a
-        body without a length is bound to it. None (not known: no policy, or no
+        body without a length is bound to the largest. None (not known: no policy, or no
         manifest of it passed here) keeps the upstream's word for the length.
         """
 
         async def from_origin() -> UpstreamResponse:
             response = await self.get(path, scope=scope)
             response.bytes_counter = self._origin_bytes
-            if expected_size is not None and response.status == 200:
+            if expected_sizes and response.status == 200:
                 try:
-                    response.expect_length(expected_size, what=f"blob {path.rsplit('/', 1)[-1]}")
+                    response.expect_length(expected_sizes, what=f"blob {path.rsplit('/', 1)[-1]}")
                 except UpstreamError as exc:
                     response.discard()
                     self._metrics_refused.labels(self.name, "origin", "length").inc()
@@ -354,7 +357,7 @@ class UpstreamClient:
         if self.transports is None:
             return await from_origin()
         return await self.transports.open_blob(
-            path, origin=from_origin, expected_size=expected_size
+            path, origin=from_origin, expected_sizes=expected_sizes
         )
 
     async def get(

@@ -337,7 +337,7 @@ class TransportChain:
         path: str,
         *,
         origin: Callable[[], Awaitable[UpstreamResponse]],
-        expected_size: int | None = None,
+        expected_sizes: frozenset[int] = frozenset(),
     ) -> UpstreamResponse:
         """The first usable answer to ``path`` (a blob by digest): from a transport in
         use, in order, else from ``origin`` (which opens it at the upstream itself).
@@ -349,8 +349,8 @@ class TransportChain:
         4. A 200 is returned, tied to the transport: its bytes are counted under its
            name and a digest mismatch reported on it marks it bad. A 200 without a
            Content-Length is not used (``no_length``): nothing would bound its body.
-           Nor is one whose length is not ``expected_size`` (the verified manifest's
-           size for the blob, when known): it is marked bad (``length``).
+           Nor is one whose length is not in ``expected_sizes`` (the verified manifests'
+           sizes for the blob, when known): it is marked bad (``length``).
         5. Hedging: a transport with ``hedgeAfter`` that has not answered by then is
            raced by the next candidate (transport or origin); the first usable answer
            wins and the others are cancelled. Without it, one at a time.
@@ -361,7 +361,7 @@ class TransportChain:
             if transport.bypassed():
                 self._failover(transport, "skipped")
                 continue
-            candidates.append(functools.partial(self._ask, transport, path, expected_size))
+            candidates.append(functools.partial(self._ask, transport, path, expected_sizes))
             owners.append(transport)
         candidates.append(origin)
         owners.append(None)
@@ -418,7 +418,7 @@ class TransportChain:
         raise origin_error
 
     async def _ask(
-        self, transport: Transport, path: str, expected_size: int | None
+        self, transport: Transport, path: str, expected_sizes: frozenset[int]
     ) -> UpstreamResponse | None:
         try:
             response = await transport.open("GET", path)
@@ -455,9 +455,9 @@ class TransportChain:
                 min_rate=transport.config.min_rate,
                 min_rate_window=transport.config.min_rate_window,
             )
-            if expected_size is not None:
+            if expected_sizes:
                 try:
-                    answer.expect_length(expected_size, what=path.rsplit("/", 1)[-1])
+                    answer.expect_length(expected_sizes, what=path.rsplit("/", 1)[-1])
                 except OCIError as exc:
                     answer.discard()
                     log.warning(

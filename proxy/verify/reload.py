@@ -20,6 +20,8 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from proxy.metrics import Metrics
@@ -54,9 +56,13 @@ class PolicyWatcher:
         metrics: Metrics,
         interval: float = 1.0,
         snapshot: str | None = None,
+        on_loaded: Callable[[bytes, float], None] | None = None,
     ) -> None:
         """``snapshot``: what the gate serves instead of the file (a description), when
-        this process started while the file did not load."""
+        this process started while the file did not load. ``on_loaded``: called with
+        the file's bytes and when they were read (``time.monotonic()``) each time a new
+        version of it loads (the node keeps its snapshot of the last good policy)."""
+        self._on_loaded = on_loaded
         self._path = path
         self._gate = gate
         self._metrics = metrics
@@ -87,6 +93,7 @@ class PolicyWatcher:
 
         Blocking I/O: run it in a thread.
         """
+        read_at = time.monotonic()
         fingerprint, raw = self._read()
         if fingerprint == self._seen:
             return None
@@ -110,6 +117,12 @@ class PolicyWatcher:
         self._seen = fingerprint
         self._failure = None
         self._material = policy.material
+        if self._on_loaded is not None:
+            assert raw is not None
+            try:
+                self._on_loaded(raw, read_at)
+            except Exception:  # the policy goes into force all the same
+                log.exception("could not keep a snapshot of policy %s", self._path)
         if self.snapshot is not None:
             log.warning(
                 "policy file %s loads again (revision %s): leaving the snapshot %s",

@@ -41,7 +41,9 @@ class FakeClient:
             return await FakeUpstream(b"", status=404).open()
         return await upstream.open()
 
-    async def get_blob(self, path: str, *, scope: str, expected_size: int | None = None) -> Any:
+    async def get_blob(
+        self, path: str, *, scope: str, expected_sizes: frozenset[int] = frozenset()
+    ) -> Any:
         """No transports: a blob comes from the origin (``get``)."""
         return await self.get(path, scope=scope)
 

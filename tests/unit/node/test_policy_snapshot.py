@@ -226,3 +226,55 @@ def test_a_snapshot_of_a_configmap_mount_survives_the_next_swap(tmp_path: Path) 
         load_policy(path)
     snapshot = load_snapshot(work)
     assert snapshot is not None and snapshot.policy.revision == revision
+
+
+def test_refuses_to_serve_a_looser_snapshot_after_a_tightened_policy_broke_between_polls(
+    tmp_path: Path,
+) -> None:
+    # The policy is tightened (warn -> enforce), a running worker puts it into force,
+    # and the file breaks before the supervisor's next poll saw the tightened one. A
+    # worker that starts now must serve the tightened policy its sibling serves, not
+    # the looser one the supervisor saw last.
+    config_dir, work, role = _worker_config(tmp_path)
+    config = node_config(config_dir, policy=True)
+    assert config.policy is not None
+    tight = config.policy.read_text()
+    loose = tight.replace("    require:", "    mode: warn\n    require:")
+    assert loose != tight
+    config.policy.write_text(loose)
+    keeper = SnapshotKeeper(runtime=work, policy_path=config.policy)
+    loose_revision = keeper.start().revision
+    running = Node.build(config, role)
+    restarted = None
+    try:
+        watcher = running.watcher
+        assert watcher is not None
+        assert running.gate.revision == loose_revision
+        config.policy.write_text(tight)
+        assert watcher.check_once()
+        tight_revision = running.gate.revision
+        assert tight_revision != loose_revision
+        config.policy.write_text("scopes: [\n")
+        keeper.check()  # the supervisor's poll: the file does not load now
+        restarted = Node.build(config, role)
+        assert restarted.watcher is not None and restarted.watcher.snapshot is not None
+        assert restarted.gate.revision == tight_revision
+    finally:
+        for node in (running, restarted):
+            if node is not None and node.shared is not None:
+                node.shared.close()
+
+
+def test_refuses_to_point_the_snapshot_back_to_an_older_read_of_the_file(
+    tmp_path: Path,
+) -> None:
+    # Two processes snapshot the file: the one that read it earlier (a slow supervisor
+    # poll) finishes last, and must not point the snapshot back to what it read.
+    path = _policy_dir(tmp_path)
+    work = runtime(tmp_path)
+    old = path.read_bytes()
+    new = old.replace(b"    require:", b"    mode: warn\n    require:")
+    newer = take_snapshot(work, path, new, read_at=200.0)
+    take_snapshot(work, path, old, read_at=100.0)
+    snapshot = load_snapshot(work)
+    assert snapshot is not None and snapshot.policy.revision == newer.revision

@@ -1,5 +1,5 @@
 """The sizes served manifests give their blobs: what bounds an uncached upstream body
-(``BlobAllowances.expected_size``), per repository, shared by sibling workers."""
+(``BlobAllowances.expected_sizes``), per repository, shared by sibling workers."""
 
 from __future__ import annotations
 
@@ -52,21 +52,22 @@ def allowances(shared: SharedAllowances | None = None) -> BlobAllowances:
 
 def test_a_served_manifest_gives_its_blobs_their_size_in_its_repository_only() -> None:
     here = allowances()
-    assert here.expected_size(route(), REPO.repository, LAYER) is None  # nothing served yet
+    assert here.expected_sizes(route(), REPO.repository, LAYER) == set()  # nothing served yet
     here.record_sizes(REPO, manifest(5))
-    assert here.expected_size(route(), REPO.repository, LAYER) == 5
-    assert here.expected_size(route(), REPO.repository, CONFIG) == 6
-    assert here.expected_size(route(), "other/app", LAYER) is None
-    assert here.expected_size(route("other.example.test"), REPO.repository, LAYER) is None
+    assert here.expected_sizes(route(), REPO.repository, LAYER) == {5}
+    assert here.expected_sizes(route(), REPO.repository, CONFIG) == {6}
+    assert here.expected_sizes(route(), "other/app", LAYER) == set()
+    assert here.expected_sizes(route("other.example.test"), REPO.repository, LAYER) == set()
 
 
-def test_manifests_that_disagree_on_a_size_leave_it_unbound() -> None:
+def test_manifests_that_disagree_on_a_size_bound_it_to_the_sizes_they_give() -> None:
     here = allowances()
     here.record_sizes(REPO, manifest(5))
     here.record_sizes(REPO, manifest(7))
-    # One of them is wrong; the digest check still decides, the length does not.
-    assert here.expected_size(route(), REPO.repository, LAYER) is None
-    assert here.expected_size(route(), REPO.repository, CONFIG) == 6
+    # One of them is wrong; the digest check decides which, but a disagreement does
+    # not lift the bound: a length neither gives is still refused.
+    assert here.expected_sizes(route(), REPO.repository, LAYER) == {5, 7}
+    assert here.expected_sizes(route(), REPO.repository, CONFIG) == {6}
 
 
 def test_a_size_recorded_by_one_worker_bounds_the_body_in_another(tmp_path: Path) -> None:
@@ -77,8 +78,8 @@ def test_a_size_recorded_by_one_worker_bounds_the_body_in_another(tmp_path: Path
     try:
         allowances(first).record_sizes(REPO, manifest(5))
         sibling = allowances(second)
-        assert sibling.expected_size(route(), REPO.repository, LAYER) == 5
-        assert sibling.expected_size(route(), "other/app", LAYER) is None
+        assert sibling.expected_sizes(route(), REPO.repository, LAYER) == {5}
+        assert sibling.expected_sizes(route(), "other/app", LAYER) == set()
     finally:
         first.close()
         second.close()
@@ -99,5 +100,25 @@ def test_shared_sizes_are_bounded(tmp_path: Path) -> None:
             frozenset({4}),
             frozenset({5}),
         ]
+    finally:
+        shared.close()
+
+
+def test_refuses_to_keep_sizes_without_bound_for_one_blob(tmp_path: Path) -> None:
+    # Each allowed manifest naming the blob with yet another size (a manifest can
+    # also name it many times) added one to its set, in memory and in the shared
+    # table: memory without bound, and a union that grew with every size. A few are
+    # kept, the first ones (the verified manifest's size is not pushed out).
+    path = tmp_path / "allowances.db"
+    SharedAllowances.create(path)
+    shared = SharedAllowances(path, covered_fingerprint="covered")
+    try:
+        here = allowances(shared)
+        for size in range(5, 5 + 1000):
+            here.record_sizes(REPO, manifest(size))
+        sizes = here.expected_sizes(route(), REPO.repository, LAYER)
+        assert 5 in sizes
+        assert len(sizes) <= 16
+        assert len(shared.blob_sizes(REPO, LAYER)) <= 16
     finally:
         shared.close()

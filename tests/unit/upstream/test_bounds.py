@@ -117,8 +117,19 @@ def test_min_rate_parses_on_timeouts_upstreams_and_transports(tmp_path: Path) ->
         {"minRateWindow": 0},
         {"minRateWindow": 100000},
         {"minRateWindow": "30s"},
+        {"minRate": "1e400"},
+        {"minRate": "infK"},
     ],
-    ids=["negative", "word", "bool", "zero-window", "window-over-a-day", "window-string"],
+    ids=[
+        "negative",
+        "word",
+        "bool",
+        "zero-window",
+        "window-over-a-day",
+        "window-string",
+        "overflowing-size",
+        "infinite-size",
+    ],
 )
 def test_refuses_unusable_min_rate_settings(tmp_path: Path, entry: dict[str, object]) -> None:
     for doc in (
@@ -568,3 +579,73 @@ async def test_without_a_known_size_the_upstream_length_bounds_the_body(
             assert pulled.status == 200
             assert pulled.cut or Digest.of(pulled.body) != layer
             assert len(pulled.body) < len(LAYER)
+
+
+def disagreeing_manifest(origin: FaultyRegistry, image: Image, tag: str, extra: int) -> None:
+    """A second manifest in the image's repository naming its first layer with
+    ``extra`` bytes more than the first one gives it (a co-tenant, or a scope that
+    serves unsigned manifests, allows it too)."""
+    doc = json.loads(image.manifest)
+    doc["layers"][0]["size"] += extra
+    raw = json.dumps(doc).encode()
+    origin.add_manifest(image.repository, raw, doc["mediaType"], tag=tag)
+
+
+async def pull_manifest(mirror: Mirror, repository: str, tag: str) -> None:
+    response = await mirror.client.get(f"/v2/{repository}/manifests/{tag}")
+    assert response.status == 200
+    await response.read()
+
+
+async def test_refuses_length_no_served_manifest_gives_when_two_manifests_disagree(
+    origin: FaultyRegistry, image: Image, policy_file: Path, cache_dir: Path | None
+) -> None:
+    # Two allowed manifests of the repository give the layer different sizes. That
+    # must not lift the bound: a length neither of them gives is refused as before.
+    layer = image.layers[0]
+    disagreeing_manifest(origin, image, "other", 1)
+    origin.lie[layer] = 64 * 1024
+    async with serve_fake_registry(origin) as origin_url:
+        config = bounded_config(origin_url, policy=policy_file, cache_dir=cache_dir)
+        async with start_mirror(config) as mirror:
+            await pull_manifest(mirror, image.repository, "other")
+            pulled = await pull_blob(mirror, image, layer)
+            assert (pulled.status, pulled.cut) == (502, False)
+            error = json.loads(pulled.body)["errors"][0]
+            assert error["code"] == "UPSTREAM_ERROR"
+            assert str(len(LAYER) + 64 * 1024) in error["message"]
+            assert f"{len(LAYER)} or {len(LAYER) + 1} bytes" in error["message"]
+            assert mirror.pipeline.store.path_of(layer) is None
+            head = await mirror.client.head(f"/v2/{image.repository}/blobs/{layer}")
+            assert head.status == 502
+
+
+async def test_refuses_body_without_a_length_past_every_size_disagreeing_manifests_give(
+    origin: FaultyRegistry, image: Image, policy_file: Path
+) -> None:
+    layer = image.layers[0]
+    disagreeing_manifest(origin, image, "other", 1)
+    origin.overrun[layer] = 64 * 1024
+    async with serve_fake_registry(origin) as origin_url:
+        config = bounded_config(origin_url, policy=policy_file, cache_dir=None)
+        async with start_mirror(config) as mirror:
+            await pull_manifest(mirror, image.repository, "other")
+            pulled = await pull_blob(mirror, image, layer)
+            # Bound to the largest size a served manifest gives it, and cut past it.
+            assert pulled.headers.get("Content-Length") == str(len(LAYER) + 1)
+            assert pulled.cut
+            assert len(pulled.body) <= len(LAYER) + 1
+
+
+async def test_an_honest_length_is_served_when_two_manifests_disagree(
+    origin: FaultyRegistry, image: Image, policy_file: Path
+) -> None:
+    layer = image.layers[0]
+    disagreeing_manifest(origin, image, "other", 4096)
+    async with serve_fake_registry(origin) as origin_url:
+        config = bounded_config(origin_url, policy=policy_file, cache_dir=None)
+        async with start_mirror(config) as mirror:
+            await pull_manifest(mirror, image.repository, "other")
+            pulled = await pull_blob(mirror, image, layer)
+            assert (pulled.status, pulled.cut) == (200, False)
+            assert Digest.of(pulled.body) == layer
