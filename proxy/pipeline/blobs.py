@@ -306,6 +306,14 @@ class BlobPath:
         if response.status == 404:
             response.close()
             raise BlobUnknown(f"blob {digest} not found in {route.registry}/{repository}")
+        if response.content_length is None:
+            # Neither the upstream nor a verified manifest says how long it is: nothing
+            # would bound the body, and the client could not be told where it ends.
+            response.close()
+            raise UpstreamError(
+                f"the upstream sent blob {digest} without a Content-Length, and no "
+                "verified manifest served here gives its size (pull the manifest first)"
+            )
         return response
 
     async def start_fill(self, route: Route, repository: str, digest: Digest) -> Fill | Follow:

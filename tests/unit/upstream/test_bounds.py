@@ -649,3 +649,21 @@ async def test_an_honest_length_is_served_when_two_manifests_disagree(
             pulled = await pull_blob(mirror, image, layer)
             assert (pulled.status, pulled.cut) == (200, False)
             assert Digest.of(pulled.body) == layer
+
+
+async def test_refuses_blob_without_any_length_instead_of_hanging(
+    origin: FaultyRegistry, image: Image, cache_dir: Path | None
+) -> None:
+    """Allow-all, the manifest never passed here, and an honest chunked body: nothing
+    says where the blob ends. It was streamed with no framing the client could use, and
+    the client waited forever; now it is a clear 502 before any byte."""
+    layer = image.layers[0]
+    origin.overrun[layer] = 0  # chunked, exactly the blob
+    async with serve_fake_registry(origin) as origin_url:
+        config = bounded_config(origin_url, policy=None, cache_dir=cache_dir)
+        async with start_mirror(config) as mirror:
+            pulled = await asyncio.wait_for(pull_blob(mirror, image, layer, manifest=False), 20)
+    assert pulled.status == 502
+    error = json.loads(pulled.body)["errors"][0]
+    assert error["code"] == "UPSTREAM_ERROR"
+    assert "without a Content-Length" in error["message"]
