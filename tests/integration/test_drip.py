@@ -68,12 +68,9 @@ def get_json(pullgate: Pullgate, path: str) -> tuple[int, dict[str, Any], int]:
 
 
 @pytest.fixture
-def origin(tmp_path: Path) -> Iterator[Registry]:
-    peer = Registry(tmp_path / "origin").start()
-    try:
-        yield peer
-    finally:
-        peer.stop()
+def origin(registry: Registry) -> Registry:
+    """The origin: the suite's docker-registry (tests/conftest.py)."""
+    return registry
 
 
 @pytest.fixture

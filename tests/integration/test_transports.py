@@ -71,12 +71,9 @@ def http_pull(pullgate: Pullgate, pushed: PushedArtifact, digest: str) -> tuple[
 
 
 @pytest.fixture
-def origin(tmp_path: Path) -> Iterator[Registry]:
-    peer = Registry(tmp_path / "origin").start()
-    try:
-        yield peer
-    finally:
-        peer.stop()
+def origin(registry: Registry) -> Registry:
+    """The origin: the suite's docker-registry (tests/conftest.py)."""
+    return registry
 
 
 @pytest.fixture
