@@ -135,7 +135,9 @@ def test_signer_ignore_paths_and_policy_ignore_paths_reach_the_plan() -> None:
     assert dict(plan.signed) == SIGNED
 
 
-async def test_model_sig_layer_verifies_and_hands_plans_to_the_source(tmp_path: Path) -> None:
+def _sign_model(tmp_path: Path) -> bytes:
+    """``w/a.bin`` and ``config.json`` signed by model_signing with a fresh EC key
+    (public key at ``tmp_path/k.pub``): the ``model.sig`` bundle."""
     import model_signing
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -160,7 +162,11 @@ async def test_model_sig_layer_verifies_and_hands_plans_to_the_source(tmp_path: 
     model_signing.signing.Config().use_elliptic_key_signer(private_key=tmp_path / "k.pem").sign(
         folder, tmp_path / "model.sig"
     )
-    bundle = (tmp_path / "model.sig").read_bytes()
+    return (tmp_path / "model.sig").read_bytes()
+
+
+async def test_model_sig_layer_verifies_and_hands_plans_to_the_source(tmp_path: Path) -> None:
+    bundle = _sign_model(tmp_path)
     registry = cs.MemoryRegistry()
     doc = {
         "schemaVersion": 2,
@@ -360,31 +366,7 @@ def test_refuses_tar_layer_titled_as_a_raw_file() -> None:
 async def test_refuses_real_model_sig_layer_retitled_over_a_swapped_file(tmp_path: Path) -> None:
     """End to end with a real model_signing bundle: the model.sig layer retitled
     config.json must not exempt a swapped config.json from the check."""
-    import model_signing
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    folder = tmp_path / "model"
-    (folder / "w").mkdir(parents=True)
-    (folder / "w" / "a.bin").write_bytes(WEIGHTS)
-    (folder / "config.json").write_bytes(CONFIG)
-    key = ec.generate_private_key(ec.SECP256R1())
-    (tmp_path / "k.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    (tmp_path / "k.pub").write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    model_signing.signing.Config().use_elliptic_key_signer(private_key=tmp_path / "k.pem").sign(
-        folder, tmp_path / "model.sig"
-    )
-    bundle = (tmp_path / "model.sig").read_bytes()
+    bundle = _sign_model(tmp_path)
     evil = b'{"trust_remote_code": true}'
     doc = {
         "schemaVersion": 2,
