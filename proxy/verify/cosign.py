@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from proxy.oci import mediatypes as mt
 from proxy.oci.digest import Digest
 from proxy.oci.errors import OCIError
-from proxy.oci.manifest import MAX_MANIFEST_BYTES, Descriptor, Manifest
+from proxy.oci.manifest import MAX_MANIFEST_BYTES, Descriptor
 from proxy.pipeline.gate import ArtifactSource
 from proxy.verify.base import (
     TRANSIENT_ERRORS,
@@ -309,8 +309,6 @@ class CosignVerifier:
             except SignatureError as exc:
                 failures.append(str(exc))
                 continue
-            if raw is None:
-                continue
             check = partial(
                 verify_bundle,
                 raw,
@@ -341,24 +339,17 @@ class CosignVerifier:
 
     async def _fetch_bundle(
         self, descriptor: Descriptor, subject: Subject, source: ArtifactSource, limits: Limits
-    ) -> bytes | None:
+    ) -> bytes:
         try:
             referrer = await fetch_referrer(source, descriptor, subject, limits)
         except SignatureError as exc:
             raise SignatureError(f"bundle {exc}") from exc
-        layer = _bundle_layer(referrer)
-        if layer is None:
-            raise SignatureError("bundle referrer has no bundle layer")
-        return await fetch_signature_blob(source, layer, limits, what="bundle")
-
-
-def _bundle_layer(referrer: Manifest) -> Descriptor | None:
-    for layer in referrer.layers:
-        if layer.media_type == mt.SIGSTORE_BUNDLE_V03 or layer.media_type.startswith(
-            "application/vnd.dev.sigstore.bundle+json"
-        ):
-            return layer
-    return None
+        for layer in referrer.layers:
+            if layer.media_type == mt.SIGSTORE_BUNDLE_V03 or layer.media_type.startswith(
+                "application/vnd.dev.sigstore.bundle+json"
+            ):
+                return await fetch_signature_blob(source, layer, limits, what="bundle")
+        raise SignatureError("bundle referrer has no bundle layer")
 
 
 # ---- docker-reference matching ------------------------------------------------------
@@ -422,9 +413,6 @@ def cosign_verifier_from_spec(
     tlog = spec.get("tlog", "optional")
     if tlog not in ("required", "optional"):
         raise PolicyError("cosign tlog must be 'required' or 'optional'")
-    reference = spec.get("reference")
-    if reference is not None and reference not in ("exact", "repository"):
-        raise PolicyError("cosign reference must be 'exact' or 'repository'")
     predicate_type = spec.get("predicateType")
     if predicate_type is not None and (not isinstance(predicate_type, str) or not predicate_type):
         raise PolicyError("cosign predicateType must be a non-empty string")
@@ -437,35 +425,27 @@ def cosign_verifier_from_spec(
     if trust.sigstore_trusted_root is not None:
         root = load_trusted_root(trust.sigstore_trusted_root)
 
+    policy_with = partial(
+        CosignPolicy, trust=root, tlog_required=tlog == "required", predicate_type=predicate_type
+    )
     if has_key:
         key_text = spec["key"]
         if not isinstance(key_text, str) or not key_text:
             raise PolicyError("cosign key must be a file path")
-        key = _load_key(base_dir / key_text, key_text)
-        policy = CosignPolicy(
-            key=key,
-            trust=root,
-            tlog_required=tlog == "required",
-            predicate_type=predicate_type,
+        label = f"cosign key {key_text}"
+        policy = policy_with(key=_load_key(base_dir / key_text, key_text))
+    else:
+        keyless = spec["keyless"]
+        if not isinstance(keyless, Mapping) or set(keyless) - {"issuer", "subject"}:
+            raise PolicyError("cosign keyless must be a mapping with 'issuer' and 'subject'")
+        identity = KeylessIdentity(
+            subject=Matcher.parse(keyless.get("subject"), where="cosign keyless subject"),
+            issuer=Matcher.parse(keyless.get("issuer"), where="cosign keyless issuer"),
         )
-        return CosignVerifier(label=f"cosign key {key_text}", policy=policy, reference=reference)
-
-    keyless = spec["keyless"]
-    if not isinstance(keyless, Mapping) or set(keyless) - {"issuer", "subject"}:
-        raise PolicyError("cosign keyless must be a mapping with 'issuer' and 'subject'")
-    identity = KeylessIdentity(
-        subject=Matcher.parse(keyless.get("subject"), where="cosign keyless subject"),
-        issuer=Matcher.parse(keyless.get("issuer"), where="cosign keyless issuer"),
-    )
-    if root is None:
-        raise PolicyError("cosign keyless needs trust.sigstoreTrustedRoot")
-    policy = CosignPolicy(
-        identity=identity,
-        trust=root,
-        tlog_required=tlog == "required",
-        predicate_type=predicate_type,
-        sigstore_verifier=sigstore_verifier_for(root) if root.tlogs else None,
-    )
-    return CosignVerifier(
-        label=f"cosign keyless {identity.describe()}", policy=policy, reference=reference
-    )
+        if root is None:
+            raise PolicyError("cosign keyless needs trust.sigstoreTrustedRoot")
+        label = f"cosign keyless {identity.describe()}"
+        verifier = sigstore_verifier_for(root) if root.tlogs else None
+        policy = policy_with(identity=identity, sigstore_verifier=verifier)
+    # The verifier checks ``reference`` (exact or repository).
+    return CosignVerifier(label=label, policy=policy, reference=spec.get("reference"))

@@ -30,6 +30,7 @@ import datetime as dt
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -142,13 +143,7 @@ def verify_with_key(raw: bytes, key: VerificationKey, *, verifier: Any = None) -
     return _payload(signature, verifier or key_verifier(key))
 
 
-def verify_with_ca(
-    raw: bytes,
-    roots: list[x509.Certificate],
-    *,
-    verifier: Any = None,
-    now: dt.datetime | None = None,
-) -> bytes:
+def verify_with_ca(raw: bytes, roots: list[x509.Certificate], *, verifier: Any = None) -> bytes:
     """The payload of a certificate-signed bundle whose chain reaches ``roots``.
 
     A bundle carries no trusted signing time, so the chain must be valid ``now``.
@@ -163,9 +158,7 @@ def verify_with_ca(
             x509.load_der_x509_certificate(bytes(c.raw_bytes))
             for c in presented.certificates[: MAX_CHAIN + 1]
         ]
-        verify_chain(
-            chain[0], chain[1:], anchors=roots, at=now or dt.datetime.now(dt.UTC), profile=OMS
-        )
+        verify_chain(chain[0], chain[1:], anchors=roots, at=dt.datetime.now(dt.UTC), profile=OMS)
     except ChainError as exc:
         raise SignatureError(
             f"bundle certificate does not chain to the configured CA: {exc}"
@@ -240,14 +233,12 @@ def parse_statement(payload: bytes) -> ModelSignature:
         if descriptor.digest.algorithm != "sha256":
             raise SignatureError("OMS resource is not a sha256 file digest")
         files[descriptor.identifier] = descriptor.digest.digest_hex
+    # model_signing reads ignore_paths into a list of str (str() of each item).
     options = manifest.serialization_type
-    signer_ignore = options.get("ignore_paths") or []
-    if not isinstance(signer_ignore, list) or not all(isinstance(p, str) for p in signer_ignore):
-        raise SignatureError("OMS ignore_paths is not a list of paths")
     return ModelSignature(
         files,
         str(predicate_type),
-        ignore=tuple(p for p in signer_ignore if p),
+        ignore=tuple(p for p in options.get("ignore_paths", ()) if p),
         allow_symlinks=options.get("allow_symlinks") is True,
     )
 
@@ -294,7 +285,6 @@ def layer_plans(
             raise SignatureError(problem)
     layout = model_layout(model)
     raw_files = dict(layout.raw_files)
-    duplicates = list(layout.duplicates)
     nameless = list(layout.unnamed)
     skip = ignore + signature.ignore
     # A layer under an ignore rule is not checked: every name it may be written as must
@@ -309,7 +299,7 @@ def layer_plans(
     tar_skip: tuple[str, ...] = ()
     for layer in layout.signature_layers:
         path = layer_path(layer)
-        if in_artifact is not None and layer == in_artifact:
+        if layer == in_artifact:
             # The verified signature itself: only a model.sig file, never a model file
             # or directory (its path is left out of the tar layers' checks).
             if path is not None and path.rsplit("/", 1)[-1] != MODEL_SIGNATURE_FILE:
@@ -317,53 +307,36 @@ def layer_plans(
                     f"the signature layer is named {path[:120]}, not {MODEL_SIGNATURE_FILE}"
                 )
             tar_skip = (path or MODEL_SIGNATURE_FILE,)
-            continue
         # Any other signature layer is bytes this signature does not cover: a file like
         # any other (signed, or under an ignore rule).
-        if path is None:
+        elif path is None:
             nameless.append(layer)
-        elif path in raw_files:
-            duplicates.append(path)
         else:
             raw_files[path] = layer
-    if in_artifact is not None:
-        taken = layer_path(in_artifact)
-        if taken is not None and (
-            taken in raw_files or any(t.path == taken for t in layout.tar_layers)
-        ):
-            raise SignatureError(f"file {taken[:120]} is in two layers")
     # Every name a layer may be written as (its title, its filepath) is that layer's
     # alone: an unpacker that reads titles must not write one layer over another's file.
+    # This also refuses two layers (raw, tar or signature) at one path.
     claimed: dict[str, int] = {}
     for index, each in enumerate(model.layers):
-        for name in {_clean_title(each), layer_path(each)}:
+        for name in (layer_path(each), _clean_title(each)):
             if name and claimed.setdefault(name, index) != index:
-                duplicates.append(name)
-    if duplicates:
-        raise SignatureError(f"file {duplicates[0][:120]} is in two layers")
+                raise SignatureError(f"file {name[:120]} is in two layers")
     if nameless:
         raise SignatureError(f"layer {nameless[0].digest} names no file (no {TITLE} annotation)")
     signed = {n: d for n, d in signature.files.items() if not ignored(n, skip)}
     if not signed:
         raise SignatureError("the signature lists no file of the model (after the ignore rules)")
-    # 1. raw layers
+    # 1. raw layers (without tar layers, they hold every signed file)
     for path, layer in sorted(raw_files.items()):
         if layer.digest.algorithm != "sha256":
             raise SignatureError(f"layer {path[:80]} is not sha256-addressed")
     raw = {p: layer.digest.hex for p, layer in raw_files.items()}
+    on_raw = {n: d for n, d in signed.items() if n in raw} if layout.tar_layers else signed
+    check_files(ModelSignature(on_raw, signature.predicate_type), raw, skip)
     if not layout.tar_layers:
-        check_files(ModelSignature(signed, signature.predicate_type), raw, skip)
         return {}
-    wanted = {n: d for n, d in raw.items() if not ignored(n, skip)}
-    for path, have in sorted(wanted.items()):
-        if path not in signed:
-            raise SignatureError(f"file {path[:120]} is not covered by the signature")
-        if have != signed[path]:
-            raise SignatureError(
-                f"file {path[:120]} has digest sha256:{have}, signed sha256:{signed[path]}"
-            )
     # 2. tar layers
-    holder: dict[str, str] = dict.fromkeys(wanted, "a raw layer")
+    holder = set(on_raw)
     held: dict[Digest, dict[str, str]] = {}
     unnamed = [t for t in layout.tar_layers if t.path is None]
     if len(unnamed) > 1:
@@ -379,11 +352,11 @@ def layer_plans(
         for name in files:
             if name in holder:
                 raise SignatureError(f"file {name[:120]} is in two layers")
-            holder[name] = str(tar.descriptor.digest)
+            holder.add(name)
         held[tar.descriptor.digest] = files
     for tar in unnamed:
         held[tar.descriptor.digest] = {n: d for n, d in signed.items() if n not in holder}
-        holder.update(dict.fromkeys(held[tar.descriptor.digest], "the tar layer"))
+        holder.update(held[tar.descriptor.digest])
     # A layer holding no signed file is not in the signed file list: refused now, not
     # streamed with an empty plan (unless its whole path is under an ignore rule).
     for tar in layout.tar_layers:
@@ -391,7 +364,7 @@ def layer_plans(
             named = f" ({tar.path[:120]})" if tar.path else ""
             raise SignatureError(f"layer {tar.descriptor.digest}{named} holds no signed file")
     # 3. nothing signed is left out
-    missing = sorted(set(signed) - set(holder))
+    missing = sorted(set(signed) - holder)
     if missing:
         raise SignatureError(f"signed file {missing[0][:120]} is not in the model")
     all_signed = tuple(sorted(signed.items())) if signature.allow_symlinks else ()
@@ -573,24 +546,18 @@ def oms_verifier_from_spec(
     allow_image_config = spec.get("allowImageConfig", False)
     if not isinstance(allow_image_config, bool):
         raise PolicyError("allowImageConfig must be true or false")
-    methods = [k for k in ("key", "certificate", "sigstore") if k in spec]
-    if len(methods) != 1:
+    if sum(k in spec for k in ("key", "certificate", "sigstore")) != 1:
         raise PolicyError("modelSigning needs exactly one of key, certificate or sigstore")
-    method = methods[0]
-    if method == "key":
+    check: Callable[[bytes], bytes]
+    if "key" in spec:
         path = base_dir / str(spec["key"])
         try:
             key = load_public_key_pem(path.read_bytes())
         except (OSError, KeyFormatError) as exc:
             raise PolicyError(f"cannot load key {path}: {exc}") from exc
-        prebuilt_key = key_verifier(key)
-        return OMSVerifier(
-            label=f"modelSigning key {spec['key']}",
-            check=lambda raw: verify_with_key(raw, key, verifier=prebuilt_key),
-            ignore=tuple(ignore),
-            allow_image_config=allow_image_config,
-        )
-    if method == "certificate":
+        label = f"key {spec['key']}"
+        check = partial(verify_with_key, key=key, verifier=key_verifier(key))
+    elif "certificate" in spec:
         ca = spec["certificate"].get("caFile") if isinstance(spec["certificate"], dict) else None
         if not isinstance(ca, str):
             raise PolicyError("certificate needs caFile")
@@ -600,29 +567,27 @@ def oms_verifier_from_spec(
             raise PolicyError(f"cannot load CA file {ca}: {exc}") from exc
         if not roots:
             raise PolicyError(f"CA file {ca} holds no certificates")
-        prebuilt_ca = certificate_verifier(roots)
-        return OMSVerifier(
-            label=f"modelSigning certificate caFile {ca}",
-            check=lambda raw: verify_with_ca(raw, roots, verifier=prebuilt_ca),
-            ignore=tuple(ignore),
-            allow_image_config=allow_image_config,
-        )
-    options = spec["sigstore"]
-    if not isinstance(options, dict) or not {"issuer", "subject"} <= set(options):
-        raise PolicyError("sigstore needs issuer and subject")
-    if trust.sigstore_trusted_root is None:
-        raise PolicyError("sigstore model signing needs trust.sigstoreTrustedRoot")
-    from proxy.verify.bundle import sigstore_verifier_for
-    from proxy.verify.sigstore_trust import KeylessIdentity, Matcher, load_trusted_root
+        label = f"certificate caFile {ca}"
+        check = partial(verify_with_ca, roots=roots, verifier=certificate_verifier(roots))
+    else:
+        options = spec["sigstore"]
+        if not isinstance(options, dict) or not {"issuer", "subject"} <= set(options):
+            raise PolicyError("sigstore needs issuer and subject")
+        if trust.sigstore_trusted_root is None:
+            raise PolicyError("sigstore model signing needs trust.sigstoreTrustedRoot")
+        from proxy.verify.bundle import sigstore_verifier_for
+        from proxy.verify.sigstore_trust import KeylessIdentity, Matcher, load_trusted_root
 
-    identity = KeylessIdentity(
-        subject=Matcher.parse(options["subject"], where="modelSigning.sigstore.subject"),
-        issuer=Matcher.parse(options["issuer"], where="modelSigning.sigstore.issuer"),
-    )
-    verifier = sigstore_verifier_for(load_trusted_root(trust.sigstore_trusted_root))
+        identity = KeylessIdentity(
+            subject=Matcher.parse(options["subject"], where="modelSigning.sigstore.subject"),
+            issuer=Matcher.parse(options["issuer"], where="modelSigning.sigstore.issuer"),
+        )
+        verifier = sigstore_verifier_for(load_trusted_root(trust.sigstore_trusted_root))
+        label = f"sigstore {identity.describe()}"
+        check = partial(verify_with_sigstore, verifier=verifier, identity=identity)
     return OMSVerifier(
-        label=f"modelSigning sigstore {identity.describe()}",
-        check=lambda raw: verify_with_sigstore(raw, verifier, identity),
+        label=f"modelSigning {label}",
+        check=check,
         ignore=tuple(ignore),
         allow_image_config=allow_image_config,
     )
