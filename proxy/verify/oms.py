@@ -209,10 +209,7 @@ def parse_statement(payload: bytes) -> ModelSignature:
         serialization = predicate.get("serialization") or {}  # type: ignore[union-attr]
         if not isinstance(serialization, dict):
             raise SignatureError("OMS serialization is not an object")
-        statement["predicate"] = {
-            **predicate,  # type: ignore[dict-item]
-            "serialization": {**_SERIALIZATION_DEFAULTS, **serialization},
-        }
+        predicate["serialization"] = {**_SERIALIZATION_DEFAULTS, **serialization}  # type: ignore[index]
     elif len(statement.get("subject") or []) > MAX_RESOURCES:
         raise SignatureError("OMS statement lists too many files")
     try:
@@ -279,23 +276,28 @@ def layer_plans(
        one tar layer without that annotation holds the files no other layer holds.
     3. Every signed file (minus the ignore rules) is held by exactly one layer.
     """
-    for layer in model.layers:
-        problem = unsafe_layer_name(layer)
+    skip = ignore + signature.ignore
+    # Every name a layer may be written as (its title, its filepath) is that layer's
+    # alone: an unpacker that reads titles must not write one layer over another's file.
+    # So no two layers (raw, tar or signature) share a path either. A layer under an
+    # ignore rule is not checked: each of its names must be under one too.
+    claimed: dict[str, int] = {}
+    for index, each in enumerate(model.layers):
+        problem = unsafe_layer_name(each)
         if problem is not None:
             raise SignatureError(problem)
-    layout = model_layout(model)
-    raw_files = dict(layout.raw_files)
-    nameless = list(layout.unnamed)
-    skip = ignore + signature.ignore
-    # A layer under an ignore rule is not checked: every name it may be written as must
-    # be under one too (a title-based unpacker writes it at its title).
-    for each in model.layers:
         path, title = layer_path(each), _clean_title(each)
         if path and title and ignored(path, skip) and not ignored(title, skip):
             raise SignatureError(
                 f"layer {each.digest} at {path[:120]} is under an ignore rule, but titled "
                 f"{title[:120]}, which is not"
             )
+        for name in (path, title):
+            if name and claimed.setdefault(name, index) != index:
+                raise SignatureError(f"file {name[:120]} is in two layers")
+    layout = model_layout(model)
+    raw_files = dict(layout.raw_files)
+    nameless = list(layout.unnamed)
     tar_skip: tuple[str, ...] = ()
     for layer in layout.signature_layers:
         path = layer_path(layer)
@@ -313,14 +315,6 @@ def layer_plans(
             nameless.append(layer)
         else:
             raw_files[path] = layer
-    # Every name a layer may be written as (its title, its filepath) is that layer's
-    # alone: an unpacker that reads titles must not write one layer over another's file.
-    # This also refuses two layers (raw, tar or signature) at one path.
-    claimed: dict[str, int] = {}
-    for index, each in enumerate(model.layers):
-        for name in (layer_path(each), _clean_title(each)):
-            if name and claimed.setdefault(name, index) != index:
-                raise SignatureError(f"file {name[:120]} is in two layers")
     if nameless:
         raise SignatureError(f"layer {nameless[0].digest} names no file (no {TITLE} annotation)")
     signed = {n: d for n, d in signature.files.items() if not ignored(n, skip)}
@@ -512,23 +506,18 @@ class OMSVerifier:
         except SignatureError as exc:
             return str(exc)
 
-        def check() -> str | dict[Digest, LayerPlan]:
-            try:
-                signature = parse_statement(self._check(raw))
-                return layer_plans(
-                    signature,
-                    model,
-                    self._ignore,
-                    source=self._label,
-                    in_artifact=None if referred else layer,
-                )
-            except SignatureError as exc:
-                return str(exc)
+        def check() -> dict[Digest, LayerPlan]:
+            signature = parse_statement(self._check(raw))
+            in_artifact = None if referred else layer
+            return layer_plans(
+                signature, model, self._ignore, source=self._label, in_artifact=in_artifact
+            )
 
-        outcome = await asyncio.to_thread(check)
-        if isinstance(outcome, str):
-            return outcome if referred else f"{where}: {outcome}"
-        for digest, plan in outcome.items():
+        try:
+            plans = await asyncio.to_thread(check)
+        except SignatureError as exc:
+            return str(exc) if referred else f"{where}: {exc}"
+        for digest, plan in plans.items():
             source.expect_layer_files(digest, plan)
         return None
 
