@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,6 +49,7 @@ from proxy.verify.base import (
     Verifier,
     fetch_referrer,
     fetch_signature_blob,
+    json_object,
     list_referrers,
 )
 from proxy.verify.bundle import CosignPolicy, sigstore_verifier_for, verify_bundle
@@ -224,8 +224,7 @@ class CosignVerifier:
                     raise SignatureError("signature has no certificate")
                 certificate = load_certificates_pem(cert_pem.encode(), max_count=1)[0]
                 chain_pem = annotations.get(ANN_CHAIN)
-                if chain_pem:
-                    intermediates = load_certificates_pem(chain_pem.encode())
+                intermediates = load_certificates_pem(chain_pem.encode()) if chain_pem else []
                 key = certificate_key(certificate)
         except KeyFormatError as exc:
             raise SignatureError(str(exc)) from exc
@@ -258,11 +257,7 @@ class CosignVerifier:
         self._check_payload(signature.payload, subject)
 
     def _check_payload(self, payload: bytes, subject: Subject) -> None:
-        try:
-            doc = json.loads(payload)
-        except (ValueError, RecursionError) as exc:
-            raise SignatureError("payload is not valid JSON") from exc
-        critical = doc.get("critical") if isinstance(doc, dict) else None
+        critical = json_object(payload, "payload").get("critical")
         if not isinstance(critical, dict):
             raise SignatureError("payload has no critical section")
         kind = critical.get("type")

@@ -41,7 +41,7 @@ from model_signing._signing import sign_certificate, sign_ec_key, sign_sigstore_
 from proxy.oci.digest import Digest
 from proxy.oci.errors import OCIError
 from proxy.oci.manifest import Descriptor, Manifest
-from proxy.oci.mediatypes import MODEL_SIGNATURE_FILE
+from proxy.oci.mediatypes import MODEL_SIGNATURE_FILE, SIGSTORE_BUNDLE_V03, TITLE
 from proxy.oci.model import (
     config_content_refusal,
     config_is_empty,
@@ -69,11 +69,9 @@ from proxy.verify.base import (
 from proxy.verify.chains import MAX_CHAIN, OMS, ChainError, verify_chain
 from proxy.verify.keys import KeyFormatError, VerificationKey, load_public_key_pem
 
-BUNDLE_ARTIFACT_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 IN_TOTO = "application/vnd.in-toto+json"
 PREDICATE_V1 = "https://model_signing/signature/v1.0"
 PREDICATE_V01 = "https://model_signing/Digests/v0.1"
-TITLE = "org.opencontainers.image.title"
 MAX_RESOURCES = 100_000
 MAX_CONFIG_BYTES = 1024 * 1024
 
@@ -420,7 +418,7 @@ class OMSVerifier:
                 return CheckResult(True, f"modelSigning {layer_path(layer)} layer verified")
             reasons.append(reason)
         try:
-            descriptors = await list_referrers(source, subject, BUNDLE_ARTIFACT_TYPE)
+            descriptors = await list_referrers(source, subject, SIGSTORE_BUNDLE_V03)
         except SignatureError as exc:
             reasons.append(f"cannot fetch signatures: {exc}")
             return CheckResult(False, "modelSigning: " + "; ".join(reasons)[:600])
@@ -428,11 +426,18 @@ class OMSVerifier:
             return CheckResult(False, "modelSigning: no model signatures found")
         for descriptor in descriptors[: limits.max_signatures]:
             try:
-                reason = await self._referrer(subject, source, limits, model, descriptor)
+                referrer = await fetch_referrer(source, descriptor, subject, limits)
+                if len(referrer.layers) != 1:
+                    reason = "a bundle manifest must have exactly one layer"
+                else:
+                    layer = referrer.layers[0]
+                    reason = await self._bundle(source, limits, model, layer, referred=True)
             except TRANSIENT_ERRORS:
                 raise
             except OCIError as exc:
                 reason = exc.message
+            except SignatureError as exc:
+                reason = f"signature manifest {descriptor.digest}: {exc}"
             if reason is None:
                 return CheckResult(True, f"modelSigning bundle {descriptor.digest} verified")
             reasons.append(reason)
@@ -472,22 +477,6 @@ class OMSVerifier:
         except OCIError as exc:
             return f"cannot fetch the config: {exc.message}"
         return config_content_refusal(config.media_type, content)
-
-    async def _referrer(
-        self,
-        subject: Subject,
-        source: ArtifactSource,
-        limits: Limits,
-        model: Manifest,
-        descriptor: Descriptor,
-    ) -> str | None:
-        try:
-            referrer = await fetch_referrer(source, descriptor, subject, limits)
-        except SignatureError as exc:
-            return f"signature manifest {descriptor.digest}: {exc}"
-        if len(referrer.layers) != 1:
-            return "a bundle manifest must have exactly one layer"
-        return await self._bundle(source, limits, model, referrer.layers[0], referred=True)
 
     async def _bundle(
         self,
