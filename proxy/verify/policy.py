@@ -220,21 +220,17 @@ class _Composite:
         limits: Limits,
         observe: LeafObserver | None = None,
     ) -> CheckResult:
-        passed = []
-        failed = []
+        reasons = []
         for child in self.children:
             result = await child.evaluate(subject, source, limits, observe)
             if result.ok and not self.every:
                 return result
-            if result.ok:
-                passed.append(result.reason)
-                continue
-            failed.append(_failure(child, result))
-            if self.every:
-                break
-        if failed:
-            return CheckResult(False, f"{self.keyword} failed: " + " | ".join(failed))
-        return CheckResult(True, "; ".join(passed))
+            if not result.ok and self.every:
+                return CheckResult(False, f"allOf failed: {_failure(child, result)}")
+            reasons.append(result.reason if result.ok else _failure(child, result))
+        if self.every:
+            return CheckResult(True, "; ".join(reasons))
+        return CheckResult(False, "anyOf failed: " + " | ".join(reasons))
 
 
 @dataclass(frozen=True, slots=True)
@@ -790,10 +786,9 @@ def _verifier(
         factory = getattr(importlib.import_module(module_name), factory_name)
     except (ImportError, AttributeError) as exc:
         raise PolicyError(f"{key} verification is not available in this build: {exc}") from exc
+    extra = {"trust": trust} if wants_trust else {}
     try:
-        if wants_trust:
-            return cast(Verifier, factory(spec, base_dir=base_dir, trust=trust))
-        return cast(Verifier, factory(spec, base_dir=base_dir))
+        return cast(Verifier, factory(spec, base_dir=base_dir, **extra))
     except PolicyError:
         raise
     except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -891,11 +886,7 @@ class _Material:
     def add(self, path: Path, where: str) -> None:
         """Add a file, or every file under a directory; a missing path adds nothing."""
         self._paths[path] = None
-        try:
-            is_dir = path.is_dir()
-        except OSError:
-            is_dir = False
-        if not is_dir:
+        if not os.path.isdir(path):  # False for whatever cannot be stat'ed, too
             self._add_file(path, where)
             return
         for directory, dirnames, filenames in os.walk(path, followlinks=True):
