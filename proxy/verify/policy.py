@@ -505,14 +505,14 @@ def parse_policy(raw: bytes, *, base_dir: Path, source: str = "<policy>") -> Pol
     where = source
     if doc is None:
         raise PolicyError(f"{where}: the policy is empty (write at least 'default: deny')")
-    doc = _mapping(doc, where)
-    _known(doc, {"default", "trust", "limits", "verdictCache", "scopes"}, where)
+    doc = _mapping(doc, where, {"default", "trust", "limits", "verdictCache", "scopes"})
     default = cast(Default, _choice(doc.get("default", "deny"), f"{where}: default", DEFAULTS))
     material = _Material(base_dir)
     trust = _trust(doc.get("trust") or {}, base_dir, material, f"{where}: trust")
     limits = _limits(doc.get("limits") or {}, f"{where}: limits")
-    cache = _mapping(doc.get("verdictCache") or {}, f"{where}: verdictCache")
-    _known(cache, {"positiveTTL", "negativeTTL"}, f"{where}: verdictCache")
+    cache = _mapping(
+        doc.get("verdictCache") or {}, f"{where}: verdictCache", {"positiveTTL", "negativeTTL"}
+    )
     positive_ttl = _seconds(cache.get("positiveTTL", 300), f"{where}: verdictCache.positiveTTL")
     negative_ttl = _seconds(cache.get("negativeTTL", 30), f"{where}: verdictCache.negativeTTL")
     raw_scopes = doc.get("scopes") or []
@@ -532,7 +532,7 @@ def parse_policy(raw: bytes, *, base_dir: Path, source: str = "<policy>") -> Pol
         negative_ttl=negative_ttl,
         revision=revision,
         source=source,
-        material=material.paths(),
+        material=tuple(material.paths),
         trust_digest=trust_digest,
     )
 
@@ -545,8 +545,11 @@ SIGNATURE_KEYS = ("anyOf", "allOf", "cosign", "notation", "modelSigning")
 REQUIREMENT_KEYS = (*SIGNATURE_KEYS, "referrers", "attestation")
 
 
-def _strings(value: Any, where: str, what: str, form: str = ".*") -> frozenset[str] | None:
-    """None, or a non-empty list of strings matching the regex ``form``, as a set."""
+def _strings(
+    doc: Mapping[str, Any], key: str, where: str, what: str, form: str = ".*"
+) -> frozenset[str] | None:
+    """``doc[key]``: absent, or a non-empty list of strings matching the regex ``form``."""
+    value = doc.get(key)
     if value is None:
         return None
     if (
@@ -554,7 +557,7 @@ def _strings(value: Any, where: str, what: str, form: str = ".*") -> frozenset[s
         or not value
         or not all(isinstance(v, str) and re.fullmatch(form, v, re.DOTALL) for v in value)
     ):
-        raise PolicyError(f"{where} must be a non-empty list of {what}")
+        raise PolicyError(f"{where}.{key} must be a non-empty list of {what}")
     return frozenset(value)
 
 
@@ -573,9 +576,9 @@ class _Loader:
     nothing but DSSE statements of this predicate type."""
 
     def scope(self, item: Any, order: int, where: str) -> Scope:
-        item = _mapping(item, where)
-        _known(
+        item = _mapping(
             item,
+            where,
             {
                 "match",
                 "artifactTypes",
@@ -586,22 +589,15 @@ class _Loader:
                 "namespaces",
                 "podLabels",
             },
-            where,
         )
         match = item.get("match")
         if not isinstance(match, str) or not match or len(match) > MAX_MATCH_LENGTH:
             raise PolicyError(f"{where}.match must be a non-empty glob like 'registry/repo/**'")
         match = normalise_match(match)
         mode = cast(Mode, _choice(item.get("mode", "enforce"), f"{where}.mode", MODES))
-        artifact_types = _strings(
-            item.get("artifactTypes"), f"{where}.artifactTypes", "media types"
-        )
-        layer_media_types = _strings(
-            item.get("layerMediaTypes"), f"{where}.layerMediaTypes", "media types"
-        )
-        namespaces = _strings(
-            item.get("namespaces"), f"{where}.namespaces", "namespace names", _NAMESPACE
-        )
+        artifact_types = _strings(item, "artifactTypes", where, "media types")
+        layer_media_types = _strings(item, "layerMediaTypes", where, "media types")
+        namespaces = _strings(item, "namespaces", where, "namespace names", _NAMESPACE)
         labels_doc = item.get("podLabels")
         pod_labels: tuple[tuple[str, str], ...] | None = None
         if labels_doc is not None:
@@ -716,8 +712,7 @@ class _Loader:
             raise PolicyError(f"{where} is empty: an empty list is a configuration error")
         required: list[Requirement] = []
         for i, item in enumerate(value):
-            entry = _mapping(item, f"{where}[{i}]")
-            _known(entry, {"artifactType", "signedBy"}, f"{where}[{i}]")
+            entry = _mapping(item, f"{where}[{i}]", {"artifactType", "signedBy"})
             artifact_type = entry.get("artifactType")
             if not isinstance(artifact_type, str) or not _MEDIA_TYPE_RE.fullmatch(artifact_type):
                 raise PolicyError(
@@ -729,8 +724,7 @@ class _Loader:
 
     def attestation(self, value: Any, where: str) -> Requirement:
         """``attestation: {predicateType, signedBy}``: a cosign attestation of that type."""
-        doc = _mapping(value, where)
-        _known(doc, {"predicateType", "signedBy"}, where)
+        doc = _mapping(value, where, {"predicateType", "signedBy"})
         predicate_type = doc.get("predicateType")
         if not isinstance(predicate_type, str) or not predicate_type.strip():
             raise PolicyError(f"{where}.predicateType must be a URI like https://spdx.dev/Document")
@@ -797,8 +791,7 @@ def _verifier(
 
 
 def _trust(doc: Any, base_dir: Path, material: _Material, where: str) -> TrustConfig:
-    doc = _mapping(doc, where)
-    _known(doc, {"sigstoreTrustedRoot"}, where)
+    doc = _mapping(doc, where, {"sigstoreTrustedRoot"})
     root = doc.get("sigstoreTrustedRoot")
     if root is None:
         return TrustConfig()
@@ -812,13 +805,12 @@ def _trust(doc: Any, base_dir: Path, material: _Material, where: str) -> TrustCo
 
 
 def _limits(doc: Any, where: str) -> Limits:
-    doc = _mapping(doc, where)
     integers = {
         "maxSignatures": "max_signatures",
         "maxSignatureManifestBytes": "max_signature_manifest_bytes",
         "maxBundleBytes": "max_bundle_bytes",
     }
-    _known(doc, {*integers, "deadlineSeconds"}, where)
+    doc = _mapping(doc, where, {*integers, "deadlineSeconds"})
     values: dict[str, Any] = {}
     for key, attribute in integers.items():
         if key in doc:
@@ -846,16 +838,13 @@ def _seconds(value: Any, where: str) -> float:
     return float(value)
 
 
-def _mapping(value: Any, where: str) -> dict[str, Any]:
+def _mapping(value: Any, where: str, known: set[str] | None = None) -> dict[str, Any]:
+    """``value`` as a mapping; given ``known``, one with no other keys."""
     if not isinstance(value, dict):
         raise PolicyError(f"{where} must be a mapping, not {type(value).__name__}")
-    return value
-
-
-def _known(doc: Mapping[str, Any], known: set[str], where: str) -> None:
-    unknown = set(map(str, doc)) - known
-    if unknown:
+    if known is not None and (unknown := set(map(str, value)) - known):
         raise PolicyError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    return value
 
 
 class _Material:
@@ -869,7 +858,7 @@ class _Material:
 
     def __init__(self, base_dir: Path) -> None:
         self._base_dir = base_dir
-        self._paths: dict[Path, None] = {}
+        self.paths: dict[Path, None] = {}  # every path named or walked, in order
         self._files: dict[str, tuple[Path, str]] = {}
         self._dirs: set[tuple[int, int]] = set()
         self._bytes = 0
@@ -885,7 +874,7 @@ class _Material:
 
     def add(self, path: Path, where: str) -> None:
         """Add a file, or every file under a directory; a missing path adds nothing."""
-        self._paths[path] = None
+        self.paths[path] = None
         if not os.path.isdir(path):  # False for whatever cannot be stat'ed, too
             self._add_file(path, where)
             return
@@ -902,7 +891,7 @@ class _Material:
             if len(self._dirs) > MAX_MATERIAL_FILES:
                 raise PolicyError(f"{where}: names more than {MAX_MATERIAL_FILES} directories")
             dirnames.sort()
-            self._paths[Path(directory)] = None
+            self.paths[Path(directory)] = None
             for name in sorted(filenames):
                 self._add_file(Path(directory) / name, where)
 
@@ -922,7 +911,7 @@ class _Material:
         if self._bytes > MAX_MATERIAL_BYTES:
             raise PolicyError(f"{where}: trust material exceeds {MAX_MATERIAL_BYTES} bytes")
         self._files[key] = (path, _file_sha256(path))
-        self._paths[path] = None
+        self.paths[path] = None
 
     def digests(self, raw: bytes) -> tuple[str, str]:
         """(trust digest, revision): sha256 over each trust file's name and content hash,
@@ -938,9 +927,6 @@ class _Material:
             lines.append(f"\0{key}\0{content}".encode())
         trust = b"".join(lines)
         return hashlib.sha256(trust).hexdigest(), hashlib.sha256(raw + trust).hexdigest()
-
-    def paths(self) -> tuple[Path, ...]:
-        return tuple(self._paths)
 
 
 def _file_sha256(path: Path) -> str:
