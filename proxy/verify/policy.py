@@ -1,36 +1,12 @@
 """The node's signature policy: scopes, modes and requirements, loaded from YAML.
 
-Format (paths are relative to the policy file)::
-
-    default: deny                 # deny | warn | allow, for references no scope matches
-    trust:
-      sigstoreTrustedRoot: trust/trusted_root.json
-    limits: {maxSignatures: 32, maxSignatureManifestBytes: 262144,
-             maxBundleBytes: 1048576, deadlineSeconds: 10}
-    verdictCache: {positiveTTL: 300, negativeTTL: 30}   # seconds; 0 = do not cache
-    scopes:
-      - match: "registry.example.test/models/**"     # glob over registry/repository
-        artifactTypes: ["application/vnd.cncf.model.manifest.v1+json"]   # optional
-        layerMediaTypes: ["application/vnd.cncf.model.weight.v1.tar+gzip"]  # optional
-        mode: enforce                                 # enforce | warn | allow
-        indexes: coverChildren                        # or eachChild
-        namespaces: [ml-dev]          # optional: only CRI pulls for pods in these namespaces
-        podLabels: {team: research}   # optional: ... and for pods with all these labels
-        require:
-          anyOf:                                      # or allOf; nest freely
-            - cosign: {key: keys/release.pub}
-            - notation: {trustPolicy: notation/trustpolicy.json, trustStore: notation/truststore}
-            - modelSigning: {key: keys/model.pub}
-      - match: "registry.example.test/sbom-required/**"
-        require:
-          allOf:
-            - cosign: {key: keys/release.pub}
-            - referrers:                              # each entry must be present and signed
-                - artifactType: application/spdx+json
-                  signedBy: {cosign: {key: keys/sbom.pub}}   # any signature requirement
-            - attestation:                            # a cosign DSSE attestation
-                predicateType: https://spdx.dev/Document
-                signedBy: {cosign: {key: keys/release.pub}}  # cosign requirements only
+The format, with an example, is README.md's "Signature policy"; paths in the file are
+relative to it. Its keys: ``default`` (deny | warn | allow, for references no scope
+matches), ``trust``, ``limits``, ``verdictCache`` (TTLs in seconds; 0: do not cache) and
+``scopes``, each with a ``match`` glob, optional ``artifactTypes``, ``layerMediaTypes``,
+``namespaces`` and ``podLabels``, a ``mode`` (enforce | warn | allow), ``indexes``
+(coverChildren | eachChild) and ``require``: ``anyOf``/``allOf`` nested freely over
+``cosign``, ``notation``, ``modelSigning``, ``referrers`` and ``attestation``.
 
 ``referrers`` entries are found with the OCI referrers API (or its ``sha256-<hex>`` tag
 fallback) by ``artifactType``; a referrer counts only if it names the manifest as its
@@ -373,8 +349,6 @@ class Scope:
             artifact.layer_types
         ):
             return False
-        if self.for_pods and pod is None:
-            return False
         if self.namespaces is not None and (pod is None or pod.namespace not in self.namespaces):
             return False
         if self.pod_labels is not None and (pod is None or not pod.has_labels(self.pod_labels)):
@@ -598,18 +572,13 @@ class _Loader:
         artifact_types = _strings(item, "artifactTypes", where, "media types")
         layer_media_types = _strings(item, "layerMediaTypes", where, "media types")
         namespaces = _strings(item, "namespaces", where, "namespace names", _NAMESPACE)
-        labels_doc = item.get("podLabels")
-        pod_labels: tuple[tuple[str, str], ...] | None = None
-        if labels_doc is not None:
-            if (
-                not isinstance(labels_doc, dict)
-                or not labels_doc
-                or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels_doc.items())
-            ):
-                raise PolicyError(
-                    f"{where}.podLabels must be a non-empty mapping of label to value"
-                )
-            pod_labels = tuple(sorted(labels_doc.items()))
+        labels = item.get("podLabels")
+        if labels is not None and not (
+            isinstance(labels, dict)
+            and labels
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+        ):
+            raise PolicyError(f"{where}.podLabels must be a non-empty mapping of label to value")
         indexes = _choice(
             item.get("indexes", "coverChildren"), f"{where}.indexes", ("coverChildren", "eachChild")
         )
@@ -634,7 +603,7 @@ class _Loader:
             cover_children=indexes == "coverChildren",
             order=order,
             namespaces=namespaces,
-            pod_labels=pod_labels,
+            pod_labels=None if labels is None else tuple(sorted(labels.items())),
             _regex=glob_to_regex(match),
             fingerprint=hashlib.sha256(canonical.encode()).hexdigest(),
         )
