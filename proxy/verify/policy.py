@@ -1,36 +1,12 @@
 """The node's signature policy: scopes, modes and requirements, loaded from YAML.
 
-Format (paths are relative to the policy file)::
-
-    default: deny                 # deny | warn | allow, for references no scope matches
-    trust:
-      sigstoreTrustedRoot: trust/trusted_root.json
-    limits: {maxSignatures: 32, maxSignatureManifestBytes: 262144,
-             maxBundleBytes: 1048576, deadlineSeconds: 10}
-    verdictCache: {positiveTTL: 300, negativeTTL: 30}   # seconds; 0 = do not cache
-    scopes:
-      - match: "registry.example.test/models/**"     # glob over registry/repository
-        artifactTypes: ["application/vnd.cncf.model.manifest.v1+json"]   # optional
-        layerMediaTypes: ["application/vnd.cncf.model.weight.v1.tar+gzip"]  # optional
-        mode: enforce                                 # enforce | warn | allow
-        indexes: coverChildren                        # or eachChild
-        namespaces: [ml-dev]          # optional: only CRI pulls for pods in these namespaces
-        podLabels: {team: research}   # optional: ... and for pods with all these labels
-        require:
-          anyOf:                                      # or allOf; nest freely
-            - cosign: {key: keys/release.pub}
-            - notation: {trustPolicy: notation/trustpolicy.json, trustStore: notation/truststore}
-            - modelSigning: {key: keys/model.pub}
-      - match: "registry.example.test/sbom-required/**"
-        require:
-          allOf:
-            - cosign: {key: keys/release.pub}
-            - referrers:                              # each entry must be present and signed
-                - artifactType: application/spdx+json
-                  signedBy: {cosign: {key: keys/sbom.pub}}   # any signature requirement
-            - attestation:                            # a cosign DSSE attestation
-                predicateType: https://spdx.dev/Document
-                signedBy: {cosign: {key: keys/release.pub}}  # cosign requirements only
+The format, with an example, is README.md's "Signature policy"; paths in the file are
+relative to it. Its keys: ``default`` (deny | warn | allow, for references no scope
+matches), ``trust``, ``limits``, ``verdictCache`` (TTLs in seconds; 0: do not cache) and
+``scopes``, each with a ``match`` glob, optional ``artifactTypes``, ``layerMediaTypes``,
+``namespaces`` and ``podLabels``, a ``mode`` (enforce | warn | allow), ``indexes``
+(coverChildren | eachChild) and ``require``: ``anyOf``/``allOf`` nested freely over
+``cosign``, ``notation``, ``modelSigning``, ``referrers`` and ``attestation``.
 
 ``referrers`` entries are found with the OCI referrers API (or its ``sha256-<hex>`` tag
 fallback) by ``artifactType``; a referrer counts only if it names the manifest as its
@@ -72,7 +48,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, cast
 
@@ -158,31 +134,28 @@ class Leaf:
         limits: Limits,
         observe: LeafObserver | None = None,
     ) -> CheckResult:
-        result = await self._verify(subject, source, limits)
-        if observe is not None:
-            observe(self, result)
-        return result
-
-    async def _verify(
-        self, subject: Subject, source: ArtifactSource, limits: Limits
-    ) -> CheckResult:
         # Verifiers report failures as CheckResult; anything they raise anyway is still
         # a refusal of this leaf (with the reason), except an unreachable registry.
         try:
-            return await self.verifier.verify(subject, source, limits)
+            result = await self.verifier.verify(subject, source, limits)
         except SignatureError as exc:
-            return CheckResult(False, str(exc) or "signature does not verify")
+            result = CheckResult(False, str(exc) or "signature does not verify")
         except TRANSIENT_ERRORS:
             raise
         except OCIError as exc:
-            return CheckResult(False, exc.message)
+            result = CheckResult(False, exc.message)
         except PolicyError as exc:
-            return CheckResult(False, f"trust material error: {exc}")
+            result = CheckResult(False, f"trust material error: {exc}")
         except Exception as exc:
             log.exception(
                 "verifier %s failed on %s@%s", self.describe(), subject.name, subject.digest
             )
-            return CheckResult(False, f"verifier error ({type(exc).__name__}); see pullgate's log")
+            result = CheckResult(
+                False, f"verifier error ({type(exc).__name__}); see pullgate's log"
+            )
+        if observe is not None:
+            observe(self, result)
+        return result
 
 
 LeafObserver = Callable[[Leaf, CheckResult], None]
@@ -200,6 +173,9 @@ class _Composite:
     children: tuple[Requirement, ...]
     keyword: ClassVar[str]
     empty: ClassVar[str]
+    every: ClassVar[bool]
+    """allOf: every child must pass (evaluation stops at the first failure); anyOf: the
+    first child that passes wins, and if none does every child's reason is kept."""
 
     def __post_init__(self) -> None:
         # Fail closed however it is built: an empty list is never a requirement.
@@ -213,14 +189,6 @@ class _Composite:
     def needs_referrers(self) -> bool:
         return any(child.needs_referrers for child in self.children)
 
-
-@dataclass(frozen=True, slots=True)
-class AllOf(_Composite):
-    """Every child must pass; evaluation stops at the first failure."""
-
-    keyword = "allOf"
-    empty = "an empty allOf would allow"
-
     async def evaluate(
         self,
         subject: Subject,
@@ -228,36 +196,31 @@ class AllOf(_Composite):
         limits: Limits,
         observe: LeafObserver | None = None,
     ) -> CheckResult:
-        passed = []
+        reasons = []
         for child in self.children:
             result = await child.evaluate(subject, source, limits, observe)
-            if not result.ok:
+            if result.ok and not self.every:
+                return result
+            if not result.ok and self.every:
                 return CheckResult(False, f"allOf failed: {_failure(child, result)}")
-            passed.append(result.reason)
-        return CheckResult(True, "; ".join(passed))
+            reasons.append(result.reason if result.ok else _failure(child, result))
+        if self.every:
+            return CheckResult(True, "; ".join(reasons))
+        return CheckResult(False, "anyOf failed: " + " | ".join(reasons))
+
+
+@dataclass(frozen=True, slots=True)
+class AllOf(_Composite):
+    keyword = "allOf"
+    empty = "an empty allOf would allow"
+    every = True
 
 
 @dataclass(frozen=True, slots=True)
 class AnyOf(_Composite):
-    """The first child that passes wins; if none does, every child's reason is kept."""
-
     keyword = "anyOf"
     empty = "an empty list is an error"
-
-    async def evaluate(
-        self,
-        subject: Subject,
-        source: ArtifactSource,
-        limits: Limits,
-        observe: LeafObserver | None = None,
-    ) -> CheckResult:
-        failures = []
-        for child in self.children:
-            result = await child.evaluate(subject, source, limits, observe)
-            if result.ok:
-                return result
-            failures.append(_failure(child, result))
-        return CheckResult(False, "anyOf failed: " + " | ".join(failures))
+    every = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,15 +260,11 @@ class RequiredReferrer:
                 )
             except TRANSIENT_ERRORS:
                 raise
-            except OCIError as exc:
-                failures.append(f"{where}: {exc.message}")
-                continue
-            except SignatureError as exc:
+            except (OCIError, SignatureError) as exc:  # an OCIError's str is its message
                 failures.append(f"{where}: {exc}")
                 continue
-            referrer_subject = Subject(
-                registry=subject.registry,
-                repository=subject.repository,
+            referrer_subject = replace(
+                subject,
                 digest=referrer.digest,
                 media_type=referrer.media_type,
                 size=len(referrer.raw),
@@ -380,9 +339,8 @@ class Scope:
     def specificity(self) -> tuple[int, int, int, int]:
         """Sort key: naming namespaces, then more literal characters, then fewer
         wildcards, then earlier in file."""
-        literal = len(self.match) - sum(self.match.count(c) for c in "*?")
         wildcards = self.match.count("*") + self.match.count("?")
-        return (self.for_pods, literal, -wildcards, -self.order)
+        return (self.for_pods, len(self.match) - wildcards, -wildcards, -self.order)
 
     def applies(self, name: str, artifact: ArtifactKind, pod: Pod | None = None) -> bool:
         if self.artifact_types is not None and artifact.artifact_type not in self.artifact_types:
@@ -390,8 +348,6 @@ class Scope:
         if self.layer_media_types is not None and self.layer_media_types.isdisjoint(
             artifact.layer_types
         ):
-            return False
-        if self.for_pods and pod is None:
             return False
         if self.namespaces is not None and (pod is None or pod.namespace not in self.namespaces):
             return False
@@ -437,13 +393,9 @@ class Policy:
         name = policy_name(repo.registry, repo.repository)
         if not isinstance(artifact, ArtifactKind):
             artifact = ArtifactKind(artifact)
-        best: Scope | None = None
-        for scope in self.scopes:
-            if scope.applies(name, artifact, pod) and (
-                best is None or scope.specificity > best.specificity
-            ):
-                best = scope
-        return best
+        applicable = [scope for scope in self.scopes if scope.applies(name, artifact, pod)]
+        # max() keeps the first of equals, as file order wants.
+        return max(applicable, key=lambda scope: scope.specificity, default=None)
 
 
 def policy_name(registry: str, repository: str) -> str:
@@ -454,23 +406,13 @@ def policy_name(registry: str, repository: str) -> str:
     return f"{registry}/{upstream_repository(registry, repository)}"
 
 
+_GLOB_TOKENS = {"**": ".*", "*": "[^/]*", "?": "[^/]"}
+
+
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
-    out = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out))
+    # Split into wildcards ("**" before "*") and the literal text between them.
+    parts = re.split(r"(\*\*|\*|\?)", pattern)
+    return re.compile("".join(_GLOB_TOKENS.get(part, re.escape(part)) for part in parts))
 
 
 def normalise_match(pattern: str) -> str:
@@ -537,21 +479,22 @@ def parse_policy(raw: bytes, *, base_dir: Path, source: str = "<policy>") -> Pol
     where = source
     if doc is None:
         raise PolicyError(f"{where}: the policy is empty (write at least 'default: deny')")
-    doc = _mapping(doc, where)
-    _known(doc, {"default", "trust", "limits", "verdictCache", "scopes"}, where)
+    doc = _mapping(doc, where, {"default", "trust", "limits", "verdictCache", "scopes"})
     default = cast(Default, _choice(doc.get("default", "deny"), f"{where}: default", DEFAULTS))
     material = _Material(base_dir)
     trust = _trust(doc.get("trust") or {}, base_dir, material, f"{where}: trust")
     limits = _limits(doc.get("limits") or {}, f"{where}: limits")
-    cache = _mapping(doc.get("verdictCache") or {}, f"{where}: verdictCache")
-    _known(cache, {"positiveTTL", "negativeTTL"}, f"{where}: verdictCache")
+    cache = _mapping(
+        doc.get("verdictCache") or {}, f"{where}: verdictCache", {"positiveTTL", "negativeTTL"}
+    )
     positive_ttl = _seconds(cache.get("positiveTTL", 300), f"{where}: verdictCache.positiveTTL")
     negative_ttl = _seconds(cache.get("negativeTTL", 30), f"{where}: verdictCache.negativeTTL")
     raw_scopes = doc.get("scopes") or []
     if not isinstance(raw_scopes, list):
         raise PolicyError(f"{where}: scopes must be a list")
+    loader = _Loader(base_dir, trust, material)
     scopes = tuple(
-        _scope(item, order, base_dir, trust, material, f"{where}: scopes[{order}]")
+        loader.scope(item, order, f"{where}: scopes[{order}]")
         for order, item in enumerate(raw_scopes)
     )
     trust_digest, revision = material.digests(raw)
@@ -563,92 +506,198 @@ def parse_policy(raw: bytes, *, base_dir: Path, source: str = "<policy>") -> Pol
         negative_ttl=negative_ttl,
         revision=revision,
         source=source,
-        material=material.paths(),
+        material=tuple(material.paths),
         trust_digest=trust_digest,
     )
 
 
-def _media_types(types: Any, where: str) -> frozenset[str] | None:
-    if types is None:
+# A Kubernetes namespace name (a DNS label).
+_NAMESPACE = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_MEDIA_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+_MEDIA_TYPE_RE = re.compile(f"{_MEDIA_NAME}/{_MEDIA_NAME}")  # RFC 6838 type/subtype
+SIGNATURE_KEYS = ("anyOf", "allOf", "cosign", "notation", "modelSigning")
+REQUIREMENT_KEYS = (*SIGNATURE_KEYS, "referrers", "attestation")
+
+
+def _strings(
+    doc: Mapping[str, Any], key: str, where: str, what: str, form: str = ".*"
+) -> frozenset[str] | None:
+    """``doc[key]``: absent, or a non-empty list of strings matching the regex ``form``."""
+    value = doc.get(key)
+    if value is None:
         return None
-    if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
-        raise PolicyError(f"{where} must be a non-empty list of media types")
-    return frozenset(types)
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, str) and re.fullmatch(form, v, re.DOTALL) for v in value)
+    ):
+        raise PolicyError(f"{where}.{key} must be a non-empty list of {what}")
+    return frozenset(value)
 
 
-def _scope(
-    item: Any, order: int, base_dir: Path, trust: TrustConfig, material: _Material, where: str
-) -> Scope:
-    item = _mapping(item, where)
-    _known(
-        item,
-        {
-            "match",
-            "artifactTypes",
-            "layerMediaTypes",
-            "mode",
-            "require",
-            "indexes",
-            "namespaces",
-            "podLabels",
-        },
-        where,
-    )
-    match = item.get("match")
-    if not isinstance(match, str) or not match or len(match) > MAX_MATCH_LENGTH:
-        raise PolicyError(f"{where}.match must be a non-empty glob like 'registry/repo/**'")
-    match = normalise_match(match)
-    mode = cast(Mode, _choice(item.get("mode", "enforce"), f"{where}.mode", MODES))
-    artifact_types = _media_types(item.get("artifactTypes"), f"{where}.artifactTypes")
-    layer_media_types = _media_types(item.get("layerMediaTypes"), f"{where}.layerMediaTypes")
-    names = item.get("namespaces")
-    namespaces: frozenset[str] | None = None
-    if names is not None:
-        if not isinstance(names, list) or not names or not all(_is_namespace(n) for n in names):
-            raise PolicyError(f"{where}.namespaces must be a non-empty list of namespace names")
-        namespaces = frozenset(names)
-    labels_doc = item.get("podLabels")
-    pod_labels: tuple[tuple[str, str], ...] | None = None
-    if labels_doc is not None:
-        if (
-            not isinstance(labels_doc, dict)
-            or not labels_doc
-            or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels_doc.items())
+@dataclass(frozen=True, slots=True)
+class _Loader:
+    """Loads a policy's scopes and requirements: paths resolve against ``base_dir`` and
+    every trust file a requirement names is added to ``material``."""
+
+    base_dir: Path
+    trust: TrustConfig
+    material: _Material
+    signatures_only: bool = False
+    """Under a ``signedBy``: only signature requirements are allowed."""
+    predicate_type: str | None = None
+    """Under an attestation's ``signedBy``: only cosign is allowed, which then accepts
+    nothing but DSSE statements of this predicate type."""
+
+    def scope(self, item: Any, order: int, where: str) -> Scope:
+        item = _mapping(
+            item,
+            where,
+            {
+                "match",
+                "artifactTypes",
+                "layerMediaTypes",
+                "mode",
+                "require",
+                "indexes",
+                "namespaces",
+                "podLabels",
+            },
+        )
+        match = item.get("match")
+        if not isinstance(match, str) or not match or len(match) > MAX_MATCH_LENGTH:
+            raise PolicyError(f"{where}.match must be a non-empty glob like 'registry/repo/**'")
+        match = normalise_match(match)
+        mode = cast(Mode, _choice(item.get("mode", "enforce"), f"{where}.mode", MODES))
+        artifact_types = _strings(item, "artifactTypes", where, "media types")
+        layer_media_types = _strings(item, "layerMediaTypes", where, "media types")
+        namespaces = _strings(item, "namespaces", where, "namespace names", _NAMESPACE)
+        labels = item.get("podLabels")
+        if labels is not None and not (
+            isinstance(labels, dict)
+            and labels
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
         ):
             raise PolicyError(f"{where}.podLabels must be a non-empty mapping of label to value")
-        pod_labels = tuple(sorted(labels_doc.items()))
-    indexes = _choice(
-        item.get("indexes", "coverChildren"), f"{where}.indexes", ("coverChildren", "eachChild")
-    )
-    require_doc = item.get("require")
-    if require_doc is None and mode != "allow":
-        raise PolicyError(f"{where}.require is missing (only mode: allow may omit it)")
-    require = (
-        _requirement(require_doc, base_dir, trust, material, f"{where}.require")
-        if require_doc is not None
-        else None
-    )
-    if require is not None and _config_unsigned(require, guarded=False):
-        raise PolicyError(
-            f"{where}.require: modelSigning with allowImageConfig must be in an allOf with "
-            "cosign or notation (a signature of the manifest, which covers its config; a "
-            "Notation trust policy with a statement at level audit or skip does not count)"
+        indexes = _choice(
+            item.get("indexes", "coverChildren"), f"{where}.indexes", ("coverChildren", "eachChild")
         )
-    # mode allow is logged loudly by the gate when the policy goes into force, and on use.
-    canonical = json.dumps(item, sort_keys=True, default=str, separators=(",", ":"))
-    return Scope(
-        match=match,
-        mode=mode,
-        require=require,
-        artifact_types=artifact_types,
-        layer_media_types=layer_media_types,
-        cover_children=indexes == "coverChildren",
-        order=order,
-        namespaces=namespaces,
-        pod_labels=pod_labels,
-        _regex=glob_to_regex(match),
-        fingerprint=hashlib.sha256(canonical.encode()).hexdigest(),
-    )
+        require_doc = item.get("require")
+        if require_doc is None and mode != "allow":
+            raise PolicyError(f"{where}.require is missing (only mode: allow may omit it)")
+        require = None if require_doc is None else self.requirement(require_doc, f"{where}.require")
+        if require is not None and _config_unsigned(require, guarded=False):
+            raise PolicyError(
+                f"{where}.require: modelSigning with allowImageConfig must be in an allOf with "
+                "cosign or notation (a signature of the manifest, which covers its config; a "
+                "Notation trust policy with a statement at level audit or skip does not count)"
+            )
+        # mode allow is logged loudly by the gate when the policy goes into force, and on use.
+        canonical = json.dumps(item, sort_keys=True, default=str, separators=(",", ":"))
+        return Scope(
+            match=match,
+            mode=mode,
+            require=require,
+            artifact_types=artifact_types,
+            layer_media_types=layer_media_types,
+            cover_children=indexes == "coverChildren",
+            order=order,
+            namespaces=namespaces,
+            pod_labels=None if labels is None else tuple(sorted(labels.items())),
+            _regex=glob_to_regex(match),
+            fingerprint=hashlib.sha256(canonical.encode()).hexdigest(),
+        )
+
+    def requirement(self, doc: Any, where: str) -> Requirement:
+        """One requirement node (``signatures_only`` and ``predicate_type`` restrict it)."""
+        doc = _mapping(doc, where)
+        known = SIGNATURE_KEYS if self.signatures_only else REQUIREMENT_KEYS
+        if len(doc) != 1:
+            raise PolicyError(
+                f"{where} must have exactly one key ({', '.join(known)}), "
+                f"not {sorted(map(str, doc))}"
+            )
+        ((key, value),) = doc.items()
+        if key in ("anyOf", "allOf"):
+            if not isinstance(value, list):
+                raise PolicyError(f"{where}.{key} must be a list")
+            if not value:
+                raise PolicyError(f"{where}.{key} is empty: an empty list is a configuration error")
+            children = tuple(
+                self.requirement(child, f"{where}.{key}[{i}]") for i, child in enumerate(value)
+            )
+            return AnyOf(children) if key == "anyOf" else AllOf(children)
+        if self.signatures_only and key in ("referrers", "attestation"):
+            raise PolicyError(
+                f"{where}: {key} cannot be nested in signedBy (it names who signs the referrer: "
+                f"one of {', '.join(SIGNATURE_KEYS)})"
+            )
+        if self.signatures_only and key == "modelSigning":
+            raise PolicyError(
+                f"{where}: modelSigning cannot sign a required referrer: it signs files, not "
+                "the referrer's manifest, so it does not bind the referrer to its subject (use "
+                "cosign or notation)"
+            )
+        if key == "referrers":
+            return self.referrers(value, f"{where}.referrers")
+        if key == "attestation":
+            return self.attestation(value, f"{where}.attestation")
+        spec = _mapping(value, f"{where}.{key}")
+        if self.predicate_type is not None:
+            if key != "cosign":
+                raise PolicyError(
+                    f"{where}: an attestation's signedBy takes cosign requirements only "
+                    f"(cosign attestations are DSSE bundles), not {str(key)[:64]!r}"
+                )
+            if spec.get("predicateType", self.predicate_type) != self.predicate_type:
+                raise PolicyError(
+                    f"{where}.cosign.predicateType differs from the attestation's predicateType"
+                )
+            spec = {**spec, "predicateType": self.predicate_type}
+        # Hashed before the verifier reads them (and checked again when the policy is done).
+        self.material.add_fields(str(key), spec, f"{where}.{key}")
+        try:
+            verifier = _verifier(key, spec, self.base_dir, self.trust, where)
+        except PolicyError as exc:
+            raise PolicyError(f"{where}.{key}: {exc}") from exc
+        return Leaf(verifier, needs_referrers=key == "cosign" and "predicateType" in spec)
+
+    def signed_by(
+        self, doc: Mapping[str, Any], where: str, predicate_type: str | None = None
+    ) -> Requirement:
+        if doc.get("signedBy") is None:
+            raise PolicyError(
+                f"{where}.signedBy is missing: an unsigned referrer proves nothing (anyone who "
+                "can push to the repository can attach one)"
+            )
+        signer = replace(self, signatures_only=True, predicate_type=predicate_type)
+        return signer.requirement(doc["signedBy"], f"{where}.signedBy")
+
+    def referrers(self, value: Any, where: str) -> Requirement:
+        """``referrers: [{artifactType, signedBy}, ...]``: every entry is required."""
+        if not isinstance(value, list):
+            raise PolicyError(f"{where} must be a list of {{artifactType, signedBy}}")
+        if not value:
+            raise PolicyError(f"{where} is empty: an empty list is a configuration error")
+        required: list[Requirement] = []
+        for i, item in enumerate(value):
+            entry = _mapping(item, f"{where}[{i}]", {"artifactType", "signedBy"})
+            artifact_type = entry.get("artifactType")
+            if not isinstance(artifact_type, str) or not _MEDIA_TYPE_RE.fullmatch(artifact_type):
+                raise PolicyError(
+                    f"{where}[{i}].artifactType must be a media type like application/spdx+json, "
+                    f"not {str(artifact_type)[:80]!r}"
+                )
+            required.append(RequiredReferrer(artifact_type, self.signed_by(entry, f"{where}[{i}]")))
+        return required[0] if len(required) == 1 else AllOf(tuple(required))
+
+    def attestation(self, value: Any, where: str) -> Requirement:
+        """``attestation: {predicateType, signedBy}``: a cosign attestation of that type."""
+        doc = _mapping(value, where, {"predicateType", "signedBy"})
+        predicate_type = doc.get("predicateType")
+        if not isinstance(predicate_type, str) or not predicate_type.strip():
+            raise PolicyError(f"{where}.predicateType must be a URI like https://spdx.dev/Document")
+        return RequiredAttestation(predicate_type, self.signed_by(doc, where, predicate_type))
 
 
 def _signs_manifest(req: Requirement) -> bool:
@@ -662,7 +711,7 @@ def _signs_manifest(req: Requirement) -> bool:
     if not isinstance(req, _Composite):
         return False  # required referrers and attestations: signatures of other manifests
     signs = [_signs_manifest(c) for c in req.children]
-    return any(signs) if isinstance(req, AllOf) else all(signs)
+    return any(signs) if req.every else all(signs)
 
 
 def _config_unsigned(req: Requirement, *, guarded: bool) -> bool:
@@ -676,162 +725,10 @@ def _config_unsigned(req: Requirement, *, guarded: bool) -> bool:
         _config_unsigned(
             child,
             guarded=guarded
-            or (
-                isinstance(req, AllOf)
-                and any(_signs_manifest(o) for o in req.children if o is not child)
-            ),
+            or (req.every and any(_signs_manifest(o) for o in req.children if o is not child)),
         )
         for child in req.children
     )
-
-
-_NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-
-
-def _is_namespace(name: object) -> bool:
-    """A Kubernetes namespace name (a DNS label)."""
-    return isinstance(name, str) and _NAMESPACE_RE.fullmatch(name) is not None
-
-
-SIGNATURE_KEYS = ("anyOf", "allOf", "cosign", "notation", "modelSigning")
-REQUIREMENT_KEYS = (*SIGNATURE_KEYS, "referrers", "attestation")
-_MEDIA_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
-_MEDIA_TYPE_RE = re.compile(f"{_MEDIA_NAME}/{_MEDIA_NAME}")  # RFC 6838 type/subtype
-
-
-def _requirement(
-    doc: Any,
-    base_dir: Path,
-    trust: TrustConfig,
-    material: _Material,
-    where: str,
-    *,
-    signatures_only: bool = False,
-    predicate_type: str | None = None,
-) -> Requirement:
-    """One requirement node. Under a ``signedBy`` (``signatures_only``) only signature
-    requirements are allowed; under an attestation's (``predicate_type``) only cosign,
-    which then accepts nothing but DSSE statements of that predicate type."""
-    doc = _mapping(doc, where)
-    known = SIGNATURE_KEYS if signatures_only else REQUIREMENT_KEYS
-    if len(doc) != 1:
-        raise PolicyError(
-            f"{where} must have exactly one key ({', '.join(known)}), not {sorted(map(str, doc))}"
-        )
-    ((key, value),) = doc.items()
-    if key in ("anyOf", "allOf"):
-        if not isinstance(value, list):
-            raise PolicyError(f"{where}.{key} must be a list")
-        if not value:
-            raise PolicyError(f"{where}.{key} is empty: an empty list is a configuration error")
-        children = tuple(
-            _requirement(
-                child,
-                base_dir,
-                trust,
-                material,
-                f"{where}.{key}[{i}]",
-                signatures_only=signatures_only,
-                predicate_type=predicate_type,
-            )
-            for i, child in enumerate(value)
-        )
-        return AnyOf(children) if key == "anyOf" else AllOf(children)
-    if signatures_only and key in ("referrers", "attestation"):
-        raise PolicyError(
-            f"{where}: {key} cannot be nested in signedBy (it names who signs the referrer: "
-            f"one of {', '.join(SIGNATURE_KEYS)})"
-        )
-    if signatures_only and key == "modelSigning":
-        raise PolicyError(
-            f"{where}: modelSigning cannot sign a required referrer: it signs files, not "
-            "the referrer's manifest, so it does not bind the referrer to its subject (use "
-            "cosign or notation)"
-        )
-    if key == "referrers":
-        return _referrers(value, base_dir, trust, material, f"{where}.referrers")
-    if key == "attestation":
-        return _attestation(value, base_dir, trust, material, f"{where}.attestation")
-    spec = _mapping(value, f"{where}.{key}")
-    if predicate_type is not None:
-        if key != "cosign":
-            raise PolicyError(
-                f"{where}: an attestation's signedBy takes cosign requirements only "
-                f"(cosign attestations are DSSE bundles), not {str(key)[:64]!r}"
-            )
-        if spec.get("predicateType", predicate_type) != predicate_type:
-            raise PolicyError(
-                f"{where}.cosign.predicateType differs from the attestation's predicateType"
-            )
-        spec = {**spec, "predicateType": predicate_type}
-    # Hashed before the verifier reads them (and checked again when the policy is done).
-    material.add_fields(str(key), spec, f"{where}.{key}")
-    try:
-        verifier = _verifier(key, spec, base_dir, trust, where)
-    except PolicyError as exc:
-        raise PolicyError(f"{where}.{key}: {exc}") from exc
-    return Leaf(verifier, needs_referrers=key == "cosign" and "predicateType" in spec)
-
-
-def _signed_by(
-    doc: Mapping[str, Any],
-    base_dir: Path,
-    trust: TrustConfig,
-    material: _Material,
-    where: str,
-    *,
-    predicate_type: str | None = None,
-) -> Requirement:
-    if doc.get("signedBy") is None:
-        raise PolicyError(
-            f"{where}.signedBy is missing: an unsigned referrer proves nothing (anyone who "
-            "can push to the repository can attach one)"
-        )
-    return _requirement(
-        doc["signedBy"],
-        base_dir,
-        trust,
-        material,
-        f"{where}.signedBy",
-        signatures_only=True,
-        predicate_type=predicate_type,
-    )
-
-
-def _referrers(
-    value: Any, base_dir: Path, trust: TrustConfig, material: _Material, where: str
-) -> Requirement:
-    """``referrers: [{artifactType, signedBy}, ...]``: every entry is required."""
-    if not isinstance(value, list):
-        raise PolicyError(f"{where} must be a list of {{artifactType, signedBy}}")
-    if not value:
-        raise PolicyError(f"{where} is empty: an empty list is a configuration error")
-    required: list[Requirement] = []
-    for i, item in enumerate(value):
-        entry = _mapping(item, f"{where}[{i}]")
-        _known(entry, {"artifactType", "signedBy"}, f"{where}[{i}]")
-        artifact_type = entry.get("artifactType")
-        if not isinstance(artifact_type, str) or not _MEDIA_TYPE_RE.fullmatch(artifact_type):
-            raise PolicyError(
-                f"{where}[{i}].artifactType must be a media type like application/spdx+json, "
-                f"not {str(artifact_type)[:80]!r}"
-            )
-        signed_by = _signed_by(entry, base_dir, trust, material, f"{where}[{i}]")
-        required.append(RequiredReferrer(artifact_type, signed_by))
-    return required[0] if len(required) == 1 else AllOf(tuple(required))
-
-
-def _attestation(
-    value: Any, base_dir: Path, trust: TrustConfig, material: _Material, where: str
-) -> Requirement:
-    """``attestation: {predicateType, signedBy}``: a cosign attestation of that type."""
-    doc = _mapping(value, where)
-    _known(doc, {"predicateType", "signedBy"}, where)
-    predicate_type = doc.get("predicateType")
-    if not isinstance(predicate_type, str) or not predicate_type.strip():
-        raise PolicyError(f"{where}.predicateType must be a URI like https://spdx.dev/Document")
-    signed_by = _signed_by(doc, base_dir, trust, material, where, predicate_type=predicate_type)
-    return RequiredAttestation(predicate_type, signed_by)
 
 
 def _verifier(
@@ -852,10 +749,9 @@ def _verifier(
         factory = getattr(importlib.import_module(module_name), factory_name)
     except (ImportError, AttributeError) as exc:
         raise PolicyError(f"{key} verification is not available in this build: {exc}") from exc
+    extra = {"trust": trust} if wants_trust else {}
     try:
-        if wants_trust:
-            return cast(Verifier, factory(spec, base_dir=base_dir, trust=trust))
-        return cast(Verifier, factory(spec, base_dir=base_dir))
+        return cast(Verifier, factory(spec, base_dir=base_dir, **extra))
     except PolicyError:
         raise
     except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -864,8 +760,7 @@ def _verifier(
 
 
 def _trust(doc: Any, base_dir: Path, material: _Material, where: str) -> TrustConfig:
-    doc = _mapping(doc, where)
-    _known(doc, {"sigstoreTrustedRoot"}, where)
+    doc = _mapping(doc, where, {"sigstoreTrustedRoot"})
     root = doc.get("sigstoreTrustedRoot")
     if root is None:
         return TrustConfig()
@@ -879,13 +774,12 @@ def _trust(doc: Any, base_dir: Path, material: _Material, where: str) -> TrustCo
 
 
 def _limits(doc: Any, where: str) -> Limits:
-    doc = _mapping(doc, where)
     integers = {
         "maxSignatures": "max_signatures",
         "maxSignatureManifestBytes": "max_signature_manifest_bytes",
         "maxBundleBytes": "max_bundle_bytes",
     }
-    _known(doc, {*integers, "deadlineSeconds"}, where)
+    doc = _mapping(doc, where, {*integers, "deadlineSeconds"})
     values: dict[str, Any] = {}
     for key, attribute in integers.items():
         if key in doc:
@@ -913,16 +807,13 @@ def _seconds(value: Any, where: str) -> float:
     return float(value)
 
 
-def _mapping(value: Any, where: str) -> dict[str, Any]:
+def _mapping(value: Any, where: str, known: set[str] | None = None) -> dict[str, Any]:
+    """``value`` as a mapping; given ``known``, one with no other keys."""
     if not isinstance(value, dict):
         raise PolicyError(f"{where} must be a mapping, not {type(value).__name__}")
-    return value
-
-
-def _known(doc: Mapping[str, Any], known: set[str], where: str) -> None:
-    unknown = set(map(str, doc)) - known
-    if unknown:
+    if known is not None and (unknown := set(map(str, value)) - known):
         raise PolicyError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    return value
 
 
 class _Material:
@@ -936,7 +827,7 @@ class _Material:
 
     def __init__(self, base_dir: Path) -> None:
         self._base_dir = base_dir
-        self._paths: dict[Path, None] = {}
+        self.paths: dict[Path, None] = {}  # every path named or walked, in order
         self._files: dict[str, tuple[Path, str]] = {}
         self._dirs: set[tuple[int, int]] = set()
         self._bytes = 0
@@ -952,12 +843,8 @@ class _Material:
 
     def add(self, path: Path, where: str) -> None:
         """Add a file, or every file under a directory; a missing path adds nothing."""
-        self._paths[path] = None
-        try:
-            is_dir = path.is_dir()
-        except OSError:
-            is_dir = False
-        if not is_dir:
+        self.paths[path] = None
+        if not os.path.isdir(path):  # False for whatever cannot be stat'ed, too
             self._add_file(path, where)
             return
         for directory, dirnames, filenames in os.walk(path, followlinks=True):
@@ -973,7 +860,7 @@ class _Material:
             if len(self._dirs) > MAX_MATERIAL_FILES:
                 raise PolicyError(f"{where}: names more than {MAX_MATERIAL_FILES} directories")
             dirnames.sort()
-            self._paths[Path(directory)] = None
+            self.paths[Path(directory)] = None
             for name in sorted(filenames):
                 self._add_file(Path(directory) / name, where)
 
@@ -993,7 +880,7 @@ class _Material:
         if self._bytes > MAX_MATERIAL_BYTES:
             raise PolicyError(f"{where}: trust material exceeds {MAX_MATERIAL_BYTES} bytes")
         self._files[key] = (path, _file_sha256(path))
-        self._paths[path] = None
+        self.paths[path] = None
 
     def digests(self, raw: bytes) -> tuple[str, str]:
         """(trust digest, revision): sha256 over each trust file's name and content hash,
@@ -1009,9 +896,6 @@ class _Material:
             lines.append(f"\0{key}\0{content}".encode())
         trust = b"".join(lines)
         return hashlib.sha256(trust).hexdigest(), hashlib.sha256(raw + trust).hexdigest()
-
-    def paths(self) -> tuple[Path, ...]:
-        return tuple(self._paths)
 
 
 def _file_sha256(path: Path) -> str:

@@ -89,7 +89,7 @@ class PolicyWatcher:
         return (stamps, content), raw
 
     def load_if_changed(self) -> Policy | None:
-        """The new policy if the file or its trust files changed and it loads; else None.
+        """The policy if the file or its trust files changed and it loads; else None.
 
         Blocking I/O: run it in a thread.
         """
@@ -118,7 +118,6 @@ class PolicyWatcher:
         self._failure = None
         self._material = policy.material
         if self._on_loaded is not None:
-            assert raw is not None
             try:
                 self._on_loaded(raw, read_at)
             except Exception:  # the policy goes into force all the same
@@ -132,9 +131,7 @@ class PolicyWatcher:
             )
             self.snapshot = None
             self._metrics.policy_snapshot_in_use.set(0)
-        if policy.revision == self._gate.revision:
-            return None
-        return policy
+        return policy  # apply() swaps it in only if its revision is not in force already
 
     def apply(self, policy: Policy) -> bool:
         """Swap ``policy`` into the gate (on the event loop); True if it is new."""

@@ -59,6 +59,3 @@ class VerdictCache(Generic[V]):
 
     def clear(self) -> None:
         self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)

@@ -459,6 +459,25 @@ def test_double_star_spans_segments_and_does_not_leak_to_other_registries() -> N
     )
 
 
+@pytest.mark.parametrize(
+    ("pattern", "name", "matches"),
+    [
+        ("r.test/a?c", "r.test/abc", True),
+        ("r.test/a?c", "r.test/a/c", False),  # ? stays within a segment
+        ("r.test/a.c", "r.test/abc", False),  # . is a dot, not any character
+        ("r.test/a+", "r.test/aa", False),
+        ("r.test/(x|y)", "r.test/x", False),
+        ("r.test/[ab]", "r.test/a", False),
+        ("r.test/***", "r.test/a/b", True),  # ** then *
+        ("r.test/**/c", "r.test/c", False),  # the slash before c is literal
+    ],
+)
+def test_refuses_regex_metacharacters_in_a_glob_as_wildcards(
+    pattern: str, name: str, matches: bool
+) -> None:
+    assert (glob_to_regex(pattern).fullmatch(name) is not None) is matches
+
+
 def test_artifact_types_restrict_a_scope() -> None:
     models = scope("registry.example.test/**", order=0, types=frozenset({MODEL}))
     images = scope("registry.example.test/**", order=1)

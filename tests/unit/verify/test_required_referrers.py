@@ -277,6 +277,32 @@ def test_refuses_invalid_referrer_requirements_with_the_yaml_path(
         parse(REFERRER_SCOPE % require, policy_dir)
 
 
+@pytest.mark.parametrize(
+    ("require", "message"),
+    [
+        (
+            "{referrers: [{artifactType: a/b, signedBy: {anyOf: [{cosign: {key: keys/sbom.pub}}, "
+            "{modelSigning: {key: keys/sbom.pub}}]}}]}",
+            r"signedBy\.anyOf\[1\]: modelSigning cannot sign a required referrer",
+        ),
+        (
+            "{referrers: [{artifactType: a/b, signedBy: {allOf: [{anyOf: [{referrers: []}]}]}}]}",
+            r"signedBy\.allOf\[0\]\.anyOf\[0\]: referrers cannot be nested in signedBy",
+        ),
+        (
+            "{attestation: {predicateType: x, signedBy: {anyOf: [{cosign: {key: keys/release.pub}}, "
+            "{allOf: [{notation: {trustPolicy: p}}]}]}}}",
+            r"signedBy\.anyOf\[1\]\.allOf\[0\]: an attestation's signedBy takes cosign",
+        ),
+    ],
+)
+def test_refuses_what_a_signed_by_forbids_at_any_depth_of_any_of_and_all_of(
+    policy_dir: Path, require: str, message: str
+) -> None:
+    with pytest.raises(PolicyError, match=message):
+        parse(REFERRER_SCOPE % require, policy_dir)
+
+
 def test_referrer_requirements_are_part_of_the_scopes_fingerprint(policy_dir: Path) -> None:
     plain = "scopes:\n  - match: 'registry.example.test/models/**'\n    require: {cosign: {key: keys/release.pub}}\n"
     required = (
