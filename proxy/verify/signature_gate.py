@@ -52,8 +52,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
@@ -98,45 +99,23 @@ class Decision:
 
     def encode(self) -> str:
         """JSON for the shared store (a sibling worker may reuse it within the TTL)."""
-        v = self.verdict
-        return json.dumps(
-            {
-                "allowed": v.allowed,
-                "reason": v.reason,
-                "scope": v.scope,
-                "mode": v.mode,
-                "details": list(v.details),
-                "class": v.reason_class,
-                "verified": self.verified,
-                "coverChildren": self.cover_children,
-                "wouldRefuse": self.would_refuse,
-            },
-            separators=(",", ":"),
-        )
+        return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
     def decode(cls, text: str, *, fingerprint: str, decided_at: float) -> Decision | None:
-        """The decision ``encode`` wrote, or None if it is not one."""
+        """The decision ``encode`` wrote, or None if it is not one (a flag that is not
+        a JSON boolean included: it never opens anything)."""
         try:
             doc = json.loads(text)
-            verdict = Verdict(
-                allowed=doc["allowed"] is True,
-                reason=str(doc["reason"]),
-                scope=str(doc["scope"]),
-                mode=str(doc["mode"]),
-                details=tuple(str(d) for d in doc["details"]),
-                reason_class=str(doc.get("class", "")),
-            )
-            return cls(
-                verdict,
-                verified=doc["verified"] is True,
-                cover_children=doc["coverChildren"] is True,
-                fingerprint=fingerprint,
-                would_refuse=doc["wouldRefuse"] is True,
-                decided_at=decided_at,
-            )
-        except (ValueError, KeyError, TypeError):
+            verdict = doc.pop("verdict")
+            verdict["details"] = tuple(str(d) for d in verdict["details"])
+            doc.update(fingerprint=fingerprint, decided_at=decided_at)
+            decision = cls(Verdict(**verdict), **doc)
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
+        flags = (decision.verdict.allowed, decision.verified, decision.cover_children)
+        strict = all(type(flag) is bool for flag in (*flags, decision.would_refuse))
+        return decision if strict else None
 
 
 class SignatureGate:
@@ -318,7 +297,8 @@ class SignatureGate:
         if self._cache_misses is not None:
             self._cache_misses.inc()
         decided_for = pod if pod_scope is not None else None
-        return await self._decide_once(key, policy, repo, manifest, source, decided_for), True
+        decide = partial(self._decide, policy, repo, manifest, source, decided_for)
+        return await self._decide_once(key, policy, decide), True
 
     def blob_allowed(self, repo: RepoKey, digest: Digest) -> bool:
         if self._shared is None:
@@ -494,53 +474,41 @@ class SignatureGate:
             self._metrics.policy_warnings.labels(verdict.scope).inc()
         elif verdict.mode == "allow" and self._metrics is not None:
             self._metrics.policy_unverified.labels(verdict.scope).inc()
-        record_blobs = not self._blobs.holds(repo, digest, decision.fingerprint)
-        record_children = (
+        allowed: dict[int, Iterable[Digest]] = {}
+        if not self._blobs.holds(repo, digest, decision.fingerprint):
+            allowed[BLOBS] = manifest.blob_digests
+        if (
             manifest.is_index
             and decision.verified
             and decision.cover_children
             and not self._children.holds(repo, digest, decision.fingerprint)
-        )
-        if shared is not None and (record_blobs or record_children):
-            allowed: dict[int, Iterable[Digest]] = {}
-            if record_blobs:
-                allowed[BLOBS] = manifest.blob_digests
-            if record_children:
-                allowed[CHILDREN] = [child.digest for child in manifest.manifests]
-            if not self._record_shared(repo, digest, allowed, manifest, decision, mark):
-                return False
-        if record_blobs:
-            self._blobs.record(
-                repo,
-                digest,
-                manifest.blob_digests,
-                artifact=manifest.kind,
-                fingerprint=decision.fingerprint,
-            )
-        if record_children:
-            self._children.record(
-                repo,
-                digest,
-                (child.digest for child in manifest.manifests),
-                artifact=manifest.kind,
-                fingerprint=decision.fingerprint,
+        ):
+            allowed[CHILDREN] = [child.digest for child in manifest.manifests]
+        if not self._share(repo, manifest, allowed, decision, mark):
+            return False
+        for kind, digests in allowed.items():
+            local = self._blobs if kind == BLOBS else self._children
+            local.record(
+                repo, digest, digests, artifact=manifest.kind, fingerprint=decision.fingerprint
             )
         return True
 
-    def _record_shared(
+    def _share(
         self,
         repo: RepoKey,
-        digest: Digest,
-        allowed: dict[int, Iterable[Digest]],
         manifest: Manifest,
+        allowed: dict[int, Iterable[Digest]],
         decision: Decision,
         mark: int,
     ) -> bool:
-        assert self._shared is not None
+        """Record ``allowed`` in the shared store, if any; False: a sibling refused the
+        manifest after revocation ``mark`` (nothing was recorded)."""
+        if self._shared is None or not allowed:
+            return True
         try:
             return self._shared.record(
                 repo,
-                digest,
+                manifest.digest,
                 allowed,
                 artifact=manifest.kind,
                 fingerprint=decision.fingerprint,
@@ -551,7 +519,7 @@ class SignatureGate:
             )
         except Exception:
             # Siblings will verify it themselves; this worker still serves it.
-            log.exception("could not share the allowances of %s@%s", repo, digest)
+            log.exception("could not share the allowances of %s@%s", repo, manifest.digest)
             return True
 
     def _revoke_shared(self, repo: RepoKey, digest: Digest) -> None:
@@ -569,21 +537,24 @@ class SignatureGate:
             )
 
     async def _decide_once(
-        self,
-        key: VerdictKey,
-        policy: Policy,
-        repo: RepoKey,
-        manifest: Manifest,
-        source: ArtifactSource,
-        pod: Pod | None,
+        self, key: VerdictKey, policy: Policy, decide: Callable[[], Awaitable[Decision]]
     ) -> Decision:
-        # Concurrent pulls of one digest share one verification; a caller that goes
-        # away does not cancel it for the others (shield), and the deadline bounds it.
+        """Run ``decide`` and cache its decision under ``key`` (if ``policy`` is still in
+        force). Concurrent pulls of one digest share one verification; a caller that goes
+        away does not cancel it for the others (shield), and the deadline bounds it."""
+
+        async def decide_and_cache() -> Decision:
+            # Dated from the start: the TTL counts from when the material was fetched.
+            decided_at = self._wall_clock()
+            decision = replace(await decide(), decided_at=decided_at)
+            ttl = policy.positive_ttl if decision.verdict.allowed else policy.negative_ttl
+            if policy is self._policy:
+                self._verdicts.put(key, decision, ttl)
+            return decision
+
         future = self._inflight.get(key)
         if future is None:
-            future = asyncio.ensure_future(
-                self._decide_and_cache(key, policy, repo, manifest, source, pod)
-            )
+            future = asyncio.ensure_future(decide_and_cache())
             self._inflight[key] = future
             future.add_done_callback(lambda done: self._finished(key, done))
         return await asyncio.shield(future)
@@ -593,24 +564,6 @@ class SignatureGate:
             del self._inflight[key]
         if not done.cancelled():
             done.exception()  # retrieved: every waiter got it already
-
-    async def _decide_and_cache(
-        self,
-        key: VerdictKey,
-        policy: Policy,
-        repo: RepoKey,
-        manifest: Manifest,
-        source: ArtifactSource,
-        pod: Pod | None,
-    ) -> Decision:
-        # Dated from the start: the TTL counts from when the material was fetched.
-        decided_at = self._wall_clock()
-        decision = await self._decide(policy, repo, manifest, source, pod)
-        decision = replace(decision, decided_at=decided_at)
-        ttl = policy.positive_ttl if decision.verdict.allowed else policy.negative_ttl
-        if policy is self._policy:
-            self._verdicts.put(key, decision, ttl)
-        return decision
 
     async def _decide(
         self,
@@ -624,7 +577,7 @@ class SignatureGate:
         scope = policy.scope_for(repo, manifest.kind, pod)
         fingerprint = _fingerprint(policy, scope)
         if scope is None:
-            return self._default_decision(policy, repo, fingerprint)
+            return _default_decision(policy, repo, fingerprint)
         if scope.mode == "allow" or scope.require is None:
             log.warning(
                 "%s@%s served UNVERIFIED: %s opts out of signature verification",
@@ -632,16 +585,8 @@ class SignatureGate:
                 manifest.digest,
                 scope.label(),
             )
-            return Decision(
-                Verdict(
-                    allowed=True,
-                    reason=f"{scope.label()}: verification skipped by policy (mode allow)",
-                    scope=scope.match,
-                    mode="allow",
-                    reason_class="unverified",
-                ),
-                fingerprint=fingerprint,
-            )
+            reason = f"{scope.label()}: verification skipped by policy (mode allow)"
+            return _decided("unverified", reason, scope.match, "allow", fingerprint)
         subject = Subject(
             registry=repo.registry,
             repository=repo.repository,
@@ -661,17 +606,20 @@ class SignatureGate:
             outcome = "verified" if result.ok else "refused"
         except TimeoutError:
             outcome = "deadline"
-            reason = f"{DEADLINE_EXCEEDED} ({deadline:g}s)"
-            return self._scoped(
-                scope, ok=False, reason=reason, fingerprint=fingerprint, failed_as="deadline"
-            )
+            result = CheckResult(False, f"{DEADLINE_EXCEEDED} ({deadline:g}s)")
         finally:
             # The registry being down is no verdict: it propagates (5xx), never cached.
             if self._metrics is not None:
                 self._metrics.verification_seconds.labels(outcome).observe(
                     time.perf_counter() - started
                 )
-        return self._scoped(scope, ok=result.ok, reason=result.reason, fingerprint=fingerprint)
+        text = truncate(f"{scope.label()}: {result.reason}")
+        if not result.ok and scope.mode == "warn":
+            log.warning("mode warn: serving what enforce would refuse: %s", text)
+            text = f"would be refused (mode warn): {text}"
+            return _decided("warn", text, scope.match, "warn", fingerprint)
+        cover = scope.cover_children
+        return _decided(outcome, text, scope.match, scope.mode, fingerprint, cover_children=cover)
 
     def _observe_leaf(self, leaf: Leaf, result: CheckResult) -> None:
         """Per-signer counts: one series per configured requirement (bounded by the
@@ -679,69 +627,6 @@ class SignatureGate:
         if self._metrics is not None:
             outcome = "verified" if result.ok else "refused"
             self._metrics.signature_checks.labels(leaf.format, leaf.describe(), outcome).inc()
-
-    @staticmethod
-    def _scoped(
-        scope: Scope, *, ok: bool, reason: str, fingerprint: str, failed_as: str = "refused"
-    ) -> Decision:
-        text = truncate(f"{scope.label()}: {reason}")
-        cover = scope.cover_children
-        if ok:
-            verdict = Verdict(
-                allowed=True,
-                reason=text,
-                scope=scope.match,
-                mode=scope.mode,
-                reason_class="verified",
-            )
-            return Decision(verdict, verified=True, cover_children=cover, fingerprint=fingerprint)
-        if scope.mode == "warn":
-            log.warning("mode warn: serving what enforce would refuse: %s", text)
-            verdict = Verdict(
-                allowed=True,
-                reason=f"would be refused (mode warn): {text}",
-                scope=scope.match,
-                mode="warn",
-                reason_class="warn",
-            )
-            return Decision(verdict, fingerprint=fingerprint, would_refuse=True)
-        verdict = Verdict(
-            allowed=False,
-            reason=text,
-            scope=scope.match,
-            mode=scope.mode,
-            reason_class=failed_as,
-        )
-        return Decision(verdict, fingerprint=fingerprint)
-
-    @staticmethod
-    def _default_decision(policy: Policy, repo: RepoKey, fingerprint: str) -> Decision:
-        reason = f"no policy scope matches {repo} and default is {policy.default}"
-        if policy.default == "allow":
-            log.warning("%s served UNVERIFIED: %s", repo, reason)
-            verdict = Verdict(
-                allowed=True,
-                reason=reason,
-                scope=DEFAULT_SCOPE,
-                mode="allow",
-                reason_class="unverified",
-            )
-            return Decision(verdict, fingerprint=fingerprint)
-        if policy.default == "warn":
-            log.warning("default warn: serving unverified: %s", reason)
-            verdict = Verdict(
-                allowed=True, reason=reason, scope=DEFAULT_SCOPE, mode="warn", reason_class="warn"
-            )
-            return Decision(verdict, fingerprint=fingerprint, would_refuse=True)
-        # Anything but an explicit allow/warn refuses: a typo never opens the gate.
-        verdict = Verdict(
-            allowed=False,
-            reason=reason,
-            scope=DEFAULT_SCOPE,
-            mode="enforce",
-            reason_class="no_scope",
-        )
-        return Decision(verdict, fingerprint=fingerprint)
 
     def _policy_info(self, old: Policy | None, new: Policy) -> None:
         if self._metrics is None:
@@ -764,6 +649,47 @@ class SignatureGate:
         for scope in policy.scopes:
             if scope.mode == "allow":
                 log.warning("policy: %s skips signature verification", scope.label())
+
+
+def _decided(
+    reason_class: str,
+    reason: str,
+    scope: str,
+    mode: str,
+    fingerprint: str,
+    *,
+    cover_children: bool = False,
+) -> Decision:
+    """A decision of ``reason_class`` by ``scope`` (its match, or the default) in
+    ``mode``: "verified", "unverified" (mode or default allow) and "warn" (allowed only
+    because of mode or default warn) allow; every other class refuses."""
+    verified = reason_class == "verified"
+    verdict = Verdict(
+        allowed=verified or reason_class in ("unverified", "warn"),
+        reason=reason,
+        scope=scope,
+        mode=mode,
+        reason_class=reason_class,
+    )
+    return Decision(
+        verdict,
+        verified=verified,
+        cover_children=verified and cover_children,
+        fingerprint=fingerprint,
+        would_refuse=reason_class == "warn",
+    )
+
+
+def _default_decision(policy: Policy, repo: RepoKey, fingerprint: str) -> Decision:
+    reason = f"no policy scope matches {repo} and default is {policy.default}"
+    if policy.default == "allow":
+        log.warning("%s served UNVERIFIED: %s", repo, reason)
+        return _decided("unverified", reason, DEFAULT_SCOPE, "allow", fingerprint)
+    if policy.default == "warn":
+        log.warning("default warn: serving unverified: %s", reason)
+        return _decided("warn", reason, DEFAULT_SCOPE, "warn", fingerprint)
+    # Anything but an explicit allow/warn refuses: a typo never opens the gate.
+    return _decided("no_scope", reason, DEFAULT_SCOPE, "enforce", fingerprint)
 
 
 def _needs_own_referrers(
