@@ -121,6 +121,8 @@ class Decision:
 class SignatureGate:
     """The policy's gate over manifests and blobs (implements ``proxy.pipeline.gate.Gate``)."""
 
+    policy_in_force = True
+
     def __init__(
         self,
         policy: Policy,
@@ -149,8 +151,7 @@ class SignatureGate:
         self._wall_clock = wall_clock
         # (repo, artifact type, pod) -> fingerprint under the policy in force.
         self._fingerprints: dict[tuple[RepoKey, ArtifactKind | None, Pod | None], str] = {}
-        self._log_policy(policy, "loaded")
-        self._policy_info(None, policy)
+        self._announce(policy)
 
     @property
     def policy(self) -> Policy:
@@ -159,10 +160,6 @@ class SignatureGate:
     @property
     def revision(self) -> str:
         return self._policy.revision
-
-    @property
-    def policy_in_force(self) -> bool:
-        return True
 
     @property
     def positive_ttl(self) -> float:
@@ -179,11 +176,10 @@ class SignatureGate:
             return False
         old = self._policy
         self._policy = policy
-        self._policy_info(old, policy)
         self._verdicts.clear()
         self._fingerprints.clear()
         self._retain_allowances(policy)
-        self._log_policy(policy, f"reloaded (was revision {old.revision[:16]})")
+        self._announce(policy, old)
         return True
 
     def _retain_allowances(self, policy: Policy) -> None:
@@ -192,8 +188,7 @@ class SignatureGate:
                 # Kept while the covering index is (_drop_uncovered), unless the
                 # manifest's own scope now requires its referrers (no index proves those).
                 return not _needs_own_referrers(policy, repo, artifact, None)
-            scope = policy.scope_for(repo, artifact)
-            return fingerprint != "" and _fingerprint(policy, scope) == fingerprint
+            return fingerprint != "" and fingerprint == self._fingerprint_for(repo, artifact)
 
         for allowances in (self._children, self._blobs):
             allowances.retain(
@@ -279,10 +274,9 @@ class SignatureGate:
             policy, repo, manifest.kind, pod
         ):
             return _COVERED_DECISION, False
-        pod_scope: Scope | None = None
-        if policy.pod_scoped and pod is not None:
-            scope = policy.scope_for(repo, manifest.kind, pod)
-            pod_scope = scope if scope is not None and scope.for_pods else None
+        for_pod = policy.pod_scoped and pod is not None
+        scope = policy.scope_for(repo, manifest.kind, pod) if for_pod else None
+        pod_scope = scope if scope is not None and scope.for_pods else None
         revision = policy.revision
         if pod_scope is not None:
             revision = f"{revision}/pod-scope={pod_scope.order}"
@@ -419,9 +413,7 @@ class SignatureGate:
         """2b. An allowing decision a sibling recorded within the positive TTL (not one
         a pod's namespace scope made: it is that pod's alone)."""
         assert self._shared is not None
-        wanted = None
-        if policy.pod_scoped:
-            wanted = _fingerprint(policy, policy.scope_for(repo, manifest.kind))
+        wanted = self._fingerprint_for(repo, manifest.kind) if policy.pod_scoped else None
         grant = self._shared.grant(BLOBS, repo, manifest.digest, fingerprint=wanted)
         if grant is None or grant.fingerprint == COVERED:
             return None
@@ -628,14 +620,10 @@ class SignatureGate:
             outcome = "verified" if result.ok else "refused"
             self._metrics.signature_checks.labels(leaf.format, leaf.describe(), outcome).inc()
 
-    def _policy_info(self, old: Policy | None, new: Policy) -> None:
-        if self._metrics is None:
-            return
-        if old is not None:
-            self._metrics.policy_info.labels(old.revision[:16], old.source).set(0)
-        self._metrics.policy_info.labels(new.revision[:16], new.source).set(1)
-
-    def _log_policy(self, policy: Policy, verb: str) -> None:
+    def _announce(self, policy: Policy, old: Policy | None = None) -> None:
+        """Log the policy that went into force (loudly where it serves unverified) and
+        move the policy_info metric to it."""
+        verb = "loaded" if old is None else f"reloaded (was revision {old.revision[:16]})"
         log.info(
             "policy %s from %s (revision %s): %d scopes, default %s",
             verb,
@@ -649,6 +637,10 @@ class SignatureGate:
         for scope in policy.scopes:
             if scope.mode == "allow":
                 log.warning("policy: %s skips signature verification", scope.label())
+        if self._metrics is not None:
+            if old is not None:
+                self._metrics.policy_info.labels(old.revision[:16], old.source).set(0)
+            self._metrics.policy_info.labels(policy.revision[:16], policy.source).set(1)
 
 
 def _decided(
