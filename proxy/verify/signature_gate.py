@@ -277,10 +277,7 @@ class SignatureGate:
         for_pod = policy.pod_scoped and pod is not None
         scope = policy.scope_for(repo, manifest.kind, pod) if for_pod else None
         pod_scope = scope if scope is not None and scope.for_pods else None
-        revision = policy.revision
-        if pod_scope is not None:
-            revision = f"{revision}/pod-scope={pod_scope.order}"
-        key = (repo.registry, repo.repository, str(manifest.digest), revision)
+        key = _verdict_key(policy, repo, manifest.digest, pod_scope)
         decision = self._verdicts.get(key)
         if decision is None and self._shared is not None and pod_scope is None:
             decision = self._shared_decision(policy, key, repo, manifest)
@@ -349,8 +346,11 @@ class SignatureGate:
             self._children.clear()
             self._verdicts.clear()
         else:
+            # The log does not say which scope refused: a decision cached for some pods
+            # is made again too (the refusal may rest on newer signatures).
+            pod_scopes = [scope for scope in self._policy.scopes if scope.for_pods]
             for repo, manifest in revoked:
-                self._revoke_local(repo, manifest)
+                self._revoke_local(repo, manifest, pod_scopes)
         self._revocations_seen = newest
         return newest
 
@@ -428,12 +428,16 @@ class SignatureGate:
         self._verdicts.put(key, decision, left)
         return decision
 
-    def _revoke_local(self, repo: RepoKey, manifest: Digest) -> bool:
-        """Forget what ``manifest`` allowed here, and any verdict that would restore it."""
-        key = (repo.registry, repo.repository, str(manifest), self.revision)
-        cached = self._verdicts.get(key)
-        if cached is not None and cached.verdict.allowed:
-            self._verdicts.discard(key)
+    def _revoke_local(
+        self, repo: RepoKey, manifest: Digest, pod_scopes: Iterable[Scope] = ()
+    ) -> bool:
+        """Forget what ``manifest`` allowed here, and any verdict that would restore it
+        (cached for everyone, or for the pods of ``pod_scopes``)."""
+        for pod_scope in (None, *pod_scopes):
+            key = _verdict_key(self._policy, repo, manifest, pod_scope)
+            cached = self._verdicts.get(key)
+            if cached is not None and cached.verdict.allowed:
+                self._verdicts.discard(key)
         revoked = self._blobs.revoke(repo, manifest)
         if self._children.revoke(repo, manifest):
             self._drop_uncovered()
@@ -682,6 +686,17 @@ def _default_decision(policy: Policy, repo: RepoKey, fingerprint: str) -> Decisi
         return _decided("warn", reason, DEFAULT_SCOPE, "warn", fingerprint)
     # Anything but an explicit allow/warn refuses: a typo never opens the gate.
     return _decided("no_scope", reason, DEFAULT_SCOPE, "enforce", fingerprint)
+
+
+def _verdict_key(
+    policy: Policy, repo: RepoKey, digest: Digest, pod_scope: Scope | None
+) -> VerdictKey:
+    """Where a decision is cached: a scope for some pods has keys of its own (its
+    decisions are those pods' alone)."""
+    revision = policy.revision
+    if pod_scope is not None:
+        revision = f"{revision}/pod-scope={pod_scope.order}"
+    return (repo.registry, repo.repository, str(digest), revision)
 
 
 def _needs_own_referrers(
