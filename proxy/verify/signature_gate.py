@@ -54,7 +54,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, replace
-from functools import partial
+from functools import lru_cache, partial
 
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
@@ -72,6 +72,7 @@ log = logging.getLogger("pullgate.gate")
 DEADLINE_EXCEEDED = "verification deadline exceeded"
 DEFAULT_SCOPE = "(default)"
 COVERED = "(index)"
+COVERED_REASON = "covered by the signature of a verified index in this repository"
 # Decisions tried per check while reloads (or refusals in sibling workers) keep
 # superseding it.
 MAX_POLICY_ATTEMPTS = 3
@@ -134,9 +135,7 @@ class SignatureGate:
     ) -> None:
         self._policy = policy
         self._metrics = metrics
-        self._verdicts: VerdictCache[Decision] = (
-            verdicts if verdicts is not None else VerdictCache()
-        )
+        self._verdicts = verdicts if verdicts is not None else VerdictCache[Decision]()
         self._blobs = Allowances()
         self._children = Allowances()
         self._inflight: dict[VerdictKey, asyncio.Future[Decision]] = {}
@@ -150,7 +149,7 @@ class SignatureGate:
         # Dates decisions for siblings: one clock for every process on the node.
         self._wall_clock = wall_clock
         # (repo, artifact type, pod) -> fingerprint under the policy in force.
-        self._fingerprints: dict[tuple[RepoKey, ArtifactKind | None, Pod | None], str] = {}
+        self._fingerprint_for = lru_cache(maxsize=4096)(self._scope_fingerprint)
         self._announce(policy)
 
     @property
@@ -177,7 +176,7 @@ class SignatureGate:
         old = self._policy
         self._policy = policy
         self._verdicts.clear()
-        self._fingerprints.clear()
+        self._fingerprint_for.cache_clear()
         self._retain_allowances(policy)
         self._announce(policy, old)
         return True
@@ -393,19 +392,11 @@ class SignatureGate:
             grant.repo, grant.artifact
         )
 
-    def _fingerprint_for(
+    def _scope_fingerprint(
         self, repo: RepoKey, artifact: ArtifactKind | None, pod: Pod | None = None
     ) -> str:
         """The fingerprint of the scope the policy in force picks (for ``pod``)."""
-        key = (repo, artifact, pod)
-        fingerprint = self._fingerprints.get(key)
-        if fingerprint is None:
-            if len(self._fingerprints) > 4096:
-                self._fingerprints.clear()
-            policy = self._policy
-            fingerprint = _fingerprint(policy, policy.scope_for(repo, artifact, pod))
-            self._fingerprints[key] = fingerprint
-        return fingerprint
+        return _fingerprint(self._policy, self._policy.scope_for(repo, artifact, pod))
 
     def _shared_decision(
         self, policy: Policy, key: VerdictKey, repo: RepoKey, manifest: Manifest
@@ -656,10 +647,11 @@ def _decided(
     *,
     cover_children: bool = False,
 ) -> Decision:
-    """A decision of ``reason_class`` by ``scope`` (its match, or the default) in
-    ``mode``: "verified", "unverified" (mode or default allow) and "warn" (allowed only
-    because of mode or default warn) allow; every other class refuses."""
-    verified = reason_class == "verified"
+    """A decision of ``reason_class`` by ``scope`` (its match, the default or COVERED)
+    in ``mode``: "verified", "index" (a verified index covers it), "unverified" (mode or
+    default allow) and "warn" (allowed only because of mode or default warn) allow;
+    every other class refuses."""
+    verified = reason_class in ("verified", "index")
     verdict = Verdict(
         allowed=verified or reason_class in ("unverified", "warn"),
         reason=reason,
@@ -726,15 +718,6 @@ def _fingerprint(policy: Policy, scope: Scope | None) -> str:
     return "\0".join((scope.fingerprint, repr(policy.limits), policy.trust_digest))
 
 
-_COVERED_DECISION = Decision(
-    Verdict(
-        allowed=True,
-        reason="covered by the signature of a verified index in this repository",
-        scope=COVERED,
-        mode="enforce",
-        reason_class="index",
-    ),
-    verified=True,
-    cover_children=True,
-    fingerprint=COVERED,
+_COVERED_DECISION = _decided(
+    "index", COVERED_REASON, COVERED, "enforce", COVERED, cover_children=True
 )
