@@ -52,8 +52,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache, partial
 
 from proxy.metrics import Metrics
 from proxy.oci.digest import Digest
@@ -71,6 +72,7 @@ log = logging.getLogger("pullgate.gate")
 DEADLINE_EXCEEDED = "verification deadline exceeded"
 DEFAULT_SCOPE = "(default)"
 COVERED = "(index)"
+COVERED_REASON = "covered by the signature of a verified index in this repository"
 # Decisions tried per check while reloads (or refusals in sibling workers) keep
 # superseding it.
 MAX_POLICY_ATTEMPTS = 3
@@ -98,49 +100,29 @@ class Decision:
 
     def encode(self) -> str:
         """JSON for the shared store (a sibling worker may reuse it within the TTL)."""
-        v = self.verdict
-        return json.dumps(
-            {
-                "allowed": v.allowed,
-                "reason": v.reason,
-                "scope": v.scope,
-                "mode": v.mode,
-                "details": list(v.details),
-                "class": v.reason_class,
-                "verified": self.verified,
-                "coverChildren": self.cover_children,
-                "wouldRefuse": self.would_refuse,
-            },
-            separators=(",", ":"),
-        )
+        return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
     def decode(cls, text: str, *, fingerprint: str, decided_at: float) -> Decision | None:
-        """The decision ``encode`` wrote, or None if it is not one."""
+        """The decision ``encode`` wrote, or None if it is not one (a flag that is not
+        a JSON boolean included: it never opens anything)."""
         try:
             doc = json.loads(text)
-            verdict = Verdict(
-                allowed=doc["allowed"] is True,
-                reason=str(doc["reason"]),
-                scope=str(doc["scope"]),
-                mode=str(doc["mode"]),
-                details=tuple(str(d) for d in doc["details"]),
-                reason_class=str(doc.get("class", "")),
-            )
-            return cls(
-                verdict,
-                verified=doc["verified"] is True,
-                cover_children=doc["coverChildren"] is True,
-                fingerprint=fingerprint,
-                would_refuse=doc["wouldRefuse"] is True,
-                decided_at=decided_at,
-            )
-        except (ValueError, KeyError, TypeError):
+            verdict = doc.pop("verdict")
+            verdict["details"] = tuple(str(d) for d in verdict["details"])
+            doc.update(fingerprint=fingerprint, decided_at=decided_at)
+            decision = cls(Verdict(**verdict), **doc)
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
+        flags = (decision.verdict.allowed, decision.verified, decision.cover_children)
+        strict = all(type(flag) is bool for flag in (*flags, decision.would_refuse))
+        return decision if strict else None
 
 
 class SignatureGate:
     """The policy's gate over manifests and blobs (implements ``proxy.pipeline.gate.Gate``)."""
+
+    policy_in_force = True
 
     def __init__(
         self,
@@ -153,9 +135,7 @@ class SignatureGate:
     ) -> None:
         self._policy = policy
         self._metrics = metrics
-        self._verdicts: VerdictCache[Decision] = (
-            verdicts if verdicts is not None else VerdictCache()
-        )
+        self._verdicts = verdicts if verdicts is not None else VerdictCache[Decision]()
         self._blobs = Allowances()
         self._children = Allowances()
         self._inflight: dict[VerdictKey, asyncio.Future[Decision]] = {}
@@ -169,9 +149,8 @@ class SignatureGate:
         # Dates decisions for siblings: one clock for every process on the node.
         self._wall_clock = wall_clock
         # (repo, artifact type, pod) -> fingerprint under the policy in force.
-        self._fingerprints: dict[tuple[RepoKey, ArtifactKind | None, Pod | None], str] = {}
-        self._log_policy(policy, "loaded")
-        self._policy_info(None, policy)
+        self._fingerprint_for = lru_cache(maxsize=4096)(self._scope_fingerprint)
+        self._announce(policy)
 
     @property
     def policy(self) -> Policy:
@@ -180,10 +159,6 @@ class SignatureGate:
     @property
     def revision(self) -> str:
         return self._policy.revision
-
-    @property
-    def policy_in_force(self) -> bool:
-        return True
 
     @property
     def positive_ttl(self) -> float:
@@ -200,11 +175,10 @@ class SignatureGate:
             return False
         old = self._policy
         self._policy = policy
-        self._policy_info(old, policy)
         self._verdicts.clear()
-        self._fingerprints.clear()
+        self._fingerprint_for.cache_clear()
         self._retain_allowances(policy)
-        self._log_policy(policy, f"reloaded (was revision {old.revision[:16]})")
+        self._announce(policy, old)
         return True
 
     def _retain_allowances(self, policy: Policy) -> None:
@@ -213,8 +187,7 @@ class SignatureGate:
                 # Kept while the covering index is (_drop_uncovered), unless the
                 # manifest's own scope now requires its referrers (no index proves those).
                 return not _needs_own_referrers(policy, repo, artifact, None)
-            scope = policy.scope_for(repo, artifact)
-            return fingerprint != "" and _fingerprint(policy, scope) == fingerprint
+            return fingerprint != "" and fingerprint == self._fingerprint_for(repo, artifact)
 
         for allowances in (self._children, self._blobs):
             allowances.retain(
@@ -300,14 +273,10 @@ class SignatureGate:
             policy, repo, manifest.kind, pod
         ):
             return _COVERED_DECISION, False
-        pod_scope: Scope | None = None
-        if policy.pod_scoped and pod is not None:
-            scope = policy.scope_for(repo, manifest.kind, pod)
-            pod_scope = scope if scope is not None and scope.for_pods else None
-        revision = policy.revision
-        if pod_scope is not None:
-            revision = f"{revision}/pod-scope={pod_scope.order}"
-        key = (repo.registry, repo.repository, str(manifest.digest), revision)
+        for_pod = policy.pod_scoped and pod is not None
+        scope = policy.scope_for(repo, manifest.kind, pod) if for_pod else None
+        pod_scope = scope if scope is not None and scope.for_pods else None
+        key = _verdict_key(policy, repo, manifest.digest, pod_scope)
         decision = self._verdicts.get(key)
         if decision is None and self._shared is not None and pod_scope is None:
             decision = self._shared_decision(policy, key, repo, manifest)
@@ -318,7 +287,8 @@ class SignatureGate:
         if self._cache_misses is not None:
             self._cache_misses.inc()
         decided_for = pod if pod_scope is not None else None
-        return await self._decide_once(key, policy, repo, manifest, source, decided_for), True
+        decide = partial(self._decide, policy, repo, manifest, source, decided_for)
+        return await self._decide_once(key, policy, decide), True
 
     def blob_allowed(self, repo: RepoKey, digest: Digest) -> bool:
         if self._shared is None:
@@ -375,8 +345,11 @@ class SignatureGate:
             self._children.clear()
             self._verdicts.clear()
         else:
+            # The log does not say which scope refused: a decision cached for some pods
+            # is made again too (the refusal may rest on newer signatures).
+            pod_scopes = [scope for scope in self._policy.scopes if scope.for_pods]
             for repo, manifest in revoked:
-                self._revoke_local(repo, manifest)
+                self._revoke_local(repo, manifest, pod_scopes)
         self._revocations_seen = newest
         return newest
 
@@ -419,19 +392,11 @@ class SignatureGate:
             grant.repo, grant.artifact
         )
 
-    def _fingerprint_for(
+    def _scope_fingerprint(
         self, repo: RepoKey, artifact: ArtifactKind | None, pod: Pod | None = None
     ) -> str:
         """The fingerprint of the scope the policy in force picks (for ``pod``)."""
-        key = (repo, artifact, pod)
-        fingerprint = self._fingerprints.get(key)
-        if fingerprint is None:
-            if len(self._fingerprints) > 4096:
-                self._fingerprints.clear()
-            policy = self._policy
-            fingerprint = _fingerprint(policy, policy.scope_for(repo, artifact, pod))
-            self._fingerprints[key] = fingerprint
-        return fingerprint
+        return _fingerprint(self._policy, self._policy.scope_for(repo, artifact, pod))
 
     def _shared_decision(
         self, policy: Policy, key: VerdictKey, repo: RepoKey, manifest: Manifest
@@ -439,9 +404,7 @@ class SignatureGate:
         """2b. An allowing decision a sibling recorded within the positive TTL (not one
         a pod's namespace scope made: it is that pod's alone)."""
         assert self._shared is not None
-        wanted = None
-        if policy.pod_scoped:
-            wanted = _fingerprint(policy, policy.scope_for(repo, manifest.kind))
+        wanted = self._fingerprint_for(repo, manifest.kind) if policy.pod_scoped else None
         grant = self._shared.grant(BLOBS, repo, manifest.digest, fingerprint=wanted)
         if grant is None or grant.fingerprint == COVERED:
             return None
@@ -456,12 +419,16 @@ class SignatureGate:
         self._verdicts.put(key, decision, left)
         return decision
 
-    def _revoke_local(self, repo: RepoKey, manifest: Digest) -> bool:
-        """Forget what ``manifest`` allowed here, and any verdict that would restore it."""
-        key = (repo.registry, repo.repository, str(manifest), self.revision)
-        cached = self._verdicts.get(key)
-        if cached is not None and cached.verdict.allowed:
-            self._verdicts.discard(key)
+    def _revoke_local(
+        self, repo: RepoKey, manifest: Digest, pod_scopes: Iterable[Scope] = ()
+    ) -> bool:
+        """Forget what ``manifest`` allowed here, and any verdict that would restore it
+        (cached for everyone, or for the pods of ``pod_scopes``)."""
+        for pod_scope in (None, *pod_scopes):
+            key = _verdict_key(self._policy, repo, manifest, pod_scope)
+            cached = self._verdicts.get(key)
+            if cached is not None and cached.verdict.allowed:
+                self._verdicts.discard(key)
         revoked = self._blobs.revoke(repo, manifest)
         if self._children.revoke(repo, manifest):
             self._drop_uncovered()
@@ -494,53 +461,41 @@ class SignatureGate:
             self._metrics.policy_warnings.labels(verdict.scope).inc()
         elif verdict.mode == "allow" and self._metrics is not None:
             self._metrics.policy_unverified.labels(verdict.scope).inc()
-        record_blobs = not self._blobs.holds(repo, digest, decision.fingerprint)
-        record_children = (
+        allowed: dict[int, Iterable[Digest]] = {}
+        if not self._blobs.holds(repo, digest, decision.fingerprint):
+            allowed[BLOBS] = manifest.blob_digests
+        if (
             manifest.is_index
             and decision.verified
             and decision.cover_children
             and not self._children.holds(repo, digest, decision.fingerprint)
-        )
-        if shared is not None and (record_blobs or record_children):
-            allowed: dict[int, Iterable[Digest]] = {}
-            if record_blobs:
-                allowed[BLOBS] = manifest.blob_digests
-            if record_children:
-                allowed[CHILDREN] = [child.digest for child in manifest.manifests]
-            if not self._record_shared(repo, digest, allowed, manifest, decision, mark):
-                return False
-        if record_blobs:
-            self._blobs.record(
-                repo,
-                digest,
-                manifest.blob_digests,
-                artifact=manifest.kind,
-                fingerprint=decision.fingerprint,
-            )
-        if record_children:
-            self._children.record(
-                repo,
-                digest,
-                (child.digest for child in manifest.manifests),
-                artifact=manifest.kind,
-                fingerprint=decision.fingerprint,
+        ):
+            allowed[CHILDREN] = [child.digest for child in manifest.manifests]
+        if not self._share(repo, manifest, allowed, decision, mark):
+            return False
+        for kind, digests in allowed.items():
+            local = self._blobs if kind == BLOBS else self._children
+            local.record(
+                repo, digest, digests, artifact=manifest.kind, fingerprint=decision.fingerprint
             )
         return True
 
-    def _record_shared(
+    def _share(
         self,
         repo: RepoKey,
-        digest: Digest,
-        allowed: dict[int, Iterable[Digest]],
         manifest: Manifest,
+        allowed: dict[int, Iterable[Digest]],
         decision: Decision,
         mark: int,
     ) -> bool:
-        assert self._shared is not None
+        """Record ``allowed`` in the shared store, if any; False: a sibling refused the
+        manifest after revocation ``mark`` (nothing was recorded)."""
+        if self._shared is None or not allowed:
+            return True
         try:
             return self._shared.record(
                 repo,
-                digest,
+                manifest.digest,
                 allowed,
                 artifact=manifest.kind,
                 fingerprint=decision.fingerprint,
@@ -551,7 +506,7 @@ class SignatureGate:
             )
         except Exception:
             # Siblings will verify it themselves; this worker still serves it.
-            log.exception("could not share the allowances of %s@%s", repo, digest)
+            log.exception("could not share the allowances of %s@%s", repo, manifest.digest)
             return True
 
     def _revoke_shared(self, repo: RepoKey, digest: Digest) -> None:
@@ -569,21 +524,24 @@ class SignatureGate:
             )
 
     async def _decide_once(
-        self,
-        key: VerdictKey,
-        policy: Policy,
-        repo: RepoKey,
-        manifest: Manifest,
-        source: ArtifactSource,
-        pod: Pod | None,
+        self, key: VerdictKey, policy: Policy, decide: Callable[[], Awaitable[Decision]]
     ) -> Decision:
-        # Concurrent pulls of one digest share one verification; a caller that goes
-        # away does not cancel it for the others (shield), and the deadline bounds it.
+        """Run ``decide`` and cache its decision under ``key`` (if ``policy`` is still in
+        force). Concurrent pulls of one digest share one verification; a caller that goes
+        away does not cancel it for the others (shield), and the deadline bounds it."""
+
+        async def decide_and_cache() -> Decision:
+            # Dated from the start: the TTL counts from when the material was fetched.
+            decided_at = self._wall_clock()
+            decision = replace(await decide(), decided_at=decided_at)
+            ttl = policy.positive_ttl if decision.verdict.allowed else policy.negative_ttl
+            if policy is self._policy:
+                self._verdicts.put(key, decision, ttl)
+            return decision
+
         future = self._inflight.get(key)
         if future is None:
-            future = asyncio.ensure_future(
-                self._decide_and_cache(key, policy, repo, manifest, source, pod)
-            )
+            future = asyncio.ensure_future(decide_and_cache())
             self._inflight[key] = future
             future.add_done_callback(lambda done: self._finished(key, done))
         return await asyncio.shield(future)
@@ -593,24 +551,6 @@ class SignatureGate:
             del self._inflight[key]
         if not done.cancelled():
             done.exception()  # retrieved: every waiter got it already
-
-    async def _decide_and_cache(
-        self,
-        key: VerdictKey,
-        policy: Policy,
-        repo: RepoKey,
-        manifest: Manifest,
-        source: ArtifactSource,
-        pod: Pod | None,
-    ) -> Decision:
-        # Dated from the start: the TTL counts from when the material was fetched.
-        decided_at = self._wall_clock()
-        decision = await self._decide(policy, repo, manifest, source, pod)
-        decision = replace(decision, decided_at=decided_at)
-        ttl = policy.positive_ttl if decision.verdict.allowed else policy.negative_ttl
-        if policy is self._policy:
-            self._verdicts.put(key, decision, ttl)
-        return decision
 
     async def _decide(
         self,
@@ -624,7 +564,7 @@ class SignatureGate:
         scope = policy.scope_for(repo, manifest.kind, pod)
         fingerprint = _fingerprint(policy, scope)
         if scope is None:
-            return self._default_decision(policy, repo, fingerprint)
+            return _default_decision(policy, repo, fingerprint)
         if scope.mode == "allow" or scope.require is None:
             log.warning(
                 "%s@%s served UNVERIFIED: %s opts out of signature verification",
@@ -632,16 +572,8 @@ class SignatureGate:
                 manifest.digest,
                 scope.label(),
             )
-            return Decision(
-                Verdict(
-                    allowed=True,
-                    reason=f"{scope.label()}: verification skipped by policy (mode allow)",
-                    scope=scope.match,
-                    mode="allow",
-                    reason_class="unverified",
-                ),
-                fingerprint=fingerprint,
-            )
+            reason = f"{scope.label()}: verification skipped by policy (mode allow)"
+            return _decided("unverified", reason, scope.match, "allow", fingerprint)
         subject = Subject(
             registry=repo.registry,
             repository=repo.repository,
@@ -661,17 +593,20 @@ class SignatureGate:
             outcome = "verified" if result.ok else "refused"
         except TimeoutError:
             outcome = "deadline"
-            reason = f"{DEADLINE_EXCEEDED} ({deadline:g}s)"
-            return self._scoped(
-                scope, ok=False, reason=reason, fingerprint=fingerprint, failed_as="deadline"
-            )
+            result = CheckResult(False, f"{DEADLINE_EXCEEDED} ({deadline:g}s)")
         finally:
             # The registry being down is no verdict: it propagates (5xx), never cached.
             if self._metrics is not None:
                 self._metrics.verification_seconds.labels(outcome).observe(
                     time.perf_counter() - started
                 )
-        return self._scoped(scope, ok=result.ok, reason=result.reason, fingerprint=fingerprint)
+        text = truncate(f"{scope.label()}: {result.reason}")
+        if not result.ok and scope.mode == "warn":
+            log.warning("mode warn: serving what enforce would refuse: %s", text)
+            text = f"would be refused (mode warn): {text}"
+            return _decided("warn", text, scope.match, "warn", fingerprint)
+        cover = scope.cover_children
+        return _decided(outcome, text, scope.match, scope.mode, fingerprint, cover_children=cover)
 
     def _observe_leaf(self, leaf: Leaf, result: CheckResult) -> None:
         """Per-signer counts: one series per configured requirement (bounded by the
@@ -680,77 +615,10 @@ class SignatureGate:
             outcome = "verified" if result.ok else "refused"
             self._metrics.signature_checks.labels(leaf.format, leaf.describe(), outcome).inc()
 
-    @staticmethod
-    def _scoped(
-        scope: Scope, *, ok: bool, reason: str, fingerprint: str, failed_as: str = "refused"
-    ) -> Decision:
-        text = truncate(f"{scope.label()}: {reason}")
-        cover = scope.cover_children
-        if ok:
-            verdict = Verdict(
-                allowed=True,
-                reason=text,
-                scope=scope.match,
-                mode=scope.mode,
-                reason_class="verified",
-            )
-            return Decision(verdict, verified=True, cover_children=cover, fingerprint=fingerprint)
-        if scope.mode == "warn":
-            log.warning("mode warn: serving what enforce would refuse: %s", text)
-            verdict = Verdict(
-                allowed=True,
-                reason=f"would be refused (mode warn): {text}",
-                scope=scope.match,
-                mode="warn",
-                reason_class="warn",
-            )
-            return Decision(verdict, fingerprint=fingerprint, would_refuse=True)
-        verdict = Verdict(
-            allowed=False,
-            reason=text,
-            scope=scope.match,
-            mode=scope.mode,
-            reason_class=failed_as,
-        )
-        return Decision(verdict, fingerprint=fingerprint)
-
-    @staticmethod
-    def _default_decision(policy: Policy, repo: RepoKey, fingerprint: str) -> Decision:
-        reason = f"no policy scope matches {repo} and default is {policy.default}"
-        if policy.default == "allow":
-            log.warning("%s served UNVERIFIED: %s", repo, reason)
-            verdict = Verdict(
-                allowed=True,
-                reason=reason,
-                scope=DEFAULT_SCOPE,
-                mode="allow",
-                reason_class="unverified",
-            )
-            return Decision(verdict, fingerprint=fingerprint)
-        if policy.default == "warn":
-            log.warning("default warn: serving unverified: %s", reason)
-            verdict = Verdict(
-                allowed=True, reason=reason, scope=DEFAULT_SCOPE, mode="warn", reason_class="warn"
-            )
-            return Decision(verdict, fingerprint=fingerprint, would_refuse=True)
-        # Anything but an explicit allow/warn refuses: a typo never opens the gate.
-        verdict = Verdict(
-            allowed=False,
-            reason=reason,
-            scope=DEFAULT_SCOPE,
-            mode="enforce",
-            reason_class="no_scope",
-        )
-        return Decision(verdict, fingerprint=fingerprint)
-
-    def _policy_info(self, old: Policy | None, new: Policy) -> None:
-        if self._metrics is None:
-            return
-        if old is not None:
-            self._metrics.policy_info.labels(old.revision[:16], old.source).set(0)
-        self._metrics.policy_info.labels(new.revision[:16], new.source).set(1)
-
-    def _log_policy(self, policy: Policy, verb: str) -> None:
+    def _announce(self, policy: Policy, old: Policy | None = None) -> None:
+        """Log the policy that went into force (loudly where it serves unverified) and
+        move the policy_info metric to it."""
+        verb = "loaded" if old is None else f"reloaded (was revision {old.revision[:16]})"
         log.info(
             "policy %s from %s (revision %s): %d scopes, default %s",
             verb,
@@ -764,6 +632,63 @@ class SignatureGate:
         for scope in policy.scopes:
             if scope.mode == "allow":
                 log.warning("policy: %s skips signature verification", scope.label())
+        if self._metrics is not None:
+            if old is not None:
+                self._metrics.policy_info.labels(old.revision[:16], old.source).set(0)
+            self._metrics.policy_info.labels(policy.revision[:16], policy.source).set(1)
+
+
+def _decided(
+    reason_class: str,
+    reason: str,
+    scope: str,
+    mode: str,
+    fingerprint: str,
+    *,
+    cover_children: bool = False,
+) -> Decision:
+    """A decision of ``reason_class`` by ``scope`` (its match, the default or COVERED)
+    in ``mode``: "verified", "index" (a verified index covers it), "unverified" (mode or
+    default allow) and "warn" (allowed only because of mode or default warn) allow;
+    every other class refuses."""
+    verified = reason_class in ("verified", "index")
+    verdict = Verdict(
+        allowed=verified or reason_class in ("unverified", "warn"),
+        reason=reason,
+        scope=scope,
+        mode=mode,
+        reason_class=reason_class,
+    )
+    return Decision(
+        verdict,
+        verified=verified,
+        cover_children=verified and cover_children,
+        fingerprint=fingerprint,
+        would_refuse=reason_class == "warn",
+    )
+
+
+def _default_decision(policy: Policy, repo: RepoKey, fingerprint: str) -> Decision:
+    reason = f"no policy scope matches {repo} and default is {policy.default}"
+    if policy.default == "allow":
+        log.warning("%s served UNVERIFIED: %s", repo, reason)
+        return _decided("unverified", reason, DEFAULT_SCOPE, "allow", fingerprint)
+    if policy.default == "warn":
+        log.warning("default warn: serving unverified: %s", reason)
+        return _decided("warn", reason, DEFAULT_SCOPE, "warn", fingerprint)
+    # Anything but an explicit allow/warn refuses: a typo never opens the gate.
+    return _decided("no_scope", reason, DEFAULT_SCOPE, "enforce", fingerprint)
+
+
+def _verdict_key(
+    policy: Policy, repo: RepoKey, digest: Digest, pod_scope: Scope | None
+) -> VerdictKey:
+    """Where a decision is cached: a scope for some pods has keys of its own (its
+    decisions are those pods' alone)."""
+    revision = policy.revision
+    if pod_scope is not None:
+        revision = f"{revision}/pod-scope={pod_scope.order}"
+    return (repo.registry, repo.repository, str(digest), revision)
 
 
 def _needs_own_referrers(
@@ -793,15 +718,6 @@ def _fingerprint(policy: Policy, scope: Scope | None) -> str:
     return "\0".join((scope.fingerprint, repr(policy.limits), policy.trust_digest))
 
 
-_COVERED_DECISION = Decision(
-    Verdict(
-        allowed=True,
-        reason="covered by the signature of a verified index in this repository",
-        scope=COVERED,
-        mode="enforce",
-        reason_class="index",
-    ),
-    verified=True,
-    cover_children=True,
-    fingerprint=COVERED,
+_COVERED_DECISION = _decided(
+    "index", COVERED_REASON, COVERED, "enforce", COVERED, cover_children=True
 )
