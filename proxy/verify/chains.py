@@ -97,12 +97,10 @@ def _leaf_not_ca(_policy: Any, _cert: x509.Certificate, bc: x509.BasicConstraint
         raise ValueError("signing certificate basicConstraints asserts cA")
 
 
-def _leaf_key_usage(*, required: bool, forbidden: tuple[str, ...] = ()) -> Validator:
+def _leaf_key_usage(*, forbidden: tuple[str, ...] = ()) -> Validator:
     def check(_policy: Any, _cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
         if usage is None:
-            if required:
-                raise ValueError("signing certificate has no keyUsage extension")
-            return
+            raise ValueError("signing certificate has no keyUsage extension")
         if not usage.digital_signature:
             raise ValueError("signing certificate keyUsage does not allow digitalSignature")
         for bit in forbidden:
@@ -112,15 +110,11 @@ def _leaf_key_usage(*, required: bool, forbidden: tuple[str, ...] = ()) -> Valid
     return check
 
 
-def _leaf_eku(*, required: bool, forbidden: tuple[x509.ObjectIdentifier, ...] = ()) -> Validator:
+def _leaf_eku(*, forbidden: tuple[x509.ObjectIdentifier, ...] = ()) -> Validator:
     def check(_policy: Any, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
-        if eku is None:
-            if required:
-                raise ValueError("signing certificate is not for code signing (no EKU)")
-            return
-        if EKU.CODE_SIGNING not in eku:
+        if eku is not None and EKU.CODE_SIGNING not in eku:
             raise ValueError("signing certificate is not for code signing")
-        bad = [oid.dotted_string for oid in eku if oid in forbidden]
+        bad = [oid.dotted_string for oid in eku or () if oid in forbidden]
         if bad:
             raise ValueError(f"signing certificate extended key usage must not list {bad[0]}")
 
@@ -131,7 +125,7 @@ def _oms_leaf_usage(policy: Any, cert: x509.Certificate, usage: x509.KeyUsage | 
     # model_signing accepts a signing certificate whose keyUsage allows digitalSignature
     # or, without keyUsage, whose EKU lists code signing (checked by the EKU rule).
     if usage is not None:
-        _leaf_key_usage(required=True)(policy, cert, usage)
+        _leaf_key_usage()(policy, cert, usage)
         return
     try:
         cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
@@ -178,8 +172,8 @@ SIGSTORE = _profile(
     "sigstore",
     ca_key_usage_required=False,
     leaf_basic_constraints=_leaf_not_ca,
-    leaf_key_usage=_leaf_key_usage(required=True),
-    leaf_eku=_leaf_eku(required=False),
+    leaf_key_usage=_leaf_key_usage(),
+    leaf_eku=_leaf_eku(),
 )
 
 # Notary Project signature specification, "Certificate Requirements": CAs carry a
@@ -206,8 +200,8 @@ NOTATION = _profile(
     "notation",
     ca_key_usage_required=True,
     leaf_basic_constraints=_leaf_not_ca,
-    leaf_key_usage=_leaf_key_usage(required=True, forbidden=_NOT_FOR_SIGNING),
-    leaf_eku=_leaf_eku(required=False, forbidden=_NOT_FOR_CODE_SIGNING),
+    leaf_key_usage=_leaf_key_usage(forbidden=_NOT_FOR_SIGNING),
+    leaf_eku=_leaf_eku(forbidden=_NOT_FOR_CODE_SIGNING),
 )
 
 # OMS (model_signing) certificates. model-transparency's own signing certificate
@@ -218,7 +212,7 @@ OMS = _profile(
     ca_key_usage_required=False,
     leaf_basic_constraints=None,
     leaf_key_usage=_oms_leaf_usage,
-    leaf_eku=_leaf_eku(required=False),
+    leaf_eku=_leaf_eku(),
 )
 
 
@@ -257,11 +251,7 @@ def verify_chain(
         presented = (leaf, *intermediates)
         reaches = any(c == a or _issued_by(c, a) for c in presented for a in anchors)
         expired = next(
-            (
-                c
-                for c in (leaf, *intermediates)
-                if not c.not_valid_before_utc <= at <= c.not_valid_after_utc
-            ),
+            (c for c in presented if not c.not_valid_before_utc <= at <= c.not_valid_after_utc),
             None,
         )
         raise ChainError(str(exc), outside_validity=expired, reaches_anchor=reaches) from exc
