@@ -140,17 +140,17 @@ def verify_bundle(
 # ---- certificate bundles: sigstore-python ------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
 class _IdentityPolicy:
     """A sigstore ``VerificationPolicy`` with pullgate's exact-or-regexp matching."""
 
-    def __init__(self, identity: KeylessIdentity) -> None:
-        self._identity = identity
+    identity: KeylessIdentity
 
     def verify(self, cert: x509.Certificate) -> None:
         from sigstore.errors import VerificationError
 
         try:
-            check_identity(cert, self._identity)
+            check_identity(cert, self.identity)
         except SignatureError as exc:
             raise VerificationError(str(exc)) from exc
 

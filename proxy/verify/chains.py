@@ -110,7 +110,7 @@ def _leaf_key_usage(*, forbidden: tuple[str, ...] = ()) -> Validator:
     return check
 
 
-def _leaf_eku(*, forbidden: tuple[x509.ObjectIdentifier, ...] = ()) -> Validator:
+def _leaf_eku(forbidden: tuple[x509.ObjectIdentifier, ...]) -> Validator:
     def check(_policy: Any, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
         if eku is not None and EKU.CODE_SIGNING not in eku:
             raise ValueError("signing certificate is not for code signing")
@@ -136,11 +136,12 @@ def _oms_leaf_usage(policy: Any, cert: x509.Certificate, usage: x509.KeyUsage | 
 def _profile(
     name: str,
     *,
-    ca_key_usage_required: bool,
-    leaf_basic_constraints: Validator | None,
-    leaf_key_usage: Validator,
-    leaf_eku: Validator,
+    ca_key_usage_required: bool = False,
+    leaf_basic_constraints: Validator | None = _leaf_not_ca,
+    leaf_key_usage: Validator | None = None,
+    leaf_eku_forbidden: tuple[x509.ObjectIdentifier, ...] = (),
 ) -> ChainProfile:
+    # The defaults are Fulcio's rules (``SIGSTORE``); other formats say how they differ.
     # cryptography refuses a CA policy without basicConstraints, and checks cA and the
     # path length whatever the validator. Signing certificates need not name a host or
     # their issuer's key: no subjectAltName or authorityKeyIdentifier requirement.
@@ -159,8 +160,8 @@ def _profile(
         .may_be_present(x509.SubjectAlternativeName, AGNOSTIC, None)
         .may_be_present(x509.AuthorityKeyIdentifier, AGNOSTIC, None)
         .may_be_present(x509.BasicConstraints, AGNOSTIC, leaf_basic_constraints)
-        .may_be_present(x509.KeyUsage, AGNOSTIC, leaf_key_usage)
-        .may_be_present(x509.ExtendedKeyUsage, AGNOSTIC, leaf_eku)
+        .may_be_present(x509.KeyUsage, AGNOSTIC, leaf_key_usage or _leaf_key_usage())
+        .may_be_present(x509.ExtendedKeyUsage, AGNOSTIC, _leaf_eku(leaf_eku_forbidden))
     )
     return ChainProfile(name, ca, ee)
 
@@ -168,13 +169,7 @@ def _profile(
 # Fulcio leaves: keyUsage digitalSignature; EKU code signing when present (cosign's
 # private-PKI certificates may have none: Go's x509 then allows any purpose). Private
 # PKI CAs often omit keyUsage (Go accepts that); when present it must allow keyCertSign.
-SIGSTORE = _profile(
-    "sigstore",
-    ca_key_usage_required=False,
-    leaf_basic_constraints=_leaf_not_ca,
-    leaf_key_usage=_leaf_key_usage(),
-    leaf_eku=_leaf_eku(),
-)
+SIGSTORE = _profile("sigstore")
 
 # Notary Project signature specification, "Certificate Requirements": CAs carry a
 # critical keyUsage with keyCertSign; the signing certificate is no CA, has keyUsage
@@ -199,21 +194,14 @@ _NOT_FOR_CODE_SIGNING = (
 NOTATION = _profile(
     "notation",
     ca_key_usage_required=True,
-    leaf_basic_constraints=_leaf_not_ca,
     leaf_key_usage=_leaf_key_usage(forbidden=_NOT_FOR_SIGNING),
-    leaf_eku=_leaf_eku(forbidden=_NOT_FOR_CODE_SIGNING),
+    leaf_eku_forbidden=_NOT_FOR_CODE_SIGNING,
 )
 
 # OMS (model_signing) certificates. model-transparency's own signing certificate
 # asserts cA:TRUE with keyUsage digitalSignature only: harmless in an end entity, so
 # the leaf's basicConstraints is not checked. Issuers still must be CAs.
-OMS = _profile(
-    "oms",
-    ca_key_usage_required=False,
-    leaf_basic_constraints=None,
-    leaf_key_usage=_oms_leaf_usage,
-    leaf_eku=_leaf_eku(),
-)
+OMS = _profile("oms", leaf_basic_constraints=None, leaf_key_usage=_oms_leaf_usage)
 
 
 def verify_chain(

@@ -135,9 +135,8 @@ def load_certificates_pem(data: bytes, *, max_count: int = 10) -> list[x509.Cert
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as exc:
+        # Also when no block is a certificate: cryptography refuses to return none.
         raise KeyFormatError(f"not a PEM certificate: {first_line(exc, 120)}") from exc
-    if not certs:
-        raise KeyFormatError("no certificate found")
     return certs
 
 
