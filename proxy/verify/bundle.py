@@ -24,6 +24,11 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from sigstore.errors import Error as SigstoreError
+from sigstore.errors import VerificationError
+from sigstore.hashes import Hashed
+from sigstore.models import Bundle
+from sigstore_models.common.v1 import HashAlgorithm
 
 from proxy.oci.digest import Digest
 from proxy.verify.base import PolicyError, SignatureError, first_line, json_object
@@ -121,18 +126,16 @@ def verify_bundle(
     if doc.get("mediaType") not in BUNDLE_MEDIA_TYPES:
         raise SignatureError(f"unsupported bundle mediaType {str(doc.get('mediaType'))[:80]!r}")
     material = _obj(doc.get("verificationMaterial"), "verificationMaterial")
-    has_key = "publicKey" in material
-    has_cert = "certificate" in material or "x509CertificateChain" in material
     if policy.predicate_type is not None and "dsseEnvelope" not in doc:
         raise SignatureError(
             f"bundle is a plain signature, not an attestation of {policy.predicate_type!r}"
         )
     if policy.identity is not None:
         # 1. Keyless: a bare public key cannot prove an identity (GHSA-fx35-mq7g-6g98).
-        if not has_cert:
+        if "certificate" not in material and "x509CertificateChain" not in material:
             raise SignatureError("bundle carries a bare public key where a certificate is required")
         return _verify_certificate_bundle(raw, artifact_digest, artifact, policy)
-    if not has_key:
+    if "publicKey" not in material:
         raise SignatureError("bundle carries a certificate, but the policy requires a key")
     return _verify_key_bundle(doc, material, artifact_digest, artifact, policy)
 
@@ -147,8 +150,6 @@ class _IdentityPolicy:
     identity: KeylessIdentity
 
     def verify(self, cert: x509.Certificate) -> None:
-        from sigstore.errors import VerificationError
-
         try:
             check_identity(cert, self.identity)
         except SignatureError as exc:
@@ -158,11 +159,6 @@ class _IdentityPolicy:
 def _verify_certificate_bundle(
     raw: bytes, artifact_digest: Digest, artifact: bytes | None, policy: CosignPolicy
 ) -> str:
-    from sigstore.errors import Error as SigstoreError
-    from sigstore.hashes import Hashed
-    from sigstore.models import Bundle
-    from sigstore_models.common.v1 import HashAlgorithm
-
     assert policy.identity is not None
     verifier = policy.sigstore_verifier
     if verifier is None:
@@ -308,11 +304,9 @@ def _check_tlog(
     entries = material.get("tlogEntries") or []
     if not isinstance(entries, list):
         raise SignatureError("bundle tlogEntries is not a list")
-    if not entries:
-        if policy.tlog_required:
-            raise SignatureError("bundle has no transparency log entry (tlog: required)")
-        return
-    if policy.trust is None:
+    if not entries and policy.tlog_required:
+        raise SignatureError("bundle has no transparency log entry (tlog: required)")
+    if not entries or policy.trust is None:
         return
     for raw in entries[:MAX_TLOG_ENTRIES]:
         entry = parse_bundle_entry(raw)

@@ -127,10 +127,8 @@ def _oms_leaf_usage(policy: Any, cert: x509.Certificate, usage: x509.KeyUsage | 
     if usage is not None:
         _leaf_key_usage()(policy, cert, usage)
         return
-    try:
-        cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
-    except x509.ExtensionNotFound:
-        raise ValueError("signing certificate has neither keyUsage nor EKU") from None
+    if not any(isinstance(ext.value, x509.ExtendedKeyUsage) for ext in cert.extensions):
+        raise ValueError("signing certificate has neither keyUsage nor EKU")
 
 
 def _profile(

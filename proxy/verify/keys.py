@@ -63,11 +63,10 @@ class VerificationKey:
     def verify(self, signature: bytes, data: bytes) -> bool:
         """Whether ``signature`` is a valid signature by this key over ``data``."""
         if isinstance(self.key, ed25519.Ed25519PublicKey):
-            try:
+            with contextlib.suppress(InvalidSignature):
                 self.key.verify(signature, data)
-            except InvalidSignature:
-                return False
-            return True
+                return True
+            return False
         algorithms: list[hashes.HashAlgorithm] = [hashes.SHA256()]
         if isinstance(self.key, ec.EllipticCurvePublicKey):
             natural = _CURVE_HASH.get(self.key.curve.name, hashes.SHA256)
@@ -86,9 +85,7 @@ class VerificationKey:
         Ed25519 cannot sign a prehashed message: it always returns False here, and callers
         that may hold an Ed25519 key must pass the message itself to ``verify``.
         """
-        if isinstance(self.key, ed25519.Ed25519PublicKey):
-            return False
-        if len(digest) != algorithm.digest_size:
+        if isinstance(self.key, ed25519.Ed25519PublicKey) or len(digest) != algorithm.digest_size:
             return False
         try:
             if isinstance(self.key, ec.EllipticCurvePublicKey):

@@ -21,8 +21,10 @@ from cryptography import x509
 from cryptography.hazmat import asn1
 from cryptography.x509.oid import ObjectIdentifier
 from sigstore._internal.trust import CertificateAuthority, Key, Keyring, RekorKeyring
-from sigstore.errors import VerificationError
+from sigstore.errors import MetadataError, VerificationError
+from sigstore.models import TrustedRoot
 from sigstore_models.common.v1 import TimeRange
+from sigstore_models.trustroot.v1 import TrustedRoot as TrustedRootDocument
 
 from proxy.verify.base import PolicyError, SignatureError, first_line
 from proxy.verify.chains import SIGSTORE, ChainError, verify_chain
@@ -91,9 +93,6 @@ def _log_keys(instances: Any) -> tuple[LogKey, ...]:
 
 def load_trusted_root(path: Path) -> SigstoreTrustRoot:
     """Load and check a ``trusted_root.json``; any problem is a ``PolicyError``."""
-    from sigstore.models import TrustedRoot
-    from sigstore_models.trustroot.v1 import TrustedRoot as TrustedRootDocument
-
     try:
         with path.open("rb") as handle:
             raw = handle.read(MAX_TRUSTED_ROOT_BYTES + 1)
@@ -103,11 +102,10 @@ def load_trusted_root(path: Path) -> SigstoreTrustRoot:
         raise PolicyError(f"trusted root {path} is larger than {MAX_TRUSTED_ROOT_BYTES} bytes")
     try:
         # What TrustedRoot.from_file does, on the bytes already read (and size-capped).
-        sigstore_root = TrustedRoot(TrustedRootDocument.from_json(raw))
-        document = sigstore_root._inner
+        document = TrustedRootDocument.from_json(raw)
         root = SigstoreTrustRoot(
             path=path,
-            sigstore=sigstore_root,
+            sigstore=TrustedRoot(document),
             certificate_authorities=tuple(
                 CertificateAuthority(authority) for authority in document.certificate_authorities
             ),
@@ -254,12 +252,10 @@ def verify_certificate_chain(
     The path rules (CA bits, path length, Fulcio key usages) are ``chains.SIGSTORE``;
     the CA must also be inside its own ``validFor`` window at ``at``.
     """
-    # Every CA certificate, as sigstore-python's ``TrustedRoot.get_fulcio_certs`` lists them.
-    anchors = [
-        cert for ca in trust.certificate_authorities for cert in ca.certificates(allow_expired=True)
-    ]
-    if not anchors:
-        raise SignatureError("the trusted root has no certificate authorities")
+    try:
+        anchors = trust.sigstore.get_fulcio_certs()  # every CA certificate, expired ones too
+    except MetadataError as exc:
+        raise SignatureError("the trusted root has no certificate authorities") from exc
     try:
         chain = verify_chain(leaf, intermediates, anchors=anchors, at=at, profile=SIGSTORE)
     except ChainError as exc:
