@@ -172,7 +172,7 @@ def verify_entry(trust: SigstoreTrustRoot, entry: LogEntry) -> LogKey:
     """Check the entry's SET and inclusion proof, whichever it has (one at least)."""
     if entry.inclusion_promise is None and entry.inclusion_proof is None:
         raise SignatureError("tlog entry has neither an inclusion promise nor a proof")
-    log = verify_set(trust, entry) if entry.inclusion_promise else find_log(trust, entry)
+    log = find_log(trust, entry) if entry.inclusion_promise is None else verify_set(trust, entry)
     if entry.inclusion_proof is not None:
         verify_inclusion(log, entry)
     return log
