@@ -19,10 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from sigstore.errors import Error as SigstoreError
+from sigstore.errors import VerificationError
+from sigstore.hashes import Hashed
+from sigstore.models import Bundle
+from sigstore_models.common.v1 import HashAlgorithm
 
 from proxy.oci.digest import Digest
 from proxy.verify.base import PolicyError, SignatureError, first_line, json_object
@@ -98,15 +104,6 @@ def _b64(value: Any, what: str) -> bytes:
     return b64_field(value, what=f"bundle {what}")
 
 
-def parse_bundle_json(raw: bytes) -> dict[str, Any]:
-    """Parse the bundle JSON and check its media type (cheap checks before any crypto)."""
-    doc = json_object(raw, "bundle")
-    media_type = doc.get("mediaType")
-    if media_type not in BUNDLE_MEDIA_TYPES:
-        raise SignatureError(f"unsupported bundle mediaType {str(media_type)[:80]!r}")
-    return doc
-
-
 def verify_bundle(
     raw: bytes,
     *,
@@ -124,20 +121,21 @@ def verify_bundle(
         raise SignatureError("bundles sign sha256 digests only")
     if artifact is not None and not artifact_digest.matches(artifact):
         raise SignatureError("artifact bytes do not match the artifact digest")
-    doc = parse_bundle_json(raw)
+    # Cheap checks before any crypto.
+    doc = json_object(raw, "bundle")
+    if doc.get("mediaType") not in BUNDLE_MEDIA_TYPES:
+        raise SignatureError(f"unsupported bundle mediaType {str(doc.get('mediaType'))[:80]!r}")
     material = _obj(doc.get("verificationMaterial"), "verificationMaterial")
-    has_key = "publicKey" in material
-    has_cert = "certificate" in material or "x509CertificateChain" in material
     if policy.predicate_type is not None and "dsseEnvelope" not in doc:
         raise SignatureError(
             f"bundle is a plain signature, not an attestation of {policy.predicate_type!r}"
         )
     if policy.identity is not None:
         # 1. Keyless: a bare public key cannot prove an identity (GHSA-fx35-mq7g-6g98).
-        if not has_cert:
+        if "certificate" not in material and "x509CertificateChain" not in material:
             raise SignatureError("bundle carries a bare public key where a certificate is required")
         return _verify_certificate_bundle(raw, artifact_digest, artifact, policy)
-    if not has_key:
+    if "publicKey" not in material:
         raise SignatureError("bundle carries a certificate, but the policy requires a key")
     return _verify_key_bundle(doc, material, artifact_digest, artifact, policy)
 
@@ -145,17 +143,15 @@ def verify_bundle(
 # ---- certificate bundles: sigstore-python ------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
 class _IdentityPolicy:
     """A sigstore ``VerificationPolicy`` with pullgate's exact-or-regexp matching."""
 
-    def __init__(self, identity: KeylessIdentity) -> None:
-        self._identity = identity
+    identity: KeylessIdentity
 
     def verify(self, cert: x509.Certificate) -> None:
-        from sigstore.errors import VerificationError
-
         try:
-            check_identity(cert, self._identity)
+            check_identity(cert, self.identity)
         except SignatureError as exc:
             raise VerificationError(str(exc)) from exc
 
@@ -163,11 +159,6 @@ class _IdentityPolicy:
 def _verify_certificate_bundle(
     raw: bytes, artifact_digest: Digest, artifact: bytes | None, policy: CosignPolicy
 ) -> str:
-    from sigstore.errors import Error as SigstoreError
-    from sigstore.hashes import Hashed
-    from sigstore.models import Bundle
-    from sigstore_models.common.v1 import HashAlgorithm
-
     assert policy.identity is not None
     verifier = policy.sigstore_verifier
     if verifier is None:
@@ -207,6 +198,7 @@ def _verify_key_bundle(
     assert key is not None
     digest_bytes = bytes.fromhex(artifact_digest.hex)
     signer = SignerIdentity(key)
+    bind: Callable[[LogEntry], None]
     if "messageSignature" in doc and "dsseEnvelope" not in doc:
         # 1. messageSignature: the signed message is the artifact (the manifest).
         message = _obj(doc["messageSignature"], "messageSignature")
@@ -224,15 +216,14 @@ def _verify_key_bundle(
             verified = key.verify_digest(signature, digest_bytes, hashes.SHA256())
         if not verified:
             raise SignatureError(f"bundle signature does not verify with the {key.kind} key")
-        _check_tlog(
-            material,
-            policy,
-            lambda entry: check_hashedrekord_binding(
-                entry, digest_hex=artifact_digest.hex, signature=signature, signer=signer
-            ),
+        what = "bundle message signature"
+        bind = partial(
+            check_hashedrekord_binding,
+            digest_hex=artifact_digest.hex,
+            signature=signature,
+            signer=signer,
         )
-        return "bundle message signature"
-    if "dsseEnvelope" in doc and "messageSignature" not in doc:
+    elif "dsseEnvelope" in doc and "messageSignature" not in doc:
         # 2. DSSE: the signature is over PAE(payloadType, payload); the statement names
         #    the artifact among its subjects.
         envelope = _obj(doc["dsseEnvelope"], "dsseEnvelope")
@@ -244,25 +235,20 @@ def _verify_key_bundle(
         if not isinstance(signatures, list) or not signatures:
             raise SignatureError("DSSE envelope has no signatures")
         pae = dsse_pae(payload_type, payload)
-        verified_sig: bytes | None = None
-        for entry in signatures[:MAX_DSSE_SIGNATURES]:
-            sig = _b64(_obj(entry, "DSSE signature").get("sig"), "DSSE signature")
-            if key.verify(sig, pae):
-                verified_sig = sig
-                break
+        sigs = (
+            _b64(_obj(entry, "DSSE signature").get("sig"), "DSSE signature")
+            for entry in signatures[:MAX_DSSE_SIGNATURES]
+        )
+        verified_sig = next((sig for sig in sigs if key.verify(sig, pae)), None)
         if verified_sig is None:
             raise SignatureError(f"DSSE signature does not verify with the {key.kind} key")
         _check_statement(payload_type, payload, artifact_digest, policy.predicate_type)
-        sig_bytes = verified_sig
-        _check_tlog(
-            material,
-            policy,
-            lambda entry: check_dsse_binding(
-                entry, payload=payload, signature=sig_bytes, signer=signer
-            ),
-        )
-        return "bundle DSSE attestation"
-    raise SignatureError("bundle must have exactly one of messageSignature or dsseEnvelope")
+        what = "bundle DSSE attestation"
+        bind = partial(check_dsse_binding, payload=payload, signature=verified_sig, signer=signer)
+    else:
+        raise SignatureError("bundle must have exactly one of messageSignature or dsseEnvelope")
+    _check_tlog(material, policy, bind)
+    return what
 
 
 def dsse_pae(payload_type: str, payload: bytes) -> bytes:
@@ -283,15 +269,13 @@ def _check_statement(
     subjects = statement.get("subject")
     if not isinstance(subjects, list) or not subjects:
         raise SignatureError("in-toto statement has no subject")
-    found = False
-    for item in subjects[:MAX_STATEMENT_SUBJECTS]:
-        digests = item.get("digest") if isinstance(item, dict) else None
-        if isinstance(digests, dict) and digests.get(artifact_digest.algorithm) == (
-            artifact_digest.hex
-        ):
-            found = True
-            break
-    if not found:
+    digests = [
+        item.get("digest") for item in subjects[:MAX_STATEMENT_SUBJECTS] if isinstance(item, dict)
+    ]
+    if not any(
+        isinstance(d, dict) and d.get(artifact_digest.algorithm) == artifact_digest.hex
+        for d in digests
+    ):
         raise SignatureError(f"in-toto statement is not about {artifact_digest}")
     # A plain cosign requirement takes signatures only: an attestation about the image
     # (provenance, an SBOM) is not an approval of it.
@@ -320,11 +304,9 @@ def _check_tlog(
     entries = material.get("tlogEntries") or []
     if not isinstance(entries, list):
         raise SignatureError("bundle tlogEntries is not a list")
-    if not entries:
-        if policy.tlog_required:
-            raise SignatureError("bundle has no transparency log entry (tlog: required)")
-        return
-    if policy.trust is None:
+    if not entries and policy.tlog_required:
+        raise SignatureError("bundle has no transparency log entry (tlog: required)")
+    if not entries or policy.trust is None:
         return
     for raw in entries[:MAX_TLOG_ENTRIES]:
         entry = parse_bundle_entry(raw)

@@ -97,12 +97,10 @@ def _leaf_not_ca(_policy: Any, _cert: x509.Certificate, bc: x509.BasicConstraint
         raise ValueError("signing certificate basicConstraints asserts cA")
 
 
-def _leaf_key_usage(*, required: bool, forbidden: tuple[str, ...] = ()) -> Validator:
+def _leaf_key_usage(*, forbidden: tuple[str, ...] = ()) -> Validator:
     def check(_policy: Any, _cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
         if usage is None:
-            if required:
-                raise ValueError("signing certificate has no keyUsage extension")
-            return
+            raise ValueError("signing certificate has no keyUsage extension")
         if not usage.digital_signature:
             raise ValueError("signing certificate keyUsage does not allow digitalSignature")
         for bit in forbidden:
@@ -112,15 +110,11 @@ def _leaf_key_usage(*, required: bool, forbidden: tuple[str, ...] = ()) -> Valid
     return check
 
 
-def _leaf_eku(*, required: bool, forbidden: tuple[x509.ObjectIdentifier, ...] = ()) -> Validator:
+def _leaf_eku(forbidden: tuple[x509.ObjectIdentifier, ...]) -> Validator:
     def check(_policy: Any, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
-        if eku is None:
-            if required:
-                raise ValueError("signing certificate is not for code signing (no EKU)")
-            return
-        if EKU.CODE_SIGNING not in eku:
+        if eku is not None and EKU.CODE_SIGNING not in eku:
             raise ValueError("signing certificate is not for code signing")
-        bad = [oid.dotted_string for oid in eku if oid in forbidden]
+        bad = [oid.dotted_string for oid in eku or () if oid in forbidden]
         if bad:
             raise ValueError(f"signing certificate extended key usage must not list {bad[0]}")
 
@@ -131,22 +125,21 @@ def _oms_leaf_usage(policy: Any, cert: x509.Certificate, usage: x509.KeyUsage | 
     # model_signing accepts a signing certificate whose keyUsage allows digitalSignature
     # or, without keyUsage, whose EKU lists code signing (checked by the EKU rule).
     if usage is not None:
-        _leaf_key_usage(required=True)(policy, cert, usage)
+        _leaf_key_usage()(policy, cert, usage)
         return
-    try:
-        cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
-    except x509.ExtensionNotFound:
-        raise ValueError("signing certificate has neither keyUsage nor EKU") from None
+    if not any(isinstance(ext.value, x509.ExtendedKeyUsage) for ext in cert.extensions):
+        raise ValueError("signing certificate has neither keyUsage nor EKU")
 
 
 def _profile(
     name: str,
     *,
-    ca_key_usage_required: bool,
-    leaf_basic_constraints: Validator | None,
-    leaf_key_usage: Validator,
-    leaf_eku: Validator,
+    ca_key_usage_required: bool = False,
+    leaf_basic_constraints: Validator | None = _leaf_not_ca,
+    leaf_key_usage: Validator | None = None,
+    leaf_eku_forbidden: tuple[x509.ObjectIdentifier, ...] = (),
 ) -> ChainProfile:
+    # The defaults are Fulcio's rules (``SIGSTORE``); other formats say how they differ.
     # cryptography refuses a CA policy without basicConstraints, and checks cA and the
     # path length whatever the validator. Signing certificates need not name a host or
     # their issuer's key: no subjectAltName or authorityKeyIdentifier requirement.
@@ -165,8 +158,8 @@ def _profile(
         .may_be_present(x509.SubjectAlternativeName, AGNOSTIC, None)
         .may_be_present(x509.AuthorityKeyIdentifier, AGNOSTIC, None)
         .may_be_present(x509.BasicConstraints, AGNOSTIC, leaf_basic_constraints)
-        .may_be_present(x509.KeyUsage, AGNOSTIC, leaf_key_usage)
-        .may_be_present(x509.ExtendedKeyUsage, AGNOSTIC, leaf_eku)
+        .may_be_present(x509.KeyUsage, AGNOSTIC, leaf_key_usage or _leaf_key_usage())
+        .may_be_present(x509.ExtendedKeyUsage, AGNOSTIC, _leaf_eku(leaf_eku_forbidden))
     )
     return ChainProfile(name, ca, ee)
 
@@ -174,13 +167,7 @@ def _profile(
 # Fulcio leaves: keyUsage digitalSignature; EKU code signing when present (cosign's
 # private-PKI certificates may have none: Go's x509 then allows any purpose). Private
 # PKI CAs often omit keyUsage (Go accepts that); when present it must allow keyCertSign.
-SIGSTORE = _profile(
-    "sigstore",
-    ca_key_usage_required=False,
-    leaf_basic_constraints=_leaf_not_ca,
-    leaf_key_usage=_leaf_key_usage(required=True),
-    leaf_eku=_leaf_eku(required=False),
-)
+SIGSTORE = _profile("sigstore")
 
 # Notary Project signature specification, "Certificate Requirements": CAs carry a
 # critical keyUsage with keyCertSign; the signing certificate is no CA, has keyUsage
@@ -205,21 +192,14 @@ _NOT_FOR_CODE_SIGNING = (
 NOTATION = _profile(
     "notation",
     ca_key_usage_required=True,
-    leaf_basic_constraints=_leaf_not_ca,
-    leaf_key_usage=_leaf_key_usage(required=True, forbidden=_NOT_FOR_SIGNING),
-    leaf_eku=_leaf_eku(required=False, forbidden=_NOT_FOR_CODE_SIGNING),
+    leaf_key_usage=_leaf_key_usage(forbidden=_NOT_FOR_SIGNING),
+    leaf_eku_forbidden=_NOT_FOR_CODE_SIGNING,
 )
 
 # OMS (model_signing) certificates. model-transparency's own signing certificate
 # asserts cA:TRUE with keyUsage digitalSignature only: harmless in an end entity, so
 # the leaf's basicConstraints is not checked. Issuers still must be CAs.
-OMS = _profile(
-    "oms",
-    ca_key_usage_required=False,
-    leaf_basic_constraints=None,
-    leaf_key_usage=_oms_leaf_usage,
-    leaf_eku=_leaf_eku(required=False),
-)
+OMS = _profile("oms", leaf_basic_constraints=None, leaf_key_usage=_oms_leaf_usage)
 
 
 def verify_chain(
@@ -257,11 +237,7 @@ def verify_chain(
         presented = (leaf, *intermediates)
         reaches = any(c == a or _issued_by(c, a) for c in presented for a in anchors)
         expired = next(
-            (
-                c
-                for c in (leaf, *intermediates)
-                if not c.not_valid_before_utc <= at <= c.not_valid_after_utc
-            ),
+            (c for c in presented if not c.not_valid_before_utc <= at <= c.not_valid_after_utc),
             None,
         )
         raise ChainError(str(exc), outside_validity=expired, reaches_anchor=reaches) from exc

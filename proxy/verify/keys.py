@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,7 @@ class KeyFormatError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class VerificationKey:
-    """A supported public key plus a stable id (sha256 of its DER SubjectPublicKeyInfo)."""
+    """A supported public key (of a type and strength ``wrap_key`` accepts)."""
 
     key: PublicKey
 
@@ -52,11 +53,6 @@ class VerificationKey:
         )
 
     @property
-    def key_id(self) -> bytes:
-        """sha256 of the DER SPKI: Rekor's log ID and the bundle ``publicKey.hint`` basis."""
-        return hashlib.sha256(self.spki_der).digest()
-
-    @property
     def kind(self) -> str:
         if isinstance(self.key, ec.EllipticCurvePublicKey):
             return f"ECDSA {self.key.curve.name}"
@@ -64,23 +60,21 @@ class VerificationKey:
             return f"RSA-{self.key.key_size}"
         return "Ed25519"
 
-    def _hashes(self) -> list[hashes.HashAlgorithm]:
-        if isinstance(self.key, ec.EllipticCurvePublicKey):
-            natural = _CURVE_HASH.get(self.key.curve.name, hashes.SHA256)
-            return [natural()] if natural is hashes.SHA256 else [natural(), hashes.SHA256()]
-        return [hashes.SHA256()]
-
     def verify(self, signature: bytes, data: bytes) -> bool:
         """Whether ``signature`` is a valid signature by this key over ``data``."""
         if isinstance(self.key, ed25519.Ed25519PublicKey):
-            try:
+            with contextlib.suppress(InvalidSignature):
                 self.key.verify(signature, data)
-            except InvalidSignature:
-                return False
-            return True
+                return True
+            return False
+        algorithms: list[hashes.HashAlgorithm] = [hashes.SHA256()]
+        if isinstance(self.key, ec.EllipticCurvePublicKey):
+            natural = _CURVE_HASH.get(self.key.curve.name, hashes.SHA256)
+            if natural is not hashes.SHA256:
+                algorithms.insert(0, natural())
         return any(
-            self._verify_digest(signature, _digest(data, algorithm), algorithm)
-            for algorithm in self._hashes()
+            self.verify_digest(signature, hashlib.new(algorithm.name, data).digest(), algorithm)
+            for algorithm in algorithms
         )
 
     def verify_digest(
@@ -91,51 +85,31 @@ class VerificationKey:
         Ed25519 cannot sign a prehashed message: it always returns False here, and callers
         that may hold an Ed25519 key must pass the message itself to ``verify``.
         """
-        if isinstance(self.key, ed25519.Ed25519PublicKey):
+        if isinstance(self.key, ed25519.Ed25519PublicKey) or len(digest) != algorithm.digest_size:
             return False
-        if len(digest) != algorithm.digest_size:
-            return False
-        return self._verify_digest(signature, digest, algorithm)
-
-    def _verify_digest(
-        self, signature: bytes, digest: bytes, algorithm: hashes.HashAlgorithm
-    ) -> bool:
         try:
             if isinstance(self.key, ec.EllipticCurvePublicKey):
                 self.key.verify(signature, digest, ec.ECDSA(Prehashed(algorithm)))
                 return True
-            if isinstance(self.key, rsa.RSAPublicKey):
-                for pad in (
-                    padding.PKCS1v15(),
-                    padding.PSS(mgf=padding.MGF1(algorithm), salt_length=padding.PSS.AUTO),
-                ):
-                    try:
-                        self.key.verify(signature, digest, pad, Prehashed(algorithm))
-                        return True
-                    except InvalidSignature:
-                        continue
+            pss = padding.PSS(mgf=padding.MGF1(algorithm), salt_length=padding.PSS.AUTO)
+            for pad in (padding.PKCS1v15(), pss):
+                with contextlib.suppress(InvalidSignature):
+                    self.key.verify(signature, digest, pad, Prehashed(algorithm))
+                    return True
         except (InvalidSignature, ValueError):
             return False
         return False
 
 
-def _digest(data: bytes, algorithm: hashes.HashAlgorithm) -> bytes:
-    return hashlib.new(algorithm.name, data).digest()
-
-
 def wrap_key(key: object) -> VerificationKey:
     """Accept a loaded public key if it is of a supported type and strength."""
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        if key.curve.name not in _CURVE_HASH:
-            raise KeyFormatError(f"unsupported elliptic curve {key.curve.name}")
-        return VerificationKey(key)
-    if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < MIN_RSA_BITS:
-            raise KeyFormatError(f"RSA key of {key.key_size} bits is too weak")
-        return VerificationKey(key)
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return VerificationKey(key)
-    raise KeyFormatError(f"unsupported public key type {type(key).__name__}")
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in _CURVE_HASH:
+        raise KeyFormatError(f"unsupported elliptic curve {key.curve.name}")
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        raise KeyFormatError(f"RSA key of {key.key_size} bits is too weak")
+    if not isinstance(key, PublicKey):
+        raise KeyFormatError(f"unsupported public key type {type(key).__name__}")
+    return VerificationKey(key)
 
 
 def load_public_key_pem(data: bytes) -> VerificationKey:
@@ -158,9 +132,8 @@ def load_certificates_pem(data: bytes, *, max_count: int = 10) -> list[x509.Cert
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as exc:
+        # Also when no block is a certificate: cryptography refuses to return none.
         raise KeyFormatError(f"not a PEM certificate: {first_line(exc, 120)}") from exc
-    if not certs:
-        raise KeyFormatError("no certificate found")
     return certs
 
 

@@ -53,7 +53,7 @@ from proxy.verify.keys import (
     load_certificates_pem,
     load_public_key_pem,
 )
-from proxy.verify.sigstore_trust import LogKey, SigstoreTrustRoot
+from proxy.verify.sigstore_trust import LogKey, SigstoreTrustRoot, valid_at
 
 MAX_ENTRY_BODY_BYTES = 256 * 1024
 MAX_CHECKPOINT_CHARS = 16 * 1024
@@ -104,9 +104,7 @@ def parse_bundle_entry(raw: Any) -> LogEntry:
 
 def parse_int(value: Any, *, what: str) -> int:
     # cosign's annotation writes numbers; protobuf JSON (int64) writes strings.
-    if isinstance(value, bool):
-        raise SignatureError(f"{what} is not an integer")
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,19}", value):
         return int(value)
@@ -165,7 +163,7 @@ def find_log(trust: SigstoreTrustRoot, entry: LogEntry) -> LogKey:
     log = trust.tlog(log_id)
     if log is None:
         raise SignatureError(f"Rekor log {log_id.hex()[:16]}… is not in the trusted root")
-    if not log.valid_for.contains(entry.integrated_at):
+    if not valid_at(log.valid_for, entry.integrated_at):
         raise SignatureError("Rekor log key was not valid at the entry's integration time")
     return log
 
@@ -174,10 +172,7 @@ def verify_entry(trust: SigstoreTrustRoot, entry: LogEntry) -> LogKey:
     """Check the entry's SET and inclusion proof, whichever it has (one at least)."""
     if entry.inclusion_promise is None and entry.inclusion_proof is None:
         raise SignatureError("tlog entry has neither an inclusion promise nor a proof")
-    if entry.inclusion_promise is not None:
-        log = verify_set(trust, entry)
-    else:
-        log = find_log(trust, entry)
+    log = find_log(trust, entry) if entry.inclusion_promise is None else verify_set(trust, entry)
     if entry.inclusion_proof is not None:
         verify_inclusion(log, entry)
     return log

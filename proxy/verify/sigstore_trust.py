@@ -21,9 +21,12 @@ from cryptography import x509
 from cryptography.hazmat import asn1
 from cryptography.x509.oid import ObjectIdentifier
 from sigstore._internal.trust import CertificateAuthority, Key, Keyring, RekorKeyring
-from sigstore.errors import VerificationError
+from sigstore.errors import MetadataError, VerificationError
+from sigstore.models import TrustedRoot
+from sigstore_models.common.v1 import TimeRange
+from sigstore_models.trustroot.v1 import TrustedRoot as TrustedRootDocument
 
-from proxy.verify.base import PolicyError, SignatureError
+from proxy.verify.base import PolicyError, SignatureError, first_line
 from proxy.verify.chains import SIGSTORE, ChainError, verify_chain
 from proxy.verify.keys import KeyFormatError, VerificationKey, certificate_key
 
@@ -36,21 +39,15 @@ MAX_REGEXP_LENGTH = 1024
 MAX_TRUSTED_ROOT_BYTES = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
-    """A validity window; ``end`` None means open-ended.
+def valid_at(window: TimeRange | None, when: datetime) -> bool:
+    """Whether ``when`` is inside a trusted root's ``validFor`` window (none: always).
 
-    sigstore-python only asks whether a window holds *now*; pullgate asks it of the
-    log's integration time.
+    sigstore-python only asks whether a window holds *now* (``is_timerange_valid``);
+    pullgate asks it of the signing or integration time.
     """
-
-    start: datetime | None
-    end: datetime | None
-
-    def contains(self, when: datetime) -> bool:
-        if self.start is not None and when < self.start:
-            return False
-        return self.end is None or when <= self.end
+    if window is None:
+        return True
+    return window.start <= when and (window.end is None or when <= window.end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +56,7 @@ class LogKey:
 
     log_id: bytes
     keyring: RekorKeyring
-    valid_for: Window
+    valid_for: TimeRange | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,16 +71,7 @@ class SigstoreTrustRoot:
 
     def tlog(self, log_id: bytes) -> LogKey | None:
         """The Rekor log whose log ID is ``log_id``."""
-        for log in self.tlogs:
-            if log.log_id == log_id:
-                return log
-        return None
-
-
-def _window(time_range: Any) -> Window:
-    if time_range is None:
-        return Window(None, None)
-    return Window(time_range.start, time_range.end)
+        return next((log for log in self.tlogs if log.log_id == log_id), None)
 
 
 def _log_keys(instances: Any) -> tuple[LogKey, ...]:
@@ -93,12 +81,11 @@ def _log_keys(instances: Any) -> tuple[LogKey, ...]:
             key = Key(instance.public_key)
         except (VerificationError, ValueError):
             continue  # a key type sigstore-python does not verify with (it skips them too)
-        log_id = instance.log_id.key_id if instance.log_id is not None else None
         out.append(
             LogKey(
-                log_id=bytes(log_id) if log_id else key.key_id,
+                log_id=bytes(instance.log_id.key_id) or key.key_id,
                 keyring=RekorKeyring(Keyring([instance.public_key])),
-                valid_for=_window(instance.public_key.valid_for),
+                valid_for=instance.public_key.valid_for,
             )
         )
     return tuple(out)
@@ -106,9 +93,6 @@ def _log_keys(instances: Any) -> tuple[LogKey, ...]:
 
 def load_trusted_root(path: Path) -> SigstoreTrustRoot:
     """Load and check a ``trusted_root.json``; any problem is a ``PolicyError``."""
-    from sigstore.models import TrustedRoot
-    from sigstore_models.trustroot.v1 import TrustedRoot as TrustedRootDocument
-
     try:
         with path.open("rb") as handle:
             raw = handle.read(MAX_TRUSTED_ROOT_BYTES + 1)
@@ -118,21 +102,17 @@ def load_trusted_root(path: Path) -> SigstoreTrustRoot:
         raise PolicyError(f"trusted root {path} is larger than {MAX_TRUSTED_ROOT_BYTES} bytes")
     try:
         # What TrustedRoot.from_file does, on the bytes already read (and size-capped).
-        sigstore_root = TrustedRoot(TrustedRootDocument.from_json(raw))
-        document = sigstore_root._inner
+        document = TrustedRootDocument.from_json(raw)
         root = SigstoreTrustRoot(
             path=path,
-            sigstore=sigstore_root,
+            sigstore=TrustedRoot(document),
             certificate_authorities=tuple(
                 CertificateAuthority(authority) for authority in document.certificate_authorities
             ),
             tlogs=_log_keys(document.tlogs),
         )
     except Exception as exc:  # pydantic, sigstore and cryptography errors: all "bad file"
-        first = str(exc).strip().splitlines()
-        raise PolicyError(
-            f"trusted root {path} is malformed: {first[0][:200] if first else exc!r}"
-        ) from exc
+        raise PolicyError(f"trusted root {path} is malformed: {first_line(exc)}") from exc
     if not root.certificate_authorities and not root.tlogs:
         raise PolicyError(f"trusted root {path} has neither certificate authorities nor tlogs")
     return root
@@ -201,24 +181,17 @@ def _der_utf8(raw: bytes) -> str | None:
 
 def certificate_issuer(cert: x509.Certificate) -> str | None:
     """The OIDC issuer Fulcio recorded in ``cert`` (v2 extension preferred), if any."""
-    for oid, decode in ((OID_ISSUER_V2, _der_utf8), (OID_ISSUER_V1, _raw_utf8)):
+    for oid, der in ((OID_ISSUER_V2, True), (OID_ISSUER_V1, False)):
         try:
-            ext = cert.extensions.get_extension_for_oid(oid)
+            value = cert.extensions.get_extension_for_oid(oid).value
         except x509.ExtensionNotFound:
             continue
-        value = ext.value
         if isinstance(value, x509.UnrecognizedExtension):
-            decoded = decode(value.value)
-            if decoded is not None:
-                return decoded
+            try:
+                return asn1.decode_der(str, value.value) if der else value.value.decode()
+            except ValueError:  # not a (DER) UTF-8 string: the v1 extension, then none
+                continue
     return None
-
-
-def _raw_utf8(raw: bytes) -> str | None:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 def certificate_identities(cert: x509.Certificate) -> list[str]:
@@ -227,16 +200,17 @@ def certificate_identities(cert: x509.Certificate) -> list[str]:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
-    values: list[str] = []
-    values += san.get_values_for_type(x509.RFC822Name)
-    values += san.get_values_for_type(x509.UniformResourceIdentifier)
-    values += san.get_values_for_type(x509.DNSName)
-    for other in san.get_values_for_type(x509.OtherName):
-        if other.type_id == OID_OTHERNAME_USERNAME:
-            decoded = _der_utf8(other.value)
-            if decoded is not None:
-                values.append(decoded)
-    return values
+    usernames = [
+        _der_utf8(other.value)
+        for other in san.get_values_for_type(x509.OtherName)
+        if other.type_id == OID_OTHERNAME_USERNAME
+    ]
+    return [
+        *san.get_values_for_type(x509.RFC822Name),
+        *san.get_values_for_type(x509.UniformResourceIdentifier),
+        *san.get_values_for_type(x509.DNSName),
+        *(name for name in usernames if name is not None),
+    ]
 
 
 def check_identity(cert: x509.Certificate, identity: KeylessIdentity) -> None:
@@ -278,12 +252,10 @@ def verify_certificate_chain(
     The path rules (CA bits, path length, Fulcio key usages) are ``chains.SIGSTORE``;
     the CA must also be inside its own ``validFor`` window at ``at``.
     """
-    # Every CA certificate, as sigstore-python's ``TrustedRoot.get_fulcio_certs`` lists them.
-    anchors = [
-        cert for ca in trust.certificate_authorities for cert in ca.certificates(allow_expired=True)
-    ]
-    if not anchors:
-        raise SignatureError("the trusted root has no certificate authorities")
+    try:
+        anchors = trust.sigstore.get_fulcio_certs()  # every CA certificate, expired ones too
+    except MetadataError as exc:
+        raise SignatureError("the trusted root has no certificate authorities") from exc
     try:
         chain = verify_chain(leaf, intermediates, anchors=anchors, at=at, profile=SIGSTORE)
     except ChainError as exc:
@@ -292,8 +264,7 @@ def verify_certificate_chain(
         ) from exc
     anchor = chain[-1]
     if not any(
-        anchor in ca.certificates(allow_expired=True)
-        and Window(ca.validity_period_start, ca.validity_period_end).contains(at)
+        anchor in ca.certificates(allow_expired=True) and valid_at(ca._inner.valid_for, at)
         for ca in trust.certificate_authorities
     ):
         raise SignatureError("the certificate authority was not valid at signing time")
