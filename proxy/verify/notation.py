@@ -36,6 +36,7 @@ import datetime as dt
 import io
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,38 +412,33 @@ def parse_envelope(media_type: str, raw: bytes) -> Envelope:
     raise SignatureError(f"unsupported envelope media type {media_type[:80]}")
 
 
-def _key_spec_problem(
-    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, algorithm: str, signature: bytes
-) -> str | None:
-    """Why ``algorithm`` and ``signature`` do not fit the leaf's key under the Notary
-    Project's key specs (RSA 2048/3072/4096 with PS256/384/512; P-256/384/521 with
-    ES256/384/512, as notation-go checks), or None. ECDSA's r || s is exactly two
-    curve-size integers: jwcrypto splits any length in half, so a padded or odd-length
-    encoding of a valid signature would verify as another envelope."""
-    name = f"{key.key_size}-bit RSA" if isinstance(key, rsa.RSAPublicKey) else key.curve.name
-    if (spec := KEY_SPECS.get(name)) is None:
-        return f"a {name[:40]} key is not a Notary Project key spec ({', '.join(KEY_SPECS)})"
-    wanted, size = spec
-    if algorithm != wanted:
-        return f"{algorithm[:20]} is not the algorithm of a {name} key ({wanted})"
-    if size and len(signature) != 2 * size:
-        return f"an {algorithm} signature of {len(signature)} bytes, not {2 * size} bytes (r || s)"
-    return None
-
-
 def _verify_signature(envelope: Envelope) -> None:
     """Integrity, by jwcrypto for both envelopes: COSE_Sign1 signs with the JOSE
     algorithms and their encodings (RFC 9053 section 2.1: ECDSA as r || s; RFC 8230:
     PSS with the hash's length as salt), so its JWA verifies the Sig_structure too.
-    The algorithm and the signature's length must fit the leaf's key spec first."""
+
+    The algorithm and the signature's length must fit the leaf's key first, under the
+    Notary Project's key specs, as notation-go checks. ECDSA's r || s is exactly two
+    curve-size integers: jwcrypto splits any length in half, so a padded or odd-length
+    encoding of a valid signature would verify as another envelope."""
     key = envelope.chain[0].public_key()
-    algorithm = envelope.algorithm
+    algorithm, signature = envelope.algorithm, envelope.signature
     if algorithm not in COSE_ALGORITHMS.values():
         raise SignatureError(f"unsupported signature algorithm {algorithm[:20]}")
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise SignatureError(f"{algorithm} needs an RSA or EC key")
-    problem = _key_spec_problem(key, algorithm, envelope.signature)
-    if problem is not None:
+    name = f"{key.key_size}-bit RSA" if isinstance(key, rsa.RSAPublicKey) else key.curve.name
+    wanted, size = KEY_SPECS.get(name, ("", 0))
+    problem = ""
+    if not wanted:
+        problem = f"a {name[:40]} key is not a Notary Project key spec ({', '.join(KEY_SPECS)})"
+    elif algorithm != wanted:
+        problem = f"{algorithm} is not the algorithm of a {name} key ({wanted})"
+    elif size and len(signature) != 2 * size:
+        problem = (
+            f"an {algorithm} signature of {len(signature)} bytes, not {2 * size} bytes (r || s)"
+        )
+    if problem:
         raise SignatureError(f"the envelope's signature does not verify (integrity): {problem}")
     try:
         public = jwk.JWK.from_pyca(key)
@@ -475,28 +471,20 @@ _DN_OIDS = {
 }
 
 
-def _parse_dn(text: str) -> set[tuple[str, str]]:
-    parts, current, escaped = [], "", False
-    for char in text:
-        if escaped:
-            current += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ",":
-            parts.append(current)
-            current = ""
+def _parse_dn(text: str) -> set[tuple[str, str]] | None:
+    """Notation's ``C=US, ST=WA, O=...`` as (OID, value) pairs; None if not one.
+    ``x509.Name.from_rfc4514_string`` refuses the spaces after the commas."""
+    parts = [""]
+    # Split at commas; a backslash escapes the next character (a comma too).
+    for token in re.split(r"(\\.?|,)", text, flags=re.DOTALL):
+        if token == ",":
+            parts.append("")
         else:
-            current += char
-    parts.append(current)
-    out = set()
-    for part in parts:
-        key, sep, value = part.strip().partition("=")
-        oid = _DN_OIDS.get(key.strip())
-        if not sep or oid is None:
-            return {("invalid", text)}
-        out.add((oid.dotted_string, value.strip()))
-    return out
+            parts[-1] += token.removeprefix("\\")
+    pairs = [part.partition("=") for part in parts]
+    if any(not sep or key.strip() not in _DN_OIDS for key, sep, _ in pairs):
+        return None
+    return {(_DN_OIDS[key.strip()].dotted_string, value.strip()) for key, _, value in pairs}
 
 
 # ---- the verifier ----------------------------------------------------------------------
