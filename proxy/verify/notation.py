@@ -9,9 +9,9 @@ a ``trustpolicy.json`` read as is, and a trust store laid out as
 Verification of one envelope, numbered as the checks run:
 
 1. parse the envelope; its signed payload names the target descriptor;
-2. integrity: the signature over the signing input verifies with the leaf key, with the
+2. critical headers: every ``crit`` entry is understood (plugins are not supported);
+3. integrity: the signature over the signing input verifies with the leaf key, with the
    algorithm the envelope declares (PS256/384/512, ES256/384/512);
-3. critical headers: every ``crit`` entry is understood (plugins are not supported);
 4. the target descriptor's digest, size and media type equal the manifest's;
 5. authenticity: the x5c chain reaches a trust anchor of the statement's stores of the
    signing scheme's type (``ca`` for ``notary.x509``, ``signingAuthority`` for
@@ -198,9 +198,7 @@ def load_store(root: Path, kind: str, name: str) -> list[x509.Certificate]:
     if not directory.is_dir():
         raise PolicyError(f"trust store {kind}:{name} not found at {directory}")
     certificates: list[x509.Certificate] = []
-    for path in sorted(directory.iterdir())[:MAX_STORE_FILES]:
-        if not path.is_file():
-            continue
+    for path in filter(Path.is_file, sorted(directory.iterdir())[:MAX_STORE_FILES]):
         data = path.read_bytes()
         try:
             if b"-----BEGIN" in data:
@@ -252,8 +250,7 @@ def _time(value: Any, what: str) -> dt.datetime | None:
             value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError as exc:
             raise SignatureError(f"{what} {value[:40]!r} is not an RFC 3339 time") from exc
-    # COSE: CBOR tag 1 (epoch) or 0, decoded by cbor2
-    if not isinstance(value, dt.datetime):
+    if not isinstance(value, dt.datetime):  # else COSE's CBOR tag 1 or 0, decoded by cbor2
         raise SignatureError(f"{what} is not a time")
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
@@ -314,12 +311,12 @@ def parse_jws(raw: bytes) -> Envelope:
     try:
         token.deserialize(raw.decode())
         protected = json.loads(token.objects["protected"])
-        payload = json.loads(token.objects["payload"])
     except (JWException, KeyError, ValueError) as exc:
         raise SignatureError(f"JWS envelope does not parse: {first_line(exc, 120)}") from exc
     header = token.objects.get("header")
     if not isinstance(protected, dict) or not isinstance(header, dict):
         raise SignatureError("JWS headers are missing")
+    payload = json_object(token.objects["payload"], "JWS payload")
     if protected.get("cty") != PAYLOAD_TYPE:
         raise SignatureError(f"JWS content type is not {PAYLOAD_TYPE}")
     if "b64" in protected:
@@ -354,10 +351,7 @@ def parse_cose(raw: bytes) -> Envelope:
         raise SignatureError("COSE_Sign1 fields have the wrong types")
     protected = _cose_header(cbor_item(protected_raw, "COSE protected header"), "protected")
     unprotected = _cose_header(unprotected_raw, "unprotected")
-    try:
-        payload = json.loads(payload_raw)
-    except ValueError as exc:
-        raise SignatureError("COSE payload is not JSON") from exc
+    payload = json_object(payload_raw, "COSE payload")
     if protected.get(3) != PAYLOAD_TYPE:
         raise SignatureError(f"COSE content type is not {PAYLOAD_TYPE}")
     algorithm = protected.get(1)
@@ -389,7 +383,7 @@ def _envelope(*, headers: Mapping[Any, Any], critical: Any, **fields: Any) -> En
         ),
         expiry=_time(headers.get("io.cncf.notary.expiry"), "expiry"),
     )
-    # 3. Critical headers, before integrity: jwcrypto refuses an unknown one as a bad
+    # 2. Critical headers, before integrity: jwcrypto refuses an unknown one as a bad
     #    signature, and no verification plugin could understand any other.
     if "io.cncf.notary.signingScheme" not in names:
         raise SignatureError("signingScheme is not marked critical")
@@ -574,18 +568,13 @@ class NotationVerifier:
         """None if the envelope verifies for ``subject`` under ``statement``; else why not."""
         try:
             envelope = parse_envelope(media_type, raw)
-            return self._check(envelope, subject, statement)
+            # 3. Integrity, always enforced.
+            _verify_signature(envelope)
         except SignatureError as exc:
             return str(exc)
-
-    def _check(self, envelope: Envelope, subject: Subject, statement: TrustStatement) -> str | None:
         now = self._clock()
-        # 2. Integrity, always enforced (3., the critical headers, was checked by parsing).
-        _verify_signature(envelope)
         # 4. The signed target must be exactly this manifest.
-        target = (
-            envelope.payload.get("targetArtifact") if isinstance(envelope.payload, dict) else None
-        )
+        target = envelope.payload.get("targetArtifact")
         if not isinstance(target, dict):
             return "payload has no targetArtifact"
         for field, name, value in (
@@ -626,34 +615,32 @@ def _chain_problems(
     chain: tuple[x509.Certificate, ...], anchors: list[x509.Certificate], at: dt.datetime
 ) -> list[tuple[str, str]]:
     """The (check, reason) pairs the x5c chain fails at ``at``: ``authenticTimestamp``
-    for a certificate outside its validity, ``authenticity`` for the path."""
-    untrusted = "the certificate chain does not verify to the trust store: {}"
-    try:
-        verify_chain(chain[0], chain[1:], anchors=anchors, at=at, profile=NOTATION)
-        return []
-    except ChainError as exc:
-        if (cert := exc.outside_validity) is None:
-            return [("authenticity", untrusted.format(exc) if exc.reaches_anchor else UNTRUSTED)]
-        valid = f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}"
-        name = cert.subject.rfc4514_string()[:120]
-        problem = f"certificate {name} is not valid at {at:%Y-%m-%dT%H:%M:%SZ} (valid {valid})"
-        problems = [("authenticTimestamp", problem)]
-    # A time check that is only logged must not waive authenticity: the path is built
-    # again at the latest notBefore (refused if the validity periods do not overlap).
+    for a certificate outside its validity, ``authenticity`` for the path.
+
+    A time check that is only logged must not waive authenticity: a path refused at
+    ``at`` for a certificate's validity is built again at the latest notBefore (refused
+    if the validity periods do not overlap)."""
+    problems: list[tuple[str, str]] = []
     start = max(c.not_valid_before_utc for c in chain)
-    try:
-        if start > min(c.not_valid_after_utc for c in chain):
-            raise ChainError("the certificates' validity periods do not overlap")
-        verify_chain(chain[0], chain[1:], anchors=anchors, at=start, profile=NOTATION)
-    except ChainError as exc:
-        reason = untrusted.format(exc) if exc.reaches_anchor else UNTRUSTED
-        problems.append(("authenticity", reason))
+    for when in (at, start):
+        try:
+            if problems and start > min(c.not_valid_after_utc for c in chain):
+                raise ChainError("the certificates' validity periods do not overlap")
+            verify_chain(chain[0], chain[1:], anchors=anchors, at=when, profile=NOTATION)
+            return problems
+        except ChainError as exc:
+            if problems or (cert := exc.outside_validity) is None:
+                reason = f"the certificate chain does not verify to the trust store: {exc}"
+                return [*problems, ("authenticity", reason if exc.reaches_anchor else UNTRUSTED)]
+            valid = f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}"
+            name = cert.subject.rfc4514_string()[:120]
+            problem = f"certificate {name} is not valid at {at:%Y-%m-%dT%H:%M:%SZ} (valid {valid})"
+            problems.append(("authenticTimestamp", problem))
     return problems
 
 
 def notation_verifier_from_spec(spec: Mapping[str, Any], *, base_dir: Path) -> NotationVerifier:
-    unknown = set(spec) - {"trustPolicy", "trustStore"}
-    if unknown:
+    if unknown := set(spec) - {"trustPolicy", "trustStore"}:
         raise PolicyError(f"unknown keys {sorted(unknown)}; known: trustPolicy, trustStore")
     policy_path, store_path = spec.get("trustPolicy"), spec.get("trustStore")
     if not isinstance(policy_path, str) or not isinstance(store_path, str):
