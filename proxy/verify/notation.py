@@ -184,15 +184,6 @@ def load_trust_policy(path: Path) -> tuple[TrustStatement, ...]:
     return tuple(out)
 
 
-def select_statement(statements: tuple[TrustStatement, ...], name: str) -> TrustStatement | None:
-    """The statement naming ``registry/repository`` exactly, else the ``*`` one."""
-    for scope in (name, "*"):
-        for statement in statements:
-            if scope in statement.scopes:
-                return statement
-    return None
-
-
 def load_store(root: Path, kind: str, name: str) -> list[x509.Certificate]:
     directory = root / "x509" / kind / name
     if not directory.is_dir():
@@ -220,7 +211,6 @@ def load_store(root: Path, kind: str, name: str) -> list[x509.Certificate]:
 @dataclass(frozen=True, slots=True)
 class Envelope:
     algorithm: str
-    signing_input: bytes
     signature: bytes
     payload: Mapping[str, Any]
     chain: tuple[x509.Certificate, ...]
@@ -229,20 +219,21 @@ class Envelope:
     expiry: dt.datetime | None
     jws: jws.JWS | None = None
     """A JWS envelope, verified by jwcrypto; COSE is verified over ``signing_input``."""
+    signing_input: bytes = b""
 
 
-def _certificates(
-    encoded: Any, decode: Callable[[Any], bytes] = bytes
-) -> tuple[x509.Certificate, ...]:
-    if not isinstance(encoded, list | tuple) or not encoded or len(encoded) > MAX_CHAIN:
+def _certificates(items: Any, decode: Callable[[Any], bytes]) -> tuple[x509.Certificate, ...]:
+    if not isinstance(items, list | tuple) or not items or len(items) > MAX_CHAIN:
         raise SignatureError("the envelope's certificate chain is missing or too long")
     try:
-        return tuple(x509.load_der_x509_certificate(decode(d)) for d in encoded)
+        return tuple(x509.load_der_x509_certificate(decode(item)) for item in items)
     except (ValueError, TypeError) as exc:
         raise SignatureError("the envelope's certificate chain does not parse") from exc
 
 
-def _time(value: Any, what: str) -> dt.datetime | None:
+def _time(headers: Mapping[Any, Any], what: str) -> dt.datetime | None:
+    """The time in header ``io.cncf.notary.<what>``, if set."""
+    value: Any = headers.get(f"io.cncf.notary.{what}")
     if value is None:
         return None
     if isinstance(value, str):
@@ -323,7 +314,6 @@ def parse_jws(raw: bytes) -> Envelope:
         raise SignatureError("JWS with an unencoded payload (b64) is not a Notation envelope")
     return _envelope(
         algorithm=str(protected.get("alg")),
-        signing_input=b"",
         signature=token.objects["signature"],
         jws=token,
         payload=payload,
@@ -355,15 +345,14 @@ def parse_cose(raw: bytes) -> Envelope:
     if protected.get(3) != PAYLOAD_TYPE:
         raise SignatureError(f"COSE content type is not {PAYLOAD_TYPE}")
     algorithm = protected.get(1)
+    name = COSE_ALGORITHMS.get(algorithm) if isinstance(algorithm, int) else None
     return _envelope(
-        algorithm=COSE_ALGORITHMS.get(algorithm, str(algorithm)[:20])
-        if isinstance(algorithm, int)
-        else str(algorithm)[:20],
+        algorithm=name or str(algorithm)[:20],
         # RFC 9052 section 4.4: Sig_structure = ["Signature1", protected, aad, payload]
         signing_input=cbor2.dumps(["Signature1", protected_raw, b"", payload_raw]),
         signature=signature,
         payload=payload,
-        chain=_certificates(unprotected.get(33)),
+        chain=_certificates(unprotected.get(33), bytes),
         headers=protected,
         critical=protected.get(2),
     )
@@ -374,14 +363,12 @@ def _envelope(*, headers: Mapping[Any, Any], critical: Any, **fields: Any) -> En
     the critical ones are known to be those Notation defines."""
     critical = critical or []
     names = tuple(map(str, critical)) if isinstance(critical, list | tuple) else ("<invalid>",)
-    _time(headers.get("io.cncf.notary.signingTime"), "signingTime")  # refused if malformed
+    _time(headers, "signingTime")  # refused if malformed
     envelope = Envelope(
         **fields,
         scheme=str(headers.get("io.cncf.notary.signingScheme")),
-        authentic_signing_time=_time(
-            headers.get("io.cncf.notary.authenticSigningTime"), "authenticSigningTime"
-        ),
-        expiry=_time(headers.get("io.cncf.notary.expiry"), "expiry"),
+        authentic_signing_time=_time(headers, "authenticSigningTime"),
+        expiry=_time(headers, "expiry"),
     )
     # 2. Critical headers, before integrity: jwcrypto refuses an unknown one as a bad
     #    signature, and no verification plugin could understand any other.
@@ -445,14 +432,6 @@ def _verify_signature(envelope: Envelope) -> None:
         raise SignatureError("the envelope's signature does not verify (integrity)") from exc
 
 
-def _subject_matches(identity: str, subject: x509.Name) -> bool:
-    if identity == "*":
-        return True
-    wanted = _parse_dn(identity.removeprefix("x509.subject:"))
-    have = {(attr.oid.dotted_string, str(attr.value)) for attr in subject}
-    return wanted == have
-
-
 _DN_OIDS = {
     "CN": NameOID.COMMON_NAME,
     "O": NameOID.ORGANIZATION_NAME,
@@ -465,20 +444,24 @@ _DN_OIDS = {
 }
 
 
-def _parse_dn(text: str) -> set[tuple[str, str]] | None:
-    """Notation's ``C=US, ST=WA, O=...`` as (OID, value) pairs; None if not one.
-    ``x509.Name.from_rfc4514_string`` refuses the spaces after the commas."""
+def _subject_matches(identity: str, subject: x509.Name) -> bool:
+    """Whether ``subject`` has exactly the attributes of ``identity``, ``*`` or Notation's
+    ``x509.subject:C=US, ST=WA, ...`` (``x509.Name.from_rfc4514_string`` refuses the
+    spaces after the commas). An attribute type not listed in ``_DN_OIDS`` matches none."""
+    if identity == "*":
+        return True
     parts = [""]
     # Split at commas; a backslash escapes the next character (a comma too).
-    for token in re.split(r"(\\.?|,)", text, flags=re.DOTALL):
+    for token in re.split(r"(\\.?|,)", identity.removeprefix("x509.subject:"), flags=re.DOTALL):
         if token == ",":
             parts.append("")
         else:
             parts[-1] += token.removeprefix("\\")
     pairs = [part.partition("=") for part in parts]
     if any(not sep or key.strip() not in _DN_OIDS for key, sep, _ in pairs):
-        return None
-    return {(_DN_OIDS[key.strip()].dotted_string, value.strip()) for key, _, value in pairs}
+        return False
+    wanted = {(_DN_OIDS[key.strip()].dotted_string, value.strip()) for key, _, value in pairs}
+    return wanted == {(attr.oid.dotted_string, str(attr.value)) for attr in subject}
 
 
 # ---- the verifier ----------------------------------------------------------------------
@@ -511,7 +494,11 @@ class NotationVerifier:
         )
 
     async def verify(self, subject: Subject, source: ArtifactSource, limits: Limits) -> CheckResult:
-        statement = select_statement(self._statements, subject.name)
+        # The statement naming ``registry/repository`` exactly, else the ``*`` one.
+        scopes = (subject.name, "*")
+        statement = next(
+            (s for scope in scopes for s in self._statements if scope in s.scopes), None
+        )
         if statement is None:
             return CheckResult(False, f"no Notation trust policy statement covers {subject.name}")
         if statement.level == "skip":
