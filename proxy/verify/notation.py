@@ -9,9 +9,9 @@ a ``trustpolicy.json`` read as is, and a trust store laid out as
 Verification of one envelope, numbered as the checks run:
 
 1. parse the envelope; its signed payload names the target descriptor;
-2. integrity: the signature over the signing input verifies with the leaf key, with the
+2. critical headers: every ``crit`` entry is understood (plugins are not supported);
+3. integrity: the signature over the signing input verifies with the leaf key, with the
    algorithm the envelope declares (PS256/384/512, ES256/384/512);
-3. critical headers: every ``crit`` entry is understood (plugins are not supported);
 4. the target descriptor's digest, size and media type equal the manifest's;
 5. authenticity: the x5c chain reaches a trust anchor of the statement's stores of the
    signing scheme's type (``ca`` for ``notary.x509``, ``signingAuthority`` for
@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import datetime as dt
 import io
 import json
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,10 +50,8 @@ from cryptography.x509.oid import NameOID
 from jwcrypto import jwa, jwk, jws
 from jwcrypto.common import JWException, JWSEHeaderParameter, base64url_decode, base64url_encode
 
-from proxy.oci.errors import (
-    OCIError,
-)
-from proxy.oci.manifest import Descriptor, Manifest
+from proxy.oci.errors import OCIError
+from proxy.oci.manifest import Descriptor
 from proxy.pipeline.gate import ArtifactSource
 from proxy.verify.base import (
     TRANSIENT_ERRORS,
@@ -68,7 +66,7 @@ from proxy.verify.base import (
     json_object,
     list_referrers,
 )
-from proxy.verify.chains import NOTATION, ChainError, verify_chain
+from proxy.verify.chains import MAX_CHAIN, NOTATION, ChainError, verify_chain
 
 log = logging.getLogger("pullgate.verify.notation")
 
@@ -91,25 +89,25 @@ COSE_ALGORITHMS = {
     -35: "ES384",
     -36: "ES512",
 }
-# The Notary Project's key specs and the one algorithm each signs with.
-RSA_KEY_SPECS = {2048: "PS256", 3072: "PS384", 4096: "PS512"}
-EC_KEY_SPECS = {"secp256r1": ("ES256", 32), "secp384r1": ("ES384", 48), "secp521r1": ("ES512", 66)}
+# The Notary Project's key specs: the one algorithm each signs with and, for ECDSA, the
+# size of r and of s in the signature.
+KEY_SPECS = {
+    "2048-bit RSA": ("PS256", 0),
+    "3072-bit RSA": ("PS384", 0),
+    "4096-bit RSA": ("PS512", 0),
+    "secp256r1": ("ES256", 32),
+    "secp384r1": ("ES384", 48),
+    "secp521r1": ("ES512", 66),
+}
 CHECKS = ("integrity", "authenticity", "authenticTimestamp", "expiry", "revocation")
 LEVELS: dict[str, dict[str, str]] = {
     "strict": dict.fromkeys(CHECKS, "enforce"),
-    "permissive": {
-        "integrity": "enforce",
-        "authenticity": "enforce",
-        "authenticTimestamp": "log",
-        "expiry": "log",
-        "revocation": "log",
-    },
-    "audit": {"integrity": "enforce", **dict.fromkeys(CHECKS[1:], "log")},
+    "permissive": {**dict.fromkeys(CHECKS[:2], "enforce"), **dict.fromkeys(CHECKS[2:], "log")},
+    "audit": {**dict.fromkeys(CHECKS[:1], "enforce"), **dict.fromkeys(CHECKS[1:], "log")},
     "skip": dict.fromkeys(CHECKS, "skip"),
 }
 STORE_TYPES = ("ca", "signingAuthority", "tsa")
 MAX_STORE_FILES = 256
-MAX_CHAIN = 10
 MAX_CBOR_DEPTH = 16
 UNTRUSTED = "the certificate chain does not reach a certificate in the trust store"
 
@@ -143,11 +141,7 @@ def load_trust_policy(path: Path) -> tuple[TrustStatement, ...]:
         if not isinstance(raw, dict):
             raise PolicyError(f"{where} must be an object")
         scopes = raw.get("registryScopes")
-        if (
-            not isinstance(scopes, list)
-            or not scopes
-            or not all(isinstance(s, str) for s in scopes)
-        ):
+        if not (isinstance(scopes, list) and scopes and all(isinstance(s, str) for s in scopes)):
             raise PolicyError(f"{where}.registryScopes must be a non-empty list")
         if "*" in scopes and len(scopes) > 1:
             raise PolicyError(f"{where}: '*' must be the only registry scope")
@@ -183,22 +177,11 @@ def load_trust_policy(path: Path) -> tuple[TrustStatement, ...]:
                 scopes=tuple(scopes),
                 level=level,
                 actions=actions,
-                stores=tuple(stores),
+                stores=tuple(dict.fromkeys(stores)),
                 identities=tuple(map(str, identities)),
             )
         )
     return tuple(out)
-
-
-def select_statement(statements: tuple[TrustStatement, ...], name: str) -> TrustStatement | None:
-    """The statement naming ``registry/repository`` exactly, else the ``*`` one."""
-    for statement in statements:
-        if name in statement.scopes:
-            return statement
-    for statement in statements:
-        if "*" in statement.scopes:
-            return statement
-    return None
 
 
 def load_store(root: Path, kind: str, name: str) -> list[x509.Certificate]:
@@ -206,9 +189,7 @@ def load_store(root: Path, kind: str, name: str) -> list[x509.Certificate]:
     if not directory.is_dir():
         raise PolicyError(f"trust store {kind}:{name} not found at {directory}")
     certificates: list[x509.Certificate] = []
-    for path in sorted(directory.iterdir())[:MAX_STORE_FILES]:
-        if not path.is_file():
-            continue
+    for path in filter(Path.is_file, sorted(directory.iterdir())[:MAX_STORE_FILES]):
         data = path.read_bytes()
         try:
             if b"-----BEGIN" in data:
@@ -230,41 +211,39 @@ def load_store(root: Path, kind: str, name: str) -> list[x509.Certificate]:
 @dataclass(frozen=True, slots=True)
 class Envelope:
     algorithm: str
-    signing_input: bytes
     signature: bytes
     payload: Mapping[str, Any]
     chain: tuple[x509.Certificate, ...]
     scheme: str
-    critical: tuple[str, ...]
-    signing_time: dt.datetime | None
     authentic_signing_time: dt.datetime | None
     expiry: dt.datetime | None
-    extra_critical: tuple[str, ...]
     jws: jws.JWS | None = None
     """A JWS envelope, verified by jwcrypto; COSE is verified over ``signing_input``."""
+    signing_input: bytes = b""
 
 
-def _certificates(ders: Any) -> tuple[x509.Certificate, ...]:
-    if not isinstance(ders, list | tuple) or not ders or len(ders) > MAX_CHAIN:
+def _certificates(items: Any, decode: Callable[[Any], bytes]) -> tuple[x509.Certificate, ...]:
+    if not isinstance(items, list | tuple) or not items or len(items) > MAX_CHAIN:
         raise SignatureError("the envelope's certificate chain is missing or too long")
     try:
-        return tuple(x509.load_der_x509_certificate(bytes(d)) for d in ders)
+        return tuple(x509.load_der_x509_certificate(decode(item)) for item in items)
     except (ValueError, TypeError) as exc:
         raise SignatureError("the envelope's certificate chain does not parse") from exc
 
 
-def _time(value: Any, what: str) -> dt.datetime | None:
+def _time(headers: Mapping[Any, Any], what: str) -> dt.datetime | None:
+    """The time in header ``io.cncf.notary.<what>``, if set."""
+    value: Any = headers.get(f"io.cncf.notary.{what}")
     if value is None:
         return None
-    if isinstance(value, dt.datetime):  # COSE: CBOR tag 1 (epoch) or 0, decoded by cbor2
-        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
     if isinstance(value, str):
         try:
-            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError as exc:
             raise SignatureError(f"{what} {value[:40]!r} is not an RFC 3339 time") from exc
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
-    raise SignatureError(f"{what} is not a time")
+    if not isinstance(value, dt.datetime):  # else COSE's CBOR tag 1 or 0, decoded by cbor2
+        raise SignatureError(f"{what} is not a time")
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def cbor_item(data: bytes, what: str) -> Any:
@@ -323,32 +302,24 @@ def parse_jws(raw: bytes) -> Envelope:
     try:
         token.deserialize(raw.decode())
         protected = json.loads(token.objects["protected"])
-        payload = json.loads(token.objects["payload"])
     except (JWException, KeyError, ValueError) as exc:
         raise SignatureError(f"JWS envelope does not parse: {first_line(exc, 120)}") from exc
     header = token.objects.get("header")
     if not isinstance(protected, dict) or not isinstance(header, dict):
         raise SignatureError("JWS headers are missing")
+    payload = json_object(token.objects["payload"], "JWS payload")
     if protected.get("cty") != PAYLOAD_TYPE:
         raise SignatureError(f"JWS content type is not {PAYLOAD_TYPE}")
     if "b64" in protected:
         raise SignatureError("JWS with an unencoded payload (b64) is not a Notation envelope")
-    chain_b64 = header.get("x5c")
-    if not isinstance(chain_b64, list):
-        raise SignatureError("JWS header has no x5c certificate chain")
-    try:
-        ders = [base64.b64decode(c, validate=True) for c in chain_b64]
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise SignatureError("JWS x5c is not base64") from exc
     return _envelope(
         algorithm=str(protected.get("alg")),
-        signing_input=b"",
-        signature=b"",
+        signature=token.objects["signature"],
         jws=token,
         payload=payload,
-        chain=_certificates(ders),
+        chain=_certificates(header.get("x5c"), lambda c: base64.b64decode(c, validate=True)),
         headers=protected,
-        critical=protected.get("crit") or [],
+        critical=protected.get("crit"),
     )
 
 
@@ -370,41 +341,48 @@ def parse_cose(raw: bytes) -> Envelope:
         raise SignatureError("COSE_Sign1 fields have the wrong types")
     protected = _cose_header(cbor_item(protected_raw, "COSE protected header"), "protected")
     unprotected = _cose_header(unprotected_raw, "unprotected")
-    try:
-        payload = json.loads(payload_raw)
-    except ValueError as exc:
-        raise SignatureError("COSE payload is not JSON") from exc
+    payload = json_object(payload_raw, "COSE payload")
     if protected.get(3) != PAYLOAD_TYPE:
         raise SignatureError(f"COSE content type is not {PAYLOAD_TYPE}")
     algorithm = protected.get(1)
+    name = COSE_ALGORITHMS.get(algorithm) if isinstance(algorithm, int) else None
     return _envelope(
-        algorithm=COSE_ALGORITHMS.get(algorithm, str(algorithm)[:20])
-        if isinstance(algorithm, int)
-        else str(algorithm)[:20],
+        algorithm=name or str(algorithm)[:20],
         # RFC 9052 section 4.4: Sig_structure = ["Signature1", protected, aad, payload]
         signing_input=cbor2.dumps(["Signature1", protected_raw, b"", payload_raw]),
         signature=signature,
         payload=payload,
-        chain=_certificates(unprotected.get(33)),
+        chain=_certificates(unprotected.get(33), bytes),
         headers=protected,
-        critical=protected.get(2) or [],
+        critical=protected.get(2),
     )
 
 
 def _envelope(*, headers: Mapping[Any, Any], critical: Any, **fields: Any) -> Envelope:
-    """An ``Envelope`` with the Notary Project headers, named alike in JWS and COSE."""
+    """An ``Envelope`` with the Notary Project headers, named alike in JWS and COSE, once
+    the critical ones are known to be those Notation defines."""
+    critical = critical or []
     names = tuple(map(str, critical)) if isinstance(critical, list | tuple) else ("<invalid>",)
-    return Envelope(
+    _time(headers, "signingTime")  # refused if malformed
+    envelope = Envelope(
         **fields,
         scheme=str(headers.get("io.cncf.notary.signingScheme")),
-        critical=names,
-        signing_time=_time(headers.get("io.cncf.notary.signingTime"), "signingTime"),
-        authentic_signing_time=_time(
-            headers.get("io.cncf.notary.authenticSigningTime"), "authenticSigningTime"
-        ),
-        expiry=_time(headers.get("io.cncf.notary.expiry"), "expiry"),
-        extra_critical=tuple(c for c in names if c not in KNOWN_CRITICAL),
+        authentic_signing_time=_time(headers, "authenticSigningTime"),
+        expiry=_time(headers, "expiry"),
     )
+    # 2. Critical headers, before integrity: jwcrypto refuses an unknown one as a bad
+    #    signature, and no verification plugin could understand any other.
+    if "io.cncf.notary.signingScheme" not in names:
+        raise SignatureError("signingScheme is not marked critical")
+    if envelope.expiry is not None and "io.cncf.notary.expiry" not in names:
+        raise SignatureError("expiry is not marked critical")
+    if extra := [name for name in names if name not in KNOWN_CRITICAL]:
+        raise SignatureError(
+            f"unsupported critical headers {extra[:5]} (verification plugins are not supported)"
+        )
+    if envelope.scheme not in (SCHEME_X509, SCHEME_AUTHORITY):
+        raise SignatureError(f"unknown signing scheme {envelope.scheme[:40]!r}")
+    return envelope
 
 
 def parse_envelope(media_type: str, raw: bytes) -> Envelope:
@@ -415,53 +393,33 @@ def parse_envelope(media_type: str, raw: bytes) -> Envelope:
     raise SignatureError(f"unsupported envelope media type {media_type[:80]}")
 
 
-def _key_spec_problem(
-    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey, algorithm: str, signature: bytes
-) -> str | None:
-    """Why ``algorithm`` and ``signature`` do not fit the leaf's key under the Notary
-    Project's key specs (RSA 2048/3072/4096 with PS256/384/512; P-256/384/521 with
-    ES256/384/512, as notation-go checks), or None. ECDSA's r || s is exactly two
-    curve-size integers: jwcrypto splits any length in half, so a padded or odd-length
-    encoding of a valid signature would verify as another envelope."""
-    if isinstance(key, rsa.RSAPublicKey):
-        wanted = RSA_KEY_SPECS.get(key.key_size)
-        if wanted is None:
-            return (
-                f"a {key.key_size}-bit RSA key is not a Notary Project key spec (2048, 3072, 4096)"
-            )
-        if algorithm != wanted:
-            return (
-                f"{algorithm[:20]} is not the algorithm of a {key.key_size}-bit RSA key ({wanted})"
-            )
-        return None
-    spec = EC_KEY_SPECS.get(key.curve.name)
-    if spec is None:
-        return f"curve {key.curve.name[:40]} is not a Notary Project key spec (P-256, P-384, P-521)"
-    if algorithm != spec[0]:
-        return f"{algorithm[:20]} is not the algorithm of a {key.curve.name} key ({spec[0]})"
-    if len(signature) != 2 * spec[1]:
-        return (
-            f"an {algorithm} signature of {len(signature)} bytes, not {2 * spec[1]} bytes (r || s)"
-        )
-    return None
-
-
 def _verify_signature(envelope: Envelope) -> None:
     """Integrity, by jwcrypto for both envelopes: COSE_Sign1 signs with the JOSE
     algorithms and their encodings (RFC 9053 section 2.1: ECDSA as r || s; RFC 8230:
     PSS with the hash's length as salt), so its JWA verifies the Sig_structure too.
-    The algorithm and the signature's length must fit the leaf's key spec first."""
+
+    The algorithm and the signature's length must fit the leaf's key first, under the
+    Notary Project's key specs, as notation-go checks. ECDSA's r || s is exactly two
+    curve-size integers: jwcrypto splits any length in half, so a padded or odd-length
+    encoding of a valid signature would verify as another envelope."""
     key = envelope.chain[0].public_key()
-    algorithm = envelope.algorithm
+    algorithm, signature = envelope.algorithm, envelope.signature
     if algorithm not in COSE_ALGORITHMS.values():
         raise SignatureError(f"unsupported signature algorithm {algorithm[:20]}")
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise SignatureError(f"{algorithm} needs an RSA or EC key")
-    signature = envelope.signature
-    if envelope.jws is not None:
-        signature = envelope.jws.objects.get("signature", b"")
-    problem = _key_spec_problem(key, algorithm, signature)
-    if problem is not None:
+    name = f"{key.key_size}-bit RSA" if isinstance(key, rsa.RSAPublicKey) else key.curve.name
+    wanted, size = KEY_SPECS.get(name, ("", 0))
+    problem = ""
+    if not wanted:
+        problem = f"a {name[:40]} key is not a Notary Project key spec ({', '.join(KEY_SPECS)})"
+    elif algorithm != wanted:
+        problem = f"{algorithm} is not the algorithm of a {name} key ({wanted})"
+    elif size and len(signature) != 2 * size:
+        problem = (
+            f"an {algorithm} signature of {len(signature)} bytes, not {2 * size} bytes (r || s)"
+        )
+    if problem:
         raise SignatureError(f"the envelope's signature does not verify (integrity): {problem}")
     try:
         public = jwk.JWK.from_pyca(key)
@@ -472,14 +430,6 @@ def _verify_signature(envelope: Envelope) -> None:
             signing.verify(public, envelope.signing_input, envelope.signature)
     except (JWException, InvalidSignature, ValueError, TypeError) as exc:
         raise SignatureError("the envelope's signature does not verify (integrity)") from exc
-
-
-def _subject_matches(identity: str, subject: x509.Name) -> bool:
-    if identity == "*":
-        return True
-    wanted = _parse_dn(identity.removeprefix("x509.subject:"))
-    have = {(attr.oid.dotted_string, str(attr.value)) for attr in subject}
-    return wanted == have
 
 
 _DN_OIDS = {
@@ -494,28 +444,24 @@ _DN_OIDS = {
 }
 
 
-def _parse_dn(text: str) -> set[tuple[str, str]]:
-    parts, current, escaped = [], "", False
-    for char in text:
-        if escaped:
-            current += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ",":
-            parts.append(current)
-            current = ""
+def _subject_matches(identity: str, subject: x509.Name) -> bool:
+    """Whether ``subject`` has exactly the attributes of ``identity``, ``*`` or Notation's
+    ``x509.subject:C=US, ST=WA, ...`` (``x509.Name.from_rfc4514_string`` refuses the
+    spaces after the commas). An attribute type not listed in ``_DN_OIDS`` matches none."""
+    if identity == "*":
+        return True
+    parts = [""]
+    # Split at commas; a backslash escapes the next character (a comma too).
+    for token in re.split(r"(\\.?|,)", identity.removeprefix("x509.subject:"), flags=re.DOTALL):
+        if token == ",":
+            parts.append("")
         else:
-            current += char
-    parts.append(current)
-    out = set()
-    for part in parts:
-        key, sep, value = part.strip().partition("=")
-        oid = _DN_OIDS.get(key.strip())
-        if not sep or oid is None:
-            return {("invalid", text)}
-        out.add((oid.dotted_string, value.strip()))
-    return out
+            parts[-1] += token.removeprefix("\\")
+    pairs = [part.partition("=") for part in parts]
+    if any(not sep or key.strip() not in _DN_OIDS for key, sep, _ in pairs):
+        return False
+    wanted = {(_DN_OIDS[key.strip()].dotted_string, value.strip()) for key, _, value in pairs}
+    return wanted == {(attr.oid.dotted_string, str(attr.value)) for attr in subject}
 
 
 # ---- the verifier ----------------------------------------------------------------------
@@ -548,7 +494,11 @@ class NotationVerifier:
         )
 
     async def verify(self, subject: Subject, source: ArtifactSource, limits: Limits) -> CheckResult:
-        statement = select_statement(self._statements, subject.name)
+        # The statement naming ``registry/repository`` exactly, else the ``*`` one.
+        scopes = (subject.name, "*")
+        statement = next(
+            (s for scope in scopes for s in self._statements if scope in s.scopes), None
+        )
         if statement is None:
             return CheckResult(False, f"no Notation trust policy statement covers {subject.name}")
         if statement.level == "skip":
@@ -582,13 +532,14 @@ class NotationVerifier:
             manifest = await fetch_referrer(source, listed, subject, limits)
         except TRANSIENT_ERRORS:
             raise
-        except OCIError as exc:
-            return f"signature manifest {listed.digest}: {exc.message}"
-        except SignatureError as exc:
+        except (OCIError, SignatureError) as exc:  # an OCIError's str() is its message
             return f"signature manifest {listed.digest}: {exc}"
-        problem = _signature_manifest_problem(manifest)
-        if problem:
-            return problem
+        if manifest.artifact_type not in (ARTIFACT_TYPE, None) and (
+            manifest.config is None or manifest.config.media_type != ARTIFACT_TYPE
+        ):
+            return "referrer is not a Notation signature"
+        if len(manifest.layers) != 1:
+            return "a Notation signature manifest must have exactly one layer"
         layer = manifest.layers[0]
         try:
             raw = await fetch_signature_blob(source, layer, limits, what="envelope")
@@ -604,71 +555,45 @@ class NotationVerifier:
         """None if the envelope verifies for ``subject`` under ``statement``; else why not."""
         try:
             envelope = parse_envelope(media_type, raw)
-            return self._check(envelope, subject, statement)
+            # 3. Integrity, always enforced.
+            _verify_signature(envelope)
         except SignatureError as exc:
             return str(exc)
-
-    def _check(self, envelope: Envelope, subject: Subject, statement: TrustStatement) -> str | None:
-        actions = statement.actions
         now = self._clock()
-        # 3. Critical headers first: jwcrypto refuses an unknown one as a bad signature.
-        if "io.cncf.notary.signingScheme" not in envelope.critical:
-            return "signingScheme is not marked critical"
-        if envelope.expiry is not None and "io.cncf.notary.expiry" not in envelope.critical:
-            return "expiry is not marked critical"
-        if envelope.extra_critical:
-            return (
-                f"unsupported critical headers {list(envelope.extra_critical)[:5]} "
-                "(verification plugins are not supported)"
-            )
-        if envelope.scheme not in (SCHEME_X509, SCHEME_AUTHORITY):
-            return f"unknown signing scheme {envelope.scheme[:40]!r}"
-        # 2. Integrity, always enforced.
-        _verify_signature(envelope)
         # 4. The signed target must be exactly this manifest.
-        target = (
-            envelope.payload.get("targetArtifact") if isinstance(envelope.payload, dict) else None
-        )
+        target = envelope.payload.get("targetArtifact")
         if not isinstance(target, dict):
             return "payload has no targetArtifact"
-        if target.get("digest") != str(subject.digest):
-            signed = str(target.get("digest"))[:80]
-            return f"signature target digest {signed} does not match {subject.digest}"
-        if target.get("size") != subject.size:
-            return f"signature target size {target.get('size')} does not match {subject.size}"
-        if target.get("mediaType") != subject.media_type:
-            return (
-                f"signature target media type {str(target.get('mediaType'))[:80]} does not "
-                f"match {subject.media_type}"
-            )
+        for field, name, value in (
+            ("digest", "digest", str(subject.digest)),
+            ("size", "size", subject.size),
+            ("mediaType", "media type", subject.media_type),
+        ):
+            if target.get(field) != value:
+                signed = str(target.get(field))[:80]
+                return f"signature target {name} {signed} does not match {value}"
         # 5./6. Authenticity and authentic time.
         kind = "ca" if envelope.scheme == SCHEME_X509 else "signingAuthority"
-        anchors = [
-            c
-            for (k, n), certs in self._stores.items()
-            if (k, n) in statement.stores and k == kind
-            for c in certs
-        ]
+        stores = [store for store in statement.stores if store[0] == kind]
+        anchors = [cert for store in stores for cert in self._stores.get(store, [])]
         at = envelope.authentic_signing_time if kind == "signingAuthority" else now
         if at is None:
             return "signingAuthority signature has no authenticSigningTime"
-        for check, problem in _chain_problems(envelope.chain, anchors, at):
-            if actions[check] == "enforce":
-                return problem
-            log.warning("notation: %s (%s is set to %s)", problem, check, actions[check])
-        if not any(_subject_matches(i, envelope.chain[0].subject) for i in statement.identities):
-            signer = envelope.chain[0].subject.rfc4514_string()[:120]
-            message = f"signer {signer} is not a trusted identity"
-            if actions["authenticity"] == "enforce":
-                return message
-            log.warning("notation: %s (authenticity is set to log)", message)
+        problems = _chain_problems(envelope.chain, anchors, at)
+        signer = envelope.chain[0].subject
+        if not any(_subject_matches(i, signer) for i in statement.identities):
+            untrusted = f"signer {signer.rfc4514_string()[:120]} is not a trusted identity"
+            problems.append(("authenticity", untrusted))
         # 7. Expiry.
         if envelope.expiry is not None and envelope.expiry <= now:
-            message = f"signature expired at {envelope.expiry:%Y-%m-%dT%H:%M:%SZ}"
-            if actions["expiry"] == "enforce":
-                return message
-            log.warning("notation: %s (expiry is set to %s)", message, actions["expiry"])
-        if actions["revocation"] != "skip":
+            expired = f"signature expired at {envelope.expiry:%Y-%m-%dT%H:%M:%SZ}"
+            problems.append(("expiry", expired))
+        # The statement's level decides which failed checks refuse and which only log.
+        for check, problem in problems:
+            if statement.actions[check] == "enforce":
+                return problem
+            log.warning("notation: %s (%s is set to %s)", problem, check, statement.actions[check])
+        if statement.actions["revocation"] != "skip":
             log.debug("notation: revocation not checked (offline verification)")
         return None
 
@@ -677,60 +602,39 @@ def _chain_problems(
     chain: tuple[x509.Certificate, ...], anchors: list[x509.Certificate], at: dt.datetime
 ) -> list[tuple[str, str]]:
     """The (check, reason) pairs the x5c chain fails at ``at``: ``authenticTimestamp``
-    for a certificate outside its validity, ``authenticity`` for the path."""
-    untrusted = "the certificate chain does not verify to the trust store: {}"
-    try:
-        verify_chain(chain[0], chain[1:], anchors=anchors, at=at, profile=NOTATION)
-        return []
-    except ChainError as exc:
-        if (cert := exc.outside_validity) is None:
-            return [("authenticity", untrusted.format(exc) if exc.reaches_anchor else UNTRUSTED)]
-        valid = f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}"
-        name = cert.subject.rfc4514_string()[:120]
-        problems = [
-            (
-                "authenticTimestamp",
-                f"certificate {name} is not valid at {at:%Y-%m-%dT%H:%M:%SZ} (valid {valid})",
-            )
-        ]
-    # A time check that is only logged must not waive authenticity: the path is built
-    # again at the latest notBefore (refused if the validity periods do not overlap).
+    for a certificate outside its validity, ``authenticity`` for the path.
+
+    A time check that is only logged must not waive authenticity: a path refused at
+    ``at`` for a certificate's validity is built again at the latest notBefore (refused
+    if the validity periods do not overlap)."""
+    problems: list[tuple[str, str]] = []
     start = max(c.not_valid_before_utc for c in chain)
-    try:
-        if start > min(c.not_valid_after_utc for c in chain):
-            raise ChainError("the certificates' validity periods do not overlap")
-        verify_chain(chain[0], chain[1:], anchors=anchors, at=start, profile=NOTATION)
-    except ChainError as exc:
-        problems.append(
-            ("authenticity", untrusted.format(exc) if exc.reaches_anchor else UNTRUSTED)
-        )
+    for when in (at, start):
+        try:
+            if problems and start > min(c.not_valid_after_utc for c in chain):
+                raise ChainError("the certificates' validity periods do not overlap")
+            verify_chain(chain[0], chain[1:], anchors=anchors, at=when, profile=NOTATION)
+            return problems
+        except ChainError as exc:
+            if problems or (cert := exc.outside_validity) is None:
+                reason = f"the certificate chain does not verify to the trust store: {exc}"
+                return [*problems, ("authenticity", reason if exc.reaches_anchor else UNTRUSTED)]
+            valid = f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}"
+            name = cert.subject.rfc4514_string()[:120]
+            problem = f"certificate {name} is not valid at {at:%Y-%m-%dT%H:%M:%SZ} (valid {valid})"
+            problems.append(("authenticTimestamp", problem))
     return problems
 
 
-def _signature_manifest_problem(manifest: Manifest) -> str | None:
-    if manifest.artifact_type not in (ARTIFACT_TYPE, None) and (
-        manifest.config is None or manifest.config.media_type != ARTIFACT_TYPE
-    ):
-        return "referrer is not a Notation signature"
-    if len(manifest.layers) != 1:
-        return "a Notation signature manifest must have exactly one layer"
-    return None
-
-
 def notation_verifier_from_spec(spec: Mapping[str, Any], *, base_dir: Path) -> NotationVerifier:
-    unknown = set(spec) - {"trustPolicy", "trustStore"}
-    if unknown:
+    if unknown := set(spec) - {"trustPolicy", "trustStore"}:
         raise PolicyError(f"unknown keys {sorted(unknown)}; known: trustPolicy, trustStore")
     policy_path, store_path = spec.get("trustPolicy"), spec.get("trustStore")
     if not isinstance(policy_path, str) or not isinstance(store_path, str):
         raise PolicyError("trustPolicy and trustStore paths are required")
     statements = load_trust_policy(base_dir / policy_path)
-    store_root = base_dir / store_path
-    stores: dict[tuple[str, str], list[x509.Certificate]] = {}
-    for statement in statements:
-        for kind, name in statement.stores:
-            if (kind, name) not in stores:
-                stores[(kind, name)] = load_store(store_root, kind, name)
+    named = dict.fromkeys(store for statement in statements for store in statement.stores)
+    stores = {store: load_store(base_dir / store_path, *store) for store in named}
     return NotationVerifier(
         label=f"notation trustPolicy {policy_path}", statements=statements, stores=stores
     )

@@ -329,6 +329,31 @@ async def test_refuses_jws_in_general_serialization(tmp_path: Path) -> None:
     assert reason is not None and "not a flattened JWS" in reason
 
 
+@pytest.mark.parametrize("media_type", [JWS, COSE])
+async def test_refuses_envelope_payload_nested_deeper_than_the_json_parser(
+    tmp_path: Path, media_type: str
+) -> None:
+    """A payload of 100k nested arrays (within the envelope cap) made Python's JSON
+    parser raise RecursionError, which escaped the verifier as a crash, not a refusal."""
+    notary = TestNotary()
+    registry, image, verifier, subject = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    if media_type == JWS:
+        doc = json.loads(notary.jws(target))
+        doc["payload"] = base64.urlsafe_b64encode(deep).rstrip(b"=").decode()
+        envelope = json.dumps(doc).encode()
+    else:
+        protected_raw, unprotected, _, raw_signature = cbor2.loads(notary.cose(target)).value
+        envelope = cbor2.dumps(
+            cbor2.CBORTag(18, [protected_raw, dict(unprotected), deep, raw_signature])
+        )
+    registry.add(signature_artifact(envelope, media_type, target))
+    result = await verifier.verify(subject, registry, Limits())
+    assert not result.ok
+    assert "payload is not valid JSON" in result.reason, result.reason
+
+
 async def test_refuses_unknown_critical_header(tmp_path: Path) -> None:
     notary = TestNotary()
     registry, image, verifier, subject = setup(tmp_path, notary)
