@@ -96,8 +96,9 @@ class UpstreamResponse:
 
     ``source`` names who answered: ``origin`` (the upstream itself) or a transport
     (``proxy.upstream.transports``); a blob body's bytes go to ``bytes_counter`` and
-    ``report_broken`` tells the transport its body was wrong. A blob body read through
-    ``body_reader`` is held to ``min_rate`` bytes per second (``RateFloor``; 0: off).
+    ``report_broken`` tells the transport its body was wrong. A body, read through
+    ``body_reader`` or ``read_capped``, is held to ``min_rate`` bytes per second
+    (``RateFloor``; 0: off).
     """
 
     def __init__(
@@ -166,15 +167,23 @@ class UpstreamResponse:
         self._expected_length = max(sizes)
 
     async def read_capped(self, limit: int, *, what: str) -> bytes | None:
-        """Read the whole body, or None if it exceeds ``limit`` bytes."""
+        """Read the whole body, or None if it exceeds ``limit`` bytes.
+
+        Held to the same ``min_rate`` as blob bodies: a manifest or signature trickled
+        just inside the read timeout would otherwise hold its pull for hours.
+        """
         length = self._response.content_length
         if length is not None and length > limit:
             return None
+        floor = rate_floor(self._min_rate, self._min_rate_window)
         chunks: list[bytes] = []
         total = 0
         try:
             while True:
+                started = time.monotonic()
                 chunk = await self._response.content.read(256 * 1024)
+                if floor is not None:
+                    floor.waited(time.monotonic() - started, total + len(chunk))
                 if not chunk:
                     break
                 total += len(chunk)

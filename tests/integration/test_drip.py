@@ -247,3 +247,28 @@ def test_refuses_lying_length_in_a_worker_that_did_not_serve_the_manifest(
         message = body["errors"][0]["message"]
         assert f"Content-Length of {size - 4096} bytes" in message
         assert f"descriptor says {size} bytes" in message
+
+
+def test_refuses_origin_dripping_a_manifest_body(
+    tmp_path: Path,
+    origin: Registry,
+    faults: FaultProxy,
+    make_pullgate: Callable[..., Pullgate],
+) -> None:
+    """A manifest (read whole, then verified) is held to the same minimum rate as a
+    blob: trickled just inside the read timeout it is cut, never served."""
+    pushed = push(origin, "drip/manifest", size=4096)
+    # 64 bytes at full speed, then 4 bytes every 0.2 s (20 bytes/s): a few hundred bytes
+    # of manifest would take many seconds, far below the 64 KiB/s floor.
+    faults.set_fault("/manifests/", trickle(64, piece=4, every=0.2))
+    config = write_config(tmp_path / "config.yaml", faults.url)
+    pullgate = make_pullgate(upstreams={}, config=config)
+    status, body, _ = get_json(
+        pullgate, f"/v2/{pushed.repository}/manifests/{pushed.tag}?ns={REGISTRY}"
+    )
+    # By tag, with no copy of it to serve instead: the upstream counts as unavailable.
+    assert status == 503, body
+    (error,) = body["errors"]
+    assert error["code"] == "UPSTREAM_UNAVAILABLE"
+    assert "below the minimum rate" in error["message"]
+    assert faults.hits("/manifests/") >= 1
