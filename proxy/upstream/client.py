@@ -322,6 +322,7 @@ class UpstreamClient:
             else timeouts.min_rate_window
         )
         self._metrics_refused = metrics.upstream_bodies_refused
+        self._headers_deadline = timeouts.connect + timeouts.read
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
         )
@@ -490,16 +491,25 @@ class UpstreamClient:
             downgraded = origin.scheme == "https" and target.scheme != "https"
             if auth is not None and target.netloc == origin.netloc and not downgraded:
                 send_headers["Authorization"] = auth
+            # ``sock_read`` restarts with every byte: headers dripped just inside it
+            # would never hit it. Each hop gets connect + read for its headers, no more.
+            headers_within = self._headers_deadline
             try:
-                response = await self._session.request(
-                    method,
-                    url,
-                    headers=send_headers,
-                    allow_redirects=False,
-                    timeout=self._timeout,
-                    ssl=self._ssl,
-                )
+                async with asyncio.timeout(headers_within) as deadline:
+                    response = await self._session.request(
+                        method,
+                        url,
+                        headers=send_headers,
+                        allow_redirects=False,
+                        timeout=self._timeout,
+                        ssl=self._ssl,
+                    )
             except (aiohttp.ClientError, TimeoutError) as exc:
+                if deadline.expired():
+                    raise UpstreamTimeout(
+                        f"upstream {self.name} sent no complete response headers within "
+                        f"{headers_within:g}s of {method} {urlsplit(url).path}"
+                    ) from exc
                 raise map_client_error(exc, f"requesting {method} {urlsplit(url).path}") from exc
             if response.status in (301, 302, 303, 307, 308):
                 location = response.headers.get("Location")
