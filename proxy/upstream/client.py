@@ -596,23 +596,25 @@ class UpstreamClient:
         else:
             url, method = realm, "POST"
         try:
-            async with self._session.request(
-                method,
-                url,
-                headers=headers,
-                data=form,
-                allow_redirects=False,
-                timeout=self._timeout,
-                ssl=self._ssl,
-            ) as response:
-                if response.status != 200:
-                    refused = " (credentials refused)" if headers or form else ""
-                    raise Unauthorized(
-                        f"token service of {self.name} answered {response.status}{refused}"
+            # Small and read whole: headers and body within connect + read, like headers.
+            async with asyncio.timeout(self._headers_deadline):
+                async with self._session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=form,
+                    allow_redirects=False,
+                    timeout=self._timeout,
+                    ssl=self._ssl,
+                ) as response:
+                    if response.status != 200:
+                        refused = " (credentials refused)" if headers or form else ""
+                        raise Unauthorized(
+                            f"token service of {self.name} answered {response.status}{refused}"
+                        )
+                    body = await UpstreamResponse(response).read_capped(
+                        MAX_TOKEN_RESPONSE, what="token response"
                     )
-                body = await UpstreamResponse(response).read_capped(
-                    MAX_TOKEN_RESPONSE, what="token response"
-                )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise map_client_error(exc, "fetching a token") from exc
         if body is None:

@@ -267,6 +267,53 @@ async def test_refuses_response_headers_dripped_inside_the_read_timeout(
     assert "no complete response headers within 2s" in refused.value.message
 
 
+async def test_refuses_token_response_dripped_inside_the_read_timeout() -> None:
+    """The token service of a Bearer challenge gets connect + read for its whole
+    (small) answer: a token body trickled inside the read timeout is cut."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        port = writer.get_extra_info("sockname")[1]
+        try:
+            if not head.startswith(b"GET /token"):
+                challenge = f'Bearer realm="http://127.0.0.1:{port}/token",service="drip"'
+                writer.write(
+                    f"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: {challenge}\r\n"
+                    "Content-Length: 0\r\n\r\n".encode()
+                )
+                await writer.drain()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 60000\r\n\r\n{")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                writer.write(b" ")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with aiohttp.ClientSession() as session:
+            client = UpstreamClient(
+                config=UpstreamConfig(name="drip.example.test", url=url),
+                session=session,
+                credentials=None,
+                timeouts=TimeoutConfig(connect=1, read=1),
+                retries=RetryConfig(attempts=1, backoff=0.01, max_backoff=0.01),
+                metrics=Metrics(),
+            )
+            with pytest.raises(UpstreamTimeout) as refused:
+                await asyncio.wait_for(client.get("/v2/", scope="repository:a:pull"), 20)
+        assert "fetching a token" in refused.value.message
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_slow_reader_is_not_blamed_on_a_fast_upstream(
     serve: Callable[[Handler], Awaitable[str]],
 ) -> None:
