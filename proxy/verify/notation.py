@@ -44,7 +44,7 @@ from typing import Any
 
 import cbor2
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from jwcrypto import jwa, jwk, jws
@@ -226,7 +226,10 @@ def _certificates(items: Any, decode: Callable[[Any], bytes]) -> tuple[x509.Cert
     if not isinstance(items, list | tuple) or not items or len(items) > MAX_CHAIN:
         raise SignatureError("the envelope's certificate chain is missing or too long")
     try:
-        return tuple(x509.load_der_x509_certificate(decode(item)) for item in items)
+        chain = tuple(x509.load_der_x509_certificate(decode(item)) for item in items)
+        for certificate in chain:  # cryptography parses a name when it is first read
+            certificate.subject.rfc4514_string()
+        return chain
     except (ValueError, TypeError) as exc:
         raise SignatureError("the envelope's certificate chain does not parse") from exc
 
@@ -352,7 +355,7 @@ def parse_cose(raw: bytes) -> Envelope:
         signing_input=cbor2.dumps(["Signature1", protected_raw, b"", payload_raw]),
         signature=signature,
         payload=payload,
-        chain=_certificates(unprotected.get(33), bytes),
+        chain=_certificates(unprotected.get(33), lambda item: item),  # bstrs, not bytes(n)
         headers=protected,
         critical=protected.get(2),
     )
@@ -402,7 +405,10 @@ def _verify_signature(envelope: Envelope) -> None:
     Notary Project's key specs, as notation-go checks. ECDSA's r || s is exactly two
     curve-size integers: jwcrypto splits any length in half, so a padded or odd-length
     encoding of a valid signature would verify as another envelope."""
-    key = envelope.chain[0].public_key()
+    try:
+        key = envelope.chain[0].public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise SignatureError("the signing certificate's public key cannot be loaded") from exc
     algorithm, signature = envelope.algorithm, envelope.signature
     if algorithm not in COSE_ALGORITHMS.values():
         raise SignatureError(f"unsupported signature algorithm {algorithm[:20]}")

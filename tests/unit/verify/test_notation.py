@@ -635,3 +635,88 @@ def test_vector_timestamped_envelopes_verify_as_documented(name: str, expected: 
         assert reason is None
     else:
         assert reason is not None and expected in reason
+
+
+# An ecPublicKey SubjectPublicKeyInfo's algorithm OID, a same-length OID no library
+# knows, and the P-256 curve OID that precedes the public point's BIT STRING.
+EC_KEY_OID = bytes.fromhex("06072a8648ce3d0201")
+UNKNOWN_KEY_OID = bytes.fromhex("06072a8648ce3d0209")
+P256_OID = bytes.fromhex("06082a8648ce3d030107")
+
+
+async def _refused_then_valid(  # type: ignore[no-untyped-def]
+    tmp_path: Path, media_type: str, chain=None, leaf=None
+):
+    """An envelope of a P-256 notary over the image whose x5c is ``chain`` (or its own
+    chain with the leaf's DER passed through ``leaf``): the reason it is refused, and the
+    result of verifying with a valid signature listed after it."""
+    notary = TestNotary(curve=ec.SECP256R1())
+    registry, image, verifier, subject = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    if chain is None:
+        first, *rest = notary._chain()
+        chain = [leaf(first), *rest]
+    if media_type == JWS:
+        doc = json.loads(notary.jws(target))
+        doc["header"]["x5c"] = [base64.b64encode(d).decode() for d in chain]
+        envelope = json.dumps(doc).encode()
+    else:
+        protected_raw, _, payload, raw_signature = cbor2.loads(notary.cose(target)).value
+        envelope = cbor2.dumps(
+            cbor2.CBORTag(18, [protected_raw, {33: chain}, payload, raw_signature])
+        )
+    reason = verifier.check_envelope(media_type, envelope, subject, verifier._statements[0])
+    registry.add(signature_artifact(envelope, media_type, target))
+    valid = notary.jws(target) if media_type == JWS else notary.cose(target)
+    registry.add(signature_artifact(valid, media_type, target))
+    return reason, await verifier.verify(subject, registry, Limits())
+
+
+def _flip_point(der: bytes) -> bytes:
+    # A bit of the point's x coordinate: past the BIT STRING's tag, length, 0 and 0x04.
+    at = der.index(P256_OID) + len(P256_OID) + 8
+    return der[:at] + bytes([der[at] ^ 1]) + der[at + 1 :]
+
+
+@pytest.mark.parametrize("media_type", [JWS, COSE])
+@pytest.mark.parametrize(
+    "leaf",
+    [lambda der: der.replace(EC_KEY_OID, UNKNOWN_KEY_OID), _flip_point],
+    ids=["unknown key algorithm", "point off its curve"],
+)
+async def test_refuses_signing_certificate_whose_key_cannot_be_loaded(
+    tmp_path: Path, media_type: str, leaf
+) -> None:  # type: ignore[no-untyped-def]
+    """cryptography raised UnsupportedAlgorithm or ValueError from the leaf's public_key(),
+    which escaped verify(): the envelope was no refusal, and a valid signature listed
+    after it was never checked."""
+    reason, result = await _refused_then_valid(tmp_path, media_type, leaf=leaf)
+    assert reason is not None and "public key cannot be loaded" in reason, reason
+    assert result.ok, result.reason
+
+
+@pytest.mark.parametrize("entry", [2**62, 2**63])
+async def test_refuses_cose_certificate_chain_entry_that_is_not_a_byte_string(
+    tmp_path: Path, entry: int
+) -> None:
+    """x5chain (label 33) holds bstrs: an integer was turned into bytes(entry), a
+    MemoryError or OverflowError that escaped verify() (and masked a valid signature)."""
+    reason, result = await _refused_then_valid(tmp_path, COSE, chain=[entry])
+    assert reason is not None and "certificate chain does not parse" in reason, reason
+    assert result.ok, result.reason
+
+
+@pytest.mark.parametrize("media_type", [JWS, COSE])
+async def test_refuses_signing_certificate_whose_subject_cannot_be_parsed(
+    tmp_path: Path, media_type: str
+) -> None:
+    """A leaf whose subject CN is a UTF8String of invalid UTF-8: cryptography loads the
+    certificate but raises ValueError when its subject is read. Refused while a failed
+    chain check returned first; since the identity check runs whatever the chain's
+    outcome, it escaped verify() (and masked a valid signature listed after it)."""
+    cn = b"\x0c\x0erelease signer"  # the subject's CN; the issuer's is "... root"
+    reason, result = await _refused_then_valid(
+        tmp_path, media_type, leaf=lambda der: der.replace(cn, cn[:2] + b"\xff" * 14, 1)
+    )
+    assert reason is not None and "certificate chain does not parse" in reason, reason
+    assert result.ok, result.reason
