@@ -379,6 +379,8 @@ def _envelope(*, headers: Mapping[Any, Any], critical: Any, **fields: Any) -> En
         raise SignatureError("signingScheme is not marked critical")
     if envelope.expiry is not None and "io.cncf.notary.expiry" not in names:
         raise SignatureError("expiry is not marked critical")
+    if envelope.scheme == SCHEME_AUTHORITY and "io.cncf.notary.authenticSigningTime" not in names:
+        raise SignatureError("signingAuthority's authenticSigningTime is not marked critical")
     if extra := [name for name in names if name not in KNOWN_CRITICAL]:
         raise SignatureError(
             f"unsupported critical headers {extra[:5]} (verification plugins are not supported)"

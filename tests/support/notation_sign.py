@@ -7,7 +7,8 @@ signatures); ``algorithm=`` claims and signs with another algorithm than the key
 (empty) go into x5c between the leaf and the root.
 ``notary.jws(descriptor, ...)`` / ``notary.cose(descriptor, ...)`` return envelope bytes
 over a target descriptor dict (``mediaType``, ``digest``, ``size``); options: ``expiry``,
-``signing_time``, ``extra_critical``, ``tamper`` (flip a signature byte).
+``signing_time``, ``extra_critical``, ``tamper`` (flip a signature byte), ``authority``
+(the signingAuthority scheme, its ``authenticSigningTime`` critical or not).
 ``notary.write_trust(dir, scope=...)`` writes ``trustpolicy.json`` and
 ``truststore/x509/ca/test/root.pem``. ``signature_artifact(envelope, media_type, subject)``
 builds the referrer manifest (``cosign_sign.Artifact``).
@@ -175,14 +176,23 @@ class TestNotary:
         expiry: dt.datetime | None = None,
         extra_critical: tuple[str, ...] = (),
         tamper: bool = False,
+        authority: bool = False,
+        authentic_time_critical: bool = True,
     ) -> bytes:
+        now = dt.datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         protected: dict[str, Any] = {
             "alg": self.algorithm,
             "cty": PAYLOAD_TYPE,
             "crit": ["io.cncf.notary.signingScheme", *extra_critical],
             "io.cncf.notary.signingScheme": "notary.x509",
-            "io.cncf.notary.signingTime": dt.datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "io.cncf.notary.signingTime": now,
         }
+        if authority:  # notary.x509.signingAuthority: the time comes from the authority
+            del protected["io.cncf.notary.signingTime"]
+            protected["io.cncf.notary.signingScheme"] = "notary.x509.signingAuthority"
+            protected["io.cncf.notary.authenticSigningTime"] = now
+            if authentic_time_critical:
+                protected["crit"].append("io.cncf.notary.authenticSigningTime")
         for key in extra_critical:
             protected[key] = "required"
         if expiry is not None:

@@ -34,6 +34,7 @@ from proxy.verify.notation import (
     load_trust_policy,
     notation_verifier_from_spec,
     parse_cose,
+    parse_envelope,
 )
 from tests.support import cosign_sign as cs
 from tests.support.notation_sign import TestNotary, descriptor_of, signature_artifact
@@ -362,6 +363,20 @@ async def test_refuses_unknown_critical_header(tmp_path: Path) -> None:
     registry.add(signature_artifact(envelope, JWS, target))
     result = await verifier.verify(subject, registry, Limits())
     assert not result.ok and "critical" in result.reason
+
+
+def test_refuses_signing_authority_time_not_marked_critical(tmp_path: Path) -> None:
+    """notary.x509.signingAuthority rests on authenticSigningTime: the spec makes it a
+    critical header, so a verifier that ignored it could not skip it silently."""
+    notary = TestNotary()
+    _, image, _, _ = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    marked = parse_envelope(JWS, notary.jws(target, authority=True))
+    assert marked.scheme == "notary.x509.signingAuthority"
+    assert marked.authentic_signing_time is not None
+    unmarked = notary.jws(target, authority=True, authentic_time_critical=False)
+    with pytest.raises(SignatureError, match="authenticSigningTime is not marked critical"):
+        parse_envelope(JWS, unmarked)
 
 
 async def test_refuses_referrer_spoofing_signature_for_another_subject(tmp_path: Path) -> None:
