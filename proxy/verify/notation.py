@@ -348,9 +348,11 @@ def parse_cose(raw: bytes) -> Envelope:
     if protected.get(3) != PAYLOAD_TYPE:
         raise SignatureError(f"COSE content type is not {PAYLOAD_TYPE}")
     algorithm = protected.get(1)
-    name = COSE_ALGORITHMS.get(algorithm) if isinstance(algorithm, int) else None
+    name = COSE_ALGORITHMS.get(algorithm) if type(algorithm) is int else None
+    if name is None:  # an integer label (RFC 9053), never "ES256" as text
+        raise SignatureError(f"COSE algorithm {str(algorithm)[:20]!r} is not a Notary algorithm")
     return _envelope(
-        algorithm=name or str(algorithm)[:20],
+        algorithm=name,
         # RFC 9052 section 4.4: Sig_structure = ["Signature1", protected, aad, payload]
         signing_input=cbor2.dumps(["Signature1", protected_raw, b"", payload_raw]),
         signature=signature,

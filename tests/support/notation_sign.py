@@ -214,9 +214,15 @@ class TestNotary:
         }
         return json.dumps(envelope).encode()
 
-    def cose(self, descriptor: dict[str, Any], *, expiry: dt.datetime | None = None) -> bytes:
+    def cose(
+        self,
+        descriptor: dict[str, Any],
+        *,
+        expiry: dt.datetime | None = None,
+        algorithm_label: int | str | None = None,
+    ) -> bytes:
         protected: dict[Any, Any] = {
-            1: COSE_ALGORITHMS[self.algorithm],
+            1: COSE_ALGORITHMS[self.algorithm] if algorithm_label is None else algorithm_label,
             2: ["io.cncf.notary.signingScheme"],
             3: PAYLOAD_TYPE,
             "io.cncf.notary.signingScheme": "notary.x509",

@@ -379,6 +379,18 @@ def test_refuses_signing_authority_time_not_marked_critical(tmp_path: Path) -> N
         parse_envelope(JWS, unmarked)
 
 
+@pytest.mark.parametrize(
+    "label", ["ES256", "PS256", -8, True], ids=["es256-text", "ps256-text", "eddsa", "bool"]
+)
+def test_refuses_cose_algorithm_that_is_not_a_notary_label(tmp_path: Path, label: int | str) -> None:
+    notary = TestNotary(curve=ec.SECP256R1())
+    _, image, _, _ = setup(tmp_path, notary)
+    target = descriptor_of(image.manifest, image.media_type)
+    assert parse_cose(notary.cose(target)).algorithm == "ES256"  # the label -7
+    with pytest.raises(SignatureError, match="is not a Notary algorithm"):
+        parse_cose(notary.cose(target, algorithm_label=label))
+
+
 async def test_refuses_referrer_spoofing_signature_for_another_subject(tmp_path: Path) -> None:
     notary = TestNotary()
     registry, image, verifier, subject = setup(tmp_path, notary)
