@@ -382,7 +382,9 @@ def test_refuses_signing_authority_time_not_marked_critical(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     "label", ["ES256", "PS256", -8, True], ids=["es256-text", "ps256-text", "eddsa", "bool"]
 )
-def test_refuses_cose_algorithm_that_is_not_a_notary_label(tmp_path: Path, label: int | str) -> None:
+def test_refuses_cose_algorithm_that_is_not_a_notary_label(
+    tmp_path: Path, label: int | str
+) -> None:
     notary = TestNotary(curve=ec.SECP256R1())
     _, image, _, _ = setup(tmp_path, notary)
     target = descriptor_of(image.manifest, image.media_type)
