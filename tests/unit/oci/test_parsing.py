@@ -215,3 +215,52 @@ def test_artifact_kind_survives_the_shared_store_encoding() -> None:
     assert ArtifactKind.decode(kind.encode()) == kind
     assert ArtifactKind.decode(ArtifactKind().encode()) == ArtifactKind()
     assert ArtifactKind.decode("not json") == ArtifactKind() == ArtifactKind.decode(None)
+
+
+def _descriptor(seed: bytes, media_type: str = "application/vnd.oci.image.layer.v1.tar") -> str:
+    digest = hashlib.sha256(seed).hexdigest()
+    return f'{{"mediaType": "{media_type}", "digest": "sha256:{digest}", "size": {len(seed)}}}'
+
+
+# Go's encoding/json (containerd's decoder) fills a struct field from any key that
+# matches its name case-insensitively (Unicode folding: U+017F is "s", U+212A is "k"), the
+# last such key winning; Python's json sees different keys. The same bytes would then
+# name one set of blobs here and another in containerd.
+_CONFIG = _descriptor(b"{}", "application/vnd.oci.image.config.v1+json")
+_LAYER = _descriptor(b"signed layer")
+_OTHER = _descriptor(b"another layer")
+_OCI = '"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"'
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # A second config that containerd reads instead of the first.
+        f'{{{_OCI}, "config": {_CONFIG}, "layers": [{_LAYER}], "Config": {_OTHER}}}',
+        # Layers only containerd sees.
+        f'{{{_OCI}, "config": {_CONFIG}, "layers": [], "LAYERS": [{_LAYER}]}}',
+        f'{{{_OCI}, "config": {_CONFIG}, "layer\u017f": [{_LAYER}]}}',
+        # A descriptor whose digest containerd reads from another key.
+        f'{{{_OCI}, "config": {_CONFIG}, '
+        f'"layers": [{_LAYER[:-1]}, "Digest": "sha256:{"0" * 64}"}}]}}',
+        # The same key twice: which one counts is up to the reader.
+        f'{{{_OCI}, "config": {_CONFIG}, "layers": [{_LAYER}], "layers": [{_OTHER}]}}',
+        '{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", '
+        '"MediaType": "application/vnd.oci.image.manifest.v1+json", "manifests": []}',
+    ],
+)
+def test_refuses_manifest_keys_containerd_reads_differently(text: str) -> None:
+    with pytest.raises(ManifestInvalid, match="key"):
+        parse_manifest(text.encode(), None)
+
+
+def test_accepts_annotations_whatever_their_keys() -> None:
+    text = (
+        f'{{{_OCI}, "config": {_CONFIG}, "layers": [{_LAYER}], '
+        '"annotations": {"org.example.Layers": "1", "org.example.layers": "2"}}'
+    )
+    manifest = parse_manifest(text.encode(), None)
+    assert manifest.annotations == {"org.example.Layers": "1", "org.example.layers": "2"}
+    assert [str(d.digest) for d in manifest.layers] == [
+        "sha256:" + hashlib.sha256(b"signed layer").hexdigest()
+    ]
