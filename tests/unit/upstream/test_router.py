@@ -1,0 +1,38 @@
+"""``ns=`` routing: what a pod on the node can make the router do by naming registries."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from proxy.config import Config, UpstreamConfig
+from proxy.metrics import Metrics
+from proxy.upstream.router import MAX_LABELLED_REGISTRIES, MAX_UNLISTED_CLIENTS, UpstreamRouter
+
+CONFIGURED = "registry.example.test"
+
+
+async def test_refuses_to_let_a_flood_of_ns_names_lock_out_new_registries() -> None:
+    """Naming many registries (each costs a pod one request) must not leave the node
+    unable to reach a registry it had not pulled from yet."""
+    config = Config(
+        upstreams={CONFIGURED: UpstreamConfig(CONFIGURED, "http://127.0.0.1:9")},
+        unlisted_registries="https",
+    )
+    metrics = Metrics()
+    async with aiohttp.ClientSession() as session:
+        router = UpstreamRouter(config=config, session=session, metrics=metrics)
+        configured = router.route(CONFIGURED).client
+        for n in range(MAX_UNLISTED_CLIENTS + 100):
+            router.route(f"flood{n}.example.test")
+        route = router.route("ghcr.io")
+        assert route.registry == "ghcr.io"
+        assert route.client.name == "ghcr.io"
+        # A configured upstream's client (its tokens, its transports) is never dropped.
+        assert router.route(CONFIGURED).client is configured
+        assert len(router._clients) <= MAX_UNLISTED_CLIENTS + len(config.upstreams)
+        # Nor can it grow the metrics without end: past a bound, unlisted registries
+        # share one label.
+        (family,) = metrics.transport_bytes.collect()
+        registries = {sample.labels["registry"] for sample in family.samples}
+        assert CONFIGURED in registries and "other" in registries
+        assert len(registries) <= MAX_LABELLED_REGISTRIES + 2
