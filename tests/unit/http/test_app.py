@@ -164,6 +164,20 @@ async def test_refuses_blob_without_a_verified_manifest(
     assert upstream.requests_for("blobs") == []
 
 
+async def test_refuses_ns_registry_with_a_trailing_newline(
+    mirror: Mirror, upstream: FakeRegistry, image: Image
+) -> None:
+    """``ns=registry.example.test%0A`` was a registry of its own (its own allowances,
+    outside the policy's scopes for the name), not a malformed name."""
+    for path in ("manifests/1.0", f"blobs/{image.layers[0]}"):
+        response = await mirror.client.get(f"/v2/app/web/{path}?ns={REGISTRY}%0A")
+        assert response.status == 400
+        error = await _oci_error(response)
+        assert error["code"] == "NAME_INVALID"
+        assert "invalid registry name" in error["message"]
+    assert upstream.requests_for("manifests") == []
+
+
 async def test_refuses_blob_verified_for_another_repository(
     mirror: Mirror, upstream: FakeRegistry, image: Image
 ) -> None:

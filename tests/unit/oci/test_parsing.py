@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -30,7 +31,9 @@ from proxy.oci.reference import (
     ImageReference,
     parse_distribution_path,
     upstream_repository,
+    validate_registry,
     validate_repository,
+    validate_tag,
 )
 
 COMPONENT = st.from_regex(r"[a-z0-9]{1,8}([._-][a-z0-9]{1,8}){0,2}", fullmatch=True)
@@ -264,3 +267,24 @@ def test_accepts_annotations_whatever_their_keys() -> None:
     assert [str(d.digest) for d in manifest.layers] == [
         "sha256:" + hashlib.sha256(b"signed layer").hexdigest()
     ]
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "error"),
+    [
+        # ``$`` matches before a final newline: "registry.example.test\n" was a registry
+        # of its own (reached at the same host, outside the policy scopes naming it).
+        (validate_registry, "registry.example.test\n", NameInvalid),
+        (validate_registry, "[::1]\n", NameInvalid),
+        (validate_repository, "app/web\n", NameInvalid),
+        (validate_tag, "v1\n", ReferenceInvalid),
+        (Digest.parse, "sha256:" + "a" * 64 + "\n", DigestInvalid),
+        (ImageReference.parse, "registry.example.test/app/web:1.0\n", ReferenceInvalid),
+        (ImageReference.parse, "registry.example.test/app/web\n", NameInvalid),
+    ],
+)
+def test_refuses_names_with_a_trailing_newline(
+    parse: Callable[[str], object], text: str, error: type[OCIError]
+) -> None:
+    with pytest.raises(error):
+        parse(text)
