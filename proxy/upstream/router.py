@@ -84,7 +84,7 @@ class UpstreamRouter:
             return Route(
                 self._config.default_upstream, self._client(self._config.default_upstream), False
             )
-        registry = validate_registry(ns)
+        registry = _without_https_port(validate_registry(ns))
         if registry in DOCKER_HUB_ALIASES:
             registry = DOCKER_HUB
         return Route(registry, self._client(registry), True)
@@ -128,6 +128,15 @@ class UpstreamRouter:
         )
         self._clients[registry] = client
         return client
+
+
+def _without_https_port(registry: str) -> str:
+    """``host:443`` is ``host``: the same origin over https, so it must meet the same
+    upstream, policy scopes and allowances rather than be a registry of its own."""
+    host, colon, port = registry.rpartition(":")
+    if colon and port.isdigit() and int(port) == 443 and not host.endswith(":"):
+        return host
+    return registry
 
 
 def _node_credentials(path: Path) -> dict[str, Credentials]:

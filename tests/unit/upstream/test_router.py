@@ -36,3 +36,25 @@ async def test_refuses_to_let_a_flood_of_ns_names_lock_out_new_registries() -> N
         registries = {sample.labels["registry"] for sample in family.samples}
         assert CONFIGURED in registries and "other" in registries
         assert len(registries) <= MAX_LABELLED_REGISTRIES + 2
+
+
+async def test_refuses_to_treat_the_https_port_as_another_registry() -> None:
+    """``host:443`` is the same origin as ``host``: as a registry of its own it was
+    reached directly, past the configured upstream, under a name no policy scope for
+    ``host`` matched (a bypass wherever the policy's default is warn or allow)."""
+    config = Config(
+        upstreams={CONFIGURED: UpstreamConfig(CONFIGURED, "http://127.0.0.1:9")},
+        unlisted_registries="https",
+    )
+    async with aiohttp.ClientSession() as session:
+        router = UpstreamRouter(config=config, session=session, metrics=Metrics())
+        configured = router.route(CONFIGURED)
+        for alias in (f"{CONFIGURED}:443", f"{CONFIGURED.upper()}:0443"):
+            route = router.route(alias)
+            assert route.registry == CONFIGURED
+            assert route.client is configured.client
+        for hub in ("docker.io:443", "registry-1.docker.io:443", "index.docker.io:00443"):
+            assert router.route(hub).registry == "docker.io"
+        # Another port is another registry.
+        assert router.route(f"{CONFIGURED}:5000").registry == f"{CONFIGURED}:5000"
+        assert router.route("[::1]:443").registry == "[::1]"
