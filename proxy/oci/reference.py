@@ -141,6 +141,15 @@ DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 
 
+def without_https_port(registry: str) -> str:
+    """``host:443`` is ``host``: the same origin over https, so it must meet the same
+    upstream, credentials, policy scopes and allowances, not be a registry of its own."""
+    host, colon, port = registry.rpartition(":")
+    if colon and port.isdigit() and int(port) == 443 and not host.endswith(":"):
+        return host
+    return registry
+
+
 def upstream_repository(registry: str, repository: str) -> str:
     """The repository name as the upstream knows it.
 

@@ -13,7 +13,12 @@ import aiohttp
 from proxy.config import Config, UpstreamConfig
 from proxy.metrics import Metrics
 from proxy.oci.errors import RegistryUnknown
-from proxy.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES, validate_registry
+from proxy.oci.reference import (
+    DOCKER_HUB,
+    DOCKER_HUB_ALIASES,
+    validate_registry,
+    without_https_port,
+)
 from proxy.upstream.auth import Credentials, load_docker_config
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.transports import SharedMarks, TransportChain
@@ -84,7 +89,7 @@ class UpstreamRouter:
             return Route(
                 self._config.default_upstream, self._client(self._config.default_upstream), False
             )
-        registry = _without_https_port(validate_registry(ns))
+        registry = without_https_port(validate_registry(ns))
         if registry in DOCKER_HUB_ALIASES:
             registry = DOCKER_HUB
         return Route(registry, self._client(registry), True)
@@ -128,15 +133,6 @@ class UpstreamRouter:
         )
         self._clients[registry] = client
         return client
-
-
-def _without_https_port(registry: str) -> str:
-    """``host:443`` is ``host``: the same origin over https, so it must meet the same
-    upstream, policy scopes and allowances rather than be a registry of its own."""
-    host, colon, port = registry.rpartition(":")
-    if colon and port.isdigit() and int(port) == 443 and not host.endswith(":"):
-        return host
-    return registry
 
 
 def _node_credentials(path: Path) -> dict[str, Credentials]:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import json
+from pathlib import Path
+
 import aiohttp
 
 from proxy.config import Config, UpstreamConfig
 from proxy.metrics import Metrics
+from proxy.upstream.auth import Credentials, load_docker_config
 from proxy.upstream.router import MAX_LABELLED_REGISTRIES, MAX_UNLISTED_CLIENTS, UpstreamRouter
 
 CONFIGURED = "registry.example.test"
@@ -58,3 +63,12 @@ async def test_refuses_to_treat_the_https_port_as_another_registry() -> None:
         # Another port is another registry.
         assert router.route(f"{CONFIGURED}:5000").registry == f"{CONFIGURED}:5000"
         assert router.route("[::1]:443").registry == "[::1]"
+
+
+async def test_node_credentials_for_the_https_port_are_the_registrys(tmp_path: Path) -> None:
+    """A kubelet ``config.json`` entry for ``host:443`` still reaches ``host`` (one
+    registry since ns=host:443 routes as host)."""
+    path = tmp_path / "config.json"
+    auth = base64.b64encode(b"node:secret").decode()
+    path.write_text(json.dumps({"auths": {f"https://{CONFIGURED}:443/v1/": {"auth": auth}}}))
+    assert load_docker_config(path) == {CONFIGURED: Credentials("node", "secret")}
