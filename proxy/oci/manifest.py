@@ -41,6 +41,10 @@ _STRUCT_FIELDS = frozenset(
     }
 )
 _FOLDED_FIELDS = {name.casefold(): name for name in _STRUCT_FIELDS}
+# JSON objects in one manifest (counted as "{" bytes, strings included), far above a
+# real index's descriptors: each object costs the key check above a Python call, and a
+# 4 MiB body of ``{},{},...`` would otherwise cost 100 MiB and half a second to decode.
+MAX_MANIFEST_OBJECTS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +181,10 @@ def parse_manifest(raw: bytes, content_type: str | None) -> Manifest:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ManifestTooLarge(
             f"manifest is {len(raw)} bytes; the limit is {MAX_MANIFEST_BYTES} bytes"
+        )
+    if raw.count(b"{") > MAX_MANIFEST_OBJECTS:
+        raise ManifestInvalid(
+            f"manifest has more than {MAX_MANIFEST_OBJECTS} JSON objects; no real one does"
         )
     try:
         doc = json.loads(raw, object_pairs_hook=_unambiguous_object)

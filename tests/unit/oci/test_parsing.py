@@ -288,3 +288,25 @@ def test_refuses_names_with_a_trailing_newline(
 ) -> None:
     with pytest.raises(error):
         parse(text)
+
+
+def test_refuses_manifest_with_more_json_objects_than_any_real_one() -> None:
+    from proxy.oci.manifest import MAX_MANIFEST_OBJECTS
+
+    raw = _manifest(annotations={}, padding=[{}] * MAX_MANIFEST_OBJECTS)
+    assert len(raw) < MAX_MANIFEST_BYTES
+    with pytest.raises(ManifestInvalid, match="JSON objects"):
+        parse_manifest(raw, "application/vnd.oci.image.manifest.v1+json")
+    # An index of many platforms is far below the bound.
+    many = [json.loads(_descriptor(str(i).encode())) for i in range(5000)]
+    for descriptor in many:
+        descriptor["platform"] = {"architecture": "amd64", "os": "linux"}
+        descriptor["annotations"] = {"org.example.n": "1"}
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": many,
+        }
+    ).encode()
+    assert len(parse_manifest(index, None).manifests) == 5000
