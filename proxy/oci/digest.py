@@ -28,7 +28,7 @@ class Digest:
         """Parse and validate ``sha256:<64 lowercase hex>`` (or sha512)."""
         if len(text) > _MAX_DIGEST_LENGTH:
             raise DigestInvalid(f"digest is too long ({len(text)} characters)")
-        match = _DIGEST_RE.match(text)
+        match = _DIGEST_RE.fullmatch(text)
         if match is None:
             raise DigestInvalid(f"malformed digest {text[:80]!r}")
         algorithm, encoded = match.group(1), match.group(2)

@@ -12,6 +12,40 @@ from proxy.oci.errors import DigestInvalid, ManifestInvalid, ManifestTooLarge
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
+# The JSON field names of the manifest, index, descriptor and platform structs. Go's
+# encoding/json (containerd's decoder) fills a field from any key equal to its name
+# under Unicode case folding ("Config", "LAYERS", "layer\u017f"), the last one winning,
+# where Python's json reads only the exact key: the same bytes would name one config
+# and set of layers here and another in containerd.
+_STRUCT_FIELDS = frozenset(
+    {
+        "schemaVersion",
+        "mediaType",
+        "artifactType",
+        "config",
+        "layers",
+        "manifests",
+        "subject",
+        "annotations",
+        "digest",
+        "size",
+        "urls",
+        "data",
+        "platform",
+        "architecture",
+        "os",
+        "os.version",
+        "os.features",
+        "variant",
+        "features",
+    }
+)
+_FOLDED_FIELDS = {name.casefold(): name for name in _STRUCT_FIELDS}
+# JSON objects in one manifest (counted as "{" bytes, strings included), far above a
+# real index's descriptors: each object costs the key check above a Python call, and a
+# 4 MiB body of ``{},{},...`` would otherwise cost 100 MiB and half a second to decode.
+MAX_MANIFEST_OBJECTS = 100_000
+
 
 @dataclass(frozen=True, slots=True)
 class Descriptor:
@@ -148,8 +182,12 @@ def parse_manifest(raw: bytes, content_type: str | None) -> Manifest:
         raise ManifestTooLarge(
             f"manifest is {len(raw)} bytes; the limit is {MAX_MANIFEST_BYTES} bytes"
         )
+    if raw.count(b"{") > MAX_MANIFEST_OBJECTS:
+        raise ManifestInvalid(
+            f"manifest has more than {MAX_MANIFEST_OBJECTS} JSON objects; no real one does"
+        )
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, object_pairs_hook=_unambiguous_object)
     except (ValueError, RecursionError) as exc:
         raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
@@ -215,6 +253,24 @@ def parse_manifest(raw: bytes, content_type: str | None) -> Manifest:
         artifact_type=artifact_type,
         annotations={str(k): str(v) for k, v in annotations.items()},
     )
+
+
+def _unambiguous_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused if one of its keys is a struct field spelled otherwise
+    or given twice: readers would disagree on which value counts."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        folded = key.casefold()
+        field_name = _FOLDED_FIELDS.get(folded)
+        if field_name is None:
+            continue
+        if key != field_name or folded in seen:
+            raise ManifestInvalid(
+                f"ambiguous manifest key {key[:40]!r}: {field_name!r} spelled otherwise or "
+                "given twice is read differently by other decoders (containerd's)"
+            )
+        seen.add(folded)
+    return dict(pairs)
 
 
 def build_index(descriptors: list[Descriptor]) -> bytes:

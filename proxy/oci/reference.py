@@ -20,6 +20,8 @@ from proxy.oci.errors import (
     RouteUnknown,
 )
 
+# Matched with fullmatch: ``$`` also matches before a final newline, and
+# "registry.example.test\n" must not be a registry (or name, or tag) of its own.
 # Distribution spec: <name> is path components of [a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*
 _COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$")
 _TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
@@ -40,7 +42,7 @@ def validate_repository(name: str) -> str:
     if len(name) > MAX_NAME_LENGTH:
         raise NameInvalid(f"repository name is longer than {MAX_NAME_LENGTH} characters")
     for component in name.split("/"):
-        if not _COMPONENT_RE.match(component):
+        if not _COMPONENT_RE.fullmatch(component):
             raise NameInvalid(
                 f"invalid repository name component {component[:64]!r}: components are "
                 "lowercase alphanumerics separated by '.', '_', '__' or '-'"
@@ -49,13 +51,13 @@ def validate_repository(name: str) -> str:
 
 
 def validate_tag(tag: str) -> str:
-    if not _TAG_RE.match(tag):
+    if not _TAG_RE.fullmatch(tag):
         raise ReferenceInvalid(f"invalid tag {tag[:140]!r}")
     return tag
 
 
 def validate_registry(registry: str) -> str:
-    if len(registry) > 255 or not _REGISTRY_RE.match(registry):
+    if len(registry) > 255 or not _REGISTRY_RE.fullmatch(registry):
         raise NameInvalid(f"invalid registry name {registry[:80]!r} in ns=")
     return registry.lower()
 
@@ -137,6 +139,15 @@ def parse_distribution_path(raw_path: str) -> DistributionPath:
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+
+
+def without_https_port(registry: str) -> str:
+    """``host:443`` is ``host``: the same origin over https, so it must meet the same
+    upstream, credentials, policy scopes and allowances, not be a registry of its own."""
+    host, colon, port = registry.rpartition(":")
+    if colon and port.isdigit() and int(port) == 443 and not host.endswith(":"):
+        return host
+    return registry
 
 
 def upstream_repository(registry: str, repository: str) -> str:

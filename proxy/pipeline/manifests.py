@@ -49,6 +49,9 @@ log = logging.getLogger("pullgate.pipeline")
 
 MAX_SMALL_BODY = 4 * 1024 * 1024
 VERIFIED_MANIFEST_ENTRIES = 4096
+# ... and at most this many bytes of them: 4096 manifests near the 4 MiB cap would
+# otherwise be 16 GiB of memory, from any upstream a pod can name with ``ns=``.
+VERIFIED_MANIFEST_BYTES = 64 * 1024 * 1024
 TAG_STALENESS_OFF = "upstream unavailable and tag staleness is off"
 # After a restart, the manifests allowed within the verdict TTL are verified again, so
 # pulls that were in flight can fetch their remaining blobs (at most this many).
@@ -123,6 +126,7 @@ class ManifestPath:
         self.tag_staleness = tag_staleness
         self.verdict_ttl = verdict_ttl
         self._verified: OrderedDict[tuple[str, str, Digest], ServedManifest] = OrderedDict()
+        self._verified_bytes = 0
 
     async def get_manifest(
         self,
@@ -151,7 +155,7 @@ class ManifestPath:
                     self._verified.move_to_end(key)
                     remembered = cached.manifest
                 else:
-                    del self._verified[key]
+                    self._forget_verified(key)
         try:
             # Bytes fetched by digest are immutable, so remembered ones need no refetch;
             # the gate still decides every time (its verdict cache makes that cheap), so
@@ -207,10 +211,19 @@ class ManifestPath:
 
     def _remember_verified(self, repo: RepoKey, served: ServedManifest) -> None:
         key = (repo.registry, repo.repository, served.manifest.digest)
+        self._forget_verified(key)
         self._verified[key] = served
-        self._verified.move_to_end(key)
-        while len(self._verified) > VERIFIED_MANIFEST_ENTRIES:
-            self._verified.popitem(last=False)
+        self._verified_bytes += len(served.manifest.raw)
+        while len(self._verified) > 1 and (
+            len(self._verified) > VERIFIED_MANIFEST_ENTRIES
+            or self._verified_bytes > VERIFIED_MANIFEST_BYTES
+        ):
+            self._forget_verified(next(iter(self._verified)))
+
+    def _forget_verified(self, key: tuple[str, str, Digest]) -> None:
+        forgotten = self._verified.pop(key, None)
+        if forgotten is not None:
+            self._verified_bytes -= len(forgotten.manifest.raw)
 
     async def _store_verified(
         self, repo: RepoKey, ref: ManifestRef, served: ServedManifest, pod: Pod | None

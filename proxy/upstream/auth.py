@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from proxy.oci.reference import without_https_port
+
 _PARAM_RE = re.compile(r'\s*([a-zA-Z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))\s*(?:,|$)')
 MAX_CHALLENGE_LENGTH = 4096
 
@@ -211,7 +213,7 @@ def normalise_registry_key(key: str) -> str:
     host = key
     if "://" in host:
         host = urlsplit(host).netloc
-    host = host.split("/", 1)[0].lower()
+    host = without_https_port(host.split("/", 1)[0].lower())
     if host in ("index.docker.io", "registry-1.docker.io"):
         return "docker.io"
     return host

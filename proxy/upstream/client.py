@@ -304,11 +304,14 @@ class UpstreamClient:
         retries: RetryConfig,
         metrics: Metrics,
         transports: TransportChain | None = None,
+        metrics_label: str | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
+        # The registry label of its metrics (the router bounds how many there are).
+        self._label = metrics_label or config.name
         self.transports = transports
-        self._origin_bytes = metrics.transport_bytes.labels(config.name, "origin")
+        self._origin_bytes = metrics.transport_bytes.labels(self._label, "origin")
         self._session = session
         self._credentials = credentials
         self._retries = retries
@@ -359,7 +362,7 @@ class UpstreamClient:
                     response.expect_length(expected_sizes, what=f"blob {path.rsplit('/', 1)[-1]}")
                 except UpstreamError as exc:
                     response.discard()
-                    self._metrics_refused.labels(self.name, "origin", "length").inc()
+                    self._metrics_refused.labels(self._label, "origin", "length").inc()
                     log.warning("refusing %s from %s: %s", path, self.name, exc.message)
                     raise
             return response
@@ -396,10 +399,10 @@ class UpstreamClient:
                     raise
                 last_error = exc
                 delay = self._backoff(attempt)
-                self._metrics.upstream_retries.labels(self.name, "connection").inc()
+                self._metrics.upstream_retries.labels(self._label, "connection").inc()
             else:
                 status = response.status
-                self._metrics.upstream_requests.labels(self.name, str(status)).inc()
+                self._metrics.upstream_requests.labels(self._label, str(status)).inc()
                 if status in ok_statuses or status in pass_statuses:
                     return UpstreamResponse(
                         response,
@@ -413,7 +416,7 @@ class UpstreamClient:
                     last_error = _status_error(status, body, self.name)
                     retry_after = _retry_after(response.headers.get("Retry-After"))
                     delay = self._backoff(attempt) if retry_after is None else retry_after
-                    self._metrics.upstream_retries.labels(self.name, str(status)).inc()
+                    self._metrics.upstream_retries.labels(self._label, str(status)).inc()
                 else:
                     raise _status_error(status, body, self.name)
             if attempt < attempts:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -11,13 +12,25 @@ import aiohttp
 
 from proxy.config import Config, UpstreamConfig
 from proxy.metrics import Metrics
-from proxy.oci.errors import NameInvalid, RegistryUnknown
-from proxy.oci.reference import DOCKER_HUB, DOCKER_HUB_ALIASES, validate_registry
+from proxy.oci.errors import RegistryUnknown
+from proxy.oci.reference import (
+    DOCKER_HUB,
+    DOCKER_HUB_ALIASES,
+    validate_registry,
+    without_https_port,
+)
 from proxy.upstream.auth import Credentials, load_docker_config
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.transports import SharedMarks, TransportChain
 
 log = logging.getLogger("pullgate.router")
+
+# Clients kept for registries with no configured upstream (``unlistedRegistries: https``).
+MAX_UNLISTED_CLIENTS = 1024
+# Registries with no configured upstream named in metrics labels; the rest are "other",
+# so that a pod naming registries without end cannot grow the metrics without end.
+MAX_LABELLED_REGISTRIES = 256
+OTHER_LABEL = "other"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +58,12 @@ class UpstreamRouter:
         if config.docker_config is not None:
             self._credentials = _node_credentials(config.docker_config)
         self._clients: dict[str, UpstreamClient] = {}
+        # Registries reached with no configured upstream, least recently routed first:
+        # a pod can name any number of them, so the oldest client goes (a request in
+        # flight keeps its own); refusing new ones instead would lock the node out of
+        # every registry it had not pulled from yet.
+        self._unlisted: OrderedDict[str, None] = OrderedDict()
+        self._labelled: set[str] = set()
         # Built up front, so every transport's health shows in /metrics from the start.
         # With several workers, a transport marked bad by one is bypassed by all
         # (``transport_marks``: a directory in the supervisor's runtime dir).
@@ -70,7 +89,7 @@ class UpstreamRouter:
             return Route(
                 self._config.default_upstream, self._client(self._config.default_upstream), False
             )
-        registry = validate_registry(ns)
+        registry = without_https_port(validate_registry(ns))
         if registry in DOCKER_HUB_ALIASES:
             registry = DOCKER_HUB
         return Route(registry, self._client(registry), True)
@@ -78,6 +97,8 @@ class UpstreamRouter:
     def _client(self, registry: str) -> UpstreamClient:
         client = self._clients.get(registry)
         if client is not None:
+            if registry in self._unlisted:
+                self._unlisted.move_to_end(registry)
             return client
         upstream = self._config.upstreams.get(registry)
         if upstream is None:
@@ -86,8 +107,12 @@ class UpstreamRouter:
                     f"registry {registry!r} has no configured upstream and "
                     "unlistedRegistries is 'deny'"
                 )
-            if len(self._clients) > 1024:
-                raise NameInvalid("too many distinct registries")
+            while len(self._unlisted) >= MAX_UNLISTED_CLIENTS:
+                oldest, _ = self._unlisted.popitem(last=False)
+                self._clients.pop(oldest, None)
+            self._unlisted[registry] = None
+            if len(self._labelled) < MAX_LABELLED_REGISTRIES:
+                self._labelled.add(registry)
             upstream = UpstreamConfig(name=registry, url=f"https://{registry}")
         client = UpstreamClient(
             config=upstream,
@@ -100,6 +125,11 @@ class UpstreamRouter:
             retries=self._config.retries,
             metrics=self._metrics,
             transports=self.transports.get(registry),
+            metrics_label=(
+                registry
+                if registry in self._config.upstreams or registry in self._labelled
+                else OTHER_LABEL
+            ),
         )
         self._clients[registry] = client
         return client

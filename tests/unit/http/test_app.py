@@ -164,6 +164,35 @@ async def test_refuses_blob_without_a_verified_manifest(
     assert upstream.requests_for("blobs") == []
 
 
+async def test_refuses_ns_registry_with_a_trailing_newline(
+    mirror: Mirror, upstream: FakeRegistry, image: Image
+) -> None:
+    """``ns=registry.example.test%0A`` was a registry of its own (its own allowances,
+    outside the policy's scopes for the name), not a malformed name."""
+    for path in ("manifests/1.0", f"blobs/{image.layers[0]}"):
+        response = await mirror.client.get(f"/v2/app/web/{path}?ns={REGISTRY}%0A")
+        assert response.status == 400
+        error = await _oci_error(response)
+        assert error["code"] == "NAME_INVALID"
+        assert "invalid registry name" in error["message"]
+    assert upstream.requests_for("manifests") == []
+
+
+async def test_refuses_to_treat_ns_with_the_https_port_as_another_registry(
+    mirror: Mirror, upstream: FakeRegistry, image: Image
+) -> None:
+    """``ns=registry.example.test:443`` is the configured registry, under its policy
+    scopes and allowances, not an unlisted one reached directly."""
+    response = await mirror.client.get(f"/v2/app/web/manifests/1.0?ns={REGISTRY}:443")
+    assert response.status == 200
+    assert response.headers["Docker-Content-Digest"] == str(image.digest)
+    assert response.headers["OCI-Namespace"] == REGISTRY
+    upstream.add_image("other/tool", "2", b"tool layer")
+    refused = await mirror.client.get(f"/v2/other/tool/manifests/2?ns={REGISTRY}:443")
+    assert refused.status == 403
+    assert "no policy scope matches" in (await _oci_error(refused))["message"]
+
+
 async def test_refuses_blob_verified_for_another_repository(
     mirror: Mirror, upstream: FakeRegistry, image: Image
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -30,7 +31,9 @@ from proxy.oci.reference import (
     ImageReference,
     parse_distribution_path,
     upstream_repository,
+    validate_registry,
     validate_repository,
+    validate_tag,
 )
 
 COMPONENT = st.from_regex(r"[a-z0-9]{1,8}([._-][a-z0-9]{1,8}){0,2}", fullmatch=True)
@@ -215,3 +218,95 @@ def test_artifact_kind_survives_the_shared_store_encoding() -> None:
     assert ArtifactKind.decode(kind.encode()) == kind
     assert ArtifactKind.decode(ArtifactKind().encode()) == ArtifactKind()
     assert ArtifactKind.decode("not json") == ArtifactKind() == ArtifactKind.decode(None)
+
+
+def _descriptor(seed: bytes, media_type: str = "application/vnd.oci.image.layer.v1.tar") -> str:
+    digest = hashlib.sha256(seed).hexdigest()
+    return f'{{"mediaType": "{media_type}", "digest": "sha256:{digest}", "size": {len(seed)}}}'
+
+
+# Go's encoding/json (containerd's decoder) fills a struct field from any key that
+# matches its name case-insensitively (Unicode folding: U+017F is "s", U+212A is "k"), the
+# last such key winning; Python's json sees different keys. The same bytes would then
+# name one set of blobs here and another in containerd.
+_CONFIG = _descriptor(b"{}", "application/vnd.oci.image.config.v1+json")
+_LAYER = _descriptor(b"signed layer")
+_OTHER = _descriptor(b"another layer")
+_OCI = '"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"'
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # A second config that containerd reads instead of the first.
+        f'{{{_OCI}, "config": {_CONFIG}, "layers": [{_LAYER}], "Config": {_OTHER}}}',
+        # Layers only containerd sees.
+        f'{{{_OCI}, "config": {_CONFIG}, "layers": [], "LAYERS": [{_LAYER}]}}',
+        f'{{{_OCI}, "config": {_CONFIG}, "layer\u017f": [{_LAYER}]}}',
+        # A descriptor whose digest containerd reads from another key.
+        f'{{{_OCI}, "config": {_CONFIG}, '
+        f'"layers": [{_LAYER[:-1]}, "Digest": "sha256:{"0" * 64}"}}]}}',
+        # The same key twice: which one counts is up to the reader.
+        f'{{{_OCI}, "config": {_CONFIG}, "layers": [{_LAYER}], "layers": [{_OTHER}]}}',
+        '{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", '
+        '"MediaType": "application/vnd.oci.image.manifest.v1+json", "manifests": []}',
+    ],
+)
+def test_refuses_manifest_keys_containerd_reads_differently(text: str) -> None:
+    with pytest.raises(ManifestInvalid, match="key"):
+        parse_manifest(text.encode(), None)
+
+
+def test_accepts_annotations_whatever_their_keys() -> None:
+    text = (
+        f'{{{_OCI}, "config": {_CONFIG}, "layers": [{_LAYER}], '
+        '"annotations": {"org.example.Layers": "1", "org.example.layers": "2"}}'
+    )
+    manifest = parse_manifest(text.encode(), None)
+    assert manifest.annotations == {"org.example.Layers": "1", "org.example.layers": "2"}
+    assert [str(d.digest) for d in manifest.layers] == [
+        "sha256:" + hashlib.sha256(b"signed layer").hexdigest()
+    ]
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "error"),
+    [
+        # ``$`` matches before a final newline: "registry.example.test\n" was a registry
+        # of its own (reached at the same host, outside the policy scopes naming it).
+        (validate_registry, "registry.example.test\n", NameInvalid),
+        (validate_registry, "[::1]\n", NameInvalid),
+        (validate_repository, "app/web\n", NameInvalid),
+        (validate_tag, "v1\n", ReferenceInvalid),
+        (Digest.parse, "sha256:" + "a" * 64 + "\n", DigestInvalid),
+        (ImageReference.parse, "registry.example.test/app/web:1.0\n", ReferenceInvalid),
+        (ImageReference.parse, "registry.example.test/app/web\n", NameInvalid),
+    ],
+)
+def test_refuses_names_with_a_trailing_newline(
+    parse: Callable[[str], object], text: str, error: type[OCIError]
+) -> None:
+    with pytest.raises(error):
+        parse(text)
+
+
+def test_refuses_manifest_with_more_json_objects_than_any_real_one() -> None:
+    from proxy.oci.manifest import MAX_MANIFEST_OBJECTS
+
+    raw = _manifest(annotations={}, padding=[{}] * MAX_MANIFEST_OBJECTS)
+    assert len(raw) < MAX_MANIFEST_BYTES
+    with pytest.raises(ManifestInvalid, match="JSON objects"):
+        parse_manifest(raw, "application/vnd.oci.image.manifest.v1+json")
+    # An index of many platforms is far below the bound.
+    many = [json.loads(_descriptor(str(i).encode())) for i in range(5000)]
+    for descriptor in many:
+        descriptor["platform"] = {"architecture": "amd64", "os": "linux"}
+        descriptor["annotations"] = {"org.example.n": "1"}
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": many,
+        }
+    ).encode()
+    assert len(parse_manifest(index, None).manifests) == 5000
