@@ -21,6 +21,7 @@ from proxy.oci.errors import (
 )
 
 # Distribution spec: <name> is path components of [a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*
+# Always fullmatch: ``$`` alone also matches before a final newline.
 _COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$")
 _TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
 # Registry host names as containerd writes them in ns= (host, optional port).
@@ -40,7 +41,7 @@ def validate_repository(name: str) -> str:
     if len(name) > MAX_NAME_LENGTH:
         raise NameInvalid(f"repository name is longer than {MAX_NAME_LENGTH} characters")
     for component in name.split("/"):
-        if not _COMPONENT_RE.match(component):
+        if not _COMPONENT_RE.fullmatch(component):
             raise NameInvalid(
                 f"invalid repository name component {component[:64]!r}: components are "
                 "lowercase alphanumerics separated by '.', '_', '__' or '-'"
@@ -49,13 +50,13 @@ def validate_repository(name: str) -> str:
 
 
 def validate_tag(tag: str) -> str:
-    if not _TAG_RE.match(tag):
+    if not _TAG_RE.fullmatch(tag):
         raise ReferenceInvalid(f"invalid tag {tag[:140]!r}")
     return tag
 
 
 def validate_registry(registry: str) -> str:
-    if len(registry) > 255 or not _REGISTRY_RE.match(registry):
+    if len(registry) > 255 or not _REGISTRY_RE.fullmatch(registry):
         raise NameInvalid(f"invalid registry name {registry[:80]!r} in ns=")
     return registry.lower()
 

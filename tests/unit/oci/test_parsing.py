@@ -30,7 +30,9 @@ from proxy.oci.reference import (
     ImageReference,
     parse_distribution_path,
     upstream_repository,
+    validate_registry,
     validate_repository,
+    validate_tag,
 )
 
 COMPONENT = st.from_regex(r"[a-z0-9]{1,8}([._-][a-z0-9]{1,8}){0,2}", fullmatch=True)
@@ -215,3 +217,27 @@ def test_artifact_kind_survives_the_shared_store_encoding() -> None:
     assert ArtifactKind.decode(kind.encode()) == kind
     assert ArtifactKind.decode(ArtifactKind().encode()) == ArtifactKind()
     assert ArtifactKind.decode("not json") == ArtifactKind() == ArtifactKind.decode(None)
+
+
+@pytest.mark.parametrize(
+    "text", ["registry.example.test\n/app:v1", "r.test/app\n:v1", "r.test/team/app:v1\n"]
+)
+def test_refuses_image_names_with_a_trailing_newline(text: str) -> None:
+    # ``$`` also matches before a final newline: "app\n" would be a repository name that
+    # no scope's glob matches (``.`` stops at a newline) and "r.test\n" a registry of its
+    # own, so a name could slip past its scope to the default. Names are matched whole.
+    with pytest.raises((NameInvalid, ReferenceInvalid)):
+        ImageReference.parse(text)
+
+
+@pytest.mark.parametrize("ns", ["registry.example.test\n", "[::1]:5000\n"])
+def test_refuses_a_registry_name_with_a_trailing_newline(ns: str) -> None:
+    with pytest.raises(NameInvalid):
+        validate_registry(ns)
+
+
+def test_refuses_repository_components_and_tags_with_a_trailing_newline() -> None:
+    with pytest.raises(NameInvalid):
+        validate_repository("team/app\n")
+    with pytest.raises(ReferenceInvalid):
+        validate_tag("v1\n")
