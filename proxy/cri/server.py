@@ -21,7 +21,7 @@ from grpc import aio
 
 from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
 from proxy.oci import errors
-from proxy.oci.reference import ImageReference
+from proxy.oci.reference import ImageReference, upstream_repository
 from proxy.pipeline import Pipeline
 from proxy.pipeline.access import PullGrant
 from proxy.pipeline.gate import Pod
@@ -98,15 +98,16 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
             #    as the pod: a private repository needs the pod's own pull secret,
             #    checked upstream even when everything is cached.
             route = self._router().route(reference.registry)
+            # The repository as containerd will ask the mirror for it ("busybox" is
+            # library/busybox on Docker Hub): the grant is bound to it.
+            repository = upstream_repository(route.registry, reference.repository)
             ref = reference.reference
             served = await self._pipeline.guard(
                 route,
-                reference.repository,
+                repository,
                 f"manifests/{ref}",
                 credentials,
-                lambda: self._pipeline.get_manifest(
-                    route, reference.repository, ref, front="cri", pod=pod
-                ),
+                lambda: self._pipeline.get_manifest(route, repository, ref, front="cri", pod=pod),
             )
         except errors.OCIError as exc:
             log.warning(
@@ -135,7 +136,7 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         grant = self._pipeline.grants.seal(
             PullGrant(
                 registry=route.registry,
-                repository=reference.repository,
+                repository=repository,
                 digest=str(digest),
                 pod=pod,
                 credentials=credentials,
@@ -143,7 +144,7 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         )
         forwarded = api_pb2.PullImageRequest()
         forwarded.CopyFrom(request)
-        forwarded.image.image = f"{reference.registry}/{reference.repository}@{digest}"
+        forwarded.image.image = f"{reference.registry}/{repository}@{digest}"
         forwarded.auth.CopyFrom(
             api_pb2.AuthConfig(username=grant.username, password=grant.password)
         )
