@@ -227,3 +227,28 @@ def test_ctr_pull_through_the_mirror_needs_credentials_the_upstream_accepts(
     assert pull()[0] != 0
     assert pull("--user", ":".join(WRONG))[0] != 0
     assert not set(private.pushed.layer_digests) & ctr.content_digests()
+
+
+def test_cri_pull_for_a_pod_with_many_labels_and_a_long_token_reaches_the_mirror(
+    private: Private,
+) -> None:
+    # The pod's grant carries its labels and its credentials (cloud registry tokens run
+    # to kilobytes) twice base64'd in containerd's Authorization header: more than
+    # aiohttp's default 8 KiB for one header, which it answered with a bare 400 that
+    # failed the pull. Kubernetes allows 63-character label values.
+    labels = {f"example.test/label-{i:02d}": "v" * 63 for i in range(64)}
+    auth = api_pb2.AuthConfig(username=RIGHT[0], password=RIGHT[1], server_address=REGISTRY)
+    with image_service(private.cri_socket) as images:
+        pulled = images.PullImage(
+            api_pb2.PullImageRequest(
+                image=api_pb2.ImageSpec(image=IMAGE),
+                auth=auth,
+                sandbox_config=api_pb2.PodSandboxConfig(
+                    metadata=api_pb2.PodSandboxMetadata(name="job-1", namespace="ml-dev"),
+                    labels=labels,
+                ),
+            ),
+            timeout=120,
+        )
+    assert pulled.image_ref.startswith("sha256:")
+    assert set(private.pushed.layer_digests) <= _cri_content(private.containerd)
