@@ -21,12 +21,14 @@ from grpc import aio
 
 from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
 from proxy.oci import errors
-from proxy.oci.reference import ImageReference, upstream_repository
+from proxy.oci.reference import ImageReference, ManifestRef, upstream_repository
 from proxy.pipeline import Pipeline
 from proxy.pipeline.access import PullGrant
 from proxy.pipeline.gate import Pod
+from proxy.pipeline.manifests import ServedManifest
+from proxy.pipeline.walk import IndexWalk
 from proxy.upstream.auth import Credentials, credentials_from_parts
-from proxy.upstream.router import UpstreamRouter
+from proxy.upstream.router import Route, UpstreamRouter
 
 log = logging.getLogger("pullgate.cri")
 
@@ -107,7 +109,7 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
                 repository,
                 f"manifests/{ref}",
                 credentials,
-                lambda: self._pipeline.get_manifest(route, repository, ref, front="cri", pod=pod),
+                lambda: self._verify(route, repository, ref, pod),
             )
         except errors.OCIError as exc:
             log.warning(
@@ -150,6 +152,40 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         )
         return await self.forward("PullImage", forwarded, context, api_pb2.PullImageResponse)
 
+    async def _verify(
+        self, route: Route, repository: str, ref: ManifestRef, pod: Pod | None
+    ) -> ServedManifest:
+        """The manifest, decided for ``pod``; and, where scopes for pods apply, each
+        child of an index too.
+
+        containerd presents the pod's grant only after a challenge, and the mirror
+        challenges only where its answer without a pod is no: where that answer is yes
+        (a lenient scope for everyone, a stricter one for the pod), containerd's pull of
+        a child is decided without the pod. So the pod's scope decides the children
+        here, before containerd is asked, as a pull of each would be decided.
+        """
+        served = await self._pipeline.get_manifest(route, repository, ref, front="cri", pod=pod)
+        if pod is None or not self._pipeline.gate.pod_scoped or not served.manifest.is_index:
+            return served
+        walk = IndexWalk(_ForPod(self._pipeline, pod), route, repository, served.manifest)
+        name = f"{route.registry}/{repository}"
+        if walk.not_checked:
+            raise errors.Denied(
+                f"{name}@{served.manifest.digest} lists more than {len(walk.checked)} "
+                "children: they cannot all be decided for the pod's scope"
+            )
+        async for child in walk:
+            if child.attestation and isinstance(child.error, errors.Denied):
+                continue  # never pulled as a platform
+            if isinstance(child.error, errors.Denied):
+                raise errors.Denied(
+                    f"{child.error.message} (a child of the index "
+                    f"{name}@{served.manifest.digest}, decided for the pod)",
+                    detail=child.error.detail,
+                ) from None
+            child.result()  # not fetched: its error, as the pull would meet it
+        return served
+
     # Every other ImageService call passes through unchanged.
     ListImages = _forwarded("ListImages", api_pb2.ListImagesResponse)
     ImageStatus = _forwarded("ImageStatus", api_pb2.ImageStatusResponse)
@@ -169,6 +205,21 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         except aio.AioRpcError as exc:
             await context.abort(exc.code(), exc.details() or "runtime error")
         return response
+
+
+class _ForPod:
+    """The pipeline's manifests as one pod's pull through the CRI gets them."""
+
+    def __init__(self, pipeline: Pipeline, pod: Pod) -> None:
+        self._pipeline = pipeline
+        self._pod = pod
+
+    async def get_manifest(
+        self, route: Route, repository: str, ref: ManifestRef, *, accept: str | None = None
+    ) -> ServedManifest:
+        return await self._pipeline.get_manifest(
+            route, repository, ref, accept=accept, front="cri", pod=self._pod
+        )
 
 
 def _credentials_of(request: api_pb2.PullImageRequest) -> Credentials | None:

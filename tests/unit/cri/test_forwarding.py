@@ -83,6 +83,7 @@ class FakePipeline:
     guarded: list[tuple[str, Credentials | None]] = field(default_factory=list)
     pods: list[Pod | None] = field(default_factory=list)
     grants: PullGrants = field(default_factory=lambda: PullGrants(os.urandom(32)))
+    gate: Any = field(default_factory=lambda: SimpleNamespace(pod_scoped=False))
 
     async def guard(
         self, route: Any, repository: str, probe: str, credentials: Any, call: Any
@@ -105,7 +106,7 @@ class FakePipeline:
         if self.error is not None:
             raise self.error
         return SimpleNamespace(
-            manifest=SimpleNamespace(digest=VERIFIED),
+            manifest=SimpleNamespace(digest=VERIFIED, is_index=False),
             verdict=SimpleNamespace(reason="cosign key verified"),
         )
 
