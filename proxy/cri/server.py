@@ -21,6 +21,7 @@ from grpc import aio
 
 from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
 from proxy.oci import errors
+from proxy.oci.manifest import Manifest
 from proxy.oci.reference import ImageReference, ManifestRef, upstream_repository
 from proxy.pipeline import Pipeline
 from proxy.pipeline.access import PullGrant
@@ -52,6 +53,10 @@ GRPC_CODE_FOR_STATUS: dict[int, grpc.StatusCode] = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+# Indexes in indexes that a pull for a pod may go through (containerd follows them).
+MAX_INDEX_DEPTH = 2
 
 
 def grpc_code_for(error: errors.OCIError) -> grpc.StatusCode:
@@ -165,26 +170,35 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         here, before containerd is asked, as a pull of each would be decided.
         """
         served = await self._pipeline.get_manifest(route, repository, ref, front="cri", pod=pod)
-        if pod is None or not self._pipeline.gate.pod_scoped or not served.manifest.is_index:
-            return served
-        walk = IndexWalk(_ForPod(self._pipeline, pod), route, repository, served.manifest)
-        name = f"{route.registry}/{repository}"
-        if walk.not_checked:
+        if pod is not None and self._pipeline.gate.pod_scoped:
+            await self._children_for(route, repository, served.manifest, pod, depth=1)
+        return served
+
+    async def _children_for(
+        self, route: Route, repository: str, index: Manifest, pod: Pod, *, depth: int
+    ) -> None:
+        """Decide ``index``'s children (and theirs, for a nested index) for ``pod``."""
+        if not index.is_index:
+            return
+        name = f"{route.registry}/{repository}@{index.digest}"
+        walk = IndexWalk(_ForPod(self._pipeline, pod), route, repository, index)
+        if walk.not_checked or depth > MAX_INDEX_DEPTH:
             raise errors.Denied(
-                f"{name}@{served.manifest.digest} lists more than {len(walk.checked)} "
-                "children: they cannot all be decided for the pod's scope"
+                f"{name}: an index of more than {len(walk.checked)} children, or nested "
+                f"deeper than {MAX_INDEX_DEPTH}, cannot be decided for the pod's scope"
             )
         async for child in walk:
             if child.attestation and isinstance(child.error, errors.Denied):
                 continue  # never pulled as a platform
             if isinstance(child.error, errors.Denied):
                 raise errors.Denied(
-                    f"{child.error.message} (a child of the index "
-                    f"{name}@{served.manifest.digest}, decided for the pod)",
+                    f"{child.error.message} (a child of the index {name}, decided for the pod)",
                     detail=child.error.detail,
                 ) from None
-            child.result()  # not fetched: its error, as the pull would meet it
-        return served
+            # Not fetched: its error, as the pull would meet it.
+            await self._children_for(
+                route, repository, child.result().manifest, pod, depth=depth + 1
+            )
 
     # Every other ImageService call passes through unchanged.
     ListImages = _forwarded("ListImages", api_pb2.ListImagesResponse)

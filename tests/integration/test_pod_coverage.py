@@ -141,7 +141,9 @@ scopes:
 """
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["index", "index-in-index"])
 def test_refuses_a_child_the_pods_stricter_scope_refuses_though_the_mirror_lets_it_through(
+    nested: bool,
     tmp_path: Path,
     registry: Registry,
     containerd: Containerd,
@@ -159,7 +161,10 @@ def test_refuses_a_child_the_pods_stricter_scope_refuses_though_the_mirror_lets_
         registry.url, "pods/strict", "v1-amd64", layers=[deterministic_bytes(5000, 73)]
     )
     index = _push_index(registry, "pods/strict", child)
-    sign_image(registry, release, REGISTRY, index)  # the index only: the child is unsigned
+    if nested:  # containerd follows an index in an index, and so must the CRI check
+        sign_image(registry, release, REGISTRY, index)
+        index = _push_index(registry, "pods/strict", index)
+    sign_image(registry, release, REGISTRY, index)  # indexes only: the child is unsigned
     _, socket = cri_pullgate(
         tmp_path, make_pullgate, registry, containerd, name=REGISTRY, policy=policy
     )
@@ -168,6 +173,7 @@ def test_refuses_a_child_the_pods_stricter_scope_refuses_though_the_mirror_lets_
             _pull(images, "pods/strict:v1", "prod")
         assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
         assert child.manifest_digest in (refused.value.details() or "")
+        assert "decided for the pod" in (refused.value.details() or "")
         listed = images.ListImages(api_pb2.ListImagesRequest(), timeout=30)
         assert [image.repo_digests for image in listed.images] == []
         assert sum(registry.blob_gets(b) for b in child.blobs) == 0
