@@ -188,8 +188,8 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
                 f"deeper than {MAX_INDEX_DEPTH}, cannot be decided for the pod's scope"
             )
         async for child in walk:
-            if child.attestation and isinstance(child.error, errors.Denied):
-                continue  # never pulled as a platform
+            if child.attestation:
+                continue  # never pulled as a platform, whatever became of it
             if isinstance(child.error, errors.Denied):
                 raise errors.Denied(
                     f"{child.error.message} (a child of the index {name}, decided for the pod)",
