@@ -252,3 +252,25 @@ def test_cri_pull_for_a_pod_with_many_labels_and_a_long_token_reaches_the_mirror
         )
     assert pulled.image_ref.startswith("sha256:")
     assert set(private.pushed.layer_digests) <= _cri_content(private.containerd)
+
+
+def test_refuses_prefetch_of_a_cached_private_image_without_credentials(
+    private: Private,
+) -> None:
+    # The admin listener's prefetch acts as the node: it must not tell anyone on the
+    # node what a private repository holds in the cache (manifests, verdicts, blobs).
+    code, _ = _pull(private, RIGHT)
+    assert code is grpc.StatusCode.OK
+    ref = f"{REGISTRY}/team/secret@{private.pushed.manifest_digest}"
+    request = urllib.request.Request(
+        f"{private.pullgate.admin_url}/admin/prefetch",
+        data=json.dumps({"references": [ref]}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        events = [json.loads(line) for line in response.read().splitlines() if line.strip()]
+    kinds = [event["kind"] for event in events]
+    assert "manifest" not in kinds and "done" not in kinds, events
+    assert events[-1] == {"kind": "summary", "ok": False, "references": 1}
+    assert any("is private" in event.get("message", "") for event in events), events
