@@ -21,12 +21,15 @@ from grpc import aio
 
 from proxy.cri.gen.runtime.v1 import api_pb2, api_pb2_grpc
 from proxy.oci import errors
-from proxy.oci.reference import ImageReference
+from proxy.oci.manifest import Manifest
+from proxy.oci.reference import ImageReference, ManifestRef, upstream_repository
 from proxy.pipeline import Pipeline
 from proxy.pipeline.access import PullGrant
 from proxy.pipeline.gate import Pod
+from proxy.pipeline.manifests import ServedManifest
+from proxy.pipeline.walk import IndexWalk
 from proxy.upstream.auth import Credentials, credentials_from_parts
-from proxy.upstream.router import UpstreamRouter
+from proxy.upstream.router import Route, UpstreamRouter
 
 log = logging.getLogger("pullgate.cri")
 
@@ -50,6 +53,10 @@ GRPC_CODE_FOR_STATUS: dict[int, grpc.StatusCode] = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+# Indexes in indexes that a pull for a pod may go through (containerd follows them).
+MAX_INDEX_DEPTH = 2
 
 
 def grpc_code_for(error: errors.OCIError) -> grpc.StatusCode:
@@ -98,15 +105,16 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
             #    as the pod: a private repository needs the pod's own pull secret,
             #    checked upstream even when everything is cached.
             route = self._router().route(reference.registry)
+            # The repository as containerd will ask the mirror for it ("busybox" is
+            # library/busybox on Docker Hub): the grant is bound to it.
+            repository = upstream_repository(route.registry, reference.repository)
             ref = reference.reference
             served = await self._pipeline.guard(
                 route,
-                reference.repository,
+                repository,
                 f"manifests/{ref}",
                 credentials,
-                lambda: self._pipeline.get_manifest(
-                    route, reference.repository, ref, front="cri", pod=pod
-                ),
+                lambda: self._verify(route, repository, ref, pod),
             )
         except errors.OCIError as exc:
             log.warning(
@@ -135,7 +143,7 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         grant = self._pipeline.grants.seal(
             PullGrant(
                 registry=route.registry,
-                repository=reference.repository,
+                repository=repository,
                 digest=str(digest),
                 pod=pod,
                 credentials=credentials,
@@ -143,11 +151,54 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         )
         forwarded = api_pb2.PullImageRequest()
         forwarded.CopyFrom(request)
-        forwarded.image.image = f"{reference.registry}/{reference.repository}@{digest}"
+        forwarded.image.image = f"{reference.registry}/{repository}@{digest}"
         forwarded.auth.CopyFrom(
             api_pb2.AuthConfig(username=grant.username, password=grant.password)
         )
         return await self.forward("PullImage", forwarded, context, api_pb2.PullImageResponse)
+
+    async def _verify(
+        self, route: Route, repository: str, ref: ManifestRef, pod: Pod | None
+    ) -> ServedManifest:
+        """The manifest, decided for ``pod``; and, where scopes for pods apply, each
+        child of an index too.
+
+        containerd presents the pod's grant only after a challenge, and the mirror
+        challenges only where its answer without a pod is no: where that answer is yes
+        (a lenient scope for everyone, a stricter one for the pod), containerd's pull of
+        a child is decided without the pod. So the pod's scope decides the children
+        here, before containerd is asked, as a pull of each would be decided.
+        """
+        served = await self._pipeline.get_manifest(route, repository, ref, front="cri", pod=pod)
+        if pod is not None and self._pipeline.gate.pod_scoped:
+            await self._children_for(route, repository, served.manifest, pod, depth=1)
+        return served
+
+    async def _children_for(
+        self, route: Route, repository: str, index: Manifest, pod: Pod, *, depth: int
+    ) -> None:
+        """Decide ``index``'s children (and theirs, for a nested index) for ``pod``."""
+        if not index.is_index:
+            return
+        name = f"{route.registry}/{repository}@{index.digest}"
+        walk = IndexWalk(_ForPod(self._pipeline, pod), route, repository, index)
+        if walk.not_checked or depth > MAX_INDEX_DEPTH:
+            raise errors.Denied(
+                f"{name}: an index of more than {len(walk.checked)} children, or nested "
+                f"deeper than {MAX_INDEX_DEPTH}, cannot be decided for the pod's scope"
+            )
+        async for child in walk:
+            if child.attestation:
+                continue  # never pulled as a platform, whatever became of it
+            if isinstance(child.error, errors.Denied):
+                raise errors.Denied(
+                    f"{child.error.message} (a child of the index {name}, decided for the pod)",
+                    detail=child.error.detail,
+                ) from None
+            # Not fetched: its error, as the pull would meet it.
+            await self._children_for(
+                route, repository, child.result().manifest, pod, depth=depth + 1
+            )
 
     # Every other ImageService call passes through unchanged.
     ListImages = _forwarded("ListImages", api_pb2.ListImagesResponse)
@@ -168,6 +219,21 @@ class ImageServiceProxy(api_pb2_grpc.ImageServiceServicer):
         except aio.AioRpcError as exc:
             await context.abort(exc.code(), exc.details() or "runtime error")
         return response
+
+
+class _ForPod:
+    """The pipeline's manifests as one pod's pull through the CRI gets them."""
+
+    def __init__(self, pipeline: Pipeline, pod: Pod) -> None:
+        self._pipeline = pipeline
+        self._pod = pod
+
+    async def get_manifest(
+        self, route: Route, repository: str, ref: ManifestRef, *, accept: str | None = None
+    ) -> ServedManifest:
+        return await self._pipeline.get_manifest(
+            route, repository, ref, accept=accept, front="cri", pod=self._pod
+        )
 
 
 def _credentials_of(request: api_pb2.PullImageRequest) -> Credentials | None:

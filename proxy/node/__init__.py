@@ -66,6 +66,12 @@ TRANSPORT_MARKS_DIR = "transports"
 # Seconds in-flight requests get to finish after SIGTERM (then they are cut; containerd
 # resumes a cut blob with a Range request).
 SHUTDOWN_GRACE = 20.0
+# containerd sends a pod's pull grant (its labels and credentials, sealed, base64'd
+# twice) in one Authorization header: more than aiohttp's 8 KiB default for a pod
+# with many labels or a cloud registry's long token. Fewer headers keep the most one
+# request's headers may hold near the default's (128 x 8 KiB).
+MAX_HEADER_FIELD = 32 * 1024
+MAX_HEADERS = 64
 # How often each worker samples its gauges into the shared metrics files.
 GAUGE_INTERVAL = 1.0
 # How often a worker polls the shared restore marker while worker 0 restores.
@@ -427,7 +433,13 @@ async def serve_node(
         runners: list[web.AppRunner] = []
         cri_server: tuple[grpc_aio.Server, grpc_aio.Channel] | None = None
         try:
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+            runner = web.AppRunner(
+                app,
+                access_log=None,
+                shutdown_timeout=SHUTDOWN_GRACE,
+                max_field_size=MAX_HEADER_FIELD,
+                max_headers=MAX_HEADERS,
+            )
             await runner.setup()
             runners.append(runner)
             if cri is not None and role.primary:

@@ -58,6 +58,9 @@ T = TypeVar("T")
 ACCEPTED_TTL = 60.0
 MARK_RECHECK = 60.0
 MAX_ACCEPTED = 4096
+# Marks kept in memory when they are also on disk (a dropped one is read back from
+# its file): a client can have any number of repositories marked, one refusal each.
+MAX_PRIVATE_IN_MEMORY = 16384
 
 RepoKey = tuple[str, str]  # (registry, repository)
 
@@ -71,7 +74,11 @@ class RepositoryAccess:
             marks_dir.mkdir(parents=True, exist_ok=True)
         self._metrics = metrics
         # Private repositories known to this process: when each was last confirmed.
-        self._private: dict[RepoKey, float] = {}
+        # Bounded when the marks are on disk; without a marks directory memory is all
+        # there is, and forgetting a mark would open the repository.
+        self._private: OrderedDict[RepoKey, float] = OrderedDict()
+        # Marks whose file could not be written (disk full): kept, never dropped.
+        self._unwritten: dict[RepoKey, float] = {}
         # (registry, repository, credentials fingerprint) -> accepted until (monotonic).
         self._accepted: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         self._checks: dict[tuple[str, str, str], asyncio.Future[OCIError | None]] = {}
@@ -140,12 +147,12 @@ class RepositoryAccess:
         )
 
     async def _is_private(self, route: Route, key: RepoKey, probe: str) -> bool:
-        confirmed = self._private.get(key)
+        confirmed = self._private.get(key, self._unwritten.get(key))
         if confirmed is None:
             confirmed = self._read_mark(key)
             if confirmed is None:
                 return False
-            self._private[key] = confirmed
+            self._remember_private(key, confirmed)
         if time.time() - confirmed < MARK_RECHECK:
             return True
         # Re-check with the node's own identity: the repository may have opened.
@@ -210,15 +217,30 @@ class RepositoryAccess:
             return None
         return self._marks_dir / hashlib.sha256(f"{key[0]}/{key[1]}".encode()).hexdigest()
 
+    def _remember_private(self, key: RepoKey, confirmed: float) -> None:
+        self._private[key] = confirmed
+        self._private.move_to_end(key)
+        if self._marks_dir is not None:
+            while len(self._private) > MAX_PRIVATE_IN_MEMORY:
+                self._private.popitem(last=False)
+
     def _mark(self, key: RepoKey) -> None:
-        self._private[key] = time.time()
+        now = time.time()
         path = self._mark_path(key)
         if path is not None:
-            with contextlib.suppress(OSError):
+            try:
                 path.touch()
+            except OSError as exc:
+                log.warning("cannot write the private mark of %s/%s: %s", *key, exc)
+                self._private.pop(key, None)
+                self._unwritten[key] = now
+                return
+        self._unwritten.pop(key, None)
+        self._remember_private(key, now)
 
     def _unmark(self, key: RepoKey) -> None:
         self._private.pop(key, None)
+        self._unwritten.pop(key, None)
         path = self._mark_path(key)
         if path is not None:
             with contextlib.suppress(FileNotFoundError):

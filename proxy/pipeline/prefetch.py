@@ -51,7 +51,15 @@ async def prefetch(
         raise Unsupported("prefetch needs a cache: start pullgate with --cache-dir")
     ref = ImageReference.parse(reference)
     route = router.route(ref.registry)
-    served = await pipeline.get_manifest(route, ref.repository, ref.reference)
+    # As the node, under the private-repository rule like any request without
+    # credentials: a private repository's cached content is nobody's to list.
+    served = await pipeline.guard(
+        route,
+        ref.repository,
+        f"manifests/{ref.reference}",
+        None,
+        lambda: pipeline.get_manifest(route, ref.repository, ref.reference),
+    )
     manifests: list[Manifest] = [served.manifest]
     yield PrefetchEvent(
         "manifest", reference, str(served.manifest.digest), message=served.verdict.reason

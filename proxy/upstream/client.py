@@ -476,6 +476,7 @@ class UpstreamClient:
         if response.status == 401:
             response.release()
             self._tokens.pop(key, None)
+            self._token_locks.pop(key, None)
             raise Unauthorized(
                 f"upstream {self.name} requires authentication: {self._refused_identity()}"
             )
@@ -556,13 +557,19 @@ class UpstreamClient:
             self._keep_token(key, _Token(header, time.monotonic() + 3600))
             return header
         lock = self._token_locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            cached = self._cached_auth(key)
-            if cached is not None:
-                return cached
-            token = await self._fetch_token(challenge, key[0], credentials)
-            self._keep_token(key, token)
-            return token.header
+        try:
+            async with lock:
+                cached = self._cached_auth(key)
+                if cached is not None:
+                    return cached
+                token = await self._fetch_token(challenge, key[0], credentials)
+                self._keep_token(key, token)
+                return token.header
+        finally:
+            # A lock lives as long as its token: refused credentials (anyone can send
+            # new ones) leave nothing behind.
+            if key not in self._tokens and self._token_locks.get(key) is lock:
+                del self._token_locks[key]
 
     async def _fetch_token(
         self, challenge: Challenge, scope: str, credentials: Credentials | None

@@ -306,3 +306,45 @@ def test_cri_namespace_warn_scope_lets_an_unsigned_image_through_for_that_namesp
         urllib.request.urlopen(request, timeout=30)
     assert forged_pull.value.code == 403
     assert "not one this node issued" in forged_pull.value.read().decode()
+
+
+def test_cri_pull_of_a_docker_hub_single_name_carries_a_grant_the_mirror_accepts(
+    tmp_path: Path,
+    registry: Registry,
+    containerd: Containerd,
+    make_pullgate: Callable[..., Pullgate],
+) -> None:
+    # kubelet passes "tool:v1" as the pod spec has it; containerd asks the mirror for
+    # /v2/library/tool/... The scope for the pod's namespace makes the mirror challenge,
+    # so containerd presents the pod's grant: it must be for library/tool.
+    _, policy = _policy_with_key(
+        tmp_path,
+        "release.pub",
+        '  - match: "docker.io/**"\n'
+        "    require: {cosign: {key: keys/release.pub}}\n"
+        '  - match: "docker.io/**"\n'
+        "    namespaces: [ml-dev]\n"
+        "    mode: warn\n"
+        "    require: {cosign: {key: keys/release.pub}}\n",
+    )
+    unsigned = push_image(
+        registry.url, "library/tool", "v1", layers=[deterministic_bytes(5000, 68)]
+    )
+    pullgate, socket = cri_pullgate(
+        tmp_path, make_pullgate, registry, containerd, name="docker.io", policy=policy
+    )
+    with image_service(socket) as images:
+        pulled = images.PullImage(
+            api_pb2.PullImageRequest(
+                image=api_pb2.ImageSpec(image="tool:v1"),
+                sandbox_config=api_pb2.PodSandboxConfig(
+                    metadata=api_pb2.PodSandboxMetadata(name="job", namespace="ml-dev")
+                ),
+            ),
+            timeout=120,
+        )
+        assert pulled.image_ref.startswith("sha256:")
+        listed = images.ListImages(api_pb2.ListImagesRequest(), timeout=30)
+    digests = {d for image in listed.images for d in image.repo_digests}
+    assert digests == {f"docker.io/library/tool@{unsigned.manifest_digest}"}
+    assert "the pull grant is for" not in pullgate.log_text()

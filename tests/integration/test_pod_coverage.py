@@ -125,3 +125,57 @@ def test_refuses_child_covered_only_under_another_pods_scope(
             _pull(images, "pods/app:v1", "prod")
         assert refused_index.value.code() is grpc.StatusCode.PERMISSION_DENIED
         assert RELEASE_REFUSAL in (refused_index.value.details() or "")
+
+
+# Pods in prod need every platform signed; everyone else is only warned.
+STRICT_FOR_PROD = """\
+default: deny
+scopes:
+  - match: "registry.example.test/**"
+    mode: warn
+    require: {cosign: {key: keys/release.pub}}
+  - match: "registry.example.test/**"
+    namespaces: [prod]
+    indexes: eachChild
+    require: {cosign: {key: keys/release.pub}}
+"""
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["index", "index-in-index"])
+def test_refuses_a_child_the_pods_stricter_scope_refuses_though_the_mirror_lets_it_through(
+    nested: bool,
+    tmp_path: Path,
+    registry: Registry,
+    containerd: Containerd,
+    make_pullgate: Callable[..., Pullgate],
+) -> None:
+    # containerd presents the pod's grant only after a challenge, and the mirror
+    # challenges only where the answer without a pod is no. Here the answer without a
+    # pod (warn) is yes, so containerd's pull of the child never carries prod's grant:
+    # the CRI front end must decide the index's children under the pod's own scope.
+    policy = tmp_path / "policy" / "policy.yaml"
+    release = cs.generate_key()
+    release.write_public(policy.parent / "keys" / "release.pub")
+    policy.write_text(STRICT_FOR_PROD)
+    child = push_image(
+        registry.url, "pods/strict", "v1-amd64", layers=[deterministic_bytes(5000, 73)]
+    )
+    index = _push_index(registry, "pods/strict", child)
+    if nested:  # containerd follows an index in an index, and so must the CRI check
+        sign_image(registry, release, REGISTRY, index)
+        index = _push_index(registry, "pods/strict", index)
+    sign_image(registry, release, REGISTRY, index)  # indexes only: the child is unsigned
+    _, socket = cri_pullgate(
+        tmp_path, make_pullgate, registry, containerd, name=REGISTRY, policy=policy
+    )
+    with image_service(socket) as images:
+        with pytest.raises(grpc.RpcError) as refused:
+            _pull(images, "pods/strict:v1", "prod")
+        assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert child.manifest_digest in (refused.value.details() or "")
+        assert "decided for the pod" in (refused.value.details() or "")
+        listed = images.ListImages(api_pb2.ListImagesRequest(), timeout=30)
+        assert [image.repo_digests for image in listed.images] == []
+        assert sum(registry.blob_gets(b) for b in child.blobs) == 0
+        # Anywhere else the warn scope lets it through, as the policy says.
+        assert _pull(images, "pods/strict:v1", "dev").image_ref.startswith("sha256:")

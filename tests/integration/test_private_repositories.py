@@ -227,3 +227,50 @@ def test_ctr_pull_through_the_mirror_needs_credentials_the_upstream_accepts(
     assert pull()[0] != 0
     assert pull("--user", ":".join(WRONG))[0] != 0
     assert not set(private.pushed.layer_digests) & ctr.content_digests()
+
+
+def test_cri_pull_for_a_pod_with_many_labels_and_a_long_token_reaches_the_mirror(
+    private: Private,
+) -> None:
+    # The pod's grant carries its labels and its credentials (cloud registry tokens run
+    # to kilobytes) twice base64'd in containerd's Authorization header: more than
+    # aiohttp's default 8 KiB for one header, which it answered with a bare 400 that
+    # failed the pull. Kubernetes allows 63-character label values.
+    labels = {f"example.test/label-{i:02d}": "v" * 63 for i in range(64)}
+    auth = api_pb2.AuthConfig(username=RIGHT[0], password=RIGHT[1], server_address=REGISTRY)
+    with image_service(private.cri_socket) as images:
+        pulled = images.PullImage(
+            api_pb2.PullImageRequest(
+                image=api_pb2.ImageSpec(image=IMAGE),
+                auth=auth,
+                sandbox_config=api_pb2.PodSandboxConfig(
+                    metadata=api_pb2.PodSandboxMetadata(name="job-1", namespace="ml-dev"),
+                    labels=labels,
+                ),
+            ),
+            timeout=120,
+        )
+    assert pulled.image_ref.startswith("sha256:")
+    assert set(private.pushed.layer_digests) <= _cri_content(private.containerd)
+
+
+def test_refuses_prefetch_of_a_cached_private_image_without_credentials(
+    private: Private,
+) -> None:
+    # The admin listener's prefetch acts as the node: it must not tell anyone on the
+    # node what a private repository holds in the cache (manifests, verdicts, blobs).
+    code, _ = _pull(private, RIGHT)
+    assert code is grpc.StatusCode.OK
+    ref = f"{REGISTRY}/team/secret@{private.pushed.manifest_digest}"
+    request = urllib.request.Request(
+        f"{private.pullgate.admin_url}/admin/prefetch",
+        data=json.dumps({"references": [ref]}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        events = [json.loads(line) for line in response.read().splitlines() if line.strip()]
+    kinds = [event["kind"] for event in events]
+    assert "manifest" not in kinds and "done" not in kinds, events
+    assert events[-1] == {"kind": "summary", "ok": False, "references": 1}
+    assert any("is private" in event.get("message", "") for event in events), events

@@ -83,6 +83,7 @@ class FakePipeline:
     guarded: list[tuple[str, Credentials | None]] = field(default_factory=list)
     pods: list[Pod | None] = field(default_factory=list)
     grants: PullGrants = field(default_factory=lambda: PullGrants(os.urandom(32)))
+    gate: Any = field(default_factory=lambda: SimpleNamespace(pod_scoped=False))
 
     async def guard(
         self, route: Any, repository: str, probe: str, credentials: Any, call: Any
@@ -105,7 +106,7 @@ class FakePipeline:
         if self.error is not None:
             raise self.error
         return SimpleNamespace(
-            manifest=SimpleNamespace(digest=VERIFIED),
+            manifest=SimpleNamespace(digest=VERIFIED, is_index=False),
             verdict=SimpleNamespace(reason="cosign key verified"),
         )
 
@@ -288,3 +289,24 @@ async def test_internal_error_during_pull_is_grpc_internal(cri: Cri) -> None:
     assert details.startswith("UNKNOWN: internal error")
     assert "bug in pullgate" not in details  # the log has it; the client gets no internals
     assert cri.runtime.calls == []
+
+
+async def test_pull_grant_of_a_docker_hub_single_name_is_for_the_repository_containerd_asks(
+    cri: Cri,
+) -> None:
+    # kubelet passes "busybox:1.36" as the pod spec has it; containerd, asked for
+    # docker.io/busybox@..., asks the mirror for /v2/library/busybox/... The grant (and
+    # the check as the pod) must name that repository, or the mirror refuses the grant
+    # as a replay for another repository whenever it challenges (private repository,
+    # scope for pods), and the pull fails.
+    request = api_pb2.PullImageRequest(
+        image={"image": "busybox:1.36"},
+        sandbox_config={"metadata": {"name": "web-0", "namespace": "ml-dev"}},
+    )
+    await cri.stub.PullImage(request, timeout=20)
+    assert cri.pipeline.asked == [("docker.io", "library/busybox")]
+    ((_, received, _),) = cri.runtime.calls
+    assert received.image.image == f"docker.io/library/busybox@{VERIFIED}"
+    grant = cri.pipeline.grants.open(Credentials(received.auth.username, received.auth.password))
+    assert grant is not None
+    assert (grant.registry, grant.repository) == ("docker.io", "library/busybox")

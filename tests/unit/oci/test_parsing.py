@@ -310,3 +310,14 @@ def test_refuses_manifest_with_more_json_objects_than_any_real_one() -> None:
         }
     ).encode()
     assert len(parse_manifest(index, None).manifests) == 5000
+
+
+@pytest.mark.parametrize(
+    "text", ["registry.example.test\n/app:v1", "r.test/app\n:v1", "r.test/team/app:v1\n"]
+)
+def test_refuses_image_names_with_a_trailing_newline(text: str) -> None:
+    # ``$`` also matches before a final newline: "app\n" would be a repository name that
+    # no scope's glob matches (``.`` stops at a newline) and "r.test\n" a registry of its
+    # own, so a name could slip past its scope to the default. Names are matched whole.
+    with pytest.raises((NameInvalid, ReferenceInvalid)):
+        ImageReference.parse(text)

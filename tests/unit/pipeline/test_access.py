@@ -215,6 +215,61 @@ async def test_a_private_repository_made_public_opens_again_after_the_recheck(
     assert list(setup.marks.iterdir()) == []
 
 
+async def test_refuses_a_private_repository_forgotten_in_memory_by_a_flood_of_marks(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A client on the mirror port can have any number of repositories marked private
+    # (one refused request each). Memory keeps the most recent marks only; one it
+    # dropped is read back from its file, so it is refused all the same.
+    monkeypatch.setattr(access_module, "MAX_PRIVATE_IN_MEMORY", 4)
+    flood = [f"flood/r{i}" for i in range(12)]
+    setup.upstream.private.update(flood)
+    for repository in ["team/secret", *flood]:
+        with pytest.raises(CredentialsRequired):
+            await _guard(setup, repository, None)
+    assert len(setup.access._private) <= 4
+    assert len(list(setup.marks.iterdir())) == 13
+    setup.upstream.seen.clear()
+
+    async def cached() -> None:  # a cache hit: no upstream request of its own
+        raise AssertionError("a private repository is not served without credentials")
+
+    with pytest.raises(CredentialsRequired):
+        await setup.access.guard(setup.route(), "team/secret", "manifests/v1", None, cached)
+    assert setup.upstream.seen == []
+    assert len(setup.access._private) <= 4
+
+
+async def test_refuses_a_private_repository_whose_mark_the_full_disk_did_not_take(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The flood above could also fill the disk: a mark that cannot be written stays in
+    # memory, however many marks come after it.
+    monkeypatch.setattr(access_module, "MAX_PRIVATE_IN_MEMORY", 2)
+    touch = Path.touch
+
+    def full_disk(path: Path, *args: object, **kwargs: object) -> None:
+        if not setup.upstream.seen or setup.upstream.seen[-1][1] == "team/secret":
+            raise OSError(28, "No space left on device")
+        touch(path)
+
+    monkeypatch.setattr(Path, "touch", full_disk)
+    with pytest.raises(CredentialsRequired):
+        await _guard(setup, "team/secret", None)
+    assert list(setup.marks.iterdir()) == []
+    flood = [f"flood/r{i}" for i in range(6)]
+    setup.upstream.private.update(flood)
+    for repository in flood:
+        with pytest.raises(CredentialsRequired):
+            await _guard(setup, repository, None)
+
+    async def cached() -> None:
+        raise AssertionError("a private repository is not served without credentials")
+
+    with pytest.raises(CredentialsRequired):
+        await setup.access.guard(setup.route(), "team/secret", "manifests/v1", None, cached)
+
+
 def test_credentials_never_print_their_secret() -> None:
     text = repr(Credentials("alice", "s3cret", identity_token="tok"))
     assert "s3cret" not in text and "tok" not in text and "alice" in text

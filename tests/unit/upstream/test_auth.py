@@ -88,6 +88,7 @@ class FakeRegistry:
         self.token_requests: list[str | None] = []
         self.refresh_posts: list[dict[str, str]] = []
         self.failures_left = 0
+        self.refuse_tokens = False  # the registry refuses every token (no access)
         self.port = 0
 
     def app(self) -> web.Application:
@@ -113,7 +114,7 @@ class FakeRegistry:
         if self.failures_left:
             self.failures_left -= 1
             return web.Response(status=503, headers={"Retry-After": "0"})
-        if request.headers.get("Authorization") != "Bearer t0k3n":
+        if self.refuse_tokens or request.headers.get("Authorization") != "Bearer t0k3n":
             host = self.realm_host or f"127.0.0.1:{self.port}"
             return web.Response(
                 status=401,
@@ -250,6 +251,26 @@ async def test_tokens_of_one_requester_never_serve_another_or_the_node() -> None
         # One token fetch per identity (alice's second request reuses hers), each
         # with that identity's own credentials.
         assert fake.token_requests == [alice.basic_header(), bob.basic_header(), None]
+
+
+async def test_refused_credentials_leave_no_token_state_behind() -> None:
+    # Anyone on the mirror port can send credentials for a private repository, each
+    # one new: a refused identity keeps nothing (no token, no lock), so memory does
+    # not grow with the credentials the upstream refused.
+    fake = FakeRegistry()
+    async with serving(fake, None) as client:
+        for attempt in range(40):
+            stale = Credentials(identity_token=f"stale-{attempt}")
+            with acting_as(stale), pytest.raises(Unauthorized):
+                await client.get("/v2/a/manifests/v1", scope="repository:a:pull")
+        assert len(fake.refresh_posts) == 40
+        assert client._tokens == {} and client._token_locks == {}
+        # A token the registry then refuses is dropped with its lock as well.
+        fake.refuse_tokens = True
+        for who in ("alice", "bob"):
+            with acting_as(Credentials(who, "pw")), pytest.raises(Unauthorized):
+                await client.get("/v2/a/manifests/v1", scope="repository:a:pull")
+        assert client._tokens == {} and client._token_locks == {}
 
 
 @pytest.mark.parametrize("content", [None, "", "{not json", '{"auths": []}'])
