@@ -61,6 +61,11 @@ TAKEOVER_MIN_BYTES = 1024 * 1024
 BODY_BATCH = 4 * 1024 * 1024
 
 
+# How long a requester's token is reused: as long as proxy.pipeline.access remembers
+# that the upstream accepted its credentials (ACCEPTED_TTL).
+REQUESTER_TOKEN_SECONDS = 60.0
+
+
 @dataclass(frozen=True, slots=True)
 class _Token:
     header: str
@@ -534,6 +539,12 @@ class UpstreamClient:
         return None
 
     def _keep_token(self, key: tuple[str, str], token: _Token) -> None:
+        if key[1]:
+            # A requester's token lives no longer than the check that accepted its
+            # credentials is remembered: a password revoked upstream stops working
+            # within a minute, not when an hour-long token expires.
+            cap = time.monotonic() + REQUESTER_TOKEN_SECONDS
+            token = _Token(token.header, min(token.expires_at, cap))
         if len(self._tokens) >= MAX_TOKENS:
             now = time.monotonic()
             for stale in [k for k, t in self._tokens.items() if t.expires_at <= now]:

@@ -8,6 +8,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,7 +28,7 @@ from proxy.upstream.auth import (
     parse_challenge,
     realm_is_trusted,
 )
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.client import REQUESTER_TOKEN_SECONDS, UpstreamClient
 from proxy.upstream.router import UpstreamRouter
 
 
@@ -89,6 +90,7 @@ class FakeRegistry:
         self.refresh_posts: list[dict[str, str]] = []
         self.failures_left = 0
         self.refuse_tokens = False  # the registry refuses every token (no access)
+        self.token_lifetime = 60  # expires_in of the tokens it issues
         self.port = 0
 
     def app(self) -> web.Application:
@@ -100,7 +102,7 @@ class FakeRegistry:
 
     async def token(self, request: web.Request) -> web.Response:
         self.token_requests.append(request.headers.get("Authorization"))
-        return web.json_response({"token": "t0k3n"})
+        return web.json_response({"token": "t0k3n", "expires_in": self.token_lifetime})
 
     async def oauth(self, request: web.Request) -> web.Response:
         """OAuth2: an identity (refresh) token exchanged for an access token."""
@@ -251,6 +253,25 @@ async def test_tokens_of_one_requester_never_serve_another_or_the_node() -> None
         # One token fetch per identity (alice's second request reuses hers), each
         # with that identity's own credentials.
         assert fake.token_requests == [alice.basic_header(), bob.basic_header(), None]
+
+
+async def test_refuses_to_reuse_a_requesters_token_past_its_credential_check() -> None:
+    """An hour-long token for a pod's credentials is kept a minute, as long as their
+    check is remembered: a password revoked upstream stops working then. The node's
+    own token keeps its lifetime."""
+    fake = FakeRegistry()
+    fake.token_lifetime = 3600
+    scope = "repository:a:pull"
+    async with serving(fake, None) as client:
+        alice = Credentials("alice", "a")
+        for who in (alice, None):
+            with acting_as(who):
+                async with await client.get("/v2/a/manifests/v1", scope=scope):
+                    pass
+        now = time.monotonic()
+        left = {who: token.expires_at - now for (_, who), token in client._tokens.items()}
+    assert 0 < left[alice.fingerprint] <= REQUESTER_TOKEN_SECONDS
+    assert left[""] > 3000
 
 
 async def test_refused_credentials_leave_no_token_state_behind() -> None:
