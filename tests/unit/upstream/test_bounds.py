@@ -238,6 +238,18 @@ async def test_refuses_body_dripping_below_the_minimum_rate(
             response.close()
 
 
+def _fast_client(session: aiohttp.ClientSession, url: str) -> UpstreamClient:
+    """A client of ``url`` with 1 s timeouts (headers within 2 s) and no retries."""
+    return UpstreamClient(
+        config=UpstreamConfig(name="drip.example.test", url=url),
+        session=session,
+        credentials=None,
+        timeouts=TimeoutConfig(connect=1, read=1),
+        retries=RetryConfig(attempts=1, backoff=0.01, max_backoff=0.01),
+        metrics=Metrics(),
+    )
+
+
 async def test_refuses_response_headers_dripped_inside_the_read_timeout(
     serve: Callable[[Handler], Awaitable[str]],
 ) -> None:
@@ -254,14 +266,7 @@ async def test_refuses_response_headers_dripped_inside_the_read_timeout(
 
     url = await serve(drip_headers)
     async with aiohttp.ClientSession() as session:
-        client = UpstreamClient(
-            config=UpstreamConfig(name="drip.example.test", url=url.removesuffix("/blob")),
-            session=session,
-            credentials=None,
-            timeouts=TimeoutConfig(connect=1, read=1),
-            retries=RetryConfig(attempts=1, backoff=0.01, max_backoff=0.01),
-            metrics=Metrics(),
-        )
+        client = _fast_client(session, url.removesuffix("/blob"))
         with pytest.raises(UpstreamTimeout) as refused:
             await asyncio.wait_for(client.get("/v2/", scope=""), 20)
     assert "no complete response headers within 2s" in refused.value.message
@@ -298,14 +303,7 @@ async def test_refuses_token_response_dripped_inside_the_read_timeout() -> None:
     try:
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         async with aiohttp.ClientSession() as session:
-            client = UpstreamClient(
-                config=UpstreamConfig(name="drip.example.test", url=url),
-                session=session,
-                credentials=None,
-                timeouts=TimeoutConfig(connect=1, read=1),
-                retries=RetryConfig(attempts=1, backoff=0.01, max_backoff=0.01),
-                metrics=Metrics(),
-            )
+            client = _fast_client(session, url)
             with pytest.raises(UpstreamTimeout) as refused:
                 await asyncio.wait_for(client.get("/v2/", scope="repository:a:pull"), 20)
         assert "fetching a token" in refused.value.message
